@@ -1,0 +1,333 @@
+//! The transport under the stages: a partitioned, replayable log with consumer
+//! groups — Apache Kafka, or actio's embedded in-process log.
+//!
+//! The trait is synchronous and small on purpose: the stage runtime drives one
+//! [`Consumer`] from one thread and hands CPU work to a pool; a [`Producer`] is
+//! shared by all threads and reports each delivery through an [`AckFn`].
+//!
+//! Offsets follow Kafka's convention: a committed offset is the *next* offset to
+//! consume, i.e. one past the last processed message.
+//!
+//! Rebalances are reported through a [`RebalanceListener`] that the bus calls from
+//! inside [`Consumer::poll`] (that is where librdkafka runs its rebalance
+//! callbacks). Before partitions are taken away the bus calls
+//! [`RebalanceListener::revoking`], which drains in-flight work and returns the
+//! offsets to commit; the bus commits them synchronously before letting the
+//! partitions go, so the next owner resumes exactly there.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use bytes::Bytes;
+
+/// A message's position in its partition.
+pub type Offset = i64;
+
+/// A topic and a partition index.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TopicPartition {
+    /// Topic name.
+    pub topic: Arc<str>,
+    /// Partition index, from 0.
+    pub partition: i32,
+}
+
+impl TopicPartition {
+    /// Builds a topic-partition.
+    pub fn new(topic: impl Into<Arc<str>>, partition: i32) -> Self {
+        TopicPartition { topic: topic.into(), partition }
+    }
+}
+
+impl fmt::Display for TopicPartition {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.topic, self.partition)
+    }
+}
+
+/// Message headers, in order; keys may repeat (as in Kafka).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Headers(pub Vec<(String, Bytes)>);
+
+impl Headers {
+    /// The last value of a header.
+    pub fn get(&self, key: &str) -> Option<&[u8]> {
+        self.0.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v.as_ref())
+    }
+
+    /// Sets a header, replacing earlier values of the same key.
+    pub fn set(&mut self, key: &str, value: impl Into<Bytes>) {
+        self.0.retain(|(k, _)| k != key);
+        self.0.push((key.to_string(), value.into()));
+    }
+
+    /// Iterates over (key, value) pairs.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &[u8])> {
+        self.0.iter().map(|(k, v)| (k.as_str(), v.as_ref()))
+    }
+}
+
+/// A consumed message.
+#[derive(Debug, Clone)]
+pub struct Record {
+    /// Where it came from.
+    pub tp: TopicPartition,
+    /// Its offset in the partition.
+    pub offset: Offset,
+    /// The message key (the tx key along the whole chain).
+    pub key: Option<Bytes>,
+    /// The payload.
+    pub payload: Bytes,
+    /// The headers.
+    pub headers: Headers,
+    /// The log append / create timestamp, ms since the epoch, if the bus has one.
+    pub timestamp_ms: Option<i64>,
+}
+
+/// A message to produce. The bus picks the partition from the key with Kafka's
+/// default partitioner (murmur2), unless `partition` is set.
+#[derive(Debug, Clone)]
+pub struct OutRecord {
+    /// Target topic.
+    pub topic: Arc<str>,
+    /// Explicit partition; `None` means "partition by key".
+    pub partition: Option<i32>,
+    /// Message key.
+    pub key: Option<Bytes>,
+    /// Payload.
+    pub payload: Bytes,
+    /// Headers.
+    pub headers: Headers,
+}
+
+/// Where a produced message landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Delivered {
+    /// Partition index.
+    pub partition: i32,
+    /// Offset.
+    pub offset: Offset,
+}
+
+/// Called once per produced message, from a bus thread, when the bus has acknowledged
+/// it (Kafka: `acks=all`) or given up on it. Must not block for long.
+pub type AckFn = Box<dyn FnOnce(Result<Delivered, BusError>) + Send + 'static>;
+
+/// What kind of failure a bus reports; decides retry vs. give up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum BusErrorKind {
+    /// Bad configuration (unknown property, bad value): fix and restart.
+    Config,
+    /// Topic or partition does not exist.
+    UnknownTopic,
+    /// Local queue full; retry after a moment.
+    QueueFull,
+    /// Transient (network, leader change, timeout); retry.
+    Transient,
+    /// The consumer or producer is unusable (fenced, closed, fatal librdkafka error).
+    Fatal,
+}
+
+/// A bus failure.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{kind:?}: {message}")]
+pub struct BusError {
+    /// Its kind.
+    pub kind: BusErrorKind,
+    /// What the bus said (librdkafka's own message for Kafka).
+    pub message: String,
+}
+
+impl BusError {
+    /// Builds an error.
+    pub fn new(kind: BusErrorKind, message: impl Into<String>) -> Self {
+        BusError { kind, message: message.into() }
+    }
+
+    /// Whether trying again later may succeed.
+    pub fn is_retriable(&self) -> bool {
+        matches!(self.kind, BusErrorKind::QueueFull | BusErrorKind::Transient)
+    }
+}
+
+/// A topic to create.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicSpec {
+    /// Name.
+    pub name: String,
+    /// Number of partitions.
+    pub partitions: i32,
+}
+
+/// How a consumer joins its group.
+#[derive(Debug, Clone)]
+pub struct ConsumerConfig {
+    /// Consumer group id (`<pipeline>.<stage>`).
+    pub group: String,
+    /// Topics to subscribe to.
+    pub topics: Vec<String>,
+    /// Client id, for logs and metrics.
+    pub client_id: String,
+    /// Where to start when the group has no committed offset: `true` = earliest.
+    pub from_earliest: bool,
+    /// Extra transport properties, passed through unchanged (librdkafka's for Kafka).
+    pub properties: Vec<(String, String)>,
+}
+
+/// How a producer is set up.
+#[derive(Debug, Clone, Default)]
+pub struct ProducerConfig {
+    /// Client id, for logs and metrics.
+    pub client_id: String,
+    /// Extra transport properties, passed through unchanged (librdkafka's for Kafka).
+    pub properties: Vec<(String, String)>,
+}
+
+/// Told about partitions coming and going. Called from inside [`Consumer::poll`].
+pub trait RebalanceListener: Send + Sync {
+    /// These partitions are now ours; messages from them follow.
+    fn assigned(&self, partitions: &[TopicPartition]);
+    /// These partitions are being taken away. Stop dispatching them, let their
+    /// in-flight work finish (bounded by a timeout), and return the offsets to commit
+    /// for them (next offset to consume). The bus commits them before releasing.
+    fn revoking(&self, partitions: &[TopicPartition]) -> Vec<(TopicPartition, Offset)>;
+    /// These partitions were lost without a chance to commit (session timeout,
+    /// fencing): drop their in-flight state; another member may already own them.
+    fn lost(&self, partitions: &[TopicPartition]);
+}
+
+/// A listener that does nothing: for consumers that commit on their own terms
+/// (the load generator's collector).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoRebalanceListener;
+
+impl RebalanceListener for NoRebalanceListener {
+    fn assigned(&self, _: &[TopicPartition]) {}
+    fn revoking(&self, _: &[TopicPartition]) -> Vec<(TopicPartition, Offset)> {
+        Vec::new()
+    }
+    fn lost(&self, _: &[TopicPartition]) {}
+}
+
+/// One member of a consumer group. Driven from a single thread.
+pub trait Consumer: Send {
+    /// Waits up to `timeout` for the next message. Rebalance callbacks run in here.
+    /// `Ok(None)` on timeout.
+    fn poll(&mut self, timeout: Duration) -> Result<Option<Record>, BusError>;
+    /// Stops fetching from these partitions (back-pressure). Messages already
+    /// fetched may still be returned.
+    fn pause(&mut self, partitions: &[TopicPartition]) -> Result<(), BusError>;
+    /// Resumes fetching from these partitions.
+    fn resume(&mut self, partitions: &[TopicPartition]) -> Result<(), BusError>;
+    /// Commits offsets (next offset to consume) for partitions this member owns.
+    fn commit(&mut self, offsets: &[(TopicPartition, Offset)]) -> Result<(), BusError>;
+    /// Partitions currently assigned to this member.
+    fn assignment(&self) -> Vec<TopicPartition>;
+    /// Leaves the group gracefully: revokes all partitions through the listener
+    /// (so their offsets are committed), then releases them.
+    fn close(self) -> Result<(), BusError>
+    where
+        Self: Sized;
+}
+
+/// A producer, shared by all threads of a stage.
+pub trait Producer: Send + Sync + Clone + 'static {
+    /// Queues a message; `ack` is called when the bus acknowledges or fails it.
+    /// May block briefly while the local queue is full.
+    fn send(&self, record: OutRecord, ack: AckFn) -> Result<(), BusError>;
+    /// Waits until every queued message is acknowledged or `timeout` passes.
+    fn flush(&self, timeout: Duration) -> Result<(), BusError>;
+}
+
+/// A transport: makes consumers and producers, manages topics.
+pub trait Bus: Send + Sync + 'static {
+    /// Its consumer type.
+    type Consumer: Consumer + 'static;
+    /// Its producer type.
+    type Producer: Producer;
+
+    /// Joins a consumer group.
+    fn consumer(
+        &self,
+        config: &ConsumerConfig,
+        listener: Arc<dyn RebalanceListener>,
+    ) -> Result<Self::Consumer, BusError>;
+    /// Makes a producer.
+    fn producer(&self, config: &ProducerConfig) -> Result<Self::Producer, BusError>;
+    /// Creates topics that do not exist yet; existing ones are left alone.
+    fn create_topics(&self, topics: &[TopicSpec]) -> Result<(), BusError>;
+    /// The committed offset of a group for each partition of a topic (`None`: nothing committed).
+    fn committed_offsets(&self, group: &str, topic: &str) -> Result<Vec<Option<Offset>>, BusError>;
+    /// The end offset (next offset to be written) of each partition of a topic.
+    fn end_offsets(&self, topic: &str) -> Result<Vec<Offset>, BusError>;
+}
+
+/// Kafka's default partitioner for keyed messages: `toPositive(murmur2(key)) % n`.
+/// Implemented here so the embedded bus places keys exactly where Kafka would.
+pub fn kafka_partition(key: &[u8], partitions: i32) -> i32 {
+    ((murmur2(key) & 0x7fff_ffff) % partitions.max(1) as u32) as i32
+}
+
+/// Kafka's murmur2 (seed 0x9747b28c), as in `org.apache.kafka.common.utils.Utils`.
+pub fn murmur2(data: &[u8]) -> u32 {
+    const SEED: u32 = 0x9747_b28c;
+    const M: u32 = 0x5bd1_e995;
+    const R: u32 = 24;
+    let len = data.len();
+    let mut h: u32 = SEED ^ (len as u32);
+    let mut chunks = data.chunks_exact(4);
+    for c in &mut chunks {
+        let mut k = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        k = k.wrapping_mul(M);
+        k ^= k >> R;
+        k = k.wrapping_mul(M);
+        h = h.wrapping_mul(M);
+        h ^= k;
+    }
+    let rest = chunks.remainder();
+    if rest.len() >= 3 {
+        h ^= (rest[2] as u32) << 16;
+    }
+    if rest.len() >= 2 {
+        h ^= (rest[1] as u32) << 8;
+    }
+    if !rest.is_empty() {
+        h ^= rest[0] as u32;
+        h = h.wrapping_mul(M);
+    }
+    h ^= h >> 13;
+    h = h.wrapping_mul(M);
+    h ^= h >> 15;
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn murmur2_matches_kafka() {
+        // Vectors from Kafka's UtilsTest.testMurmur2 (as signed ints there).
+        let cases: [(&[u8], i32); 6] = [
+            (b"21", -973932308),
+            (b"foobar", -790332482),
+            (b"a-little-bit-long-string", -985981536),
+            (b"a-little-bit-longer-string", -1486304829),
+            (b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8", -58897971),
+            (&[b'a', b'b', b'c'], 479470107),
+        ];
+        for (key, want) in cases {
+            assert_eq!(murmur2(key) as i32, want, "key {:?}", String::from_utf8_lossy(key));
+        }
+    }
+
+    #[test]
+    fn partition_is_in_range() {
+        for i in 0..1000 {
+            let p = kafka_partition(format!("card-{i}").as_bytes(), 12);
+            assert!((0..12).contains(&p));
+        }
+    }
+}

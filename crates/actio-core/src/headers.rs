@@ -1,0 +1,82 @@
+//! Header names and the per-stage timing trail.
+//!
+//! Every stage keeps the incoming headers and appends one entry to the trail
+//! header: `stage@consumed_ns@produced_ns`, entries separated by `;`. The trail is
+//! plain text so that any Kafka client can read it, and from it any reader rebuilds
+//! per-stage latencies (queue = consumed − previous produced).
+
+/// The transaction id.
+pub const ID: &str = "actio-id";
+/// Creation time, ns since the Unix epoch, decimal text. For load-generated
+/// traffic this is the *intended* send time (no coordinated omission).
+pub const CREATED: &str = "actio-created";
+/// The per-stage timing trail.
+pub const TRAIL: &str = "actio-trail";
+/// W3C trace context, propagated unchanged.
+pub const TRACEPARENT: &str = "traceparent";
+/// On DLQ messages: why the message failed.
+pub const ERROR: &str = "actio-error";
+/// On DLQ messages: the stage that gave up.
+pub const STAGE: &str = "actio-stage";
+/// On DLQ messages: `topic/partition/offset` of the original message.
+pub const SOURCE: &str = "actio-source";
+/// On retried messages: how many attempts were made so far.
+pub const ATTEMPTS: &str = "actio-attempts";
+
+/// One hop of the trail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hop {
+    /// The stage's name.
+    pub stage: String,
+    /// When the stage consumed the message (ns since epoch).
+    pub consumed_ns: i64,
+    /// When the stage handed its output to the producer (ns since epoch).
+    pub produced_ns: i64,
+}
+
+/// Appends a hop to a trail header value.
+pub fn append_hop(trail: &mut Vec<u8>, stage: &str, consumed_ns: i64, produced_ns: i64) {
+    use std::io::Write;
+    if !trail.is_empty() {
+        trail.push(b';');
+    }
+    let _ = write!(trail, "{stage}@{consumed_ns}@{produced_ns}");
+}
+
+/// Parses a trail header value; malformed entries are skipped, never fatal.
+pub fn parse_trail(value: &[u8]) -> Vec<Hop> {
+    let Ok(s) = std::str::from_utf8(value) else { return Vec::new() };
+    s.split(';')
+        .filter_map(|entry| {
+            let mut it = entry.rsplitn(3, '@');
+            let produced_ns = it.next()?.parse().ok()?;
+            let consumed_ns = it.next()?.parse().ok()?;
+            let stage = it.next()?.to_string();
+            Some(Hop { stage, consumed_ns, produced_ns })
+        })
+        .collect()
+}
+
+/// Parses a decimal integer header value (e.g. [`CREATED`]).
+pub fn parse_i64(value: &[u8]) -> Option<i64> {
+    std::str::from_utf8(value).ok()?.trim().parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trail_round_trips_and_tolerates_garbage() {
+        let mut t = Vec::new();
+        append_hop(&mut t, "rules", 10, 20);
+        append_hop(&mut t, "velocity", 30, 45);
+        let hops = parse_trail(&t);
+        assert_eq!(hops.len(), 2);
+        assert_eq!(hops[1], Hop { stage: "velocity".into(), consumed_ns: 30, produced_ns: 45 });
+        let mut bad = t.clone();
+        bad.extend_from_slice(b";nonsense;x@y@z");
+        assert_eq!(parse_trail(&bad).len(), 2);
+        assert!(parse_trail(&[0xff, 0xfe]).is_empty());
+    }
+}

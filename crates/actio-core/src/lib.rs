@@ -1,0 +1,20 @@
+//! actio's core vocabulary, shared by every other crate.
+//!
+//! This crate depends on almost nothing so that the engine, the buses, the runtime
+//! and the load generator can all point down at it: the transaction model
+//! ([`tx`]), the wire codecs ([`codec`]), the timing/tracing headers ([`headers`])
+//! and the transport abstraction ([`bus`]).
+#![deny(missing_docs)]
+
+pub mod bus;
+pub mod codec;
+pub mod headers;
+pub mod time;
+pub mod tx;
+
+pub use bus::{
+    AckFn, Bus, BusError, BusErrorKind, Consumer, ConsumerConfig, Headers, Offset, OutRecord,
+    Producer, ProducerConfig, RebalanceListener, Record, TopicPartition, TopicSpec,
+};
+pub use codec::{Codec, CodecError};
+pub use tx::{Channel, Decision, RuleHit, Transaction, TxState, Verdict};
