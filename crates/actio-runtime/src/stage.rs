@@ -1,0 +1,745 @@
+//! The stage driver, its workers and its rebalance listener.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering as AtomicOrdering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use actio_core::bus::{Bytes, Delivered};
+use actio_core::time::now_ns;
+use actio_core::{
+    Bus, BusError, Consumer, ConsumerConfig, Headers, Offset, OutRecord, Producer, ProducerConfig,
+    RebalanceListener, Record, TopicPartition, headers,
+};
+use ahash::AHashMap;
+use crossbeam_channel::{Receiver, Sender};
+use parking_lot::Mutex;
+
+use crate::lanes::{KeyLanes, Ordering};
+use crate::metrics::{StageMetrics, record_ns};
+use crate::watermark::Watermark;
+
+/// One output of a handler; the runtime adds the key (the input's, unless set) and
+/// the headers (the input's, plus this stage's trail hop).
+#[derive(Debug, Clone)]
+pub struct Output {
+    /// Target topic.
+    pub topic: Arc<str>,
+    /// Payload.
+    pub payload: Bytes,
+}
+
+/// Whether a failed message may succeed if tried again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// Bad input or a bug: dead-letter at once.
+    Permanent,
+    /// Something outside may recover (a lookup timed out): retry per policy.
+    Transient,
+}
+
+/// Why a handler could not process a message.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct HandlerError {
+    /// Retry or dead-letter.
+    pub kind: FailureKind,
+    /// What went wrong; becomes the `actio-error` header of the DLQ copy.
+    pub message: String,
+}
+
+impl HandlerError {
+    /// A failure that retrying cannot fix.
+    pub fn permanent(message: impl Into<String>) -> Self {
+        HandlerError { kind: FailureKind::Permanent, message: message.into() }
+    }
+
+    /// A failure that a retry may fix.
+    pub fn transient(message: impl Into<String>) -> Self {
+        HandlerError { kind: FailureKind::Transient, message: message.into() }
+    }
+}
+
+/// The per-message work of a stage. Called on pool threads, concurrently for
+/// different keys, never concurrently for one key (unless ordering is unordered).
+pub trait Handler: Send + Sync + 'static {
+    /// Processes one message into zero or more outputs.
+    fn handle(&self, record: &Record) -> Result<Vec<Output>, HandlerError>;
+    /// Partitions were assigned to this stage instance.
+    fn partitions_assigned(&self, _partitions: &[TopicPartition]) {}
+    /// Partitions were revoked or lost: drop their state.
+    fn partitions_revoked(&self, _partitions: &[TopicPartition]) {}
+}
+
+/// In-place retries of transient failures, before dead-lettering.
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    /// Total attempts (1 = no retry).
+    pub attempts: u32,
+    /// Backoff before the second attempt; doubles each time.
+    pub backoff: Duration,
+    /// Largest backoff.
+    pub max_backoff: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy { attempts: 3, backoff: Duration::from_millis(1), max_backoff: Duration::from_millis(50) }
+    }
+}
+
+/// Everything a stage needs to know to run.
+#[derive(Debug, Clone)]
+pub struct StageSpec {
+    /// Stage name (trail hop, metrics, `actio-stage` on DLQ copies).
+    pub name: String,
+    /// Consumer group (`<pipeline>.<stage>`).
+    pub group: String,
+    /// Input topic.
+    pub input: String,
+    /// Dead-letter topic.
+    pub dlq: Arc<str>,
+    /// Ordering mode.
+    pub ordering: Ordering,
+    /// Most messages held per partition between watermark and consumed head.
+    pub max_in_flight_per_partition: usize,
+    /// Most messages held by the stage.
+    pub max_in_flight: usize,
+    /// How often the watermarks are committed.
+    pub commit_interval: Duration,
+    /// How long revoked partitions and shutdown may take to finish in-flight work.
+    pub drain_timeout: Duration,
+    /// Retries of transient handler failures.
+    pub retry: RetryPolicy,
+    /// Worker threads of the stage's pool.
+    pub threads: usize,
+    /// Start from the earliest offset when the group has no commit.
+    pub from_earliest: bool,
+    /// Transport properties for the consumer and producer (Kafka: librdkafka's).
+    pub properties: Vec<(String, String)>,
+}
+
+/// A stage that cannot go on.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StageError {
+    /// The bus failed in a way retrying will not fix.
+    #[error("stage {stage}: bus: {source}")]
+    Bus {
+        /// Stage name.
+        stage: String,
+        /// The bus error.
+        #[source]
+        source: BusError,
+    },
+    /// An output could not be delivered; the stage stopped without committing past it.
+    #[error("stage {stage}: delivery of the output of {tp}@{offset} failed: {message}")]
+    Delivery {
+        /// Stage name.
+        stage: String,
+        /// Source partition.
+        tp: TopicPartition,
+        /// Source offset.
+        offset: Offset,
+        /// The bus's message.
+        message: String,
+    },
+    /// The worker pool could not be built.
+    #[error("stage {stage}: thread pool: {message}")]
+    Pool {
+        /// Stage name.
+        stage: String,
+        /// What failed.
+        message: String,
+    },
+}
+
+/// How to stop a stage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopMode {
+    /// Stop fetching, drain in-flight work, commit, flush, leave the group.
+    Graceful,
+    /// Stop at once without committing or leaving (a crash, for tests and drills).
+    Abort,
+}
+
+/// A running stage.
+pub struct StageHandle {
+    stop: Arc<Mutex<Option<StopMode>>>,
+    metrics: Arc<dyn Fn() -> StageMetrics + Send + Sync>,
+    join: Option<JoinHandle<Result<StageMetrics, StageError>>>,
+    name: String,
+}
+
+impl std::fmt::Debug for StageHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StageHandle").field("name", &self.name).finish_non_exhaustive()
+    }
+}
+
+impl StageHandle {
+    /// A snapshot of the stage's metrics.
+    pub fn metrics(&self) -> StageMetrics {
+        (self.metrics)()
+    }
+
+    /// The stage's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Asks the stage to stop; [`StageHandle::join`] waits for it.
+    pub fn stop(&self, mode: StopMode) {
+        let mut s = self.stop.lock();
+        if s.is_none() {
+            *s = Some(mode);
+        }
+    }
+
+    /// Whether the stage's thread has ended (stopped or failed).
+    pub fn is_finished(&self) -> bool {
+        self.join.as_ref().is_none_or(|j| j.is_finished())
+    }
+
+    /// Waits for the stage to end; returns its final metrics.
+    pub fn join(mut self) -> Result<StageMetrics, StageError> {
+        match self.join.take().map(|j| j.join()) {
+            Some(Ok(r)) => r,
+            Some(Err(_)) | None => Err(StageError::Pool { stage: self.name.clone(), message: "stage thread panicked".into() }),
+        }
+    }
+}
+
+/// Entry point: starts stages.
+#[derive(Debug)]
+pub struct Stage;
+
+impl Stage {
+    /// Joins the stage's group on `bus` and runs it on its own driver thread.
+    pub fn spawn<B: Bus>(bus: &B, spec: StageSpec, handler: Arc<dyn Handler>) -> Result<StageHandle, StageError> {
+        let name = spec.name.clone();
+        let bus_err = |source| StageError::Bus { stage: name.clone(), source };
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(spec.threads.max(1))
+            .thread_name({
+                let name = name.clone();
+                move |i| format!("{name}-worker-{i}")
+            })
+            .build()
+            .map_err(|e| StageError::Pool { stage: name.clone(), message: e.to_string() })?;
+        let producer = bus
+            .producer(&ProducerConfig { client_id: format!("{}-producer", spec.group), properties: spec.properties.clone() })
+            .map_err(bus_err)?;
+        let (done_tx, done_rx) = crossbeam_channel::unbounded();
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State { parts: AHashMap::new(), epoch: 0, metrics: StageMetrics::new(&spec.name), fatal: None }),
+            spec,
+            handler,
+            producer,
+            pool,
+            done_tx,
+            done_rx,
+        });
+        let consumer = bus
+            .consumer(
+                &ConsumerConfig {
+                    group: shared.spec.group.clone(),
+                    topics: vec![shared.spec.input.clone()],
+                    client_id: format!("{}-consumer", shared.spec.group),
+                    from_earliest: shared.spec.from_earliest,
+                    properties: shared.spec.properties.clone(),
+                },
+                Arc::new(Listener(shared.clone())),
+            )
+            .map_err(bus_err)?;
+        let stop = Arc::new(Mutex::new(None));
+        let metrics = {
+            let shared = shared.clone();
+            Arc::new(move || shared.snapshot()) as Arc<dyn Fn() -> StageMetrics + Send + Sync>
+        };
+        let join = std::thread::Builder::new()
+            .name(format!("{name}-driver"))
+            .spawn({
+                let stop = stop.clone();
+                move || Driver::<B> { shared, consumer, stop }.run()
+            })
+            .map_err(|e| StageError::Pool { stage: name.clone(), message: e.to_string() })?;
+        Ok(StageHandle { stop, metrics, join: Some(join), name })
+    }
+}
+
+/// One message on its way through a worker.
+struct Work {
+    rec: Record,
+    lane: Option<u64>,
+    consumed_ns: i64,
+    queue_ns: i64,
+}
+
+/// A message whose outputs were all acknowledged (or failed).
+struct Done {
+    tp: TopicPartition,
+    epoch: u64,
+    offset: Offset,
+    consumed_ns: i64,
+    queue_ns: i64,
+    service_ns: i64,
+    acked_ns: i64,
+    dead_lettered: bool,
+    retried: u32,
+    error: Option<String>,
+}
+
+struct Part {
+    epoch: u64,
+    lanes: KeyLanes<Work>,
+    wm: Watermark,
+    /// Waiting messages dropped at revocation: not done, never will be here.
+    dropped: usize,
+    paused: bool,
+    revoking: bool,
+    last_committed: Option<Offset>,
+}
+
+struct State {
+    parts: AHashMap<TopicPartition, Part>,
+    epoch: u64,
+    metrics: StageMetrics,
+    fatal: Option<StageError>,
+}
+
+impl State {
+    fn in_flight(&self) -> usize {
+        self.parts.values().map(|p| p.wm.len()).sum()
+    }
+
+    fn apply(&mut self, done: Done, stage: &str) {
+        let Some(part) = self.parts.get_mut(&done.tp).filter(|p| p.epoch == done.epoch) else {
+            return; // the partition was revoked or lost meanwhile
+        };
+        if let Some(message) = done.error {
+            // Not marked done: the watermark stays before it, and the stage stops.
+            if self.fatal.is_none() {
+                self.fatal = Some(StageError::Delivery { stage: stage.to_string(), tp: done.tp, offset: done.offset, message });
+            }
+            return;
+        }
+        if part.wm.done(done.offset) {
+            let m = &mut self.metrics;
+            record_ns(&mut m.queue, done.queue_ns);
+            record_ns(&mut m.service, done.service_ns);
+            record_ns(&mut m.stage_latency, done.acked_ns - done.consumed_ns);
+            m.processed += 1;
+            m.dead_lettered += done.dead_lettered as u64;
+            m.retried += done.retried as u64;
+        }
+    }
+}
+
+struct Shared<P: Producer> {
+    spec: StageSpec,
+    handler: Arc<dyn Handler>,
+    producer: P,
+    pool: rayon::ThreadPool,
+    state: Mutex<State>,
+    done_tx: Sender<Done>,
+    done_rx: Receiver<Done>,
+}
+
+impl<P: Producer> Shared<P> {
+    fn snapshot(&self) -> StageMetrics {
+        let st = self.state.lock();
+        let mut m = st.metrics.clone();
+        m.in_flight = st.in_flight() as u64;
+        m.partitions = st.parts.len() as u64;
+        m
+    }
+
+    fn apply_pending_done(&self) {
+        let mut st = self.state.lock();
+        while let Ok(done) = self.done_rx.try_recv() {
+            st.apply(done, &self.spec.name);
+        }
+    }
+
+    /// Runs a lane: `work`, then the lane's next messages, until the lane is idle.
+    fn run_lane(self: &Arc<Self>, tp: TopicPartition, epoch: u64, mut work: Work) {
+        loop {
+            let lane = work.lane;
+            self.process(&tp, epoch, work);
+            let next = {
+                let mut st = self.state.lock();
+                match st.parts.get_mut(&tp) {
+                    Some(p) if p.epoch == epoch => p.lanes.next(lane),
+                    _ => None,
+                }
+            };
+            match next {
+                Some(w) => work = w,
+                None => return,
+            }
+        }
+    }
+
+    fn process(&self, tp: &TopicPartition, epoch: u64, work: Work) {
+        let Work { rec, consumed_ns, queue_ns, .. } = work;
+        let started = Instant::now();
+        let mut retried = 0;
+        let mut backoff = self.spec.retry.backoff;
+        let result = loop {
+            let r = std::panic::catch_unwind(AssertUnwindSafe(|| self.handler.handle(&rec)))
+                .unwrap_or_else(|panic| {
+                    let what = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "unknown panic".into());
+                    Err(HandlerError::permanent(format!("handler panicked: {what}")))
+                });
+            match r {
+                Err(e) if e.kind == FailureKind::Transient && retried + 1 < self.spec.retry.attempts => {
+                    retried += 1;
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(self.spec.retry.max_backoff);
+                }
+                r => break r,
+            }
+        };
+        let service_ns = started.elapsed().as_nanos() as i64;
+        let (records, dead_lettered) = match result {
+            Ok(outputs) => (outputs.into_iter().map(|o| self.output(&rec, consumed_ns, o)).collect::<Vec<_>>(), false),
+            Err(e) => (vec![self.dead_letter(&rec, &e)], true),
+        };
+        let done = Done {
+            tp: tp.clone(),
+            epoch,
+            offset: rec.offset,
+            consumed_ns,
+            queue_ns,
+            service_ns,
+            acked_ns: 0,
+            dead_lettered,
+            retried,
+            error: None,
+        };
+        if records.is_empty() {
+            let _ = self.done_tx.send(Done { acked_ns: now_ns(), ..done });
+            return;
+        }
+        let acks = Arc::new(AckGroup { remaining: AtomicUsize::new(records.len()), failed: AtomicBool::new(false), done: Mutex::new(Some(done)), tx: self.done_tx.clone() });
+        for r in records {
+            let acks2 = acks.clone();
+            if let Err(e) = self.producer.send(r, Box::new(move |res| acks2.ack(res))) {
+                acks.ack(Err(e));
+            }
+        }
+    }
+
+    fn output(&self, rec: &Record, consumed_ns: i64, out: Output) -> OutRecord {
+        let mut hdrs = rec.headers.clone();
+        let mut trail = hdrs.get(headers::TRAIL).map(<[u8]>::to_vec).unwrap_or_default();
+        headers::append_hop(&mut trail, &self.spec.name, consumed_ns, now_ns());
+        hdrs.set(headers::TRAIL, trail);
+        OutRecord { topic: out.topic, partition: None, key: rec.key.clone(), payload: out.payload, headers: hdrs }
+    }
+
+    fn dead_letter(&self, rec: &Record, e: &HandlerError) -> OutRecord {
+        tracing::debug!(stage = %self.spec.name, tp = %rec.tp, offset = rec.offset, error = %e, "dead-lettering");
+        let mut hdrs: Headers = rec.headers.clone();
+        hdrs.set(headers::ERROR, e.message.clone().into_bytes());
+        hdrs.set(headers::STAGE, self.spec.name.clone().into_bytes());
+        hdrs.set(headers::SOURCE, format!("{}/{}", rec.tp, rec.offset).into_bytes());
+        OutRecord { topic: self.spec.dlq.clone(), partition: None, key: rec.key.clone(), payload: rec.payload.clone(), headers: hdrs }
+    }
+}
+
+/// Counts the acknowledgements of one message's outputs; the last one reports Done.
+struct AckGroup {
+    remaining: AtomicUsize,
+    failed: AtomicBool,
+    done: Mutex<Option<Done>>,
+    tx: Sender<Done>,
+}
+
+impl AckGroup {
+    fn ack(&self, res: Result<Delivered, BusError>) {
+        if let Err(e) = res
+            && !self.failed.swap(true, AtomicOrdering::AcqRel)
+            && let Some(mut done) = self.done.lock().take()
+        {
+            done.error = Some(e.to_string());
+            let _ = self.tx.send(done);
+        }
+        if self.remaining.fetch_sub(1, AtomicOrdering::AcqRel) == 1
+            && let Some(done) = self.done.lock().take()
+        {
+            let _ = self.tx.send(Done { acked_ns: now_ns(), ..done });
+        }
+    }
+}
+
+/// Rebalance callbacks, run inside the driver's `poll`.
+struct Listener<P: Producer>(Arc<Shared<P>>);
+
+impl<P: Producer> RebalanceListener for Listener<P> {
+    fn assigned(&self, partitions: &[TopicPartition]) {
+        let s = &self.0;
+        {
+            let mut st = s.state.lock();
+            for tp in partitions {
+                if !st.parts.contains_key(tp) {
+                    st.epoch += 1;
+                    let part = Part {
+                        epoch: st.epoch,
+                        lanes: KeyLanes::new(s.spec.ordering),
+                        wm: Watermark::new(None),
+                        dropped: 0,
+                        paused: false,
+                        revoking: false,
+                        last_committed: None,
+                    };
+                    st.parts.insert(tp.clone(), part);
+                }
+            }
+            st.metrics.rebalances += 1;
+        }
+        tracing::info!(stage = %s.spec.name, partitions = ?partitions.iter().map(|t| t.to_string()).collect::<Vec<_>>(), "assigned");
+        s.handler.partitions_assigned(partitions);
+    }
+
+    fn revoking(&self, partitions: &[TopicPartition]) -> Vec<(TopicPartition, Offset)> {
+        let s = &self.0;
+        {
+            let mut st = s.state.lock();
+            for tp in partitions {
+                if let Some(p) = st.parts.get_mut(tp) {
+                    p.revoking = true;
+                    p.dropped += p.lanes.clear_waiting();
+                }
+            }
+        }
+        // Let what is running finish, up to the drain timeout.
+        let deadline = Instant::now() + s.spec.drain_timeout;
+        loop {
+            {
+                let mut st = s.state.lock();
+                while let Ok(done) = s.done_rx.try_recv() {
+                    st.apply(done, &s.spec.name);
+                }
+                let busy = partitions.iter().any(|tp| st.parts.get(tp).is_some_and(|p| p.wm.in_flight() > p.dropped));
+                if !busy || st.fatal.is_some() {
+                    break;
+                }
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                tracing::warn!(stage = %s.spec.name, "drain timeout: committing what is done");
+                break;
+            }
+            if let Ok(done) = s.done_rx.recv_timeout(left.min(Duration::from_millis(5))) {
+                s.state.lock().apply(done, &s.spec.name);
+            }
+        }
+        let mut commits = Vec::new();
+        {
+            let mut st = s.state.lock();
+            for tp in partitions {
+                if let Some(p) = st.parts.remove(tp)
+                    && let Some(o) = p.wm.committable()
+                {
+                    commits.push((tp.clone(), o));
+                }
+            }
+            st.metrics.rebalances += 1;
+            st.metrics.commits += !commits.is_empty() as u64;
+        }
+        tracing::info!(stage = %s.spec.name, commits = ?commits.iter().map(|(t, o)| format!("{t}@{o}")).collect::<Vec<_>>(), "revoked");
+        s.handler.partitions_revoked(partitions);
+        commits
+    }
+
+    fn lost(&self, partitions: &[TopicPartition]) {
+        let s = &self.0;
+        {
+            let mut st = s.state.lock();
+            for tp in partitions {
+                st.parts.remove(tp);
+            }
+            st.metrics.rebalances += 1;
+        }
+        tracing::warn!(stage = %s.spec.name, partitions = ?partitions.iter().map(|t| t.to_string()).collect::<Vec<_>>(), "partitions lost");
+        s.handler.partitions_revoked(partitions);
+    }
+}
+
+struct Driver<B: Bus> {
+    shared: Arc<Shared<B::Producer>>,
+    consumer: B::Consumer,
+    stop: Arc<Mutex<Option<StopMode>>>,
+}
+
+/// Most records admitted per driver round before it looks at completions again.
+const ADMIT_BATCH: usize = 256;
+
+impl<B: Bus> Driver<B> {
+    fn run(mut self) -> Result<StageMetrics, StageError> {
+        let s = self.shared.clone();
+        let mut last_commit = Instant::now();
+        let outcome = loop {
+            if let Some(mode) = *self.stop.lock() {
+                break Ok(mode);
+            }
+            s.apply_pending_done();
+            if let Some(e) = s.state.lock().fatal.take() {
+                break Err(e);
+            }
+            if last_commit.elapsed() >= s.spec.commit_interval {
+                if let Err(e) = self.commit() {
+                    break Err(e);
+                }
+                last_commit = Instant::now();
+            }
+            if let Err(e) = self.flow_control() {
+                break Err(e);
+            }
+            let idle = s.state.lock().in_flight() == 0;
+            let mut timeout = if idle { Duration::from_millis(20) } else { Duration::from_millis(1) };
+            let mut admitted = 0;
+            while admitted < ADMIT_BATCH {
+                match self.consumer.poll(timeout) {
+                    Ok(Some(rec)) => {
+                        self.admit(rec);
+                        admitted += 1;
+                        timeout = Duration::ZERO;
+                    }
+                    Ok(None) => break,
+                    Err(e) if e.is_retriable() => {
+                        tracing::warn!(stage = %s.spec.name, error = %e, "poll failed; retrying");
+                        break;
+                    }
+                    Err(e) => return Err(StageError::Bus { stage: s.spec.name.clone(), source: e }),
+                }
+            }
+        };
+        match outcome {
+            Ok(StopMode::Abort) => {
+                drop(self.consumer); // no commit, no graceful leave: like a crash
+                Ok(s.snapshot())
+            }
+            Ok(StopMode::Graceful) => {
+                // close() revokes everything through the listener, which drains and
+                // returns the watermarks; the bus commits them before leaving.
+                let name = s.spec.name.clone();
+                self.consumer.close().map_err(|source| StageError::Bus { stage: name.clone(), source })?;
+                s.producer.flush(s.spec.drain_timeout).map_err(|source| StageError::Bus { stage: name, source })?;
+                Ok(s.snapshot())
+            }
+            Err(e) => {
+                // Commit what is safely done; nothing past a failed message.
+                let _ = self.commit();
+                Err(e)
+            }
+        }
+    }
+
+    fn admit(&mut self, rec: Record) {
+        let s = &self.shared;
+        let consumed_ns = now_ns();
+        let prev = headers::parse_trail(rec.headers.get(headers::TRAIL).unwrap_or_default())
+            .last()
+            .map(|h| h.produced_ns)
+            .or_else(|| rec.headers.get(headers::CREATED).and_then(headers::parse_i64))
+            .or_else(|| rec.timestamp_ms.map(|ms| ms * 1_000_000));
+        let queue_ns = prev.map_or(0, |p| consumed_ns - p);
+        let tp = rec.tp.clone();
+        let run = {
+            let mut st = s.state.lock();
+            let Some(part) = st.parts.get_mut(&tp) else { return };
+            if part.revoking || !part.wm.consumed(rec.offset) {
+                return;
+            }
+            let lane = part.lanes.lane_of(rec.key.as_deref());
+            let run = part.lanes.admit(lane, Work { rec, lane, consumed_ns, queue_ns });
+            let epoch = part.epoch;
+            let in_flight = st.in_flight() as u64;
+            st.metrics.in_flight_peak = st.metrics.in_flight_peak.max(in_flight);
+            run.map(|w| (w, epoch))
+        };
+        if let Some((work, epoch)) = run {
+            let shared = self.shared.clone();
+            s.pool.spawn(move || shared.run_lane(tp, epoch, work));
+        }
+    }
+
+    fn commit(&mut self) -> Result<(), StageError> {
+        let s = &self.shared;
+        let offsets: Vec<(TopicPartition, Offset)> = {
+            let st = s.state.lock();
+            st.parts
+                .iter()
+                .filter_map(|(tp, p)| p.wm.committable().filter(|o| Some(*o) != p.last_committed).map(|o| (tp.clone(), o)))
+                .collect()
+        };
+        if offsets.is_empty() {
+            return Ok(());
+        }
+        match self.consumer.commit(&offsets) {
+            Ok(()) => {
+                let mut st = s.state.lock();
+                for (tp, o) in &offsets {
+                    if let Some(p) = st.parts.get_mut(tp) {
+                        p.last_committed = Some(*o);
+                    }
+                }
+                st.metrics.commits += 1;
+                Ok(())
+            }
+            Err(e) if e.is_retriable() => {
+                tracing::warn!(stage = %s.spec.name, error = %e, "commit failed; will retry");
+                Ok(())
+            }
+            // A partition moved away between the snapshot and the commit: harmless,
+            // the listener committed its watermark on revocation.
+            Err(e) => {
+                tracing::warn!(stage = %s.spec.name, error = %e, "commit refused");
+                Ok(())
+            }
+        }
+    }
+
+    /// Pauses partitions over their in-flight cap (or all, over the stage's cap) and
+    /// resumes them below half of it.
+    fn flow_control(&mut self) -> Result<(), StageError> {
+        let s = &self.shared;
+        let (pause, resume) = {
+            let mut st = s.state.lock();
+            let total = st.in_flight();
+            let over_total = total >= s.spec.max_in_flight;
+            let under_total = total <= s.spec.max_in_flight / 2;
+            let per = s.spec.max_in_flight_per_partition;
+            let mut pause = Vec::new();
+            let mut resume = Vec::new();
+            for (tp, p) in st.parts.iter_mut() {
+                let held = p.wm.len();
+                if !p.paused && (held >= per || over_total) {
+                    p.paused = true;
+                    pause.push(tp.clone());
+                } else if p.paused && held <= per / 2 && under_total {
+                    p.paused = false;
+                    resume.push(tp.clone());
+                }
+            }
+            st.metrics.pauses += pause.len() as u64;
+            (pause, resume)
+        };
+        let err = |source| StageError::Bus { stage: s.spec.name.clone(), source };
+        if !pause.is_empty() {
+            self.consumer.pause(&pause).map_err(err)?;
+        }
+        if !resume.is_empty() {
+            self.consumer.resume(&resume).map_err(err)?;
+        }
+        Ok(())
+    }
+}
