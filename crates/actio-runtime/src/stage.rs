@@ -609,7 +609,9 @@ impl<B: Bus> Driver<B> {
             while admitted < ADMIT_BATCH {
                 match self.consumer.poll(timeout) {
                     Ok(Some(rec)) => {
-                        self.admit(rec);
+                        if let Err(e) = self.admit(rec) {
+                            return Err(e);
+                        }
                         admitted += 1;
                         timeout = Duration::ZERO;
                     }
@@ -643,7 +645,10 @@ impl<B: Bus> Driver<B> {
         }
     }
 
-    fn admit(&mut self, rec: Record) {
+    /// Admits a record into its lane (running it at once if the lane is idle) and
+    /// pauses fetching as soon as a cap is reached, so in-flight never exceeds it on
+    /// a bus that honours pause at once.
+    fn admit(&mut self, rec: Record) -> Result<(), StageError> {
         let s = &self.shared;
         let consumed_ns = now_ns();
         let prev = headers::parse_trail(rec.headers.get(headers::TRAIL).unwrap_or_default())
@@ -653,23 +658,37 @@ impl<B: Bus> Driver<B> {
             .or_else(|| rec.timestamp_ms.map(|ms| ms * 1_000_000));
         let queue_ns = prev.map_or(0, |p| consumed_ns - p);
         let tp = rec.tp.clone();
-        let run = {
+        let (run, pause) = {
             let mut st = s.state.lock();
-            let Some(part) = st.parts.get_mut(&tp) else { return };
+            let total = st.in_flight() + 1;
+            let Some(part) = st.parts.get_mut(&tp) else { return Ok(()) };
             if part.revoking || !part.wm.consumed(rec.offset) {
-                return;
+                return Ok(());
             }
             let lane = part.lanes.lane_of(rec.key.as_deref());
-            let run = part.lanes.admit(lane, Work { rec, lane, consumed_ns, queue_ns });
-            let epoch = part.epoch;
-            let in_flight = st.in_flight() as u64;
-            st.metrics.in_flight_peak = st.metrics.in_flight_peak.max(in_flight);
-            run.map(|w| (w, epoch))
+            let run = part.lanes.admit(lane, Work { rec, lane, consumed_ns, queue_ns }).map(|w| (w, part.epoch));
+            let mut pause = Vec::new();
+            if total >= s.spec.max_in_flight {
+                for (tp, p) in st.parts.iter_mut().filter(|(_, p)| !p.paused) {
+                    p.paused = true;
+                    pause.push(tp.clone());
+                }
+            } else if let Some(p) = st.parts.get_mut(&tp).filter(|p| !p.paused && p.wm.len() >= s.spec.max_in_flight_per_partition) {
+                p.paused = true;
+                pause.push(tp.clone());
+            }
+            st.metrics.pauses += pause.len() as u64;
+            st.metrics.in_flight_peak = st.metrics.in_flight_peak.max(total as u64);
+            (run, pause)
         };
         if let Some((work, epoch)) = run {
             let shared = self.shared.clone();
             s.pool.spawn(move || shared.run_lane(tp, epoch, work));
         }
+        if !pause.is_empty() {
+            self.consumer.pause(&pause).map_err(|source| StageError::Bus { stage: s.spec.name.clone(), source })?;
+        }
+        Ok(())
     }
 
     fn commit(&mut self) -> Result<(), StageError> {
@@ -708,37 +727,26 @@ impl<B: Bus> Driver<B> {
         }
     }
 
-    /// Pauses partitions over their in-flight cap (or all, over the stage's cap) and
-    /// resumes them below half of it.
+    /// Resumes paused partitions once they (and the stage) are below half their caps.
     fn flow_control(&mut self) -> Result<(), StageError> {
         let s = &self.shared;
-        let (pause, resume) = {
+        let resume = {
             let mut st = s.state.lock();
-            let total = st.in_flight();
-            let over_total = total >= s.spec.max_in_flight;
-            let under_total = total <= s.spec.max_in_flight / 2;
-            let per = s.spec.max_in_flight_per_partition;
-            let mut pause = Vec::new();
-            let mut resume = Vec::new();
-            for (tp, p) in st.parts.iter_mut() {
-                let held = p.wm.len();
-                if !p.paused && (held >= per || over_total) {
-                    p.paused = true;
-                    pause.push(tp.clone());
-                } else if p.paused && held <= per / 2 && under_total {
-                    p.paused = false;
-                    resume.push(tp.clone());
-                }
+            if st.in_flight() > s.spec.max_in_flight / 2 {
+                return Ok(());
             }
-            st.metrics.pauses += pause.len() as u64;
-            (pause, resume)
+            let per = s.spec.max_in_flight_per_partition;
+            st.parts
+                .iter_mut()
+                .filter(|(_, p)| p.paused && p.wm.len() <= per / 2)
+                .map(|(tp, p)| {
+                    p.paused = false;
+                    tp.clone()
+                })
+                .collect::<Vec<_>>()
         };
-        let err = |source| StageError::Bus { stage: s.spec.name.clone(), source };
-        if !pause.is_empty() {
-            self.consumer.pause(&pause).map_err(err)?;
-        }
         if !resume.is_empty() {
-            self.consumer.resume(&resume).map_err(err)?;
+            self.consumer.resume(&resume).map_err(|source| StageError::Bus { stage: s.spec.name.clone(), source })?;
         }
         Ok(())
     }
