@@ -74,3 +74,80 @@ impl StageMetrics {
         }
     }
 }
+
+impl StageMetrics {
+    /// The metrics in Prometheus text exposition format (version 0.0.4). Latencies
+    /// are summaries in seconds with quantiles 0.5/0.9/0.99/0.999 and max, over the
+    /// stage's lifetime. `lag` (messages behind the end of the input, if known) is
+    /// appended by the caller that can measure it.
+    pub fn prometheus_text(&self, lag: Option<i64>) -> String {
+        use std::fmt::Write;
+        let mut out = String::with_capacity(4096);
+        let s = &self.stage;
+        let _ = writeln!(out, "# HELP actio_stage_latency_seconds Per-message latency: queue (since the previous hop), service (handler), stage (consumed to outputs acknowledged).");
+        let _ = writeln!(out, "# TYPE actio_stage_latency_seconds summary");
+        for (kind, h) in [("queue", &self.queue), ("service", &self.service), ("stage", &self.stage_latency)] {
+            for q in [0.5, 0.9, 0.99, 0.999] {
+                let _ = writeln!(out, "actio_stage_latency_seconds{{stage=\"{s}\",kind=\"{kind}\",quantile=\"{q}\"}} {}", h.value_at_quantile(q) as f64 / 1e6);
+            }
+            let _ = writeln!(out, "actio_stage_latency_seconds_sum{{stage=\"{s}\",kind=\"{kind}\"}} {}", h.mean() * h.len() as f64 / 1e6);
+            let _ = writeln!(out, "actio_stage_latency_seconds_count{{stage=\"{s}\",kind=\"{kind}\"}} {}", h.len());
+        }
+        let _ = writeln!(out, "# HELP actio_stage_latency_max_seconds Largest latency seen.");
+        let _ = writeln!(out, "# TYPE actio_stage_latency_max_seconds gauge");
+        for (kind, h) in [("queue", &self.queue), ("service", &self.service), ("stage", &self.stage_latency)] {
+            let _ = writeln!(out, "actio_stage_latency_max_seconds{{stage=\"{s}\",kind=\"{kind}\"}} {}", h.max() as f64 / 1e6);
+        }
+        let counters = [
+            ("actio_stage_processed_total", "Messages fully processed (outputs acknowledged).", self.processed),
+            ("actio_stage_dead_lettered_total", "Messages routed to the dead-letter topic.", self.dead_lettered),
+            ("actio_stage_retried_total", "Handler attempts retried after a transient failure.", self.retried),
+            ("actio_stage_pauses_total", "Partitions paused for back-pressure.", self.pauses),
+            ("actio_stage_commits_total", "Watermark commits sent.", self.commits),
+            ("actio_stage_rebalances_total", "Rebalance events (assign, revoke, lost).", self.rebalances),
+        ];
+        for (name, help, v) in counters {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name}{{stage=\"{s}\"}} {v}");
+        }
+        let mut gauges = vec![
+            ("actio_stage_in_flight", "Messages consumed and not yet done.", self.in_flight as i64),
+            ("actio_stage_in_flight_peak", "Highest in-flight seen.", self.in_flight_peak as i64),
+            ("actio_stage_partitions", "Partitions assigned to this instance.", self.partitions as i64),
+        ];
+        if let Some(lag) = lag {
+            gauges.push(("actio_stage_lag", "Messages behind the end of the input topic (end - committed).", lag));
+        }
+        for (name, help, v) in gauges {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name}{{stage=\"{s}\"}} {v}");
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prometheus_text_has_every_series_once() {
+        let mut m = StageMetrics::new("rules");
+        record_ns(&mut m.service, 2_000_000);
+        m.processed = 7;
+        let text = m.prometheus_text(Some(3));
+        assert!(text.contains("actio_stage_latency_seconds{stage=\"rules\",kind=\"service\",quantile=\"0.99\"} 0.002"), "{text}");
+        assert!(text.contains("actio_stage_processed_total{stage=\"rules\"} 7"));
+        assert!(text.contains("actio_stage_lag{stage=\"rules\"} 3"));
+        for line in text.lines().filter(|l| l.starts_with("# TYPE")) {
+            let name = line.split_whitespace().nth(2).unwrap();
+            assert_eq!(text.matches(&format!("# TYPE {name} ")).count(), 1, "{name} typed twice");
+        }
+    }
+
+    #[test]
+    fn recording_clamps_instead_of_failing() {
+        let mut h = latency_histogram();
+        record_ns(&mut h, -5);
+        record_ns(&mut h, i64::MAX);
+        assert_eq!(h.len(), 2);
+    }
+}
