@@ -609,9 +609,7 @@ impl<B: Bus> Driver<B> {
             while admitted < ADMIT_BATCH {
                 match self.consumer.poll(timeout) {
                     Ok(Some(rec)) => {
-                        if let Err(e) = self.admit(rec) {
-                            return Err(e);
-                        }
+                        self.admit(rec)?;
                         admitted += 1;
                         timeout = Duration::ZERO;
                     }

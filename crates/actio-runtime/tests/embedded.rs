@@ -1,0 +1,286 @@
+//! The stage runtime on the embedded bus: ordering, watermark commits, back-pressure,
+//! rebalance and dead-lettering, end to end through real partitions and groups.
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
+use std::time::{Duration, Instant};
+
+use actio_bus_embedded::{EmbeddedBus, EmbeddedConfig};
+use actio_core::bus::{Bytes, NoRebalanceListener};
+use actio_core::{Bus, Consumer, ConsumerConfig, Headers, OutRecord, Producer, ProducerConfig, Record, TopicSpec, headers};
+use actio_runtime::{Handler, HandlerError, Ordering, Output, RetryPolicy, Stage, StageSpec, StopMode};
+use rand::{Rng, SeedableRng};
+
+const IN: &str = "in";
+const OUT: &str = "out";
+const DLQ: &str = "dlq";
+
+fn bus(partitions: i32) -> EmbeddedBus {
+    let bus = EmbeddedBus::new(EmbeddedConfig::default());
+    bus.create_topics(&[
+        TopicSpec { name: IN.into(), partitions },
+        TopicSpec { name: OUT.into(), partitions },
+        TopicSpec { name: DLQ.into(), partitions: 1 },
+    ])
+    .unwrap();
+    bus
+}
+
+fn spec(group: &str) -> StageSpec {
+    StageSpec {
+        name: "echo".into(),
+        group: group.into(),
+        input: IN.into(),
+        dlq: Arc::from(DLQ),
+        ordering: Ordering::Key,
+        max_in_flight_per_partition: 1000,
+        max_in_flight: 10_000,
+        commit_interval: Duration::from_millis(2),
+        drain_timeout: Duration::from_secs(5),
+        retry: RetryPolicy::default(),
+        threads: 4,
+        from_earliest: true,
+        properties: vec![],
+    }
+}
+
+/// Echoes `key:seq` payloads after a random delay; `poison` fails, `panic` panics,
+/// and while `gate` is closed every call waits.
+struct Echo {
+    max_delay_us: u64,
+    gate: Arc<AtomicBool>,
+}
+
+impl Handler for Echo {
+    fn handle(&self, rec: &Record) -> Result<Vec<Output>, HandlerError> {
+        while !self.gate.load(AtomicOrdering::Acquire) {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        if self.max_delay_us > 0 {
+            let d = rand::rng().random_range(0..self.max_delay_us);
+            std::thread::sleep(Duration::from_micros(d));
+        }
+        match &rec.payload[..] {
+            b"poison" => Err(HandlerError::permanent("poison pill")),
+            b"panic" => panic!("handler exploded"),
+            _ => Ok(vec![Output { topic: Arc::from(OUT), payload: rec.payload.clone() }]),
+        }
+    }
+}
+
+fn echo(max_delay_us: u64) -> Arc<Echo> {
+    Arc::new(Echo { max_delay_us, gate: Arc::new(AtomicBool::new(true)) })
+}
+
+/// Produces `n` messages over `keys` skewed keys; payload `key:seq` with a per-key seq.
+fn produce(bus: &EmbeddedBus, n: usize, keys: usize, seed: u64, start: usize) -> Vec<(String, usize)> {
+    let p = bus.producer(&ProducerConfig::default()).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut seqs: HashMap<String, usize> = HashMap::new();
+    let mut sent = Vec::new();
+    for _ in 0..n {
+        // Skewed: half the traffic on the first 10% of keys.
+        let k = if rng.random_bool(0.5) { rng.random_range(0..keys.div_ceil(10)) } else { rng.random_range(0..keys) };
+        let key = format!("k{k}");
+        let seq = seqs.entry(key.clone()).or_insert(start);
+        *seq += 1;
+        let payload = format!("{key}:{seq}");
+        send(&p, &key, payload.as_bytes());
+        sent.push((key, *seq));
+    }
+    p.flush(Duration::from_secs(5)).unwrap();
+    sent
+}
+
+fn send<P: Producer>(p: &P, key: &str, payload: &[u8]) {
+    let mut h = Headers::default();
+    h.set(headers::CREATED, actio_core::time::now_ns().to_string().into_bytes());
+    p.send(
+        OutRecord { topic: Arc::from(IN), partition: None, key: Some(Bytes::copy_from_slice(key.as_bytes())), payload: Bytes::copy_from_slice(payload), headers: h },
+        Box::new(|r| assert!(r.is_ok(), "{r:?}")),
+    )
+    .unwrap();
+}
+
+/// Reads `topic` as its own group until `want` messages arrived or `timeout`.
+fn read_all(bus: &EmbeddedBus, topic: &str, want: usize, timeout: Duration) -> Vec<Record> {
+    let cfg = ConsumerConfig {
+        group: format!("reader-{topic}-{}", rand::random::<u32>()),
+        topics: vec![topic.into()],
+        client_id: "reader".into(),
+        from_earliest: true,
+        properties: vec![],
+    };
+    let mut c = bus.consumer(&cfg, Arc::new(NoRebalanceListener)).unwrap();
+    let mut out = Vec::new();
+    let deadline = Instant::now() + timeout;
+    while out.len() < want && Instant::now() < deadline {
+        if let Some(r) = c.poll(Duration::from_millis(20)).unwrap() {
+            out.push(r);
+        }
+    }
+    // Linger briefly to catch extras (duplicates).
+    let linger = Instant::now() + Duration::from_millis(100);
+    while Instant::now() < linger {
+        if let Some(r) = c.poll(Duration::from_millis(10)).unwrap() {
+            out.push(r);
+        }
+    }
+    out
+}
+
+/// Per key, first deliveries must come in send order. Returns (violations, duplicates, missing).
+fn check(sent: &[(String, usize)], got: &[Record]) -> (usize, usize, usize) {
+    let mut last: HashMap<String, usize> = HashMap::new();
+    let mut seen: HashMap<(String, usize), usize> = HashMap::new();
+    let mut violations = 0;
+    for r in got {
+        let s = std::str::from_utf8(&r.payload).unwrap();
+        let (k, seq) = s.split_once(':').unwrap();
+        let seq: usize = seq.parse().unwrap();
+        let n = seen.entry((k.to_string(), seq)).or_insert(0);
+        *n += 1;
+        if *n > 1 {
+            continue;
+        }
+        let l = last.entry(k.to_string()).or_insert(0);
+        if seq < *l {
+            violations += 1;
+        }
+        *l = (*l).max(seq);
+        assert_eq!(r.key.as_deref(), Some(k.as_bytes()), "the key is kept");
+    }
+    let dups = seen.values().map(|n| n - 1).sum();
+    let missing = sent.iter().filter(|(k, s)| !seen.contains_key(&(k.clone(), *s))).count();
+    (violations, dups, missing)
+}
+
+#[test]
+fn per_key_order_holds_under_parallel_dispatch_with_random_delays() {
+    for seed in 0..4 {
+        let bus = bus(4);
+        let sent = produce(&bus, 3000, 60, seed, 0);
+        let stage = Stage::spawn(&bus, spec("order"), echo(300)).unwrap();
+        let got = read_all(&bus, OUT, sent.len(), Duration::from_secs(30));
+        let m = stage.metrics();
+        stage.stop(StopMode::Graceful);
+        stage.join().unwrap();
+        assert_eq!(check(&sent, &got), (0, 0, 0), "seed {seed}: (order violations, duplicates, missing)");
+        assert_eq!(m.processed as usize, sent.len());
+    }
+}
+
+#[test]
+fn the_check_catches_reordering() {
+    // The order check above must be able to fail: unordered mode with delays breaks it.
+    let bus = bus(1);
+    let sent = produce(&bus, 2000, 3, 7, 0);
+    let stage = Stage::spawn(&bus, StageSpec { ordering: Ordering::Unordered, ..spec("unordered") }, echo(300)).unwrap();
+    let got = read_all(&bus, OUT, sent.len(), Duration::from_secs(30));
+    stage.stop(StopMode::Graceful);
+    stage.join().unwrap();
+    let (violations, _, missing) = check(&sent, &got);
+    assert_eq!(missing, 0);
+    assert!(violations > 0, "unordered dispatch with random delays should reorder same-key messages");
+}
+
+#[test]
+fn graceful_stop_commits_exactly_the_end_offsets() {
+    let bus = bus(3);
+    let sent = produce(&bus, 1500, 40, 1, 0);
+    let stage = Stage::spawn(&bus, spec("commits"), echo(100)).unwrap();
+    let got = read_all(&bus, OUT, sent.len(), Duration::from_secs(30));
+    assert_eq!(got.len(), sent.len());
+    stage.stop(StopMode::Graceful);
+    stage.join().unwrap();
+    let committed = bus.committed_offsets("commits", IN).unwrap();
+    let end = bus.end_offsets(IN).unwrap();
+    assert_eq!(committed, end.iter().map(|e| Some(*e)).collect::<Vec<_>>());
+}
+
+#[test]
+fn in_flight_never_exceeds_the_cap() {
+    let bus = bus(2);
+    let gate = Arc::new(AtomicBool::new(false));
+    let handler = Arc::new(Echo { max_delay_us: 0, gate: gate.clone() });
+    let sent = produce(&bus, 500, 50, 2, 0);
+    let spec = StageSpec { max_in_flight_per_partition: 10, max_in_flight: 15, ..spec("capped") };
+    let stage = Stage::spawn(&bus, spec, handler).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let held = stage.metrics();
+    assert!(held.in_flight > 0 && held.in_flight <= 15, "in flight while blocked: {}", held.in_flight);
+    gate.store(true, AtomicOrdering::Release);
+    let got = read_all(&bus, OUT, sent.len(), Duration::from_secs(30));
+    let m = stage.metrics();
+    stage.stop(StopMode::Graceful);
+    stage.join().unwrap();
+    assert_eq!(check(&sent, &got), (0, 0, 0));
+    assert!(m.in_flight_peak <= 15, "peak {} over the stage cap", m.in_flight_peak);
+    assert!(m.pauses > 0, "back-pressure should have paused fetching");
+}
+
+#[test]
+fn a_member_crashing_mid_run_loses_nothing() {
+    let bus = bus(6);
+    let cap = 50;
+    let spec = StageSpec { max_in_flight_per_partition: cap, ..spec("crash") };
+    let a = Stage::spawn(&bus, spec.clone(), echo(200)).unwrap();
+    let b = Stage::spawn(&bus, spec, echo(200)).unwrap();
+    let first = produce(&bus, 1500, 80, 3, 0);
+    std::thread::sleep(Duration::from_millis(150));
+    a.stop(StopMode::Abort); // no commit, no leave: its partitions go back at the last commit
+    a.join().unwrap();
+    let second = produce(&bus, 1500, 80, 4, 10_000);
+    let sent: Vec<_> = first.into_iter().chain(second).collect();
+    let got = read_all(&bus, OUT, sent.len(), Duration::from_secs(60));
+    b.stop(StopMode::Graceful);
+    b.join().unwrap();
+    let (violations, dups, missing) = check(&sent, &got);
+    assert_eq!(missing, 0, "nothing lost");
+    assert_eq!(violations, 0, "per-key order held on first deliveries");
+    assert!(dups <= 6 * cap, "duplicates {dups} bounded by the in-flight caps");
+}
+
+#[test]
+fn poison_and_panics_are_dead_lettered_and_the_partition_keeps_flowing() {
+    let bus = bus(1);
+    let p = bus.producer(&ProducerConfig::default()).unwrap();
+    send(&p, "a", b"a:1");
+    send(&p, "a", b"poison");
+    send(&p, "a", b"panic");
+    send(&p, "a", b"a:2");
+    p.flush(Duration::from_secs(1)).unwrap();
+    let stage = Stage::spawn(&bus, spec("dlq"), echo(0)).unwrap();
+    let out = read_all(&bus, OUT, 2, Duration::from_secs(10));
+    let dlq = read_all(&bus, DLQ, 2, Duration::from_secs(10));
+    stage.stop(StopMode::Graceful);
+    let m = stage.join().unwrap();
+    assert_eq!(out.iter().map(|r| r.payload.clone()).collect::<Vec<_>>(), vec![Bytes::from("a:1"), Bytes::from("a:2")]);
+    assert_eq!(dlq.len(), 2);
+    assert_eq!(&dlq[0].payload[..], b"poison", "original bytes kept");
+    assert_eq!(dlq[0].headers.get(headers::ERROR), Some(&b"poison pill"[..]));
+    assert_eq!(dlq[0].headers.get(headers::STAGE), Some(&b"echo"[..]));
+    assert_eq!(dlq[0].headers.get(headers::SOURCE), Some(&b"in/0/1"[..]));
+    assert!(std::str::from_utf8(dlq[1].headers.get(headers::ERROR).unwrap()).unwrap().contains("handler exploded"));
+    assert_eq!(m.dead_lettered, 2);
+    assert_eq!(bus.committed_offsets("dlq", IN).unwrap(), vec![Some(4)]);
+}
+
+#[test]
+fn the_trail_records_this_stage() {
+    let bus = bus(1);
+    produce(&bus, 10, 2, 5, 0);
+    let stage = Stage::spawn(&bus, spec("trail"), echo(0)).unwrap();
+    let out = read_all(&bus, OUT, 10, Duration::from_secs(10));
+    stage.stop(StopMode::Graceful);
+    stage.join().unwrap();
+    for r in &out {
+        let hops = headers::parse_trail(r.headers.get(headers::TRAIL).unwrap());
+        assert_eq!(hops.len(), 1);
+        assert_eq!(hops[0].stage, "echo");
+        assert!(hops[0].produced_ns >= hops[0].consumed_ns);
+        assert!(r.headers.get(headers::CREATED).is_some(), "input headers kept");
+    }
+}
