@@ -1,0 +1,264 @@
+//! The collector: reads decisions and dead letters, proves nothing was lost,
+//! duplicated or reordered, and measures latency from the intended send time.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use actio_core::{Codec, Decision, Record, Verdict, headers};
+use ahash::AHashMap;
+use hdrhistogram::Histogram;
+
+use crate::report::{latency_histogram, record_ns};
+
+/// Counts the collector keeps.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct CollectorStats {
+    /// Distinct transactions decided.
+    pub decided: u64,
+    /// Distinct transactions dead-lettered (and not decided).
+    pub dlq: u64,
+    /// Deliveries beyond the first of one transaction (decision or DLQ).
+    pub duplicates: u64,
+    /// First deliveries that came before an earlier-sent transaction of the same key.
+    pub order_violations: u64,
+    /// Messages whose id is not from this run (old data on the topic), ignored.
+    pub foreign: u64,
+    /// Messages that could not be decoded (counted, never fatal).
+    pub undecodable: u64,
+    /// Decisions by verdict.
+    pub approve: u64,
+    /// Decisions by verdict.
+    pub review: u64,
+    /// Decisions by verdict.
+    pub decline: u64,
+}
+
+/// Trail-derived latencies of one stage (µs).
+#[derive(Debug, Clone)]
+pub struct TrailStage {
+    /// consumed − previous hop's produced (or created).
+    pub queue: Histogram<u64>,
+    /// produced − consumed.
+    pub process: Histogram<u64>,
+}
+
+/// Checks and measures what comes out of a pipeline.
+#[derive(Debug)]
+pub struct Collector {
+    prefix: String,
+    key_seq: Arc<[AtomicU32]>,
+    seen: Vec<u8>,
+    last_of_key: AHashMap<String, u32>,
+    /// Counts.
+    pub stats: CollectorStats,
+    /// Rule ids seen in decisions, with counts.
+    pub rule_hits: AHashMap<String, u64>,
+    /// End to end: seen by the collector − intended send time (µs).
+    pub e2e: Histogram<u64>,
+    /// e2e since the last [`Collector::take_interval`] (for progress lines).
+    interval: Histogram<u64>,
+    /// Per stage, from the trail header, by stage name.
+    pub stages: BTreeMap<String, TrailStage>,
+}
+
+impl Collector {
+    /// A collector for run `run_id`; `key_seq` comes from the sender.
+    pub fn new(run_id: &str, key_seq: Arc<[AtomicU32]>) -> Self {
+        Collector {
+            prefix: format!("{run_id}-"),
+            seen: vec![0; key_seq.len()],
+            key_seq,
+            last_of_key: AHashMap::new(),
+            stats: CollectorStats::default(),
+            rule_hits: AHashMap::new(),
+            e2e: latency_histogram(),
+            interval: latency_histogram(),
+            stages: BTreeMap::new(),
+        }
+    }
+
+    fn seq_of(&self, id: &str) -> Option<usize> {
+        id.strip_prefix(&self.prefix)?.parse::<usize>().ok().filter(|s| *s < self.seen.len())
+    }
+
+    /// Records one delivery of `seq`; returns whether it was the first.
+    fn first_delivery(&mut self, seq: usize, key: &str) -> bool {
+        let n = &mut self.seen[seq];
+        *n = n.saturating_add(1);
+        if *n > 1 {
+            self.stats.duplicates += 1;
+            return false;
+        }
+        let ks = self.key_seq[seq].load(Ordering::Relaxed);
+        let last = self.last_of_key.entry(key.to_string()).or_insert(0);
+        if ks < *last {
+            self.stats.order_violations += 1;
+        } else {
+            *last = ks;
+        }
+        true
+    }
+
+    fn timing(&mut self, rec: &Record, now_ns: i64) {
+        let created = rec.headers.get(headers::CREATED).and_then(headers::parse_i64);
+        if let Some(c) = created {
+            record_ns(&mut self.e2e, now_ns - c);
+            record_ns(&mut self.interval, now_ns - c);
+        }
+        let mut prev = created;
+        for hop in headers::parse_trail(rec.headers.get(headers::TRAIL).unwrap_or_default()) {
+            let s = self.stages.entry(hop.stage.clone()).or_insert_with(|| TrailStage { queue: latency_histogram(), process: latency_histogram() });
+            if let Some(p) = prev {
+                record_ns(&mut s.queue, hop.consumed_ns - p);
+            }
+            record_ns(&mut s.process, hop.produced_ns - hop.consumed_ns);
+            prev = Some(hop.produced_ns);
+        }
+    }
+
+    /// A message from the decisions topic, seen at `now_ns`.
+    pub fn observe_decision(&mut self, rec: &Record, now_ns: i64) {
+        let d: Decision = match Codec::Json.decode(&rec.payload) {
+            Ok(d) => d,
+            Err(_) => {
+                self.stats.undecodable += 1;
+                return;
+            }
+        };
+        let Some(seq) = self.seq_of(&d.tx_id) else {
+            self.stats.foreign += 1;
+            return;
+        };
+        if !self.first_delivery(seq, &d.key) {
+            return;
+        }
+        self.stats.decided += 1;
+        match d.decision {
+            Verdict::Approve => self.stats.approve += 1,
+            Verdict::Review => self.stats.review += 1,
+            Verdict::Decline => self.stats.decline += 1,
+        }
+        for r in d.rule_hits {
+            *self.rule_hits.entry(r).or_default() += 1;
+        }
+        self.timing(rec, now_ns);
+    }
+
+    /// A message from the dead-letter topic (original bytes; `actio-id` header).
+    pub fn observe_dead_letter(&mut self, rec: &Record, now_ns: i64) {
+        let id = rec.headers.get(headers::ID).and_then(|v| std::str::from_utf8(v).ok()).map(str::to_string);
+        let Some(seq) = id.as_deref().and_then(|id| self.seq_of(id)) else {
+            self.stats.foreign += 1;
+            return;
+        };
+        let key = rec.key.as_deref().map(String::from_utf8_lossy).unwrap_or_default().into_owned();
+        if self.first_delivery(seq, &key) {
+            self.stats.dlq += 1;
+            self.timing(rec, now_ns);
+        }
+    }
+
+    /// Transactions among the first `sent` that never came out.
+    pub fn lost(&self, sent: u64) -> u64 {
+        self.seen.iter().take(sent as usize).filter(|n| **n == 0).count() as u64
+    }
+
+    /// Distinct transactions seen (decided or dead-lettered).
+    pub fn seen(&self) -> u64 {
+        self.stats.decided + self.stats.dlq
+    }
+
+    /// The e2e histogram since the last call, then resets it.
+    pub fn take_interval(&mut self) -> Histogram<u64> {
+        let fresh = latency_histogram();
+        std::mem::replace(&mut self.interval, fresh)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use actio_core::bus::Bytes;
+    use actio_core::{Headers, TopicPartition};
+
+    fn decision(seq: usize, key: &str) -> Record {
+        let d = Decision {
+            tx_id: format!("run-{seq}"),
+            key: key.into(),
+            decision: Verdict::Approve,
+            score: 0.1,
+            rule_hits: vec!["r1".into()],
+            override_rule: None,
+            model_version: "m".into(),
+            rules_version: "r".into(),
+            created_at: 0,
+        };
+        let mut h = Headers::default();
+        h.set(headers::CREATED, b"1000".to_vec());
+        h.set(headers::TRAIL, b"rules@2000@3000;score@5000@9000".to_vec());
+        Record { tp: TopicPartition::new("d", 0), offset: seq as i64, key: Some(Bytes::from(key.to_string())), payload: Bytes::from(Codec::Json.encode(&d).unwrap()), headers: h, timestamp_ms: None }
+    }
+
+    /// Sends 6 tx over keys a,b (per-key seqs 1,2,3) and returns a collector.
+    fn setup() -> (Collector, Vec<(usize, &'static str)>) {
+        let keys = ["a", "b", "a", "b", "a", "b"];
+        let key_seq: Arc<[AtomicU32]> = (0..6).map(|i| AtomicU32::new(i as u32 / 2 + 1)).collect();
+        (Collector::new("run", key_seq), keys.iter().enumerate().map(|(i, k)| (i, *k)).collect())
+    }
+
+    #[test]
+    fn a_clean_stream_reports_nothing_wrong() {
+        let (mut c, sent) = setup();
+        for (s, k) in &sent {
+            c.observe_decision(&decision(*s, k), 10_000_000);
+        }
+        assert_eq!((c.lost(6), c.stats.duplicates, c.stats.order_violations), (0, 0, 0));
+        assert_eq!(c.stats.decided, 6);
+        assert_eq!(c.rule_hits["r1"], 6);
+        assert_eq!(c.stages["score"].queue.max(), 2, "5000 − 3000 ns = 2 µs");
+        assert_eq!(c.e2e.len(), 6);
+    }
+
+    #[test]
+    fn a_dropped_one_is_lost() {
+        let (mut c, sent) = setup();
+        for (s, k) in sent.iter().filter(|(s, _)| *s != 3) {
+            c.observe_decision(&decision(*s, k), 0);
+        }
+        assert_eq!(c.lost(6), 1);
+    }
+
+    #[test]
+    fn a_repeated_one_is_a_duplicate_not_a_violation() {
+        let (mut c, sent) = setup();
+        for (s, k) in &sent {
+            c.observe_decision(&decision(*s, k), 0);
+        }
+        c.observe_decision(&decision(0, "a"), 0);
+        assert_eq!((c.lost(6), c.stats.duplicates, c.stats.order_violations), (0, 1, 0));
+    }
+
+    #[test]
+    fn swapped_same_key_decisions_are_an_order_violation() {
+        let (mut c, _) = setup();
+        for (s, k) in [(0, "a"), (1, "b"), (4, "a"), (3, "b"), (2, "a"), (5, "b")] {
+            c.observe_decision(&decision(s, k), 0);
+        }
+        assert_eq!(c.stats.order_violations, 1);
+        assert_eq!(c.lost(6), 0);
+    }
+
+    #[test]
+    fn foreign_and_garbage_are_counted_not_fatal() {
+        let (mut c, _) = setup();
+        let mut r = decision(0, "a");
+        r.payload = Bytes::from_static(b"{not json");
+        c.observe_decision(&r, 0);
+        let mut other = decision(0, "a");
+                let d = Decision { tx_id: "other-run-1".into(), ..Codec::Json.decode(&other.payload).unwrap() };
+        other.payload = Bytes::from(Codec::Json.encode(&d).unwrap());
+        c.observe_decision(&other, 0);
+        assert_eq!((c.stats.undecodable, c.stats.foreign, c.stats.decided), (1, 1, 0));
+    }
+}

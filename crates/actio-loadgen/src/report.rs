@@ -1,0 +1,496 @@
+//! The run report: text for the terminal, `report.json` for machines, one `.hgrm`
+//! per histogram for HdrHistogram tools, and `report.html` for people.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+/// Highest latency tracked: one hour in µs (larger values are clamped).
+const MAX_US: u64 = 3_600_000_000;
+
+/// A µs histogram with 3 significant digits.
+pub fn latency_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, MAX_US, 3).unwrap_or_else(|_| unreachable!("constant bounds"))
+}
+
+/// Records ns into a µs histogram, clamped.
+pub fn record_ns(h: &mut Histogram<u64>, ns: i64) {
+    h.saturating_record((ns.max(0) as u64 / 1_000).clamp(1, MAX_US));
+}
+
+/// Percentiles of one histogram, in µs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct LatencySummary {
+    /// Samples.
+    pub count: u64,
+    /// Median.
+    pub p50_us: u64,
+    /// 90th percentile.
+    pub p90_us: u64,
+    /// 99th percentile.
+    pub p99_us: u64,
+    /// 99.9th percentile.
+    pub p999_us: u64,
+    /// Largest.
+    pub max_us: u64,
+    /// Mean.
+    pub mean_us: f64,
+}
+
+impl LatencySummary {
+    /// Summarizes a histogram.
+    pub fn of(h: &Histogram<u64>) -> Self {
+        if h.is_empty() {
+            return LatencySummary::default();
+        }
+        LatencySummary {
+            count: h.len(),
+            p50_us: h.value_at_quantile(0.5),
+            p90_us: h.value_at_quantile(0.9),
+            p99_us: h.value_at_quantile(0.99),
+            p999_us: h.value_at_quantile(0.999),
+            max_us: h.max(),
+            mean_us: (h.mean() * 10.0).round() / 10.0,
+        }
+    }
+}
+
+/// One stage's histograms as measured by the runtime in-process.
+#[derive(Debug, Clone)]
+pub struct StageHistograms {
+    /// Stage name.
+    pub name: String,
+    /// consumed − previous hop produced (µs).
+    pub queue: Histogram<u64>,
+    /// Handler time (µs).
+    pub service: Histogram<u64>,
+    /// consumed → outputs acknowledged (µs).
+    pub stage: Histogram<u64>,
+    /// The stage's p99 budget, if declared.
+    pub budget_ms: Option<f64>,
+}
+
+/// One stage in the report.
+#[derive(Debug, Clone, Serialize)]
+pub struct StageReport {
+    /// Stage name (also the key in `stages`).
+    #[serde(skip)]
+    pub name: String,
+    /// Queue time.
+    pub queue: LatencySummary,
+    /// Handler time (in-process runs; zero count when measured elsewhere).
+    pub service: LatencySummary,
+    /// Consumed → acknowledged (in-process runs; zero count when measured elsewhere).
+    pub stage: LatencySummary,
+    /// Consumed → produced, from the trail header (always available).
+    pub process: LatencySummary,
+    /// The stage's p99 budget in ms.
+    pub budget_ms: Option<f64>,
+    /// Whether the stage's p99 (stage latency, else process) broke its budget.
+    pub budget_breached: bool,
+}
+
+/// Decisions by verdict.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct DecisionCounts {
+    /// approve.
+    pub approve: u64,
+    /// review.
+    pub review: u64,
+    /// decline.
+    pub decline: u64,
+}
+
+/// A rule and how often it fired.
+#[derive(Debug, Clone, Serialize)]
+pub struct RuleHitCount {
+    /// Rule id.
+    pub rule: String,
+    /// Decisions it appeared in.
+    pub count: u64,
+}
+
+/// Everything a run measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunReport {
+    /// Pipeline name.
+    pub pipeline: String,
+    /// `embedded` or `kafka`.
+    pub bus: String,
+    /// Run id (transaction id prefix).
+    pub run_id: String,
+    /// Mean offered rate, tx/s.
+    pub rate_target: f64,
+    /// Decided (+ dead-lettered) per second over the load duration.
+    pub rate_achieved: f64,
+    /// Load duration, s.
+    pub duration_s: f64,
+    /// Transactions sent.
+    pub sent: u64,
+    /// Distinct transactions decided.
+    pub decided: u64,
+    /// Distinct transactions dead-lettered.
+    pub dlq: u64,
+    /// Sent but never seen.
+    pub lost: u64,
+    /// Extra deliveries.
+    pub duplicates: u64,
+    /// Per-key order violations.
+    pub order_violations: u64,
+    /// Decisions by verdict.
+    pub decisions: DecisionCounts,
+    /// Most frequent rule hits.
+    pub top_rule_hits: Vec<RuleHitCount>,
+    /// End to end: decision seen − intended send time.
+    pub e2e: LatencySummary,
+    /// Per stage, in chain order.
+    #[serde(serialize_with = "stages_as_map")]
+    pub stages: Vec<StageReport>,
+    /// How far the sender fell behind its schedule at worst, ms.
+    pub sender_max_behind_ms: f64,
+    /// Peak resident memory of this process, MiB (Linux).
+    pub peak_rss_mib: Option<f64>,
+    /// Sends the bus failed.
+    pub send_failures: u64,
+}
+
+fn stages_as_map<S: serde::Serializer>(stages: &[StageReport], s: S) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeMap;
+    let mut m = s.serialize_map(Some(stages.len()))?;
+    for st in stages {
+        m.serialize_entry(&st.name, st)?;
+    }
+    m.end()
+}
+
+impl StageReport {
+    /// Builds a stage's report from what is known about it.
+    pub fn new(name: &str, runtime: Option<&StageHistograms>, trail: Option<(&Histogram<u64>, &Histogram<u64>)>, budget_ms: Option<f64>) -> Self {
+        let summary = |h: Option<&Histogram<u64>>| h.map(LatencySummary::of).unwrap_or_default();
+        let queue = runtime.map(|r| &r.queue).or(trail.map(|t| t.0));
+        let stage = summary(runtime.map(|r| &r.stage));
+        let process = summary(trail.map(|t| t.1));
+        let judged = if stage.count > 0 { stage.p99_us } else { process.p99_us };
+        StageReport {
+            name: name.to_string(),
+            queue: summary(queue),
+            service: summary(runtime.map(|r| &r.service)),
+            stage,
+            process,
+            budget_ms,
+            budget_breached: budget_ms.is_some_and(|b| judged as f64 / 1000.0 > b),
+        }
+    }
+}
+
+/// Peak resident set size of this process in MiB, from /proc (Linux only).
+pub fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: f64 = status.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some((kb / 1024.0 * 10.0).round() / 10.0)
+}
+
+fn ms(us: u64) -> String {
+    format!("{:.3}", us as f64 / 1000.0)
+}
+
+/// The standard HdrHistogram percentile-distribution text (`.hgrm`), values in ms.
+pub fn hgrm(h: &Histogram<u64>) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "{:>12} {:>14} {:>10} {:>14}\n", "Value", "Percentile", "TotalCount", "1/(1-Percentile)");
+    let mut total = 0u64;
+    for v in h.iter_quantiles(5) {
+        total += v.count_since_last_iteration();
+        let q = v.quantile_iterated_to();
+        let inv = if q < 1.0 { format!("{:>14.2}", 1.0 / (1.0 - q)) } else { String::new() };
+        let _ = writeln!(out, "{:>12.3} {:>14.12} {:>10} {inv}", v.value_iterated_to() as f64 / 1000.0, q, total);
+    }
+    let _ = writeln!(out, "#[Mean    = {:>12.3}, StdDeviation   = {:>12.3}]", h.mean() / 1000.0, h.stdev() / 1000.0);
+    let _ = writeln!(out, "#[Max     = {:>12.3}, Total count    = {:>12}]", h.max() as f64 / 1000.0, h.len());
+    let _ = writeln!(out, "#[Buckets = {:>12}, SubBuckets     = {:>12}]", h.buckets(), h.distinct_values());
+    out
+}
+
+impl RunReport {
+    /// The terminal table.
+    pub fn render_text(&self) -> String {
+        let mut o = String::new();
+        let _ = writeln!(o, "\nactio run {} on {} bus — {:.0} tx/s offered for {:.1} s, {:.0} tx/s achieved", self.pipeline, self.bus, self.rate_target, self.duration_s, self.rate_achieved);
+        let _ = writeln!(o, "\n{:<10} {:<8} {:>9} {:>9} {:>9} {:>9} {:>9}", "stage", "latency", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms", "max ms");
+        let row = |o: &mut String, a: &str, b: &str, s: &LatencySummary, flag: &str| {
+            if s.count > 0 {
+                let _ = writeln!(o, "{a:<10} {b:<8} {:>9} {:>9} {:>9} {:>9} {:>9}{flag}", ms(s.p50_us), ms(s.p90_us), ms(s.p99_us), ms(s.p999_us), ms(s.max_us));
+            }
+        };
+        for st in &self.stages {
+            let flag = if st.budget_breached { format!("  ← p99 over budget {} ms", st.budget_ms.unwrap_or_default()) } else { String::new() };
+            row(&mut o, &st.name, "queue", &st.queue, "");
+            row(&mut o, "", "service", &st.service, "");
+            row(&mut o, "", "stage", &st.stage, &flag);
+            if st.stage.count == 0 {
+                row(&mut o, "", "process", &st.process, &flag);
+            }
+        }
+        row(&mut o, "e2e", "", &self.e2e, "");
+        let _ = writeln!(
+            o,
+            "\nsent {}  decided {}  dlq {}  lost {}  duplicates {}  order violations {}",
+            self.sent, self.decided, self.dlq, self.lost, self.duplicates, self.order_violations
+        );
+        let d = &self.decisions;
+        let total = (d.approve + d.review + d.decline).max(1) as f64;
+        let _ = writeln!(
+            o,
+            "decisions: approve {} ({:.1}%)  review {} ({:.1}%)  decline {} ({:.1}%)",
+            d.approve,
+            100.0 * d.approve as f64 / total,
+            d.review,
+            100.0 * d.review as f64 / total,
+            d.decline,
+            100.0 * d.decline as f64 / total
+        );
+        if !self.top_rule_hits.is_empty() {
+            let top: Vec<String> = self.top_rule_hits.iter().take(8).map(|r| format!("{} {}", r.rule, r.count)).collect();
+            let _ = writeln!(o, "top rule hits: {}", top.join(", "));
+        }
+        if let Some(rss) = self.peak_rss_mib {
+            let _ = writeln!(o, "peak RSS {rss} MiB; sender max behind schedule {:.3} ms", self.sender_max_behind_ms);
+        }
+        o
+    }
+
+    /// Writes `report.json`, the `.hgrm` files and `report.html` into `dir`.
+    /// `histograms` are (file stem, histogram) pairs, e.g. ("e2e", h), ("rules.queue", h).
+    pub fn write(&self, dir: &Path, histograms: &[(String, Histogram<u64>)]) -> std::io::Result<()> {
+        std::fs::create_dir_all(dir)?;
+        let json = serde_json::to_string_pretty(self).map_err(std::io::Error::other)?;
+        std::fs::write(dir.join("report.json"), json + "\n")?;
+        for (stem, h) in histograms {
+            std::fs::write(dir.join(format!("{stem}.hgrm")), hgrm(h))?;
+        }
+        std::fs::write(dir.join("report.html"), self.render_html(histograms))?;
+        Ok(())
+    }
+
+    /// A self-contained HTML page (inline SVG, no network).
+    pub fn render_html(&self, histograms: &[(String, Histogram<u64>)]) -> String {
+        let mut h = String::new();
+        let _ = write!(
+            h,
+            "<!doctype html><html><head><meta charset=utf-8><title>actio report — {p}</title><style>\
+body{{font:14px/1.45 system-ui,sans-serif;margin:24px auto;max-width:1100px;color:#1d2330;background:#fbfbfd}}\
+h1{{font-size:22px;margin:0 0 4px}} h2{{font-size:16px;margin:28px 0 8px}} .sub{{color:#5b6475}}\
+.cards{{display:flex;gap:12px;flex-wrap:wrap;margin:16px 0}} .card{{background:#fff;border:1px solid #e3e6ee;border-radius:8px;padding:10px 14px;min-width:120px}}\
+.card b{{display:block;font-size:20px}} .bad b{{color:#c0392b}} .ok b{{color:#1e8449}}\
+table{{border-collapse:collapse;background:#fff;border:1px solid #e3e6ee}} td,th{{padding:4px 10px;border-bottom:1px solid #eef0f5;text-align:right}}\
+th{{background:#f3f5f9}} td:first-child,th:first-child,td:nth-child(2){{text-align:left}} .breach{{color:#c0392b;font-weight:600}}\
+.plots{{display:grid;grid-template-columns:1fr 1fr;gap:14px}} .plot{{background:#fff;border:1px solid #e3e6ee;border-radius:8px;padding:8px}}\
+</style></head><body><h1>actio run — {p}</h1><div class=sub>{bus} bus · run {id} · {rt:.0} tx/s offered for {d:.1} s · {ra:.0} tx/s achieved</div>",
+            p = esc(&self.pipeline),
+            bus = esc(&self.bus),
+            id = esc(&self.run_id),
+            rt = self.rate_target,
+            d = self.duration_s,
+            ra = self.rate_achieved
+        );
+        let card = |h: &mut String, label: &str, v: String, class: &str| {
+            let _ = write!(h, "<div class='card {class}'><b>{v}</b>{label}</div>");
+        };
+        h.push_str("<div class=cards>");
+        card(&mut h, "e2e p99 (ms)", ms(self.e2e.p99_us), "");
+        card(&mut h, "e2e p50 (ms)", ms(self.e2e.p50_us), "");
+        card(&mut h, "sent", self.sent.to_string(), "");
+        card(&mut h, "decided", self.decided.to_string(), "");
+        card(&mut h, "dlq", self.dlq.to_string(), "");
+        for (label, v) in [("lost", self.lost), ("duplicates", self.duplicates), ("order violations", self.order_violations)] {
+            card(&mut h, label, v.to_string(), if v == 0 { "ok" } else { "bad" });
+        }
+        h.push_str("</div><h2>Latency by percentile</h2><div class=plots>");
+        let e2e: Vec<_> = histograms.iter().filter(|(n, _)| n == "e2e" || n.ends_with(".stage") || (n.ends_with(".process") && !histograms.iter().any(|(m, _)| m == &n.replace(".process", ".stage")))).collect();
+        h.push_str(&plot("End to end and per stage", &e2e));
+        for st in &self.stages {
+            let own: Vec<_> = histograms.iter().filter(|(n, _)| n.starts_with(&format!("{}.", st.name))).collect();
+            h.push_str(&plot(&format!("Stage {}", st.name), &own));
+        }
+        h.push_str("</div><h2>Per stage (ms)</h2><table><tr><th>stage</th><th>latency</th><th>count</th><th>p50</th><th>p90</th><th>p99</th><th>p99.9</th><th>max</th><th>budget</th></tr>");
+        let row = |h: &mut String, a: &str, b: &str, s: &LatencySummary, budget: String, breach: bool| {
+            if s.count > 0 {
+                let cls = if breach { " class=breach" } else { "" };
+                let _ = write!(h, "<tr><td>{}</td><td>{b}</td><td>{}</td><td>{}</td><td>{}</td><td{cls}>{}</td><td>{}</td><td>{}</td><td>{budget}</td></tr>", esc(a), s.count, ms(s.p50_us), ms(s.p90_us), ms(s.p99_us), ms(s.p999_us), ms(s.max_us));
+            }
+        };
+        for st in &self.stages {
+            let budget = st.budget_ms.map(|b| format!("{b}")).unwrap_or_default();
+            row(&mut h, &st.name, "queue", &st.queue, String::new(), false);
+            row(&mut h, "", "service", &st.service, String::new(), false);
+            row(&mut h, "", "stage", &st.stage, budget.clone(), st.budget_breached);
+            row(&mut h, "", "process", &st.process, if st.stage.count == 0 { budget } else { String::new() }, st.budget_breached && st.stage.count == 0);
+        }
+        row(&mut h, "e2e", "", &self.e2e, String::new(), false);
+        let d = &self.decisions;
+        let _ = write!(h, "</table><h2>Decisions</h2><table><tr><th>approve</th><th>review</th><th>decline</th></tr><tr><td>{}</td><td>{}</td><td>{}</td></tr></table>", d.approve, d.review, d.decline);
+        if !self.top_rule_hits.is_empty() {
+            let max = self.top_rule_hits.iter().map(|r| r.count).max().unwrap_or(1).max(1);
+            h.push_str("<h2>Top rule hits</h2><table><tr><th>rule</th><th>decisions</th><th></th></tr>");
+            for r in &self.top_rule_hits {
+                let w = 300 * r.count / max;
+                let _ = write!(h, "<tr><td>{}</td><td>{}</td><td><svg width=300 height=10><rect width={w} height=10 fill='#5b8def'/></svg></td></tr>", esc(&r.rule), r.count);
+            }
+            h.push_str("</table>");
+        }
+        let _ = write!(h, "<p class=sub>peak RSS {} MiB · sender max behind schedule {:.3} ms · files: report.json, *.hgrm</p></body></html>", self.peak_rss_mib.map(|r| r.to_string()).unwrap_or("?".into()), self.sender_max_behind_ms);
+        h
+    }
+}
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('\'', "&#39;")
+}
+
+const COLORS: [&str; 8] = ["#1d2330", "#5b8def", "#e67e22", "#27ae60", "#8e44ad", "#c0392b", "#16a085", "#7f8c8d"];
+
+/// An SVG latency-by-percentile plot, percentile axis log-scaled as HdrHistogram's
+/// plotter does (x = log10(1/(1-p))), latency in ms.
+fn plot(title: &str, series: &[&(String, Histogram<u64>)]) -> String {
+    let (w, hgt, l, r, t, b) = (520.0, 300.0, 56.0, 12.0, 28.0, 40.0);
+    let xmax = 5.0; // 99.999%
+    let ymax = series.iter().map(|(_, h)| h.value_at_quantile(0.99999)).max().unwrap_or(1).max(1) as f64 / 1000.0 * 1.08;
+    let x = |q: f64| l + (w - l - r) * ((1.0 / (1.0 - q.min(0.999_999))).log10() / xmax).min(1.0);
+    let y = |v: f64| t + (hgt - t - b) * (1.0 - (v / ymax).min(1.0));
+    let mut s = format!("<div class=plot><svg viewBox='0 0 {w} {hgt}' width='100%' role=img aria-label='{}'>", esc(title));
+    let _ = write!(s, "<text x={l} y=16 font-size=13 font-weight=600>{}</text>", esc(title));
+    for (i, label) in ["0%", "90%", "99%", "99.9%", "99.99%", "99.999%"].iter().enumerate() {
+        let xx = l + (w - l - r) * i as f64 / xmax;
+        let _ = write!(s, "<line x1={xx} x2={xx} y1={t} y2={} stroke='#eef0f5'/><text x={xx} y={} font-size=10 text-anchor=middle fill='#5b6475'>{label}</text>", hgt - b, hgt - b + 14.0);
+    }
+    for i in 0..=4 {
+        let v = ymax * i as f64 / 4.0;
+        let yy = y(v);
+        let _ = write!(s, "<line x1={l} x2={} y1={yy} y2={yy} stroke='#eef0f5'/><text x={} y={} font-size=10 text-anchor=end fill='#5b6475'>{v:.2}</text>", w - r, l - 6.0, yy + 3.0);
+    }
+    let _ = write!(s, "<text x={} y={} font-size=10 fill='#5b6475' text-anchor=middle>percentile</text><text x=12 y={} font-size=10 fill='#5b6475' transform='rotate(-90 12 {})' text-anchor=middle>latency (ms)</text>", (l + w) / 2.0, hgt - 6.0, (t + hgt - b) / 2.0, (t + hgt - b) / 2.0);
+    for (i, (name, h)) in series.iter().enumerate() {
+        if h.is_empty() {
+            continue;
+        }
+        let mut pts = String::new();
+        for v in h.iter_quantiles(8) {
+            let _ = write!(pts, "{:.1},{:.1} ", x(v.quantile_iterated_to()), y(v.value_iterated_to() as f64 / 1000.0));
+        }
+        let c = COLORS[i % COLORS.len()];
+        let _ = write!(s, "<polyline fill=none stroke='{c}' stroke-width=1.8 points='{pts}'/>");
+        let ly = t + 4.0 + 14.0 * i as f64;
+        let _ = write!(s, "<rect x={} y={} width=10 height=3 fill='{c}'/><text x={} y={} font-size=11>{} (p99 {} ms)</text>", l + 10.0, ly, l + 24.0, ly + 4.0, esc(name), ms(h.value_at_quantile(0.99)));
+    }
+    s.push_str("</svg></div>");
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hist(values: impl IntoIterator<Item = u64>) -> Histogram<u64> {
+        let mut h = latency_histogram();
+        for v in values {
+            h.record(v).unwrap();
+        }
+        h
+    }
+
+    fn report() -> (RunReport, Vec<(String, Histogram<u64>)>) {
+        let e2e = hist(1..=10_000);
+        let st = StageHistograms { name: "rules".into(), queue: hist([10, 20]), service: hist([5, 6]), stage: hist([9000, 9000]), budget_ms: Some(5.0) };
+        let stage = StageReport::new("rules", Some(&st), None, st.budget_ms);
+        let r = RunReport {
+            pipeline: "fraud".into(),
+            bus: "embedded".into(),
+            run_id: "r1".into(),
+            rate_target: 100.0,
+            rate_achieved: 99.0,
+            duration_s: 1.0,
+            sent: 10,
+            decided: 9,
+            dlq: 1,
+            lost: 0,
+            duplicates: 0,
+            order_violations: 0,
+            decisions: DecisionCounts { approve: 8, review: 1, decline: 0 },
+            top_rule_hits: vec![RuleHitCount { rule: "small_amount_burst".into(), count: 3 }],
+            e2e: LatencySummary::of(&e2e),
+            stages: vec![stage],
+            sender_max_behind_ms: 0.0,
+            peak_rss_mib: peak_rss_mib(),
+            send_failures: 0,
+        };
+        (r, vec![("e2e".into(), e2e), ("rules.queue".into(), st.queue), ("rules.service".into(), st.service), ("rules.stage".into(), st.stage)])
+    }
+
+    #[test]
+    fn summaries_match_known_data() {
+        let s = LatencySummary::of(&hist(1..=10_000));
+        assert_eq!(s.count, 10_000);
+        assert!((4990..=5010).contains(&s.p50_us), "{s:?}");
+        assert!((9890..=9910).contains(&s.p99_us), "{s:?}");
+        assert!((9980..=10_010).contains(&s.max_us), "{s:?}");
+    }
+
+    #[test]
+    fn budget_flag_follows_the_stage_p99() {
+        let (r, _) = report();
+        assert!(r.stages[0].budget_breached, "p99 9 ms > 5 ms budget");
+        let fine = StageReport::new("x", None, Some((&hist([1]), &hist([100]))), Some(5.0));
+        assert!(!fine.budget_breached);
+    }
+
+    #[test]
+    fn report_json_has_the_promised_fields() {
+        let (r, _) = report();
+        let v: serde_json::Value = serde_json::to_value(&r).unwrap();
+        for k in ["sent", "decided", "dlq", "lost", "duplicates", "order_violations", "e2e", "stages"] {
+            assert!(v.get(k).is_some(), "missing {k}");
+        }
+        for k in ["count", "p50_us", "p90_us", "p99_us", "p999_us", "max_us"] {
+            assert!(v["e2e"].get(k).is_some(), "e2e missing {k}");
+            for part in ["queue", "service", "stage"] {
+                assert!(v["stages"]["rules"][part].get(k).is_some(), "stages.rules.{part} missing {k}");
+            }
+        }
+    }
+
+    #[test]
+    fn hgrm_is_the_standard_format() {
+        let h = hist(1..=1000);
+        let text = hgrm(&h);
+        let rows: Vec<(f64, f64, u64)> = text
+            .lines()
+            .filter(|l| !l.starts_with('#') && l.trim().chars().next().is_some_and(|c| c.is_ascii_digit()))
+            .map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (f[0].parse().unwrap(), f[1].parse().unwrap(), f[2].parse().unwrap())
+            })
+            .collect();
+        assert!(rows.len() > 20);
+        assert!(rows.windows(2).all(|w| w[0].0 <= w[1].0 && w[0].1 <= w[1].1 && w[0].2 <= w[1].2), "monotone");
+        assert_eq!(rows.last().unwrap().2, 1000, "last row counts everything");
+        assert!(text.starts_with("       Value     Percentile TotalCount 1/(1-Percentile)"));
+        assert!(text.contains("#[Max     =        1.000, Total count    =         1000]"), "{text}");
+    }
+
+    #[test]
+    fn files_are_written_with_a_plot_per_histogram() {
+        let (r, hs) = report();
+        let dir = tempfile::tempdir().unwrap();
+        r.write(dir.path(), &hs).unwrap();
+        for f in ["report.json", "report.html", "e2e.hgrm", "rules.queue.hgrm", "rules.service.hgrm", "rules.stage.hgrm"] {
+            assert!(dir.path().join(f).is_file(), "{f}");
+        }
+        let html = std::fs::read_to_string(dir.path().join("report.html")).unwrap();
+        assert_eq!(html.matches("<polyline").count(), 2 + 3, "e2e+rules.stage overview, then rules' own three");
+        assert!(html.contains("class=breach"));
+        assert!(!html.contains("http://") && !html.contains("https://"), "self-contained");
+        assert!(r.render_text().contains("← p99 over budget 5 ms"));
+    }
+}
