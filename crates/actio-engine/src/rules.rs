@@ -1,0 +1,380 @@
+//! Rule sets: CEL rules compiled once at load, evaluated per transaction.
+//!
+//! A rule that fails at evaluation (type error, missing value) counts an error for
+//! that rule and the transaction's `rule_errors`; it never stops the stage.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use actio_core::tx::{Action, RuleHit, TxState};
+use arc_swap::ArcSwap;
+use serde::Deserialize;
+
+use crate::error::{EngineError, ErrorKind, line_containing};
+use crate::expr::{self, Node, Scope};
+
+/// A rule file as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RuleFile {
+    /// Version of the rule set, carried into decisions.
+    version: String,
+    #[serde(rename = "rule", default)]
+    rules: Vec<RuleConfig>,
+}
+
+/// Whether a rule may influence decisions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// Hits count toward the score and actions apply.
+    #[default]
+    Active,
+    /// Hits are recorded only (to trial a rule on live traffic).
+    Shadow,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RuleConfig {
+    id: String,
+    description: String,
+    when: String,
+    weight: f64,
+    #[serde(default)]
+    action: Option<Action>,
+    #[serde(default)]
+    tags: Vec<String>,
+    #[serde(default)]
+    mode: Mode,
+}
+
+/// One compiled rule.
+#[derive(Debug)]
+pub struct Rule {
+    /// Unique id.
+    pub id: String,
+    /// What it catches.
+    pub description: String,
+    /// The CEL source.
+    pub when: String,
+    /// Score weight.
+    pub weight: f64,
+    /// Hard action when it fires.
+    pub action: Option<Action>,
+    /// Tags.
+    pub tags: Vec<String>,
+    /// Active or shadow.
+    pub mode: Mode,
+    node: Node,
+    hits: AtomicU64,
+    errors: AtomicU64,
+}
+
+/// Hit and error counts of one rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleStats {
+    /// Rule id.
+    pub id: String,
+    /// Times it fired.
+    pub hits: u64,
+    /// Times it failed to evaluate.
+    pub errors: u64,
+}
+
+/// A compiled rule set.
+#[derive(Debug)]
+pub struct RuleSet {
+    version: String,
+    scope: Scope,
+    rules: Vec<Rule>,
+}
+
+impl RuleSet {
+    /// Loads and compiles a rule file. `known_features` are the feature names
+    /// computed before these rules run; any other `features.x` is an error.
+    pub fn load(path: &Path, known_features: &[String]) -> Result<RuleSet, EngineError> {
+        Self::from_toml(&crate::read(path)?, path, known_features)
+    }
+
+    /// Compiles rule-file text; `origin` names it in errors.
+    pub fn from_toml(text: &str, origin: &Path, known_features: &[String]) -> Result<RuleSet, EngineError> {
+        let file: RuleFile = crate::parse_toml(text, origin)?;
+        let scope = Scope { features: known_features.to_vec() };
+        let mut rules: Vec<Rule> = Vec::with_capacity(file.rules.len());
+        let err = |kind, field: String, id: &str, msg: String| EngineError::new(kind, origin, Some(field), line_containing(text, &format!("\"{id}\"")), msg);
+        for (i, r) in file.rules.into_iter().enumerate() {
+            let at = format!("rule[{i}]");
+            if r.id.is_empty() || !r.id.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+                return Err(err(ErrorKind::Invalid, format!("{at}.id"), &r.id, format!("expected an id of [A-Za-z0-9_-], got {:?}", r.id)));
+            }
+            if rules.iter().any(|o| o.id == r.id) {
+                return Err(err(ErrorKind::Invalid, format!("rule \"{}\".id", r.id), &r.id, "duplicate rule id".into()));
+            }
+            if !r.weight.is_finite() {
+                return Err(err(ErrorKind::Invalid, format!("rule \"{}\".weight", r.id), &r.id, "expected a finite number".into()));
+            }
+            let node = expr::compile(&r.when, &scope).map_err(|m| {
+                let kind = if m.starts_with("CEL syntax") { ErrorKind::Cel } else { ErrorKind::UnknownName };
+                err(kind, format!("rule \"{}\".when", r.id), &r.id, m)
+            })?;
+            rules.push(Rule {
+                id: r.id,
+                description: r.description,
+                when: r.when,
+                weight: r.weight,
+                action: r.action,
+                tags: r.tags,
+                mode: r.mode,
+                node,
+                hits: AtomicU64::new(0),
+                errors: AtomicU64::new(0),
+            });
+        }
+        Ok(RuleSet { version: file.version, scope, rules })
+    }
+
+    /// Evaluates every rule; pushes hits onto `st.hits`.
+    pub fn eval(&self, st: &mut TxState) {
+        let table = expr::feature_table(&self.scope, st);
+        let mut hits = Vec::new();
+        let mut errors = 0;
+        for r in &self.rules {
+            match r.node.eval_bool(st, &table) {
+                Ok(true) => {
+                    r.hits.fetch_add(1, Ordering::Relaxed);
+                    hits.push(RuleHit { id: r.id.clone(), weight: r.weight, action: r.action, shadow: r.mode == Mode::Shadow });
+                }
+                Ok(false) => {}
+                Err(_) => {
+                    r.errors.fetch_add(1, Ordering::Relaxed);
+                    errors += 1;
+                }
+            }
+        }
+        st.hits.extend(hits);
+        st.rule_errors += errors;
+    }
+
+    /// Why a rule fails on a transaction, if it does (for tests and `actio` tooling).
+    pub fn explain(&self, id: &str, st: &TxState) -> Option<Result<bool, String>> {
+        let r = self.rules.iter().find(|r| r.id == id)?;
+        let table = expr::feature_table(&self.scope, st);
+        Some(r.node.eval_bool(st, &table).map_err(|e| e.0))
+    }
+
+    /// The rule set's version.
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
+    /// Number of rules.
+    pub fn len(&self) -> usize {
+        self.rules.len()
+    }
+
+    /// Whether there are no rules.
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
+    /// The rules.
+    pub fn rules(&self) -> &[Rule] {
+        &self.rules
+    }
+
+    /// Hit and error counts per rule.
+    pub fn stats(&self) -> Vec<RuleStats> {
+        self.rules
+            .iter()
+            .map(|r| RuleStats { id: r.id.clone(), hits: r.hits.load(Ordering::Relaxed), errors: r.errors.load(Ordering::Relaxed) })
+            .collect()
+    }
+}
+
+/// A rule set that can be reloaded from its file without a restart. A bad edit is
+/// reported and the current rules stay in force.
+#[derive(Debug)]
+pub struct ReloadableRuleSet {
+    path: PathBuf,
+    known_features: Vec<String>,
+    current: ArcSwap<RuleSet>,
+}
+
+impl ReloadableRuleSet {
+    /// Loads the file.
+    pub fn load(path: &Path, known_features: &[String]) -> Result<Self, EngineError> {
+        let set = RuleSet::load(path, known_features)?;
+        Ok(ReloadableRuleSet { path: path.to_path_buf(), known_features: known_features.to_vec(), current: ArcSwap::from_pointee(set) })
+    }
+
+    /// The rules in force.
+    pub fn current(&self) -> Arc<RuleSet> {
+        self.current.load_full()
+    }
+
+    /// Reloads from the file; on error the old rules stay.
+    pub fn reload(&self) -> Result<(), EngineError> {
+        let set = RuleSet::load(&self.path, &self.known_features)?;
+        self.current.store(Arc::new(set));
+        Ok(())
+    }
+
+    /// The file it reloads from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use actio_core::tx::{Channel, Feature, Transaction};
+    use std::collections::BTreeMap;
+
+    pub(crate) fn tx() -> TxState {
+        TxState::new(Transaction {
+            id: "t1".into(),
+            card_id: "c1".into(),
+            account_id: "a1".into(),
+            device_id: None,
+            merchant_id: "m1".into(),
+            amount_minor: 150,
+            currency: "USD".into(),
+            mcc: 5999,
+            country: "US".into(),
+            card_country: "US".into(),
+            ip_country: Some("NG".into()),
+            channel: Channel::Ecom,
+            card_age_days: 3,
+            created_at: 3 * 3_600_000_000_000, // 03:00 UTC
+            attrs: BTreeMap::from([("three_ds".into(), actio_core::tx::AttrValue::Bool(false))]),
+        })
+    }
+
+    fn set(rules: &str, features: &[&str]) -> Result<RuleSet, EngineError> {
+        let f: Vec<String> = features.iter().map(|s| s.to_string()).collect();
+        RuleSet::from_toml(&format!("version = \"t1\"\n{rules}"), Path::new("rules.toml"), &f)
+    }
+
+    #[test]
+    fn rules_fire_on_the_paths_they_describe() {
+        let s = set(
+            r#"
+[[rule]]
+id = "small_ecom"
+description = "card testing"
+when = "tx.channel == 'ecom' && tx.amount < 2.0"
+weight = 1.0
+[[rule]]
+id = "ip_mismatch"
+description = "geo"
+when = "tx.ip_country != null && tx.ip_country != tx.country"
+weight = 0.5
+action = "review"
+[[rule]]
+id = "night"
+description = "night"
+when = "tx.hour >= 1 && tx.hour < 5"
+weight = 0.2
+mode = "shadow"
+[[rule]]
+id = "burst"
+description = "burst"
+when = "features.card_tx_1m >= 5.0"
+weight = 2.0
+[[rule]]
+id = "no_3ds"
+description = "attrs"
+when = "has(tx.attrs.three_ds) && !tx.attrs.three_ds && tx.mcc in [5999, 7995]"
+weight = 0.3
+[[rule]]
+id = "never"
+description = "not this one"
+when = "tx.amount_minor > 100000 || tx.channel.startsWith('atm')"
+weight = 9.0
+"#,
+            &["card_tx_1m"],
+        )
+        .unwrap();
+        let mut st = tx();
+        st.features.push(Feature { name: "card_tx_1m".into(), value: 7.0 });
+        s.eval(&mut st);
+        let ids: Vec<&str> = st.hits.iter().map(|h| h.id.as_str()).collect();
+        assert_eq!(ids, ["small_ecom", "ip_mismatch", "night", "burst", "no_3ds"]);
+        assert!(st.hits[2].shadow);
+        assert_eq!(st.hits[1].action, Some(Action::Review));
+        assert_eq!(st.rule_errors, 0);
+        assert_eq!(s.stats()[0].hits, 1);
+    }
+
+    #[test]
+    fn a_failing_rule_counts_an_error_and_others_still_run() {
+        let s = set(
+            r#"
+[[rule]]
+id = "bad_types"
+description = "compares a string with a number"
+when = "tx.country > 5"
+weight = 1.0
+[[rule]]
+id = "missing_feature_value"
+description = "feature known but absent on this tx"
+when = "features.card_tx_1m > 1.0"
+weight = 1.0
+[[rule]]
+id = "good"
+description = "fine"
+when = "tx.amount > 1.0"
+weight = 1.0
+"#,
+            &["card_tx_1m"],
+        )
+        .unwrap();
+        let mut st = tx();
+        s.eval(&mut st);
+        assert_eq!(st.rule_errors, 2);
+        assert_eq!(st.hits.len(), 1);
+        assert_eq!(s.stats().iter().map(|r| r.errors).sum::<u64>(), 2);
+        assert!(s.explain("bad_types", &st).unwrap().unwrap_err().contains("cannot compare string with int"));
+    }
+
+    #[test]
+    fn load_errors_name_file_field_and_line() {
+        let cases = [
+            ("[[rule]]\nid = \"x\"\ndescription = \"d\"\nwhen = \"tx.amount >\"\nweight = 1.0\n", "rule \"x\".when", "CEL syntax"),
+            ("[[rule]]\nid = \"x\"\ndescription = \"d\"\nwhen = \"tx.amout > 1.0\"\nweight = 1.0\n", "rule \"x\".when", "unknown transaction field `tx.amout`"),
+            ("[[rule]]\nid = \"x\"\ndescription = \"d\"\nwhen = \"features.nope > 1.0\"\nweight = 1.0\n", "rule \"x\".when", "unknown feature `features.nope`"),
+            ("[[rule]]\nid = \"x\"\ndescription = \"d\"\nwhen = \"true\"\nweight = 1.0\n[[rule]]\nid = \"x\"\ndescription = \"d\"\nwhen = \"true\"\nweight = 1.0\n", "rule \"x\".id", "duplicate"),
+            ("[[rule]]\nid = \"x\"\ndescription = \"d\"\nwhen = \"[1,2].all(v, v > 0)\"\nweight = 1.0\n", "rule \"x\".when", "not supported"),
+        ];
+        for (text, field, msg) in cases {
+            let e = set(text, &["card_tx_1m"]).unwrap_err();
+            let s = e.to_string();
+            assert_eq!(e.field.as_deref(), Some(field), "{s}");
+            assert!(s.contains(msg), "{s}");
+            assert!(s.starts_with("rules.toml:"), "{s}");
+            assert!(e.line.is_some(), "{s}");
+        }
+        let e = set("[[rule]]\nid = \"x\"\ncolour = \"red\"\n", &[]).unwrap_err();
+        assert!(e.to_string().contains("unknown field `colour`") && e.line == Some(4), "{e}");
+        let e = set("[[rule]]\nid = \"x\"\ndescription = \"d\"\nwhen = \"true\"\nweight = \"heavy\"\n", &[]).unwrap_err();
+        assert!(e.to_string().contains("rules.toml:6") && e.to_string().contains("expected f64") && e.to_string().contains("weight = \"heavy\""), "{e}");
+    }
+
+    #[test]
+    fn reload_keeps_old_rules_on_a_bad_edit() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("r.toml");
+        let rule = |when: &str| format!("version = \"v\"\n[[rule]]\nid = \"a\"\ndescription = \"d\"\nwhen = \"{when}\"\nweight = 1.0\n");
+        std::fs::write(&p, rule("tx.amount > 1.0")).unwrap();
+        let r = ReloadableRuleSet::load(&p, &[]).unwrap();
+        std::fs::write(&p, rule("tx.amount >")).unwrap();
+        assert!(r.reload().is_err());
+        assert_eq!(r.current().rules()[0].when, "tx.amount > 1.0");
+        std::fs::write(&p, rule("tx.amount > 100.0")).unwrap();
+        r.reload().unwrap();
+        assert_eq!(r.current().rules()[0].when, "tx.amount > 100.0");
+    }
+}

@@ -1,0 +1,511 @@
+//! Velocity features: per-key sliding windows over event time.
+//!
+//! For each key (card, account, device or merchant), the state keeps the key's
+//! recent events ordered by event time. A transaction's feature counts the events
+//! of its key with time in `(t − window, t]`, itself included. Out-of-order events
+//! within the longest window are inserted in place; older ones are **late**: counted
+//! as such, not stored, and their features computed from what is there.
+//!
+//! Memory is bounded three ways: at most `max_events_per_key` events per key (the
+//! oldest dropped first, so counts saturate there), idle keys evicted once the event
+//! time has moved `key_ttl` past their last event, and at most `max_keys` keys (the
+//! least recently seen evicted first). The state is sharded: different keys of one
+//! partition are updated concurrently by the stage's workers.
+
+use std::collections::VecDeque;
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::path::Path;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::Duration;
+
+use actio_core::tx::{Feature, Transaction, TxState};
+use ahash::{AHashMap, RandomState};
+use parking_lot::Mutex;
+use serde::Deserialize;
+
+use crate::error::{EngineError, ErrorKind, line_containing};
+
+const SHARDS: usize = 64;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VelocityFile {
+    /// Evict a key this long (event time) after its last event; default: the longest window.
+    #[serde(default)]
+    key_ttl: Option<String>,
+    /// Most keys held per state (per partition); default 1,000,000.
+    #[serde(default = "default_max_keys")]
+    max_keys: usize,
+    /// Most events kept per key; default 1024.
+    #[serde(default = "default_max_events")]
+    max_events_per_key: usize,
+    #[serde(rename = "feature")]
+    features: Vec<FeatureConfig>,
+}
+
+fn default_max_keys() -> usize {
+    1_000_000
+}
+
+fn default_max_events() -> usize {
+    1024
+}
+
+/// What a feature computes over its window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    /// Number of events.
+    Count,
+    /// Sum of amounts (major units).
+    Sum,
+    /// Number of distinct values of `field`.
+    Distinct,
+}
+
+/// A transaction field a window is keyed by or counts distinct values of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Field {
+    /// card_id
+    CardId,
+    /// account_id
+    AccountId,
+    /// device_id (features of transactions without one are 0)
+    DeviceId,
+    /// merchant_id
+    MerchantId,
+    /// country (merchant)
+    Country,
+    /// ip_country
+    IpCountry,
+    /// mcc
+    Mcc,
+}
+
+impl Field {
+    fn hash_of(self, tx: &Transaction, h: &RandomState) -> Option<u64> {
+        let mut s = h.build_hasher();
+        match self {
+            Field::CardId => tx.card_id.hash(&mut s),
+            Field::AccountId => tx.account_id.hash(&mut s),
+            Field::DeviceId => tx.device_id.as_ref()?.hash(&mut s),
+            Field::MerchantId => tx.merchant_id.hash(&mut s),
+            Field::Country => tx.country.hash(&mut s),
+            Field::IpCountry => tx.ip_country.as_ref()?.hash(&mut s),
+            Field::Mcc => tx.mcc.hash(&mut s),
+        }
+        Some(s.finish())
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FeatureConfig {
+    name: String,
+    kind: Kind,
+    key: Field,
+    window: String,
+    #[serde(default)]
+    field: Option<Field>,
+}
+
+#[derive(Debug, Clone)]
+struct FeatureSpec {
+    name: String,
+    kind: Kind,
+    window_ns: i64,
+    /// Index into the group's distinct fields.
+    distinct: Option<usize>,
+}
+
+/// Features sharing a key field share one state map.
+#[derive(Debug, Clone)]
+struct Group {
+    key: Field,
+    distinct_fields: Vec<Field>,
+    features: Vec<FeatureSpec>,
+}
+
+/// A loaded velocity configuration.
+#[derive(Debug, Clone)]
+pub struct VelocitySpec {
+    groups: Vec<Group>,
+    longest_ns: i64,
+    ttl_ns: i64,
+    max_keys: usize,
+    max_events: usize,
+    names: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+struct Event {
+    t: i64,
+    amount: f64,
+    distinct: Box<[u64]>,
+}
+
+#[derive(Debug, Default)]
+struct KeyState {
+    events: VecDeque<Event>,
+    /// Latest event time seen for the key.
+    latest: i64,
+}
+
+type Shard = Mutex<AHashMap<u64, KeyState>>;
+
+/// Counters of a velocity state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct VelocityStats {
+    /// Keys held now.
+    pub keys: usize,
+    /// Keys evicted (TTL or cap).
+    pub evictions: u64,
+    /// Events older than the longest window behind their key's latest event.
+    pub late: u64,
+    /// Events updated.
+    pub updates: u64,
+}
+
+/// Mutable window state (one per partition).
+#[derive(Debug)]
+pub struct VelocityState {
+    /// One sharded map per key group.
+    maps: Vec<Box<[Shard]>>,
+    hasher: RandomState,
+    watermark: AtomicI64,
+    evictions: AtomicU64,
+    late: AtomicU64,
+    updates: AtomicU64,
+}
+
+fn parse_window(s: &str) -> Result<i64, String> {
+    let d: Duration = humantime::parse_duration(s).map_err(|e| format!("expected a duration like \"1m\", \"1h\", \"24h\": {e}"))?;
+    if d.is_zero() || d > Duration::from_secs(31 * 24 * 3600) {
+        return Err("expected a duration between 1ns and 31 days".into());
+    }
+    Ok(d.as_nanos() as i64)
+}
+
+impl VelocitySpec {
+    /// Loads a velocity file.
+    pub fn load(path: &Path) -> Result<VelocitySpec, EngineError> {
+        Self::from_toml(&crate::read(path)?, path)
+    }
+
+    /// Loads velocity-file text; `origin` names it in errors.
+    pub fn from_toml(text: &str, origin: &Path) -> Result<VelocitySpec, EngineError> {
+        let f: VelocityFile = crate::parse_toml(text, origin)?;
+        let err = |field: String, needle: &str, msg: String| EngineError::new(ErrorKind::Invalid, origin, Some(field), line_containing(text, needle), msg);
+        let mut groups: Vec<Group> = Vec::new();
+        let mut names: Vec<String> = Vec::new();
+        let mut longest = 0;
+        for (i, c) in f.features.iter().enumerate() {
+            let at = format!("feature[{i}]");
+            if c.name.is_empty() || !c.name.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '_') || c.name.starts_with(|ch: char| ch.is_ascii_digit()) {
+                return Err(err(format!("{at}.name"), &c.name, format!("expected an identifier of [A-Za-z0-9_], got {:?}", c.name)));
+            }
+            if names.contains(&c.name) {
+                return Err(err(format!("{at}.name"), &c.name, format!("feature {:?} is defined twice", c.name)));
+            }
+            let window_ns = parse_window(&c.window).map_err(|m| err(format!("{at}.window"), &format!("\"{}\"", c.window), m))?;
+            longest = longest.max(window_ns);
+            match (c.kind, c.field) {
+                (Kind::Distinct, None) => return Err(err(format!("{at}.field"), &c.name, "a `distinct` feature needs `field` (what to count distinct values of)".into())),
+                (Kind::Count | Kind::Sum, Some(_)) => return Err(err(format!("{at}.field"), &c.name, "`field` applies to `distinct` features only".into())),
+                _ => {}
+            }
+            let g = match groups.iter().position(|g| g.key == c.key) {
+                Some(g) => g,
+                None => {
+                    groups.push(Group { key: c.key, distinct_fields: Vec::new(), features: Vec::new() });
+                    groups.len() - 1
+                }
+            };
+            let group = &mut groups[g];
+            let distinct = c.field.map(|fld| match group.distinct_fields.iter().position(|x| *x == fld) {
+                Some(i) => i,
+                None => {
+                    group.distinct_fields.push(fld);
+                    group.distinct_fields.len() - 1
+                }
+            });
+            group.features.push(FeatureSpec { name: c.name.clone(), kind: c.kind, window_ns, distinct });
+            names.push(c.name.clone());
+        }
+        if names.is_empty() {
+            return Err(EngineError::new(ErrorKind::Invalid, origin, Some("feature".into()), None, "expected at least one [[feature]]"));
+        }
+        let ttl_ns = match &f.key_ttl {
+            Some(s) => parse_window(s).map_err(|m| err("key_ttl".into(), "key_ttl", m))?.max(longest),
+            None => longest,
+        };
+        if f.max_keys == 0 || f.max_events_per_key == 0 {
+            return Err(err("max_keys".into(), "max_", "`max_keys` and `max_events_per_key` must be ≥ 1".into()));
+        }
+        Ok(VelocitySpec { groups, longest_ns: longest, ttl_ns, max_keys: f.max_keys, max_events: f.max_events_per_key, names })
+    }
+
+    /// The features' names, in file order.
+    pub fn feature_names(&self) -> Vec<String> {
+        self.names.clone()
+    }
+
+    /// A fresh, empty state.
+    pub fn new_state(&self) -> VelocityState {
+        VelocityState {
+            maps: self.groups.iter().map(|_| (0..SHARDS).map(|_| Mutex::new(AHashMap::new())).collect()).collect(),
+            hasher: RandomState::with_seeds(7, 11, 13, 17),
+            watermark: AtomicI64::new(i64::MIN),
+            evictions: AtomicU64::new(0),
+            late: AtomicU64::new(0),
+            updates: AtomicU64::new(0),
+        }
+    }
+
+    /// Records the transaction and pushes its features onto `st.features`.
+    pub fn update(&self, state: &VelocityState, st: &mut TxState) {
+        let t = st.tx.created_at;
+        state.updates.fetch_add(1, Ordering::Relaxed);
+        let wm = state.watermark.fetch_max(t, Ordering::Relaxed).max(t);
+        let per_shard_cap = self.max_keys.div_ceil(SHARDS);
+        if state.updates.load(Ordering::Relaxed).is_multiple_of(1024) {
+            // Expire idle keys everywhere, one shard lock at a time.
+            for shard in state.maps.iter().flat_map(|m| m.iter()) {
+                let mut map = shard.lock();
+                let before = map.len();
+                map.retain(|_, k| wm.saturating_sub(k.latest) <= self.ttl_ns);
+                state.evictions.fetch_add((before - map.len()) as u64, Ordering::Relaxed);
+            }
+        }
+        let mut out: Vec<Feature> = Vec::with_capacity(self.names.len());
+        for (gi, g) in self.groups.iter().enumerate() {
+            let Some(key) = g.key.hash_of(&st.tx, &state.hasher) else {
+                // No key (e.g. no device): the features are 0.
+                out.extend(g.features.iter().map(|f| Feature { name: f.name.clone(), value: 0.0 }));
+                continue;
+            };
+            let distinct: Box<[u64]> = g.distinct_fields.iter().map(|f| f.hash_of(&st.tx, &state.hasher).unwrap_or(0)).collect();
+            let shard = &state.maps[gi][(key as usize) % SHARDS];
+            let mut map = shard.lock();
+            // Over the cap: expire idle keys, then the least recently seen eighth.
+            if map.len() >= per_shard_cap {
+                let before = map.len();
+                map.retain(|_, k| wm.saturating_sub(k.latest) <= self.ttl_ns);
+                if map.len() >= per_shard_cap {
+                    let mut ages: Vec<i64> = map.values().map(|k| k.latest).collect();
+                    let cut_at = (ages.len() / 8).max(1).min(ages.len() - 1);
+                    ages.select_nth_unstable(cut_at);
+                    let cut = ages[cut_at];
+                    map.retain(|_, k| k.latest > cut);
+                    while map.len() >= per_shard_cap {
+                        let Some(oldest) = map.iter().min_by_key(|(_, k)| k.latest).map(|(k, _)| *k) else { break };
+                        map.remove(&oldest);
+                    }
+                }
+                state.evictions.fetch_add((before - map.len()) as u64, Ordering::Relaxed);
+            }
+            let ks = map.entry(key).or_default();
+            let late = ks.latest != 0 && t < ks.latest.saturating_sub(self.longest_ns);
+            if late {
+                state.late.fetch_add(1, Ordering::Relaxed);
+            } else {
+                let at = ks.events.partition_point(|e| e.t <= t);
+                ks.events.insert(at, Event { t, amount: st.tx.amount(), distinct: distinct.clone() });
+                ks.latest = ks.latest.max(t);
+                let horizon = ks.latest.saturating_sub(self.longest_ns);
+                while ks.events.front().is_some_and(|e| e.t <= horizon) || ks.events.len() > self.max_events {
+                    ks.events.pop_front();
+                }
+            }
+            for f in &g.features {
+                let from = t.saturating_sub(f.window_ns);
+                let lo = ks.events.partition_point(|e| e.t <= from);
+                let hi = ks.events.partition_point(|e| e.t <= t);
+                let window = ks.events.range(lo..hi);
+                let mut value = match f.kind {
+                    Kind::Count => (hi - lo) as f64,
+                    Kind::Sum => window.map(|e| e.amount).sum(),
+                    Kind::Distinct => {
+                        let d = f.distinct.unwrap_or(0);
+                        let mut seen: Vec<u64> = window.map(|e| e.distinct[d]).collect();
+                        seen.sort_unstable();
+                        seen.dedup();
+                        seen.len() as f64
+                    }
+                };
+                if late {
+                    // A late event is not stored; count it in its own features anyway.
+                    value = match f.kind {
+                        Kind::Count => value + 1.0,
+                        Kind::Sum => value + st.tx.amount(),
+                        Kind::Distinct => value.max(1.0),
+                    };
+                }
+                out.push(Feature { name: f.name.clone(), value });
+            }
+        }
+        st.features.extend(out);
+    }
+}
+
+impl VelocityState {
+    /// Counters.
+    pub fn stats(&self) -> VelocityStats {
+        VelocityStats {
+            keys: self.maps.iter().flat_map(|m| m.iter()).map(|s| s.lock().len()).sum(),
+            evictions: self.evictions.load(Ordering::Relaxed),
+            late: self.late.load(Ordering::Relaxed),
+            updates: self.updates.load(Ordering::Relaxed),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: i64 = 1_000_000_000;
+
+    fn spec(extra: &str) -> VelocitySpec {
+        VelocitySpec::from_toml(
+            &format!(
+                r#"{extra}
+[[feature]]
+name = "card_tx_1m"
+kind = "count"
+key = "card_id"
+window = "1m"
+[[feature]]
+name = "card_amount_1h"
+kind = "sum"
+key = "card_id"
+window = "1h"
+[[feature]]
+name = "card_merchants_1h"
+kind = "distinct"
+key = "card_id"
+field = "merchant_id"
+window = "1h"
+[[feature]]
+name = "device_tx_1h"
+kind = "count"
+key = "device_id"
+window = "1h"
+"#
+            ),
+            Path::new("velocity.toml"),
+        )
+        .unwrap()
+    }
+
+    fn tx(card: &str, merchant: &str, t: i64, amount_minor: i64) -> TxState {
+        let mut st = crate::rules::tests::tx();
+        st.tx.card_id = card.into();
+        st.tx.merchant_id = merchant.into();
+        st.tx.created_at = t;
+        st.tx.amount_minor = amount_minor;
+        st
+    }
+
+    fn run(spec: &VelocitySpec, state: &VelocityState, st: TxState) -> TxState {
+        let mut st = st;
+        spec.update(state, &mut st);
+        st
+    }
+
+    #[test]
+    fn windows_include_the_tx_and_exclude_the_boundary() {
+        let s = spec("");
+        let state = s.new_state();
+        let base = 1_000_000 * S;
+        run(&s, &state, tx("c", "m1", base, 100));
+        run(&s, &state, tx("c", "m2", base + 30 * S, 200));
+        let st = run(&s, &state, tx("c", "m1", base + 60 * S, 300));
+        // (t − 1m, t]: the first event is exactly 60 s before, so outside the 1m window.
+        assert_eq!(st.feature("card_tx_1m"), Some(2.0));
+        assert_eq!(st.feature("card_amount_1h"), Some(6.0));
+        assert_eq!(st.feature("card_merchants_1h"), Some(2.0));
+        assert_eq!(st.feature("device_tx_1h"), Some(0.0), "no device: 0");
+        let other = run(&s, &state, tx("d", "m1", base + 61 * S, 100));
+        assert_eq!(other.feature("card_tx_1m"), Some(1.0), "keys are separate");
+    }
+
+    #[test]
+    fn events_expire_out_of_the_window() {
+        let s = spec("");
+        let state = s.new_state();
+        run(&s, &state, tx("c", "m", 0, 100));
+        let st = run(&s, &state, tx("c", "m", 2 * 3600 * S, 100));
+        assert_eq!(st.feature("card_amount_1h"), Some(1.0));
+        assert_eq!(st.feature("card_tx_1m"), Some(1.0));
+    }
+
+    #[test]
+    fn out_of_order_events_are_counted_and_late_ones_flagged() {
+        let s = spec("");
+        let state = s.new_state();
+        let base = 10 * 3600 * S;
+        run(&s, &state, tx("c", "m", base, 100));
+        let st = run(&s, &state, tx("c", "m", base - 10 * S, 100)); // 10 s out of order
+        assert_eq!(st.feature("card_tx_1m"), Some(1.0), "counts events ≤ its own time: itself");
+        let st = run(&s, &state, tx("c", "m", base + 5 * S, 100));
+        assert_eq!(st.feature("card_tx_1m"), Some(3.0), "the out-of-order one was stored");
+        let late = run(&s, &state, tx("c", "m", base - 2 * 3600 * S, 100));
+        assert_eq!(state.stats().late, 1);
+        assert_eq!(late.feature("card_tx_1m"), Some(1.0), "a late event counts itself only");
+        let st = run(&s, &state, tx("c", "m", base + 6 * S, 100));
+        assert_eq!(st.feature("card_tx_1m"), Some(4.0), "the late one was not stored");
+    }
+
+    #[test]
+    fn key_count_is_bounded() {
+        let s = spec("max_keys = 640");
+        let state = s.new_state();
+        for i in 0..20_000 {
+            run(&s, &state, tx(&format!("card-{i}"), "m", i * S / 1000, 100));
+            assert!(state.stats().keys <= 2 * 640 + 64, "{:?}", state.stats());
+        }
+        assert!(state.stats().evictions > 0);
+        // The device group holds no keys (no device ids), the card group ≤ its cap.
+        assert!(state.stats().keys <= 640 + 64, "{:?}", state.stats());
+    }
+
+    #[test]
+    fn idle_keys_expire_after_the_ttl() {
+        let s = spec("key_ttl = \"1h\"");
+        let state = s.new_state();
+        for i in 0..100 {
+            run(&s, &state, tx(&format!("card-{i}"), "m", 0, 100));
+        }
+        for i in 0..2048 {
+            run(&s, &state, tx("busy", "m", 3 * 3600 * S + i, 100));
+        }
+        assert_eq!(state.stats().keys, 1, "{:?}", state.stats());
+    }
+
+    #[test]
+    fn per_key_events_are_capped() {
+        let s = spec("max_events_per_key = 10");
+        let state = s.new_state();
+        let mut last = TxState::new(tx("c", "m", 0, 1).tx);
+        for i in 0..100 {
+            last = run(&s, &state, tx("c", "m", i * S / 100, 1));
+        }
+        assert_eq!(last.feature("card_tx_1m"), Some(10.0), "saturates at the cap");
+    }
+
+    #[test]
+    fn config_errors_name_the_field() {
+        let bad = |text: &str| VelocitySpec::from_toml(text, Path::new("velocity.toml")).unwrap_err();
+        let e = bad("[[feature]]\nname = \"x\"\nkind = \"count\"\nkey = \"card_id\"\nwindow = \"soon\"\n");
+        assert_eq!(e.field.as_deref(), Some("feature[0].window"), "{e}");
+        assert!(e.to_string().contains("velocity.toml:5"), "{e}");
+        let e = bad("[[feature]]\nname = \"x\"\nkind = \"distinct\"\nkey = \"card_id\"\nwindow = \"1m\"\n");
+        assert_eq!(e.field.as_deref(), Some("feature[0].field"), "{e}");
+        let e = bad("[[feature]]\nname = \"x\"\nkind = \"count\"\nkey = \"card_id\"\nwindow = \"1m\"\n[[feature]]\nname = \"x\"\nkind = \"count\"\nkey = \"card_id\"\nwindow = \"1h\"\n");
+        assert!(e.to_string().contains("defined twice"), "{e}");
+        let e = bad("[[feature]]\nname = \"x\"\nkind = \"average\"\nkey = \"card_id\"\nwindow = \"1m\"\n");
+        assert!(e.to_string().contains("unknown variant `average`"), "{e}");
+    }
+}
