@@ -26,6 +26,8 @@ use serde::Deserialize;
 use crate::error::{EngineError, ErrorKind, line_containing};
 
 const SHARDS: usize = 64;
+/// Stands for an absent value (no device, no IP country): never counted as distinct.
+const ABSENT: u64 = 0;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -285,7 +287,7 @@ impl VelocitySpec {
                 out.extend(g.features.iter().map(|f| Feature { name: f.name.clone(), value: 0.0 }));
                 continue;
             };
-            let distinct: Box<[u64]> = g.distinct_fields.iter().map(|f| f.hash_of(&st.tx, &state.hasher).unwrap_or(0)).collect();
+            let distinct: Box<[u64]> = g.distinct_fields.iter().map(|f| f.hash_of(&st.tx, &state.hasher).unwrap_or(ABSENT)).collect();
             let shard = &state.maps[gi][(key as usize) % SHARDS];
             let mut map = shard.lock();
             // Over the cap: expire idle keys, then the least recently seen eighth.
@@ -329,6 +331,7 @@ impl VelocitySpec {
                     Kind::Distinct => {
                         let d = f.distinct.unwrap_or(0);
                         let mut seen: Vec<u64> = window.map(|e| e.distinct[d]).collect();
+                        seen.retain(|h| *h != ABSENT);
                         seen.sort_unstable();
                         seen.dedup();
                         seen.len() as f64

@@ -73,7 +73,7 @@ pub trait Handler: Send + Sync + 'static {
 }
 
 /// In-place retries of transient failures, before dead-lettering.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RetryPolicy {
     /// Total attempts (1 = no retry).
     pub attempts: u32,

@@ -1,0 +1,170 @@
+//! `pipeline.toml` as written: parsed without I/O beyond reading the file, every
+//! unknown field an error. [`crate::Pipeline::load`] resolves it.
+//!
+//! Defaults live here, in one place, as named functions.
+
+use std::collections::BTreeMap;
+
+use actio_core::Codec;
+use serde::Deserialize;
+use toml::Spanned;
+
+/// The whole file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineFile {
+    /// Pipeline name; consumer groups are `<name>.<stage>`.
+    pub name: Spanned<String>,
+    /// Which transaction field is the message key along the chain.
+    #[serde(default)]
+    pub key: KeyConfig,
+    /// Defaults for every stage; a stage may override each.
+    #[serde(default)]
+    pub defaults: StageLimits,
+    /// The topics.
+    #[serde(rename = "topic")]
+    pub topics: Vec<TopicConfig>,
+    /// The stages, in chain order.
+    #[serde(rename = "stage")]
+    pub stages: Vec<StageConfig>,
+    /// librdkafka properties, passed through unchanged to every Kafka client.
+    #[serde(default)]
+    pub kafka: BTreeMap<String, toml::Value>,
+}
+
+/// The message key.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyConfig {
+    /// Transaction field: `card_id` (default), `account_id`, `device_id` or `merchant_id`.
+    #[serde(default = "default_key_field")]
+    pub field: Spanned<String>,
+}
+
+impl Default for KeyConfig {
+    fn default() -> Self {
+        KeyConfig { field: default_key_field() }
+    }
+}
+
+fn default_key_field() -> Spanned<String> {
+    Spanned::new(0..0, "card_id".into())
+}
+
+/// What a topic is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TopicRole {
+    /// Written from outside (the load generator, upstream systems): JSON transactions.
+    Ingress,
+    /// Between two stages.
+    Internal,
+    /// Read from outside: decisions.
+    Egress,
+    /// Dead letters: original bytes plus error headers.
+    DeadLetter,
+}
+
+/// One topic.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopicConfig {
+    /// Topic name.
+    pub name: Spanned<String>,
+    /// Partition count (≥ 1).
+    pub partitions: Spanned<i32>,
+    /// Payload codec.
+    pub codec: Codec,
+    /// What the topic is for.
+    pub role: TopicRole,
+}
+
+/// Ordering of messages within a partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OrderingConfig {
+    /// Same key in order, keys in parallel.
+    Key,
+    /// One at a time per partition.
+    Partition,
+    /// Any order.
+    Unordered,
+}
+
+/// Limits and tuning that every stage has; `None` = inherit.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StageLimits {
+    /// Ordering mode (default `key`).
+    pub ordering: Option<OrderingConfig>,
+    /// Most messages held per partition between watermark and consumed head (default 1000).
+    pub max_in_flight_per_partition: Option<Spanned<usize>>,
+    /// Most messages held by one stage instance (default 10000).
+    pub max_in_flight: Option<Spanned<usize>>,
+    /// Watermark commit interval, ms (default 5).
+    pub commit_interval_ms: Option<Spanned<u64>>,
+    /// Time allowed to drain in-flight work on revocation and shutdown, ms (default 10000).
+    pub drain_timeout_ms: Option<Spanned<u64>>,
+    /// Worker threads per stage instance (default: the machine's cores).
+    pub threads: Option<Spanned<usize>>,
+    /// In-place attempts for transient failures (default 3).
+    pub retry_attempts: Option<Spanned<u32>>,
+    /// First retry backoff, ms (default 1; doubles each attempt, up to 50).
+    pub retry_backoff_ms: Option<Spanned<u64>>,
+    /// The stage's latency budget, ms: reports flag a p99 above it.
+    pub budget_ms: Option<Spanned<f64>>,
+}
+
+/// Default: ordering.
+pub const DEFAULT_ORDERING: OrderingConfig = OrderingConfig::Key;
+/// Default: per-partition in-flight cap.
+pub const DEFAULT_MAX_IN_FLIGHT_PER_PARTITION: usize = 1000;
+/// Default: per-stage in-flight cap.
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 10_000;
+/// Default: commit interval, ms.
+pub const DEFAULT_COMMIT_INTERVAL_MS: u64 = 5;
+/// Default: drain timeout, ms.
+pub const DEFAULT_DRAIN_TIMEOUT_MS: u64 = 10_000;
+/// Default: retry attempts.
+pub const DEFAULT_RETRY_ATTEMPTS: u32 = 3;
+/// Default: first retry backoff, ms.
+pub const DEFAULT_RETRY_BACKOFF_MS: u64 = 1;
+
+/// The kinds of stage actio ships.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StageKind {
+    /// CEL rules over the transaction and the features so far.
+    Rules,
+    /// Velocity features over sliding event-time windows (optionally followed by rules over them).
+    Velocity,
+    /// The model: features and rule hits → score → decision.
+    Score,
+}
+
+/// One stage.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StageConfig {
+    /// Stage name (unique; `[a-z0-9_-]`).
+    pub name: Spanned<String>,
+    /// What it does.
+    pub kind: StageKind,
+    /// Input topic.
+    pub input: Spanned<String>,
+    /// Output topic.
+    pub output: Spanned<String>,
+    /// Dead-letter topic.
+    pub dlq: Spanned<String>,
+    /// Rules file (kind `rules`, optional for `velocity`), relative to the pipeline dir.
+    pub rules: Option<Spanned<String>>,
+    /// Velocity features file (kind `velocity`).
+    pub features: Option<Spanned<String>>,
+    /// Model file (kind `score`).
+    pub model: Option<Spanned<String>>,
+    /// Replicas to deploy (≤ the input topic's partitions; default 1).
+    pub replicas: Option<Spanned<u32>>,
+    /// Overrides of `[defaults]` for this stage (`[stage.limits]`).
+    #[serde(default)]
+    pub limits: StageLimits,
+}

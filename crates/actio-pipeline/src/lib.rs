@@ -1,0 +1,18 @@
+//! actio pipelines: `pipeline.toml` and the stage kinds it names.
+//!
+//! Loading is two steps (parse, then resolve): [`config`] deserializes the file with
+//! no I/O beyond reading it; [`Pipeline::load`] then checks the chain (every stage
+//! reads an ingress topic or an earlier stage's output), loads each stage's own
+//! files and compiles its rules once, so a pipeline that loads is a pipeline that
+//! runs. Every error names the file, the field and, where the parser knows it, the
+//! line.
+#![deny(missing_docs)]
+
+pub mod config;
+pub mod error;
+mod resolve;
+pub mod stages;
+
+pub use config::{StageKind, TopicRole};
+pub use error::{ConfigError, ConfigErrors};
+pub use resolve::{Limits, Pipeline, Stage, StageLogic, Topic};

@@ -1,0 +1,443 @@
+//! From [`PipelineFile`] to a runnable [`Pipeline`]: chain checks, stage files
+//! loaded and compiled, defaults applied.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use actio_core::Codec;
+use actio_engine::rules::ReloadableRuleSet;
+use actio_engine::score::Model;
+use actio_engine::velocity::VelocitySpec;
+use toml::Spanned;
+
+use crate::config::*;
+use crate::error::{ConfigError, ConfigErrors};
+
+/// A topic of the pipeline.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Topic {
+    /// Name.
+    pub name: String,
+    /// Partitions.
+    pub partitions: i32,
+    /// Payload codec.
+    pub codec: Codec,
+    /// Role.
+    pub role: TopicRole,
+}
+
+/// A stage's resolved limits (defaults applied).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limits {
+    /// Ordering mode.
+    pub ordering: actio_runtime::Ordering,
+    /// Per-partition in-flight cap.
+    pub max_in_flight_per_partition: usize,
+    /// Per-stage in-flight cap.
+    pub max_in_flight: usize,
+    /// Commit interval.
+    pub commit_interval: Duration,
+    /// Drain timeout.
+    pub drain_timeout: Duration,
+    /// Worker threads.
+    pub threads: usize,
+    /// Retry policy for transient failures.
+    pub retry: actio_runtime::RetryPolicy,
+    /// Latency budget (ms), if any.
+    pub budget_ms: Option<f64>,
+}
+
+/// What a stage computes, compiled.
+#[derive(Debug, Clone)]
+pub enum StageLogic {
+    /// A rule set (reloadable).
+    Rules(Arc<ReloadableRuleSet>),
+    /// Velocity features, then optionally rules over them.
+    Velocity {
+        /// The features.
+        spec: Arc<VelocitySpec>,
+        /// Rules evaluated after the features.
+        rules: Option<Arc<ReloadableRuleSet>>,
+    },
+    /// The model.
+    Score(Arc<Model>),
+}
+
+/// A stage of the pipeline.
+#[derive(Debug, Clone)]
+pub struct Stage {
+    /// Name.
+    pub name: String,
+    /// Kind.
+    pub kind: StageKind,
+    /// Consumer group: `<pipeline>.<stage>`.
+    pub group: String,
+    /// Input topic.
+    pub input: String,
+    /// Output topic.
+    pub output: String,
+    /// Dead-letter topic.
+    pub dlq: String,
+    /// Limits.
+    pub limits: Limits,
+    /// Replicas to deploy.
+    pub replicas: u32,
+    /// What it computes.
+    pub logic: StageLogic,
+    /// Versions of the rule sets that ran up to and including this stage.
+    pub rules_version: String,
+}
+
+/// A loaded, checked pipeline.
+#[derive(Debug, Clone)]
+pub struct Pipeline {
+    /// Name.
+    pub name: String,
+    /// Directory it was loaded from.
+    pub dir: PathBuf,
+    /// The key field.
+    pub key_field: String,
+    /// Topics, as declared.
+    pub topics: Vec<Topic>,
+    /// Stages, in chain order.
+    pub stages: Vec<Stage>,
+    /// librdkafka properties from `[kafka]`, unchanged (values as strings).
+    pub kafka: Vec<(String, String)>,
+    /// Things that work but are probably not meant (e.g. partition counts that differ
+    /// along the chain, so keys change partition index).
+    pub warnings: Vec<String>,
+}
+
+const KEY_FIELDS: [&str; 4] = ["card_id", "account_id", "device_id", "merchant_id"];
+
+impl Pipeline {
+    /// Loads `<dir>/pipeline.toml` (or the file itself if `path` is a file).
+    pub fn load(path: &Path) -> Result<Pipeline, ConfigErrors> {
+        let (dir, file) = if path.is_dir() {
+            (path.to_path_buf(), path.join("pipeline.toml"))
+        } else {
+            (path.parent().map(Path::to_path_buf).unwrap_or_default(), path.to_path_buf())
+        };
+        let text = std::fs::read_to_string(&file).map_err(|e| {
+            ConfigErrors(vec![ConfigError { file: file.clone(), field: None, line: None, message: format!("cannot read: {e}") }])
+        })?;
+        let raw: PipelineFile = toml::from_str(&text).map_err(|e| {
+            let line = e.span().and_then(|s| crate::error::line_of(&text, s.start));
+            // Quote the offending line: it names the field where the message does not.
+            let at = line.and_then(|l| text.lines().nth(l - 1)).map(|l| format!(" (at `{}`)", l.trim())).unwrap_or_default();
+            ConfigErrors(vec![ConfigError { file: file.clone(), field: None, line, message: format!("{}{at}", e.message().trim()) }])
+        })?;
+        Resolver { dir: &dir, file: &file, text: &text, errors: Vec::new() }.resolve(raw)
+    }
+
+    /// A topic by name.
+    pub fn topic(&self, name: &str) -> Option<&Topic> {
+        self.topics.iter().find(|t| t.name == name)
+    }
+
+    /// A stage by name.
+    pub fn stage(&self, name: &str) -> Option<&Stage> {
+        self.stages.iter().find(|s| s.name == name)
+    }
+
+    /// The ingress topic (first one declared with role `ingress`).
+    pub fn ingress(&self) -> Option<&Topic> {
+        self.topics.iter().find(|t| t.role == TopicRole::Ingress)
+    }
+
+    /// The egress topic (decisions).
+    pub fn egress(&self) -> Option<&Topic> {
+        self.topics.iter().find(|t| t.role == TopicRole::Egress)
+    }
+
+    /// The dead-letter topic.
+    pub fn dead_letter(&self) -> Option<&Topic> {
+        self.topics.iter().find(|t| t.role == TopicRole::DeadLetter)
+    }
+}
+
+struct Resolver<'a> {
+    dir: &'a Path,
+    file: &'a Path,
+    text: &'a str,
+    errors: Vec<ConfigError>,
+}
+
+impl Resolver<'_> {
+    fn err<T>(&mut self, spanned: &Spanned<T>, field: impl Into<String>, message: impl Into<String>) {
+        self.errors.push(ConfigError::at(self.file, self.text, spanned.span(), field, message));
+    }
+
+    fn resolve(mut self, raw: PipelineFile) -> Result<Pipeline, ConfigErrors> {
+        if !is_name(raw.name.get_ref()) {
+            self.err(&raw.name, "name", "expected a name of [a-z0-9_-] characters");
+        }
+        if !KEY_FIELDS.contains(&raw.key.field.get_ref().as_str()) {
+            self.err(&raw.key.field, "key.field", format!("expected one of {KEY_FIELDS:?}"));
+        }
+        let mut topics: Vec<Topic> = Vec::new();
+        for (i, t) in raw.topics.iter().enumerate() {
+            let name = t.name.get_ref();
+            if name.is_empty() || name.len() > 249 || !name.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)) {
+                self.err(&t.name, format!("topic[{i}].name"), "expected a Kafka topic name ([a-zA-Z0-9._-], 1..=249 chars)");
+            }
+            if topics.iter().any(|o| &o.name == name) {
+                self.err(&t.name, format!("topic[{i}].name"), format!("topic {name:?} is declared twice"));
+            }
+            if *t.partitions.get_ref() < 1 {
+                self.err(&t.partitions, format!("topic \"{name}\".partitions"), "expected at least 1 partition");
+            }
+            topics.push(Topic { name: name.clone(), partitions: *t.partitions.get_ref(), codec: t.codec, role: t.role });
+        }
+        for role in [TopicRole::Ingress, TopicRole::Egress, TopicRole::DeadLetter] {
+            if !topics.iter().any(|t| t.role == role) {
+                self.errors.push(ConfigError {
+                    file: self.file.to_path_buf(),
+                    field: Some("topic".into()),
+                    line: None,
+                    message: format!("expected a topic with role {role:?}"),
+                });
+            }
+        }
+        if raw.stages.is_empty() {
+            self.errors.push(ConfigError { file: self.file.to_path_buf(), field: Some("stage".into()), line: None, message: "expected at least one [[stage]]".into() });
+        }
+
+        let mut stages: Vec<Stage> = Vec::new();
+        let mut features: Vec<String> = Vec::new();
+        let mut rule_ids: Vec<String> = Vec::new();
+        let mut versions: Vec<String> = Vec::new();
+        let mut written: HashMap<String, String> = HashMap::new();
+        let mut warnings = Vec::new();
+        for (i, s) in raw.stages.iter().enumerate() {
+            let name = s.name.get_ref().clone();
+            let at = format!("stage[{i}]");
+            if !is_name(&name) {
+                self.err(&s.name, format!("{at}.name"), "expected a name of [a-z0-9_-] characters");
+            }
+            if stages.iter().any(|o| o.name == name) {
+                self.err(&s.name, format!("{at}.name"), format!("stage {name:?} is declared twice"));
+            }
+            let input = topics.iter().find(|t| &t.name == s.input.get_ref()).cloned();
+            match &input {
+                None => self.err(&s.input, format!("{at}.input"), format!("unknown topic {:?}; declare it in a [[topic]]", s.input.get_ref())),
+                Some(t) if t.role == TopicRole::Ingress => {}
+                Some(t) if written.contains_key(&t.name) => {}
+                Some(t) => self.err(
+                    &s.input,
+                    format!("{at}.input"),
+                    format!("topic {:?} is neither an ingress topic nor the output of an earlier stage: the chain is broken", t.name),
+                ),
+            }
+            let output = topics.iter().find(|t| &t.name == s.output.get_ref()).cloned();
+            match &output {
+                None => self.err(&s.output, format!("{at}.output"), format!("unknown topic {:?}; declare it in a [[topic]]", s.output.get_ref())),
+                Some(t) if matches!(t.role, TopicRole::Ingress | TopicRole::DeadLetter) => {
+                    self.err(&s.output, format!("{at}.output"), format!("a stage may not write to {:?}, a topic of role {:?}", t.name, t.role))
+                }
+                Some(t) => {
+                    if let Some(other) = written.insert(t.name.clone(), name.clone()) {
+                        self.err(&s.output, format!("{at}.output"), format!("topic {:?} is already written by stage {other:?}", t.name));
+                    }
+                    if s.kind != StageKind::Score && t.role == TopicRole::Egress {
+                        self.err(&s.output, format!("{at}.output"), "only a `score` stage writes decisions to the egress topic");
+                    }
+                    if s.kind == StageKind::Score && t.role != TopicRole::Egress {
+                        self.err(&s.output, format!("{at}.output"), "a `score` stage writes decisions: expected a topic of role egress");
+                    }
+                }
+            }
+            if let (Some(i), Some(o)) = (&input, &output)
+                && i.partitions != o.partitions
+            {
+                warnings.push(format!(
+                    "stage {name:?}: {:?} has {} partitions but {:?} has {}: keys change partition index along the chain",
+                    i.name, i.partitions, o.name, o.partitions
+                ));
+            }
+            match topics.iter().find(|t| &t.name == s.dlq.get_ref()) {
+                Some(t) if t.role == TopicRole::DeadLetter => {}
+                Some(t) => self.err(&s.dlq, format!("{at}.dlq"), format!("topic {:?} has role {:?}; expected dead_letter", t.name, t.role)),
+                None => self.err(&s.dlq, format!("{at}.dlq"), format!("unknown topic {:?}; declare it in a [[topic]]", s.dlq.get_ref())),
+            }
+            let limits = self.limits(&raw.defaults, &s.limits, &at);
+            let replicas = s.replicas.as_ref().map_or(1, |r| *r.get_ref());
+            if let (Some(r), Some(t)) = (&s.replicas, &input)
+                && (*r.get_ref() < 1 || *r.get_ref() as i64 > t.partitions as i64)
+            {
+                self.err(r, format!("{at}.replicas"), format!("expected 1..={} (the partitions of {:?}): more replicas than partitions sit idle", t.partitions, t.name));
+            }
+
+            let expect = |field: &str, kind: StageKind| match (field, kind) {
+                ("rules", StageKind::Rules) | ("features", StageKind::Velocity) | ("model", StageKind::Score) => Some(true),
+                ("rules", StageKind::Velocity) => None,
+                _ => Some(false),
+            };
+            for (field, value) in [("rules", &s.rules), ("features", &s.features), ("model", &s.model)] {
+                match (expect(field, s.kind), value) {
+                    (Some(true), None) => self.errors.push(ConfigError::at(
+                        self.file,
+                        self.text,
+                        s.name.span(),
+                        format!("{at}.{field}"),
+                        format!("a `{:?}` stage needs a `{field}` file", s.kind).to_lowercase(),
+                    )),
+                    (Some(false), Some(v)) => self.err(v, format!("{at}.{field}"), format!("a {:?} stage takes no `{field}` file", s.kind)),
+                    _ => {}
+                }
+            }
+            let logic = match s.kind {
+                StageKind::Rules => s.rules.as_ref().and_then(|f| self.rules(f, &format!("{at}.rules"), &features)).map(StageLogic::Rules),
+                StageKind::Velocity => {
+                    let spec = s.features.as_ref().and_then(|f| {
+                        let path = self.file_at(f, &format!("{at}.features"))?;
+                        VelocitySpec::load(&path).map_err(|e| self.engine_error(&path, e)).ok().map(Arc::new)
+                    });
+                    if let Some(spec) = &spec {
+                        features.extend(spec.feature_names());
+                    }
+                    let rules = s.rules.as_ref().map(|f| self.rules(f, &format!("{at}.rules"), &features));
+                    match (spec, rules) {
+                        (Some(spec), None) => Some(StageLogic::Velocity { spec, rules: None }),
+                        (Some(spec), Some(Some(r))) => Some(StageLogic::Velocity { spec, rules: Some(r) }),
+                        _ => None,
+                    }
+                }
+                StageKind::Score => s.model.as_ref().and_then(|f| {
+                    let path = self.file_at(f, &format!("{at}.model"))?;
+                    Model::load(&path, &features, &rule_ids).map_err(|e| self.engine_error(&path, e)).ok().map(Arc::new)
+                }).map(StageLogic::Score),
+            };
+            let rule_sets: Vec<_> = match &logic {
+                Some(StageLogic::Rules(r)) | Some(StageLogic::Velocity { rules: Some(r), .. }) => vec![r.current()],
+                _ => vec![],
+            };
+            for r in rule_sets {
+                versions.push(format!("{}@{}", name, r.version()));
+                rule_ids.extend(r.stats().into_iter().map(|s| s.id));
+            }
+            if let (Some(logic), Some(input), Some(output)) = (logic, input, output) {
+                stages.push(Stage {
+                    group: format!("{}.{}", raw.name.get_ref(), name),
+                    name,
+                    kind: s.kind,
+                    input: input.name,
+                    output: output.name,
+                    dlq: s.dlq.get_ref().clone(),
+                    limits,
+                    replicas,
+                    logic,
+                    rules_version: versions.join("+"),
+                });
+            }
+        }
+        let dup: BTreeSet<_> = rule_ids.iter().filter(|id| rule_ids.iter().filter(|o| o == id).count() > 1).collect();
+        if !dup.is_empty() {
+            self.errors.push(ConfigError {
+                file: self.file.to_path_buf(),
+                field: Some("stage.rules".into()),
+                line: None,
+                message: format!("rule ids must be unique across the pipeline; repeated: {dup:?}"),
+            });
+        }
+        let kafka = raw
+            .kafka
+            .iter()
+            .filter_map(|(k, v)| match v {
+                toml::Value::String(s) => Some((k.clone(), s.clone())),
+                toml::Value::Integer(i) => Some((k.clone(), i.to_string())),
+                toml::Value::Float(f) => Some((k.clone(), f.to_string())),
+                toml::Value::Boolean(b) => Some((k.clone(), b.to_string())),
+                _ => {
+                    self.errors.push(ConfigError {
+                        file: self.file.to_path_buf(),
+                        field: Some(format!("kafka.\"{k}\"")),
+                        line: None,
+                        message: "expected a string, number or boolean (librdkafka properties are scalars)".into(),
+                    });
+                    None
+                }
+            })
+            .collect();
+        if !self.errors.is_empty() {
+            return Err(ConfigErrors(self.errors));
+        }
+        Ok(Pipeline {
+            name: raw.name.into_inner(),
+            dir: self.dir.to_path_buf(),
+            key_field: raw.key.field.into_inner(),
+            topics,
+            stages,
+            kafka,
+            warnings,
+        })
+    }
+
+    fn file_at(&mut self, f: &Spanned<String>, field: &str) -> Option<PathBuf> {
+        let path = self.dir.join(f.get_ref());
+        if path.is_file() {
+            Some(path)
+        } else {
+            self.err(f, field, format!("file {} does not exist", path.display()));
+            None
+        }
+    }
+
+    fn rules(&mut self, f: &Spanned<String>, field: &str, features: &[String]) -> Option<Arc<ReloadableRuleSet>> {
+        let path = self.file_at(f, field)?;
+        ReloadableRuleSet::load(&path, features).map_err(|e| self.engine_error(&path, e)).ok().map(Arc::new)
+    }
+
+    fn engine_error(&mut self, path: &Path, e: actio_engine::EngineError) {
+        // The engine's message already names its file, field and line.
+        self.errors.push(ConfigError { file: path.to_path_buf(), field: None, line: None, message: e.to_string() });
+    }
+
+    fn limits(&mut self, d: &StageLimits, s: &StageLimits, at: &str) -> Limits {
+        fn pick<T: Clone>(s: &Option<Spanned<T>>, d: &Option<Spanned<T>>) -> Option<Spanned<T>> {
+            s.clone().or_else(|| d.clone())
+        }
+        let mut positive = |v: Option<Spanned<usize>>, field: &str, default: usize| match v {
+            Some(v) if *v.get_ref() == 0 => {
+                self.err(&v, format!("{at}.limits.{field}"), "expected a value ≥ 1");
+                default
+            }
+            Some(v) => *v.get_ref(),
+            None => default,
+        };
+        let per = positive(pick(&s.max_in_flight_per_partition, &d.max_in_flight_per_partition), "max_in_flight_per_partition", DEFAULT_MAX_IN_FLIGHT_PER_PARTITION);
+        let total = positive(pick(&s.max_in_flight, &d.max_in_flight), "max_in_flight", DEFAULT_MAX_IN_FLIGHT);
+        let threads = positive(pick(&s.threads, &d.threads), "threads", std::thread::available_parallelism().map_or(2, |n| n.get()));
+        let attempts = pick(&s.retry_attempts, &d.retry_attempts).map_or(DEFAULT_RETRY_ATTEMPTS, |v| *v.get_ref()).max(1);
+        let budget = pick(&s.budget_ms, &d.budget_ms);
+        if let Some(b) = &budget
+            && !(*b.get_ref() > 0.0)
+        {
+            self.err(b, format!("{at}.limits.budget_ms"), "expected a positive number of milliseconds");
+        }
+        Limits {
+            ordering: match s.ordering.or(d.ordering).unwrap_or(DEFAULT_ORDERING) {
+                OrderingConfig::Key => actio_runtime::Ordering::Key,
+                OrderingConfig::Partition => actio_runtime::Ordering::Partition,
+                OrderingConfig::Unordered => actio_runtime::Ordering::Unordered,
+            },
+            max_in_flight_per_partition: per,
+            max_in_flight: total,
+            commit_interval: Duration::from_millis(pick(&s.commit_interval_ms, &d.commit_interval_ms).map_or(DEFAULT_COMMIT_INTERVAL_MS, |v| *v.get_ref())),
+            drain_timeout: Duration::from_millis(pick(&s.drain_timeout_ms, &d.drain_timeout_ms).map_or(DEFAULT_DRAIN_TIMEOUT_MS, |v| *v.get_ref())),
+            threads,
+            retry: actio_runtime::RetryPolicy {
+                attempts,
+                backoff: Duration::from_millis(pick(&s.retry_backoff_ms, &d.retry_backoff_ms).map_or(DEFAULT_RETRY_BACKOFF_MS, |v| *v.get_ref())),
+                ..Default::default()
+            },
+            budget_ms: budget.map(|b| *b.get_ref()),
+        }
+    }
+}
+
+fn is_name(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 64 && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
+}

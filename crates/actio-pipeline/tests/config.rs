@@ -1,0 +1,118 @@
+//! The shipped pipeline loads; every class of bad configuration fails with a message
+//! naming the file and the field.
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
+use std::path::{Path, PathBuf};
+
+use actio_pipeline::{Pipeline, StageLogic};
+
+fn fraud() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../pipelines/fraud")
+}
+
+/// A copy of the shipped pipeline with `file` edited by `edit`.
+fn broken(file: &str, edit: impl Fn(String) -> String) -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    for e in std::fs::read_dir(fraud()).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_file() {
+            std::fs::copy(e.path(), dir.path().join(e.file_name())).unwrap();
+        }
+    }
+    let p = dir.path().join(file);
+    let text = std::fs::read_to_string(&p).unwrap_or_default();
+    let edited = edit(text.clone());
+    assert_ne!(edited, text, "the edit must change {file}");
+    std::fs::write(&p, edited).unwrap();
+    let err = Pipeline::load(dir.path()).unwrap_err().to_string();
+    (dir, err)
+}
+
+#[test]
+fn the_shipped_fraud_pipeline_loads() {
+    let p = Pipeline::load(&fraud()).unwrap();
+    assert_eq!(p.name, "fraud");
+    assert_eq!(p.stages.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), ["rules", "velocity", "score"]);
+    assert_eq!(p.stages[0].group, "fraud.rules");
+    let rules = match &p.stages[0].logic {
+        StageLogic::Rules(r) => r.current().len(),
+        _ => panic!("rules stage"),
+    };
+    let velocity_rules = match &p.stages[1].logic {
+        StageLogic::Velocity { rules: Some(r), .. } => r.current().len(),
+        _ => panic!("velocity stage with rules"),
+    };
+    assert!((40..=60).contains(&(rules + velocity_rules)), "{rules} + {velocity_rules} rules");
+    assert!(p.warnings.is_empty(), "{:?}", p.warnings);
+    assert!(p.stages[2].rules_version.contains("rules@") && p.stages[2].rules_version.contains("velocity@"));
+}
+
+#[test]
+fn unknown_field_names_file_line_and_field() {
+    let (_d, e) = broken("pipeline.toml", |t| t.replace("max_in_flight = 10000", "max_in_flight = 10000\nmax_inflight = 5"));
+    assert!(e.contains("pipeline.toml:") && e.contains("unknown field `max_inflight`"), "{e}");
+}
+
+#[test]
+fn wrong_type_names_the_field() {
+    let (_d, e) = broken("pipeline.toml", |t| t.replacen("partitions = 12", "partitions = \"twelve\"", 1));
+    assert!(e.contains("pipeline.toml:") && e.contains("invalid type") && e.contains("partitions"), "{e}");
+}
+
+#[test]
+fn bad_cel_names_the_rule_file_and_rule() {
+    let (_d, e) = broken("rules.toml", |t| t.replacen("tx.channel == 'ecom' && tx.amount < 2.0", "tx.channel == 'ecom' &&", 1));
+    assert!(e.contains("rules.toml:") && e.contains("rule \"micro_ecom\".when") && e.contains("CEL syntax"), "{e}");
+}
+
+#[test]
+fn unknown_feature_in_a_rule_is_caught() {
+    let (_d, e) = broken("velocity_rules.toml", |t| t.replacen("features.card_tx_1m >= 5.0", "features.card_tx_5m >= 5.0", 1));
+    assert!(e.contains("velocity_rules.toml:") && e.contains("unknown feature `features.card_tx_5m`"), "{e}");
+}
+
+#[test]
+fn a_feature_used_before_it_is_computed_is_caught() {
+    let (_d, e) = broken("rules.toml", |t| t.replacen("tx.channel == 'ecom' && tx.amount < 2.0", "features.card_tx_1m > 1.0", 1));
+    assert!(e.contains("no features are computed before this rule set"), "{e}");
+}
+
+#[test]
+fn missing_file_names_the_field() {
+    let (_d, e) = broken("pipeline.toml", |t| t.replace("model = \"model.toml\"", "model = \"modle.toml\""));
+    assert!(e.contains("pipeline.toml:") && e.contains("stage[2].model") && e.contains("does not exist"), "{e}");
+}
+
+#[test]
+fn a_broken_chain_is_caught() {
+    let (_d, e) = broken("pipeline.toml", |t| t.replace("input = \"tx.featured\"", "input = \"tx.decisions\""));
+    assert!(e.contains("stage[2].input") && e.contains("chain is broken"), "{e}");
+    let (_d, e) = broken("pipeline.toml", |t| t.replace("input = \"tx.ruled\"", "input = \"tx.rules\""));
+    assert!(e.contains("stage[1].input") && e.contains("unknown topic \"tx.rules\""), "{e}");
+}
+
+#[test]
+fn more_replicas_than_partitions_is_caught() {
+    let (_d, e) = broken("pipeline.toml", |t| t.replacen("replicas = 2", "replicas = 20", 1));
+    assert!(e.contains("stage[0].replicas") && e.contains("1..=12"), "{e}");
+}
+
+#[test]
+fn bad_model_and_velocity_files_are_caught() {
+    let (_d, e) = broken("model.toml", |t| t.replace("review = 0.55", "review = 0.95"));
+    assert!(e.contains("model.toml:") && e.contains("thresholds"), "{e}");
+    let (_d, e) = broken("velocity.toml", |t| t.replacen("window = \"1m\"", "window = \"a while\"", 1));
+    assert!(e.contains("velocity.toml:") && e.contains("feature[0].window"), "{e}");
+}
+
+#[test]
+fn a_non_scalar_kafka_property_is_caught() {
+    let (_d, e) = broken("pipeline.toml", |t| t.replace("\"linger.ms\" = \"1\"", "\"linger.ms\" = [1]"));
+    assert!(e.contains("kafka.\"linger.ms\""), "{e}");
+}
+
+#[test]
+fn all_errors_are_reported_at_once() {
+    let (_d, e) = broken("pipeline.toml", |t| t.replace("input = \"tx.ruled\"", "input = \"nope\"").replace("dlq = \"tx.dlq\"\nmodel", "dlq = \"tx.in\"\nmodel"));
+    assert!(e.contains("stage[1].input") && e.contains("stage[2].dlq"), "{e}");
+}
