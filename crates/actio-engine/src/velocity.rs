@@ -26,6 +26,8 @@ use serde::Deserialize;
 use crate::error::{EngineError, ErrorKind, line_containing};
 
 const SHARDS: usize = 64;
+/// Updates between two single-shard TTL sweeps.
+const SWEEP_EVERY: u64 = 16;
 /// Stands for an absent value (no device, no IP country): never counted as distinct.
 const ABSENT: u64 = 0;
 
@@ -271,10 +273,13 @@ impl VelocitySpec {
         state.updates.fetch_add(1, Ordering::Relaxed);
         let wm = state.watermark.fetch_max(t, Ordering::Relaxed).max(t);
         let per_shard_cap = self.max_keys.div_ceil(SHARDS);
-        if state.updates.load(Ordering::Relaxed).is_multiple_of(1024) {
-            // Expire idle keys everywhere, one shard lock at a time.
-            for shard in state.maps.iter().flat_map(|m| m.iter()) {
-                let mut map = shard.lock();
+        let n = state.updates.load(Ordering::Relaxed);
+        if n.is_multiple_of(SWEEP_EVERY) {
+            // Expire idle keys of one shard per tick, round robin: every shard is swept
+            // every SWEEP_EVERY × SHARDS updates, and no update pays for all of them.
+            let i = (n / SWEEP_EVERY) as usize % SHARDS;
+            for m in &state.maps {
+                let mut map = m[i].lock();
                 let before = map.len();
                 map.retain(|_, k| wm.saturating_sub(k.latest) <= self.ttl_ns);
                 state.evictions.fetch_add((before - map.len()) as u64, Ordering::Relaxed);

@@ -413,7 +413,7 @@ impl Resolver<'_> {
         let attempts = pick(&s.retry_attempts, &d.retry_attempts).map_or(DEFAULT_RETRY_ATTEMPTS, |v| *v.get_ref()).max(1);
         let budget = pick(&s.budget_ms, &d.budget_ms);
         if let Some(b) = &budget
-            && !(*b.get_ref() > 0.0)
+            && (b.get_ref().is_nan() || *b.get_ref() <= 0.0)
         {
             self.err(b, format!("{at}.limits.budget_ms"), "expected a positive number of milliseconds");
         }

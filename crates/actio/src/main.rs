@@ -1,9 +1,49 @@
-//! The `actio` command line.
+//! The `actio` command line: validate a pipeline, run it whole in one process on
+//! the embedded bus with the load generator.
+//!
+//! Libraries return typed errors; this binary adds context and turns them into
+//! exit codes: 0 success, 1 a run that lost messages or failed, 2 bad configuration
+//! or usage.
+
+use std::process::ExitCode;
+
+use clap::Parser;
 use mimalloc::MiMalloc;
+
+mod cli;
+mod run;
+mod validate;
 
 #[global_allocator]
 static GLOBAL: MiMalloc = MiMalloc;
 
-fn main() -> anyhow::Result<()> {
-    Ok(())
+/// Exit code for bad configuration or usage.
+pub const EXIT_CONFIG: u8 = 2;
+
+fn main() -> ExitCode {
+    let args = cli::Cli::parse();
+    init_logging(args.log_json);
+    let result = match args.command {
+        cli::Command::Validate(a) => validate::main(a),
+        cli::Command::Run(a) => run::main(a),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn init_logging(json: bool) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn,actio=info"));
+    let json = json || std::env::var("ACTIO_LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("json"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
 }

@@ -1,0 +1,306 @@
+//! `actio run` (whole pipeline in one process) and `actio loadgen` (drive stages that
+//! run elsewhere): both offer load on schedule, collect, and report.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use actio_bus_embedded::{EmbeddedBus, EmbeddedConfig};
+use actio_core::bus::NoRebalanceListener;
+use actio_core::{Bus, Consumer, ConsumerConfig, ProducerConfig, TopicSpec, Transaction};
+use actio_loadgen::report::{DecisionCounts, RuleHitCount, StageReport, peak_rss_mib};
+use actio_loadgen::{Collector, GenConfig, Generator, LatencySummary, RunReport, Schedule, Sender, StageHistograms};
+use actio_pipeline::Pipeline;
+use actio_pipeline::stages::StageHandler;
+use actio_runtime::{Stage, StageHandle, StopMode};
+use anyhow::{Context, bail};
+use parking_lot::Mutex;
+
+use crate::cli::{LoadArgs, RunArgs};
+
+fn load_pipeline(path: &std::path::Path) -> Result<Pipeline, ExitCode> {
+    Pipeline::load(path).map_err(|errors| {
+        eprintln!("{} is not valid:", path.display());
+        for e in &errors.0 {
+            eprintln!("  {e}");
+        }
+        ExitCode::from(crate::EXIT_CONFIG)
+    })
+}
+
+/// Generator settings: defaults, then the scenario file, then flags.
+fn gen_config(load: &LoadArgs) -> anyhow::Result<GenConfig> {
+    let mut cfg = match &load.scenario {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).with_context(|| format!("reading scenario {}", p.display()))?;
+            toml::from_str::<GenConfig>(&text).map_err(|e| anyhow::anyhow!("{}: {}", p.display(), e.message()))?
+        }
+        None => GenConfig::default(),
+    };
+    cfg.seed = load.seed;
+    if let Some(c) = load.cards {
+        cfg.cards = c;
+    }
+    cfg.validate().map_err(|e| anyhow::anyhow!("generator settings: {e}"))?;
+    Ok(cfg)
+}
+
+fn key_of(field: &str) -> impl Fn(&Transaction) -> String + use<> {
+    let field = field.to_string();
+    move |tx| match field.as_str() {
+        "account_id" => tx.account_id.clone(),
+        "device_id" => tx.device_id.clone().unwrap_or_default(),
+        "merchant_id" => tx.merchant_id.clone(),
+        _ => tx.card_id.clone(),
+    }
+}
+
+pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let pipeline = match load_pipeline(&args.pipeline) {
+        Ok(p) => p,
+        Err(code) => return Ok(code),
+    };
+    let bus = EmbeddedBus::new(EmbeddedConfig::default());
+    drive(&bus, "embedded", &pipeline, &args.load, true, args.threads, &[])
+}
+
+/// Offers load to `pipeline` on `bus`, running its stages in-process when
+/// `in_process`, and reports. Exit code 1 if anything was lost.
+pub fn drive<B: Bus>(
+    bus: &B,
+    bus_name: &str,
+    pipeline: &Pipeline,
+    load: &LoadArgs,
+    in_process: bool,
+    threads: Option<usize>,
+    properties: &[(String, String)],
+) -> anyhow::Result<ExitCode> {
+    let (ingress, egress, dlq) = match (pipeline.ingress(), pipeline.egress(), pipeline.dead_letter()) {
+        (Some(i), Some(e), Some(d)) => (i.clone(), e.clone(), d.clone()),
+        _ => bail!("the pipeline needs ingress, egress and dead-letter topics"),
+    };
+    let specs: Vec<TopicSpec> = pipeline.topics.iter().map(|t| TopicSpec { name: t.name.clone(), partitions: t.partitions }).collect();
+    bus.create_topics(&specs).context("creating the pipeline's topics")?;
+
+    let started_unix = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let run_id = format!("run-{started_unix}");
+    let out = load.out.clone().unwrap_or_else(|| PathBuf::from("results").join(&run_id));
+
+    // Stages first, so they are consuming when load starts.
+    let mut stages: Vec<StageHandle> = Vec::new();
+    if in_process {
+        for s in &pipeline.stages {
+            let handler = StageHandler::new(pipeline, s);
+            let mut spec = handler.spec(properties);
+            if let Some(t) = threads {
+                spec.threads = t.max(1);
+            }
+            stages.push(Stage::spawn(bus, spec, Arc::new(handler)).with_context(|| format!("starting stage {}", s.name))?);
+        }
+    }
+
+    let schedule = Schedule { start_rate: load.rate as f64, end_rate: load.ramp_to.unwrap_or(load.rate) as f64, duration: load.duration };
+    if schedule.start_rate <= 0.0 || schedule.end_rate <= 0.0 || load.duration.is_zero() {
+        bail!("--rate, --ramp-to and --duration must be positive");
+    }
+    let sender = Arc::new(Sender::new(&schedule));
+    let collector = Arc::new(Mutex::new(Collector::new(&run_id, sender.key_seq.clone())));
+    let stop_collecting = Arc::new(AtomicBool::new(false));
+
+    let mut consumer = bus
+        .consumer(
+            &ConsumerConfig {
+                group: format!("actio-collector-{run_id}"),
+                topics: vec![egress.name.clone(), dlq.name.clone()],
+                client_id: "actio-collector".into(),
+                from_earliest: true,
+                properties: properties.to_vec(),
+            },
+            Arc::new(NoRebalanceListener),
+        )
+        .context("joining the collector group")?;
+    let collector_thread = {
+        let collector = collector.clone();
+        let stop = stop_collecting.clone();
+        let (egress, dlq) = (egress.name.clone(), dlq.name.clone());
+        std::thread::Builder::new().name("collector".into()).spawn(move || -> anyhow::Result<()> {
+            let mut batch = Vec::with_capacity(512);
+            while !stop.load(Ordering::Relaxed) {
+                batch.clear();
+                let mut timeout = Duration::from_millis(5);
+                while batch.len() < 512 {
+                    match consumer.poll(timeout)? {
+                        Some(r) => batch.push(r),
+                        None => break,
+                    }
+                    timeout = Duration::ZERO;
+                }
+                if batch.is_empty() {
+                    continue;
+                }
+                let now = actio_core::time::now_ns();
+                let mut c = collector.lock();
+                for r in &batch {
+                    if *r.tp.topic == *egress {
+                        c.observe_decision(r, now);
+                    } else if *r.tp.topic == *dlq {
+                        c.observe_dead_letter(r, now);
+                    }
+                }
+            }
+            Ok(())
+        })?
+    };
+
+    let producer = bus.producer(&ProducerConfig { client_id: "actio-loadgen".into(), properties: properties.to_vec() }).context("creating the load generator's producer")?;
+    let mut generator = Generator::new(gen_config(load)?, &run_id).map_err(|e| anyhow::anyhow!(e))?;
+    let stop_sending = Arc::new(AtomicBool::new(false));
+    let sender_thread = {
+        let sender = sender.clone();
+        let stop = stop_sending.clone();
+        let topic = ingress.name.clone();
+        let key = key_of(&pipeline.key_field);
+        std::thread::Builder::new().name("loadgen".into()).spawn(move || {
+            sender.run(&producer, &topic, &mut generator, &schedule, key, &stop, |_| {});
+            let _ = actio_core::Producer::flush(&producer, Duration::from_secs(30));
+        })?
+    };
+
+    let term = Arc::new(AtomicBool::new(false));
+    let _ = signal_hook::flag::register(signal_hook::consts::SIGINT, term.clone());
+    let _ = signal_hook::flag::register(signal_hook::consts::SIGTERM, term.clone());
+
+    let tty = std::io::stderr().is_terminal();
+    eprintln!(
+        "actio: {} → {} stage(s) on the {bus_name} bus; offering {} tx/s{} for {:?}; run {run_id}",
+        pipeline.name,
+        pipeline.stages.len(),
+        load.rate,
+        load.ramp_to.map(|r| format!(" ramping to {r}")).unwrap_or_default(),
+        load.duration
+    );
+    let t0 = Instant::now();
+    let mut last = (Instant::now(), 0u64);
+    let mut drain_deadline: Option<Instant> = None;
+    loop {
+        std::thread::sleep(Duration::from_millis(if tty { 250 } else { 1000 }));
+        let sent = sender.stats.sent.load(Ordering::Relaxed);
+        let (seen, p99) = {
+            let mut c = collector.lock();
+            let h = c.take_interval();
+            (c.seen(), if h.is_empty() { None } else { Some(h.value_at_quantile(0.99)) })
+        };
+        let dt = last.0.elapsed().as_secs_f64().max(1e-3);
+        let rate = (seen.saturating_sub(last.1)) as f64 / dt;
+        last = (Instant::now(), seen);
+        let line = format!(
+            "{:>6.1}s  sent {sent:>9}  decided {seen:>9}  {rate:>9.0} tx/s  in flight {:>7}  p99 {}",
+            t0.elapsed().as_secs_f64(),
+            sent.saturating_sub(seen),
+            p99.map(|us| format!("{:.2} ms", us as f64 / 1000.0)).unwrap_or_else(|| "-".into())
+        );
+        if tty {
+            eprint!("\r{line}   ");
+            let _ = std::io::stderr().flush();
+        } else {
+            eprintln!("{line}");
+        }
+        if term.load(Ordering::Relaxed) {
+            stop_sending.store(true, Ordering::Relaxed);
+            eprintln!("\nactio: interrupted; draining");
+        }
+        if sender.stats.done.load(Ordering::Acquire) {
+            let deadline = *drain_deadline.get_or_insert(Instant::now() + load.drain);
+            if seen >= sender.stats.sent.load(Ordering::Relaxed) || Instant::now() >= deadline || stages.iter().any(|s| s.is_finished()) {
+                break;
+            }
+        }
+    }
+    if tty {
+        eprintln!();
+    }
+    let load_secs = load.duration.as_secs_f64().min(t0.elapsed().as_secs_f64());
+    let _ = sender_thread.join();
+
+    let mut runtime_hists = Vec::new();
+    let mut stage_failed = false;
+    for s in stages {
+        let name = s.name().to_string();
+        s.stop(StopMode::Graceful);
+        match s.join() {
+            Ok(m) => runtime_hists.push(StageHistograms {
+                name: name.clone(),
+                queue: m.queue,
+                service: m.service,
+                stage: m.stage_latency,
+                budget_ms: pipeline.stage(&name).and_then(|s| s.limits.budget_ms),
+            }),
+            Err(e) => {
+                eprintln!("actio: stage {name} failed: {e}");
+                stage_failed = true;
+            }
+        }
+    }
+    stop_collecting.store(true, Ordering::Relaxed);
+    match collector_thread.join() {
+        Ok(Err(e)) => eprintln!("actio: collector failed: {e:#}"),
+        Err(_) => eprintln!("actio: collector panicked"),
+        Ok(Ok(())) => {}
+    }
+
+    let c = collector.lock();
+    let sent = sender.stats.sent.load(Ordering::Relaxed);
+    let mut histograms = vec![("e2e".to_string(), c.e2e.clone())];
+    let mut stage_reports = Vec::new();
+    for s in &pipeline.stages {
+        let rt = runtime_hists.iter().find(|h| h.name == s.name);
+        let trail = c.stages.get(&s.name).map(|t| (&t.queue, &t.process));
+        stage_reports.push(StageReport::new(&s.name, rt, trail, s.limits.budget_ms));
+        if let Some(rt) = rt {
+            histograms.push((format!("{}.queue", s.name), rt.queue.clone()));
+            histograms.push((format!("{}.service", s.name), rt.service.clone()));
+            histograms.push((format!("{}.stage", s.name), rt.stage.clone()));
+        } else if let Some(t) = c.stages.get(&s.name) {
+            histograms.push((format!("{}.queue", s.name), t.queue.clone()));
+        }
+        if let Some(t) = c.stages.get(&s.name) {
+            histograms.push((format!("{}.process", s.name), t.process.clone()));
+        }
+    }
+    let mut top: Vec<RuleHitCount> = c.rule_hits.iter().map(|(k, v)| RuleHitCount { rule: k.clone(), count: *v }).collect();
+    top.sort_by(|a, b| b.count.cmp(&a.count).then(a.rule.cmp(&b.rule)));
+    top.truncate(15);
+    let report = RunReport {
+        pipeline: pipeline.name.clone(),
+        bus: bus_name.to_string(),
+        run_id: run_id.clone(),
+        rate_target: schedule.total() as f64 / load.duration.as_secs_f64(),
+        rate_achieved: c.seen() as f64 / load_secs.max(1e-3),
+        duration_s: load_secs,
+        sent,
+        decided: c.stats.decided,
+        dlq: c.stats.dlq,
+        lost: c.lost(sent),
+        duplicates: c.stats.duplicates,
+        order_violations: c.stats.order_violations,
+        decisions: DecisionCounts { approve: c.stats.approve, review: c.stats.review, decline: c.stats.decline },
+        top_rule_hits: top,
+        e2e: LatencySummary::of(&c.e2e),
+        stages: stage_reports,
+        sender_max_behind_ms: sender.stats.max_behind_us.load(Ordering::Relaxed) as f64 / 1000.0,
+        peak_rss_mib: peak_rss_mib(),
+        send_failures: sender.stats.failed.load(Ordering::Relaxed),
+    };
+    report.write(&out, &histograms).with_context(|| format!("writing the report under {}", out.display()))?;
+    print!("{}", report.render_text());
+    println!("report: {}/report.html (also report.json and *.hgrm)", out.display());
+    Ok(if report.lost > 0 || stage_failed || report.send_failures > 0 {
+        eprintln!("actio: FAILED — {} lost, {} send failures{}", report.lost, report.send_failures, if stage_failed { ", a stage failed" } else { "" });
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}

@@ -1,0 +1,44 @@
+//! `actio validate`: load everything a pipeline names, start nothing.
+
+use std::process::ExitCode;
+
+use actio_pipeline::{Pipeline, StageLogic};
+
+use crate::cli::ValidateArgs;
+
+pub fn main(args: ValidateArgs) -> anyhow::Result<ExitCode> {
+    let pipeline = match Pipeline::load(&args.pipeline) {
+        Ok(p) => p,
+        Err(errors) => {
+            eprintln!("{} is not valid ({} error{}):", args.pipeline.display(), errors.0.len(), if errors.0.len() == 1 { "" } else { "s" });
+            for e in &errors.0 {
+                eprintln!("  {e}");
+            }
+            return Ok(ExitCode::from(crate::EXIT_CONFIG));
+        }
+    };
+    println!("pipeline {:?} ({}) is valid", pipeline.name, pipeline.dir.display());
+    println!("  key: {}", pipeline.key_field);
+    for t in &pipeline.topics {
+        println!("  topic {:<14} {:>3} partitions  {:?}  {:?}", t.name, t.partitions, t.codec, t.role);
+    }
+    for s in &pipeline.stages {
+        let what = match &s.logic {
+            StageLogic::Rules(r) => {
+                let r = r.current();
+                format!("{} rules (version {})", r.len(), r.version())
+            }
+            StageLogic::Velocity { spec, rules } => format!(
+                "{} features{}",
+                spec.feature_names().len(),
+                rules.as_ref().map(|r| format!(" + {} rules (version {})", r.current().len(), r.current().version())).unwrap_or_default()
+            ),
+            StageLogic::Score(m) => format!("model version {}", m.version()),
+        };
+        println!("  stage {:<9} {} → {}  {}  group {}  replicas {}", s.name, s.input, s.output, what, s.group, s.replicas);
+    }
+    for w in &pipeline.warnings {
+        println!("  warning: {w}");
+    }
+    Ok(ExitCode::SUCCESS)
+}

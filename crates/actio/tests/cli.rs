@@ -1,0 +1,77 @@
+//! The `actio` binary end to end: validate and run, as a user types them.
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn actio() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_actio"))
+}
+
+fn fraud() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../pipelines/fraud")
+}
+
+#[test]
+fn validate_accepts_the_shipped_pipeline() {
+    let out = actio().arg("validate").arg(fraud()).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("is valid") && stdout.contains("36 rules") && stdout.contains("15 rules"), "{stdout}");
+}
+
+#[test]
+fn validate_rejects_a_broken_copy_with_exit_code_2() {
+    let dir = tempfile::tempdir().unwrap();
+    for e in std::fs::read_dir(fraud()).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_file() {
+            std::fs::copy(e.path(), dir.path().join(e.file_name())).unwrap();
+        }
+    }
+    let p = dir.path().join("pipeline.toml");
+    let text = std::fs::read_to_string(&p).unwrap().replace("input = \"tx.ruled\"", "input = \"tx.nowhere\"");
+    std::fs::write(&p, text).unwrap();
+    let out = actio().arg("validate").arg(dir.path()).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("pipeline.toml:") && stderr.contains("stage[1].input") && stderr.contains("tx.nowhere"), "{stderr}");
+}
+
+#[test]
+fn run_drives_the_pipeline_and_writes_the_report() {
+    let out_dir = tempfile::tempdir().unwrap();
+    let out = actio()
+        .args(["run", fraud().to_str().unwrap(), "--rate", "2000", "--duration", "2s", "--out"])
+        .arg(out_dir.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("lost 0") && stdout.contains("e2e"), "{stdout}");
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out_dir.path().join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["sent"], 4000);
+    assert_eq!(report["lost"], 0);
+    assert_eq!(report["duplicates"], 0);
+    assert_eq!(report["order_violations"], 0);
+    assert_eq!(report["decided"].as_u64().unwrap() + report["dlq"].as_u64().unwrap(), 4000);
+    for stage in ["rules", "velocity", "score"] {
+        for part in ["queue", "service", "stage"] {
+            assert_eq!(report["stages"][stage][part]["count"].as_u64(), Some(4000), "{stage}.{part}");
+        }
+    }
+    assert!(report["e2e"]["p99_us"].as_u64().unwrap() > 0);
+    for f in ["report.html", "e2e.hgrm", "rules.queue.hgrm", "score.stage.hgrm"] {
+        assert!(out_dir.path().join(f).is_file(), "{f}");
+    }
+}
+
+#[test]
+fn bad_flags_teach() {
+    let out = actio().args(["run", "pipelines/fraud", "--rate", "lots"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--rate"));
+    let out = actio().args(["run", "/nonexistent/pipeline"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read"));
+}
