@@ -1,0 +1,237 @@
+//! Topic and group administration: create topics, committed offsets, end offsets, and
+//! the descriptions the CLI prints (partitions, per-group lag).
+//!
+//! rdkafka's admin API returns futures resolved by its own polling thread, so a tiny
+//! thread-parking executor is enough to wait for them; no async runtime is needed.
+
+use std::future::Future;
+use std::pin::pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, Wake, Waker};
+use std::thread::Thread;
+use std::time::Duration;
+
+use actio_core::bus::{BusError, BusErrorKind, Offset, TopicSpec};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer as _};
+use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::topic_partition_list::{Offset as RdOffset, TopicPartitionList};
+use rdkafka::ClientConfig;
+
+use crate::error::{bus_error_ctx, kind_of_code};
+
+/// Timeout of one admin or metadata operation.
+pub const ADMIN_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// One partition of a topic, as the cluster describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionInfo {
+    /// Partition index.
+    pub partition: i32,
+    /// Broker id of the leader (-1 when leaderless).
+    pub leader: i32,
+    /// Broker ids of the replicas.
+    pub replicas: Vec<i32>,
+    /// Broker ids of the in-sync replicas.
+    pub isr: Vec<i32>,
+}
+
+/// A topic as the cluster describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicInfo {
+    /// Topic name.
+    pub name: String,
+    /// Its partitions, by index.
+    pub partitions: Vec<PartitionInfo>,
+}
+
+/// A consumer group's position on one partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartitionLag {
+    /// Partition index.
+    pub partition: i32,
+    /// Committed offset (next to consume), `None` if the group never committed.
+    pub committed: Option<Offset>,
+    /// End offset (high watermark: next offset to be written).
+    pub end: Offset,
+    /// `end - committed`; `end` when nothing is committed (everything is unread,
+    /// assuming retention kept it; an upper bound otherwise).
+    pub lag: i64,
+}
+
+struct ThreadWaker(Thread);
+
+impl Wake for ThreadWaker {
+    fn wake(self: Arc<Self>) {
+        self.0.unpark();
+    }
+}
+
+/// Runs a future to completion on this thread.
+pub(crate) fn block_on<F: Future>(f: F) -> F::Output {
+    let waker = Waker::from(Arc::new(ThreadWaker(std::thread::current())));
+    let mut cx = Context::from_waker(&waker);
+    let mut f = pin!(f);
+    loop {
+        match f.as_mut().poll(&mut cx) {
+            Poll::Ready(v) => return v,
+            Poll::Pending => std::thread::park(),
+        }
+    }
+}
+
+/// The bus's administrative clients.
+pub(crate) struct Admin {
+    admin: AdminClient<DefaultClientContext>,
+    /// A group-less consumer for metadata and watermarks.
+    meta: BaseConsumer,
+    /// Base config for per-group offset fetches.
+    base: ClientConfig,
+}
+
+impl Admin {
+    pub(crate) fn create(base: &ClientConfig) -> Result<Self, BusError> {
+        let admin = base.create().map_err(|e| bus_error_ctx("creating admin client", &e))?;
+        let meta = base.create().map_err(|e| bus_error_ctx("creating metadata client", &e))?;
+        Ok(Admin { admin, meta, base: base.clone() })
+    }
+
+    pub(crate) fn create_topics(&self, topics: &[TopicSpec]) -> Result<(), BusError> {
+        if topics.is_empty() {
+            return Ok(());
+        }
+        // -1: the cluster's default.replication.factor (1 on the test broker).
+        let new: Vec<NewTopic<'_>> =
+            topics.iter().map(|t| NewTopic::new(&t.name, t.partitions, TopicReplication::Fixed(-1))).collect();
+        let opts = AdminOptions::new().operation_timeout(Some(ADMIN_TIMEOUT)).request_timeout(Some(ADMIN_TIMEOUT));
+        let results = block_on(self.admin.create_topics(new.iter(), &opts))
+            .map_err(|e| bus_error_ctx("creating topics", &e))?;
+        let mut failed = Vec::new();
+        let mut kind = BusErrorKind::Transient;
+        for r in results {
+            match r {
+                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((name, code)) => {
+                    kind = kind_of_code(code);
+                    failed.push(format!("{name}: {code}"));
+                }
+            }
+        }
+        if failed.is_empty() {
+            Ok(())
+        } else {
+            Err(BusError::new(kind, format!("creating topics: {}", failed.join("; "))))
+        }
+    }
+
+    pub(crate) fn describe_topic(&self, topic: &str) -> Result<TopicInfo, BusError> {
+        let md = self
+            .meta
+            .fetch_metadata(Some(topic), ADMIN_TIMEOUT)
+            .map_err(|e| bus_error_ctx(&format!("metadata of {topic}"), &e))?;
+        let t = md
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic)
+            .ok_or_else(|| BusError::new(BusErrorKind::UnknownTopic, format!("topic {topic:?} does not exist")))?;
+        if let Some(err) = t.error() {
+            let code = RDKafkaErrorCode::from(err);
+            return Err(BusError::new(kind_of_code(code), format!("topic {topic:?}: {code}")));
+        }
+        let mut partitions: Vec<PartitionInfo> = t
+            .partitions()
+            .iter()
+            .map(|p| PartitionInfo {
+                partition: p.id(),
+                leader: p.leader(),
+                replicas: p.replicas().to_vec(),
+                isr: p.isr().to_vec(),
+            })
+            .collect();
+        partitions.sort_by_key(|p| p.partition);
+        Ok(TopicInfo { name: topic.to_string(), partitions })
+    }
+
+    pub(crate) fn committed_offsets(&self, group: &str, topic: &str) -> Result<Vec<Option<Offset>>, BusError> {
+        let n = self.describe_topic(topic)?.partitions.len() as i32;
+        let mut cfg = self.base.clone();
+        cfg.set("group.id", group);
+        // Only reads offsets (OffsetFetch); it never joins the group.
+        let c: BaseConsumer = cfg.create().map_err(|e| bus_error_ctx("creating offset reader", &e))?;
+        let mut tpl = TopicPartitionList::with_capacity(n as usize);
+        tpl.add_partition_range(topic, 0, n - 1);
+        let got = c
+            .committed_offsets(tpl, ADMIN_TIMEOUT)
+            .map_err(|e| bus_error_ctx(&format!("committed offsets of {group} on {topic}"), &e))?;
+        let mut out = vec![None; n as usize];
+        for el in got.elements() {
+            if let (Some(slot), RdOffset::Offset(o)) = (out.get_mut(el.partition() as usize), el.offset()) {
+                *slot = Some(o);
+            }
+        }
+        Ok(out)
+    }
+
+    pub(crate) fn end_offsets(&self, topic: &str) -> Result<Vec<Offset>, BusError> {
+        let n = self.describe_topic(topic)?.partitions.len() as i32;
+        (0..n)
+            .map(|p| {
+                self.meta
+                    .fetch_watermarks(topic, p, ADMIN_TIMEOUT)
+                    .map(|(_, high)| high)
+                    .map_err(|e| bus_error_ctx(&format!("end offset of {topic}/{p}"), &e))
+            })
+            .collect()
+    }
+
+    pub(crate) fn group_lag(&self, group: &str, topic: &str) -> Result<Vec<PartitionLag>, BusError> {
+        let committed = self.committed_offsets(group, topic)?;
+        let end = self.end_offsets(topic)?;
+        Ok(end
+            .iter()
+            .zip(committed)
+            .enumerate()
+            .map(|(p, (&end, committed))| PartitionLag {
+                partition: p as i32,
+                committed,
+                end,
+                lag: (end - committed.unwrap_or(0)).max(0),
+            })
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn block_on_waits_for_a_future_completed_by_another_thread() {
+        let (tx, rx) = std::sync::mpsc::channel::<Waker>();
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let d2 = done.clone();
+        let h = std::thread::spawn(move || {
+            let w = rx.recv().ok();
+            std::thread::sleep(Duration::from_millis(20));
+            d2.store(true, std::sync::atomic::Ordering::SeqCst);
+            if let Some(w) = w {
+                w.wake();
+            }
+        });
+        let mut sent = false;
+        let v = block_on(std::future::poll_fn(|cx| {
+            if done.load(std::sync::atomic::Ordering::SeqCst) {
+                Poll::Ready(42)
+            } else {
+                if !sent {
+                    let _ = tx.send(cx.waker().clone());
+                    sent = true;
+                }
+                Poll::Pending
+            }
+        }));
+        assert_eq!(v, 42);
+        let _ = h.join();
+    }
+}

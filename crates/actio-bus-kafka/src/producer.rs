@@ -1,0 +1,149 @@
+//! The Kafka producer: librdkafka's `ThreadedProducer` (its own thread serves delivery
+//! reports), with each record's [`AckFn`] carried through librdkafka as the delivery
+//! opaque.
+//!
+//! Guarantee: every record that `send` accepts (`Ok(())`) has its `AckFn` called exactly
+//! once — with the partition and offset when the broker acknowledged it (`acks=all` by
+//! default), or with an error when librdkafka gave up (message timeout, purge at
+//! shutdown, fatal idempotence error). When `send` returns `Err`, the record was not
+//! queued and the `AckFn` is dropped uncalled: the caller owns that failure (this is how
+//! the runtime uses the trait).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actio_core::bus::{AckFn, BusError, BusErrorKind, Delivered, OutRecord, Producer};
+use rdkafka::client::ClientContext;
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer as _, ProducerContext, ThreadedProducer};
+use rdkafka::ClientConfig;
+
+use crate::error::{bus_error, bus_error_ctx};
+use crate::log_to_tracing;
+
+/// How long `send` keeps retrying while librdkafka's local queue is full, before it
+/// returns `QueueFull`. Long enough to ride out a burst (deliveries drain the queue),
+/// short enough that a stalled broker surfaces as back-pressure.
+pub const QUEUE_FULL_WAIT: Duration = Duration::from_secs(1);
+
+/// An [`AckFn`] made `Sync` for librdkafka's opaque (rdkafka requires `Send + Sync`);
+/// the lock is taken once, uncontended, when the delivery report arrives.
+pub struct AckSlot(parking_lot::Mutex<Option<AckFn>>);
+
+impl std::fmt::Debug for AckSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AckSlot")
+    }
+}
+
+/// Delivers acks. One per producer, shared with librdkafka's delivery-report thread.
+#[derive(Debug, Default)]
+pub struct AckContext;
+
+impl ClientContext for AckContext {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+        log_to_tracing("producer", level, fac, message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::warn!(client = "producer", error = %error, reason, "librdkafka error");
+    }
+}
+
+impl ProducerContext for AckContext {
+    type DeliveryOpaque = Box<AckSlot>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, slot: Box<AckSlot>) {
+        let outcome = match result {
+            Ok(m) => Ok(Delivered { partition: m.partition(), offset: m.offset() }),
+            Err((e, m)) => {
+                let b = bus_error(e);
+                Err(BusError::new(b.kind, format!("{} [{}]: {}", m.topic(), m.partition(), b.message)))
+            }
+        };
+        if let Some(ack) = slot.0.lock().take() {
+            ack(outcome);
+        }
+    }
+}
+
+/// A Kafka producer; cheap to clone (all clones share one librdkafka handle).
+#[derive(Clone)]
+pub struct KafkaProducer {
+    inner: Arc<ThreadedProducer<AckContext>>,
+}
+
+impl std::fmt::Debug for KafkaProducer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaProducer").field("in_flight", &self.inner.in_flight_count()).finish()
+    }
+}
+
+impl KafkaProducer {
+    pub(crate) fn create(config: &ClientConfig) -> Result<Self, BusError> {
+        let p: ThreadedProducer<AckContext> =
+            config.create_with_context(AckContext).map_err(|e| bus_error_ctx("creating producer", &e))?;
+        Ok(KafkaProducer { inner: Arc::new(p) })
+    }
+
+    /// Messages queued or in flight (not yet acknowledged).
+    pub fn in_flight(&self) -> i32 {
+        self.inner.in_flight_count()
+    }
+}
+
+impl Producer for KafkaProducer {
+    fn send(&self, record: OutRecord, ack: AckFn) -> Result<(), BusError> {
+        let headers = if record.headers.0.is_empty() {
+            None
+        } else {
+            let mut h = OwnedHeaders::new_with_capacity(record.headers.0.len());
+            for (k, v) in record.headers.iter() {
+                h = h.insert(Header { key: k, value: Some(v) });
+            }
+            Some(h)
+        };
+        let mut rec: BaseRecord<'_, [u8], [u8], Box<AckSlot>> =
+            BaseRecord::with_opaque_to(&record.topic, Box::new(AckSlot(parking_lot::Mutex::new(Some(ack))))).payload(record.payload.as_ref());
+        if let Some(k) = &record.key {
+            rec = rec.key(k.as_ref());
+        }
+        if let Some(p) = record.partition {
+            rec = rec.partition(p);
+        }
+        if let Some(h) = headers {
+            rec = rec.headers(h);
+        }
+        let mut deadline: Option<Instant> = None;
+        loop {
+            match self.inner.send(rec) {
+                Ok(()) => return Ok(()),
+                Err((KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull), back)) => {
+                    let d = *deadline.get_or_insert_with(|| Instant::now() + QUEUE_FULL_WAIT);
+                    if Instant::now() >= d {
+                        return Err(BusError::new(
+                            BusErrorKind::QueueFull,
+                            format!(
+                                "{}: local queue full for {} ms (queue.buffering.max.messages/kbytes)",
+                                record.topic,
+                                QUEUE_FULL_WAIT.as_millis()
+                            ),
+                        ));
+                    }
+                    // The producer's own thread serves delivery reports; give it a moment.
+                    std::thread::sleep(Duration::from_millis(1));
+                    rec = back;
+                }
+                Err((e, _)) => return Err(bus_error_ctx(&format!("producing to {}", record.topic), &e)),
+            }
+        }
+    }
+
+    fn flush(&self, timeout: Duration) -> Result<(), BusError> {
+        self.inner.flush(timeout).map_err(|e| {
+            let b = bus_error(&e);
+            BusError::new(b.kind, format!("flush: {} message(s) still in flight: {}", self.inner.in_flight_count(), b.message))
+        })
+    }
+}
