@@ -49,8 +49,11 @@ pub struct EmbeddedConfig {
 impl Default for EmbeddedConfig {
     fn default() -> Self {
         EmbeddedConfig {
-            max_partition_records: 100_000,
-            send_timeout: Duration::from_secs(30),
+            // 5 topics × 12 partitions × 10k records of ~500 B ≈ 300 MB at most.
+            max_partition_records: 10_000,
+            // A full partition is back-pressure: the producer waits for consumers.
+            // Only a pipeline stuck this long makes `send` fail.
+            send_timeout: Duration::from_secs(600),
             session_timeout: Duration::from_secs(10),
         }
     }

@@ -128,7 +128,18 @@ pub fn drive<B: Bus>(
         let (egress, dlq) = (egress.name.clone(), dlq.name.clone());
         std::thread::Builder::new().name("collector".into()).spawn(move || -> anyhow::Result<()> {
             let mut batch = Vec::with_capacity(512);
+            // The collector commits its position so the bus can drop what it read
+            // (the embedded bus keeps records until every group has committed them).
+            let mut positions: std::collections::HashMap<actio_core::TopicPartition, i64> = std::collections::HashMap::new();
+            let mut last_commit = Instant::now();
             while !stop.load(Ordering::Relaxed) {
+                if last_commit.elapsed() >= Duration::from_millis(100) && !positions.is_empty() {
+                    let offsets: Vec<_> = positions.drain().collect();
+                    if let Err(e) = consumer.commit(&offsets) {
+                        tracing::warn!(error = %e, "collector commit failed");
+                    }
+                    last_commit = Instant::now();
+                }
                 batch.clear();
                 let mut timeout = Duration::from_millis(5);
                 while batch.len() < 512 {
@@ -142,6 +153,9 @@ pub fn drive<B: Bus>(
                     continue;
                 }
                 let now = actio_core::time::now_ns();
+                for r in &batch {
+                    positions.insert(r.tp.clone(), r.offset + 1);
+                }
                 let mut c = collector.lock();
                 for r in &batch {
                     if *r.tp.topic == *egress {
@@ -208,13 +222,17 @@ pub fn drive<B: Bus>(
         } else {
             eprintln!("{line}");
         }
-        if term.load(Ordering::Relaxed) {
-            stop_sending.store(true, Ordering::Relaxed);
+        if term.load(Ordering::Relaxed) && !stop_sending.swap(true, Ordering::Relaxed) {
             eprintln!("\nactio: interrupted; draining");
+        }
+        if let Some(dead) = stages.iter().find(|s| s.is_finished()) {
+            eprintln!("\nactio: stage {} stopped unexpectedly; ending the run", dead.name());
+            stop_sending.store(true, Ordering::Relaxed);
+            break;
         }
         if sender.stats.done.load(Ordering::Acquire) {
             let deadline = *drain_deadline.get_or_insert(Instant::now() + load.drain);
-            if seen >= sender.stats.sent.load(Ordering::Relaxed) || Instant::now() >= deadline || stages.iter().any(|s| s.is_finished()) {
+            if seen >= sender.stats.sent.load(Ordering::Relaxed) || Instant::now() >= deadline {
                 break;
             }
         }
