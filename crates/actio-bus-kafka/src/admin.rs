@@ -88,13 +88,16 @@ pub(crate) struct Admin {
     meta: BaseConsumer,
     /// Base config for per-group offset fetches.
     base: ClientConfig,
+    /// One offset reader per group, kept: a service polls its group's lag every
+    /// second, and a client per call would cost connections and log noise.
+    readers: parking_lot::Mutex<std::collections::HashMap<String, Arc<BaseConsumer>>>,
 }
 
 impl Admin {
     pub(crate) fn create(base: &ClientConfig) -> Result<Self, BusError> {
         let admin = base.create().map_err(|e| bus_error_ctx("creating admin client", &e))?;
         let meta = base.create().map_err(|e| bus_error_ctx("creating metadata client", &e))?;
-        Ok(Admin { admin, meta, base: base.clone() })
+        Ok(Admin { admin, meta, base: base.clone(), readers: Default::default() })
     }
 
     pub(crate) fn create_topics(&self, topics: &[TopicSpec]) -> Result<(), BusError> {
@@ -155,10 +158,7 @@ impl Admin {
 
     pub(crate) fn committed_offsets(&self, group: &str, topic: &str) -> Result<Vec<Option<Offset>>, BusError> {
         let n = self.describe_topic(topic)?.partitions.len() as i32;
-        let mut cfg = self.base.clone();
-        cfg.set("group.id", group);
-        // Only reads offsets (OffsetFetch); it never joins the group.
-        let c: BaseConsumer = cfg.create().map_err(|e| bus_error_ctx("creating offset reader", &e))?;
+        let c = self.offset_reader(group)?;
         let mut tpl = TopicPartitionList::with_capacity(n as usize);
         tpl.add_partition_range(topic, 0, n - 1);
         let got = c
@@ -171,6 +171,20 @@ impl Admin {
             }
         }
         Ok(out)
+    }
+
+    /// A consumer with `group.id = group` that only reads offsets (OffsetFetch); it
+    /// never joins the group.
+    fn offset_reader(&self, group: &str) -> Result<Arc<BaseConsumer>, BusError> {
+        let mut readers = self.readers.lock();
+        if let Some(c) = readers.get(group) {
+            return Ok(c.clone());
+        }
+        let mut cfg = self.base.clone();
+        cfg.set("group.id", group);
+        let c: Arc<BaseConsumer> = Arc::new(cfg.create().map_err(|e| bus_error_ctx("creating offset reader", &e))?);
+        readers.insert(group.to_string(), c.clone());
+        Ok(c)
     }
 
     pub(crate) fn end_offsets(&self, topic: &str) -> Result<Vec<Offset>, BusError> {

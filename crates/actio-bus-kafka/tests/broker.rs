@@ -1,6 +1,7 @@
 //! Tests against a real Apache Kafka broker (never a mock). They read
 //! `ACTIO_KAFKA_BROKERS`; without it they say so and pass, so a plain `cargo test`
-//! works anywhere. `scripts/test` starts a broker and sets it, so CI runs them.
+//! works anywhere. `scripts/test` starts a broker and sets it, so CI runs them (and
+//! sets `ACTIO_REQUIRE_KAFKA=1`, so a missing broker there fails instead).
 //! Every test uses its own random topic and group names.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -19,6 +20,9 @@ use rand::Rng;
 fn brokers(test: &str) -> Option<String> {
     match std::env::var("ACTIO_KAFKA_BROKERS") {
         Ok(b) if !b.trim().is_empty() => Some(b),
+        _ if std::env::var("ACTIO_REQUIRE_KAFKA").is_ok_and(|v| v == "1") => {
+            panic!("{test}: ACTIO_REQUIRE_KAFKA=1 but ACTIO_KAFKA_BROKERS is not set")
+        }
         _ => {
             eprintln!("{test}: skipped: ACTIO_KAFKA_BROKERS not set (run scripts/test)");
             None

@@ -184,6 +184,12 @@ impl StageHandle {
         (self.metrics)()
     }
 
+    /// A cloneable source of metrics snapshots, for readers on other threads (an
+    /// HTTP endpoint) that must not own the handle.
+    pub fn metrics_source(&self) -> Arc<dyn Fn() -> StageMetrics + Send + Sync> {
+        self.metrics.clone()
+    }
+
     /// The stage's name.
     pub fn name(&self) -> &str {
         &self.name

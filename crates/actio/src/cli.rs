@@ -16,8 +16,20 @@ use clap::{Args, Parser, Subcommand};
 ///   actio validate pipelines/fraud              check a pipeline
 ///   actio run pipelines/fraud                   run it all in one process (no broker needed)
 ///   actio run pipelines/fraud --rate 20000 --duration 30s
+///
+/// On Kafka (each stage its own service, in its consumer group):
+///   actio topics create pipelines/fraud --brokers 127.0.0.1:9092
+///   actio stage --pipeline pipelines/fraud --stage rules --brokers 127.0.0.1:9092
+///   actio loadgen --pipeline pipelines/fraud --brokers 127.0.0.1:9092 --rate 3000
 #[derive(Debug, Parser)]
-#[command(name = "actio", version, about, long_about, verbatim_doc_comment, max_term_width = 100)]
+#[command(
+    name = "actio",
+    version,
+    about,
+    long_about,
+    verbatim_doc_comment,
+    max_term_width = 100
+)]
 pub struct Cli {
     /// Log as JSON lines (also: ACTIO_LOG_FORMAT=json). Levels via RUST_LOG.
     #[arg(long, global = true)]
@@ -51,6 +63,132 @@ pub enum Command {
     ///   actio run pipelines/fraud --rate 10000 --ramp-to 400000 --duration 60s
     #[command(verbatim_doc_comment)]
     Run(RunArgs),
+    /// Run one stage as a long-running service on Kafka.
+    ///
+    /// Joins the consumer group <pipeline>.<stage>, shares the input topic's
+    /// partitions with the other replicas, and commits only watermarks (offsets
+    /// whose outputs the broker acknowledged). HTTP on --http:
+    ///   /metrics  Prometheus text: queue/service/stage latency, counters, in-flight, lag
+    ///   /healthz  200 while the stage runs
+    ///   /readyz   200 once partitions are assigned and the group has caught up
+    /// SIGTERM or SIGINT: stop fetching, drain in-flight work, commit, flush, exit 0
+    /// (exit 1 if that takes longer than --grace).
+    ///
+    /// Secrets and any other librdkafka property come from the pipeline's [kafka]
+    /// table and from ACTIO_KAFKA_PROPERTY_<NAME> environment variables, NAME being
+    /// the property upper-cased with dots as underscores:
+    ///   ACTIO_KAFKA_PROPERTY_SASL_PASSWORD=...  →  sasl.password=...
+    ///
+    /// Example:
+    ///   actio stage --pipeline pipelines/fraud --stage rules --brokers 127.0.0.1:9092
+    #[command(verbatim_doc_comment)]
+    Stage(StageArgs),
+    /// Create or describe a pipeline's topics on Kafka.
+    ///
+    /// Examples:
+    ///   actio topics create pipelines/fraud --brokers 127.0.0.1:9092
+    ///   actio topics describe pipelines/fraud --brokers 127.0.0.1:9092
+    #[command(verbatim_doc_comment)]
+    Topics(TopicsArgs),
+    /// Drive a pipeline whose stages run elsewhere (on Kafka) and report.
+    ///
+    /// Offers transactions to the ingress topic on schedule (open loop), collects
+    /// decisions and dead letters, checks loss, duplicates and per-key order, and
+    /// writes the same report as `actio run`. Exit code 1 if anything was lost.
+    ///
+    /// Example:
+    ///   actio loadgen --pipeline pipelines/fraud --brokers 127.0.0.1:9092 --rate 3000 --duration 60s
+    #[command(verbatim_doc_comment)]
+    Loadgen(LoadgenArgs),
+}
+
+/// Which bus `actio run` uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BusKind {
+    /// In-process partitioned log (no broker).
+    Embedded,
+    /// Apache Kafka at --brokers.
+    Kafka,
+}
+
+/// How to reach Kafka.
+#[derive(Debug, Clone, Args)]
+pub struct KafkaArgs {
+    /// Kafka bootstrap servers (host:port,...). A bootstrap.servers entry in the
+    /// pipeline's [kafka] table or in ACTIO_KAFKA_PROPERTY_BOOTSTRAP_SERVERS wins.
+    #[arg(long, env = "ACTIO_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+    pub brokers: String,
+    /// Extra librdkafka property NAME=VALUE for every client (repeatable).
+    #[arg(long = "kafka-property", value_name = "NAME=VALUE", value_parser = parse_property)]
+    pub kafka_properties: Vec<(String, String)>,
+}
+
+fn parse_property(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.to_string())),
+        _ => Err(format!(
+            "expected NAME=VALUE (a librdkafka property), got {s:?}"
+        )),
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct StageArgs {
+    /// Pipeline directory.
+    #[arg(long, env = "ACTIO_PIPELINE")]
+    pub pipeline: PathBuf,
+    /// Stage to run (a [[stage]] name in pipeline.toml).
+    #[arg(long, env = "ACTIO_STAGE")]
+    pub stage: String,
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    /// Address of the HTTP endpoint (/metrics, /healthz, /readyz).
+    #[arg(long, env = "ACTIO_HTTP", default_value = "0.0.0.0:9400")]
+    pub http: std::net::SocketAddr,
+    /// Worker threads [default: the pipeline's, else all cores].
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Longest a graceful stop (drain, commit, flush) may take before exit code 1.
+    #[arg(long, env = "ACTIO_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub grace: Duration,
+    /// Check the pipeline, the stage and the flags, print what would run, and exit
+    /// without connecting.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct TopicsArgs {
+    #[command(subcommand)]
+    pub action: TopicsAction,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TopicsAction {
+    /// Create the pipeline's topics with their configured partitions (existing ones
+    /// are kept; a partition count that differs is reported).
+    Create(TopicsTarget),
+    /// Show each topic's partitions, end offsets and every stage group's lag.
+    Describe(TopicsTarget),
+}
+
+#[derive(Debug, Args)]
+pub struct TopicsTarget {
+    /// Pipeline directory.
+    pub pipeline: PathBuf,
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct LoadgenArgs {
+    /// Pipeline directory.
+    #[arg(long, env = "ACTIO_PIPELINE")]
+    pub pipeline: PathBuf,
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    #[command(flatten)]
+    pub load: LoadArgs,
 }
 
 #[derive(Debug, Args)]
@@ -96,5 +234,9 @@ pub struct RunArgs {
     /// Worker threads per stage [default: the pipeline's, else all cores].
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Where the stages run: in-process log, or Kafka (all stages in this process).
+    #[arg(long, value_enum, default_value_t = BusKind::Embedded)]
+    pub bus: BusKind,
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
 }
-

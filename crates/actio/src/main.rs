@@ -1,5 +1,6 @@
-//! The `actio` command line: validate a pipeline, run it whole in one process on
-//! the embedded bus with the load generator.
+//! The `actio` command line: validate a pipeline, run it whole in one process (on
+//! the embedded bus or Kafka) with the load generator, run one stage as a Kafka
+//! service, manage the pipeline's topics, drive stages that run elsewhere.
 //!
 //! Libraries return typed errors; this binary adds context and turns them into
 //! exit codes: 0 success, 1 a run that lost messages or failed, 2 bad configuration
@@ -11,7 +12,10 @@ use clap::Parser;
 use mimalloc::MiMalloc;
 
 mod cli;
+mod kafka;
 mod run;
+mod service;
+mod topics;
 mod validate;
 
 #[global_allocator]
@@ -26,6 +30,9 @@ fn main() -> ExitCode {
     let result = match args.command {
         cli::Command::Validate(a) => validate::main(a),
         cli::Command::Run(a) => run::main(a),
+        cli::Command::Stage(a) => service::main(a),
+        cli::Command::Topics(a) => topics::main(a),
+        cli::Command::Loadgen(a) => run::loadgen(a),
     };
     match result {
         Ok(code) => code,
@@ -38,9 +45,13 @@ fn main() -> ExitCode {
 
 fn init_logging(json: bool) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn,actio=info"));
-    let json = json || std::env::var("ACTIO_LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("json"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn,actio=info"));
+    let json =
+        json || std::env::var("ACTIO_LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("json"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if json {
         builder.json().init();
     } else {

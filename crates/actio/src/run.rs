@@ -19,9 +19,9 @@ use actio_runtime::{Stage, StageHandle, StopMode};
 use anyhow::{Context, bail};
 use parking_lot::Mutex;
 
-use crate::cli::{LoadArgs, RunArgs};
+use crate::cli::{BusKind, LoadArgs, LoadgenArgs, RunArgs};
 
-fn load_pipeline(path: &std::path::Path) -> Result<Pipeline, ExitCode> {
+pub fn load_pipeline(path: &std::path::Path) -> Result<Pipeline, ExitCode> {
     Pipeline::load(path).map_err(|errors| {
         eprintln!("{} is not valid:", path.display());
         for e in &errors.0 {
@@ -63,8 +63,32 @@ pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
         Ok(p) => p,
         Err(code) => return Ok(code),
     };
-    let bus = EmbeddedBus::new(EmbeddedConfig::default());
-    drive(&bus, "embedded", &pipeline, &args.load, true, args.threads, &[])
+    match args.bus {
+        BusKind::Embedded => {
+            let bus = EmbeddedBus::new(EmbeddedConfig::default());
+            drive(&bus, "embedded", &pipeline, &args.load, true, args.threads, &[])
+        }
+        BusKind::Kafka => {
+            let bus = match crate::kafka::bus_or_exit(&pipeline, &args.kafka) {
+                Ok(b) => b,
+                Err(code) => return Ok(code),
+            };
+            drive(&bus, "kafka", &pipeline, &args.load, true, args.threads, &[])
+        }
+    }
+}
+
+/// `actio loadgen`: offer load to a pipeline whose stages run as Kafka services.
+pub fn loadgen(args: LoadgenArgs) -> anyhow::Result<ExitCode> {
+    let pipeline = match load_pipeline(&args.pipeline) {
+        Ok(p) => p,
+        Err(code) => return Ok(code),
+    };
+    let bus = match crate::kafka::bus_or_exit(&pipeline, &args.kafka) {
+        Ok(b) => b,
+        Err(code) => return Ok(code),
+    };
+    drive(&bus, "kafka", &pipeline, &args.load, false, None, &[])
 }
 
 /// Offers load to `pipeline` on `bus`, running its stages in-process when
@@ -86,7 +110,9 @@ pub fn drive<B: Bus>(
     bus.create_topics(&specs).context("creating the pipeline's topics")?;
 
     let started_unix = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    let run_id = format!("run-{started_unix}");
+    // The pid keeps two load generators started in the same second apart (their
+    // collector groups and transaction ids are named after the run).
+    let run_id = format!("run-{started_unix}-{}", std::process::id());
     let out = load.out.clone().unwrap_or_else(|| PathBuf::from("results").join(&run_id));
 
     // Stages first, so they are consuming when load starts.

@@ -75,3 +75,37 @@ fn bad_flags_teach() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read"));
 }
+
+#[test]
+fn every_shipped_load_scenario_runs_without_loss() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../loadtest");
+    let mut scenarios: Vec<PathBuf> =
+        std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "toml")).collect();
+    scenarios.sort();
+    assert!(scenarios.len() >= 3, "{scenarios:?}");
+    for s in scenarios {
+        let out_dir = tempfile::tempdir().unwrap();
+        let out = actio()
+            .args(["run", fraud().to_str().unwrap(), "--rate", "1000", "--duration", "1s", "--scenario"])
+            .arg(&s)
+            .arg("--out")
+            .arg(out_dir.path())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}: {}", s.display(), String::from_utf8_lossy(&out.stderr));
+        let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out_dir.path().join("report.json")).unwrap()).unwrap();
+        assert_eq!(report["lost"], 0, "{}", s.display());
+        assert_eq!(report["order_violations"], 0, "{}", s.display());
+    }
+}
+
+#[test]
+fn a_scenario_with_an_unknown_field_names_the_file_and_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "cards = 10\nzipf = 1.0\n").unwrap();
+    let out = actio().args(["run", fraud().to_str().unwrap(), "--duration", "1s", "--scenario"]).arg(&bad).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("bad.toml") && stderr.contains("zipf"), "{stderr}");
+}

@@ -1,0 +1,200 @@
+//! The per-transaction engine on the shipped fraud pipeline: rules (36 CEL rules
+//! compiled to a typed tree), velocity windows + 15 velocity rules, the logistic model,
+//! all of them together, the wire codecs — and the `cel` interpreter with a context
+//! built per transaction, the approach our compiled tree replaces (DESIGN.md).
+//!
+//! Run: `cargo bench -p actio-benches --bench engine`
+
+use std::collections::HashMap;
+use std::hint::black_box;
+use std::path::Path;
+
+use actio_benches::{fraud, states, transactions};
+use actio_core::{Codec, Transaction, TxState};
+use actio_engine::rules::RuleSet;
+use actio_pipeline::StageLogic;
+use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
+
+const N: usize = 4096;
+
+fn engine(c: &mut Criterion) {
+    let p = fraud();
+    let rules = match &p.stages[0].logic {
+        StageLogic::Rules(r) => r.current(),
+        _ => unreachable!("stage 0 of the fraud pipeline is rules"),
+    };
+    let (vspec, vrules) = match &p.stages[1].logic {
+        StageLogic::Velocity { spec, rules } => (spec.clone(), rules.as_ref().map(|r| r.current())),
+        _ => unreachable!("stage 1 of the fraud pipeline is velocity"),
+    };
+    let model = match &p.stages[2].logic {
+        StageLogic::Score(m) => m.clone(),
+        _ => unreachable!("stage 2 of the fraud pipeline is score"),
+    };
+    let input = states(N);
+
+    let mut g = c.benchmark_group("engine");
+    g.throughput(Throughput::Elements(1));
+
+    let mut i = 0;
+    g.bench_function("rules_36_per_tx", |b| {
+        b.iter_batched_ref(
+            || {
+                i = (i + 1) % N;
+                input[i].clone()
+            },
+            |st| rules.eval(black_box(st)),
+            BatchSize::SmallInput,
+        )
+    });
+
+    let vstate = vspec.new_state();
+    let mut i = 0;
+    g.bench_function("velocity_update_11_features_per_tx", |b| {
+        b.iter_batched_ref(
+            || {
+                i = (i + 1) % N;
+                input[i].clone()
+            },
+            |st| vspec.update(&vstate, black_box(st)),
+            BatchSize::SmallInput,
+        )
+    });
+
+    // Velocity rules and the model read what the earlier stages computed.
+    let vstate = vspec.new_state();
+    let featured: Vec<TxState> = input
+        .iter()
+        .map(|st| {
+            let mut st = st.clone();
+            rules.eval(&mut st);
+            vspec.update(&vstate, &mut st);
+            st
+        })
+        .collect();
+    if let Some(vrules) = &vrules {
+        let mut i = 0;
+        g.bench_function("velocity_rules_15_per_tx", |b| {
+            b.iter_batched_ref(
+                || {
+                    i = (i + 1) % N;
+                    featured[i].clone()
+                },
+                |st| vrules.eval(black_box(st)),
+                BatchSize::SmallInput,
+            )
+        });
+    }
+    let mut i = 0;
+    g.bench_function("score_per_tx", |b| {
+        b.iter(|| {
+            i = (i + 1) % N;
+            black_box(model.decide(black_box(&featured[i]), &featured[i].tx.card_id, "bench"))
+        })
+    });
+
+    let vstate = vspec.new_state();
+    let mut i = 0;
+    g.bench_function("rules_velocity_score_per_tx", |b| {
+        b.iter_batched_ref(
+            || {
+                i = (i + 1) % N;
+                input[i].clone()
+            },
+            |st| {
+                rules.eval(st);
+                vspec.update(&vstate, st);
+                if let Some(v) = &vrules {
+                    v.eval(st);
+                }
+                black_box(model.decide(st, "k", "bench"))
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    g.finish();
+
+    let mut g = c.benchmark_group("codec");
+    g.throughput(Throughput::Elements(1));
+    let json: Vec<Vec<u8>> = input.iter().map(|s| Codec::Json.encode(&s.tx).unwrap_or_default()).collect();
+    let wire: Vec<Vec<u8>> = featured.iter().map(|s| Codec::Postcard.encode(s).unwrap_or_default()).collect();
+    let mut i = 0;
+    g.bench_function("ingress_json_decode_validate", |b| {
+        b.iter(|| {
+            i = (i + 1) % N;
+            let tx: Result<Transaction, _> = Codec::Json.decode(black_box(&json[i]));
+            black_box(tx.map(|t| t.validate().is_ok()))
+        })
+    });
+    let mut i = 0;
+    g.bench_function("txstate_postcard_encode", |b| {
+        b.iter(|| {
+            i = (i + 1) % N;
+            black_box(Codec::Postcard.encode(black_box(&featured[i])))
+        })
+    });
+    let mut i = 0;
+    g.bench_function("txstate_postcard_decode", |b| {
+        b.iter(|| {
+            i = (i + 1) % N;
+            let st: Result<TxState, _> = Codec::Postcard.decode(black_box(&wire[i]));
+            black_box(st)
+        })
+    });
+    g.finish();
+}
+
+/// One rule, two ways: the `cel` interpreter with a context converted from a map of
+/// the transaction's fields per transaction, against our compiled tree.
+fn cel_baseline(c: &mut Criterion) {
+    const WHEN: &str = "tx.amount > 5000.0 && tx.card_age_days < 7";
+    let txs = transactions(N);
+    let mut g = c.benchmark_group("one_rule");
+    g.throughput(Throughput::Elements(1));
+
+    let program = match cel::Program::compile(WHEN) {
+        Ok(p) => p,
+        Err(e) => panic!("{e}"),
+    };
+    let mut i = 0;
+    g.bench_function("cel_interpreter_context_per_tx", |b| {
+        b.iter(|| {
+            i = (i + 1) % N;
+            let tx = &txs[i];
+            let mut fields: HashMap<String, cel::Value> = HashMap::new();
+            fields.insert("amount".into(), tx.amount().into());
+            fields.insert("card_age_days".into(), (tx.card_age_days as i64).into());
+            fields.insert("mcc".into(), (tx.mcc as i64).into());
+            fields.insert("channel".into(), tx.channel.as_str().into());
+            fields.insert("country".into(), tx.country.clone().into());
+            fields.insert("card_country".into(), tx.card_country.clone().into());
+            fields.insert("currency".into(), tx.currency.clone().into());
+            fields.insert("merchant_id".into(), tx.merchant_id.clone().into());
+            let mut ctx = cel::Context::default();
+            ctx.add_variable_from_value("tx", fields);
+            black_box(program.execute(&ctx).is_ok_and(|v| v == cel::Value::Bool(true)))
+        })
+    });
+
+    let toml = format!("version = \"bench\"\n[[rule]]\nid = \"r\"\ndescription = \"d\"\nwhen = \"{WHEN}\"\nweight = 1.0\n");
+    let set = match RuleSet::from_toml(&toml, Path::new("bench.toml"), &[]) {
+        Ok(s) => s,
+        Err(e) => panic!("{e}"),
+    };
+    let st: Vec<TxState> = txs.into_iter().map(TxState::new).collect();
+    let mut i = 0;
+    g.bench_function("compiled_tree", |b| {
+        b.iter_batched_ref(
+            || {
+                i = (i + 1) % N;
+                st[i].clone()
+            },
+            |s| set.eval(black_box(s)),
+            BatchSize::SmallInput,
+        )
+    });
+    g.finish();
+}
+
+criterion_group!(benches, engine, cel_baseline);
+criterion_main!(benches);

@@ -1,0 +1,69 @@
+//! Connecting to Kafka: the pipeline's `[kafka]` table, then `ACTIO_KAFKA_PROPERTY_*`
+//! environment variables (secrets from a Kubernetes Secret), then `--kafka-property`
+//! flags, later wins — all passed to librdkafka unchanged.
+
+use actio_bus_kafka::{KafkaBus, KafkaConfig};
+use actio_pipeline::Pipeline;
+use std::process::ExitCode;
+
+use anyhow::Context;
+
+use crate::cli::KafkaArgs;
+
+/// Prefix of environment variables that carry librdkafka properties.
+pub const PROPERTY_ENV_PREFIX: &str = "ACTIO_KAFKA_PROPERTY_";
+
+/// `ACTIO_KAFKA_PROPERTY_SASL_PASSWORD` → `sasl.password`.
+fn property_of_env(name: &str) -> Option<String> {
+    let rest = name.strip_prefix(PROPERTY_ENV_PREFIX)?;
+    (!rest.is_empty()).then(|| rest.to_ascii_lowercase().replace('_', "."))
+}
+
+/// Every librdkafka property for this process's clients, in precedence order.
+pub fn properties(pipeline: &Pipeline, args: &KafkaArgs) -> Vec<(String, String)> {
+    let mut props = pipeline.kafka.clone();
+    let mut from_env: Vec<(String, String)> = std::env::vars()
+        .filter_map(|(k, v)| property_of_env(&k).map(|p| (p, v)))
+        .collect();
+    from_env.sort();
+    props.extend(from_env);
+    props.extend(args.kafka_properties.iter().cloned());
+    props
+}
+
+/// The Kafka bus for `pipeline`. A bad property fails here with librdkafka's message.
+pub fn bus(pipeline: &Pipeline, args: &KafkaArgs) -> anyhow::Result<KafkaBus> {
+    let config = KafkaConfig {
+        brokers: args.brokers.clone(),
+        properties: properties(pipeline, args),
+    };
+    KafkaBus::new(config).with_context(|| format!("connecting to Kafka at {}", args.brokers))
+}
+
+/// [`bus`] for a command's start: a failure (bad property) is printed and becomes
+/// the configuration exit code, before anything is consumed.
+pub fn bus_or_exit(pipeline: &Pipeline, args: &KafkaArgs) -> Result<KafkaBus, ExitCode> {
+    bus(pipeline, args).map_err(|e| {
+        eprintln!("error: {e:#}");
+        ExitCode::from(crate::EXIT_CONFIG)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_names_map_to_librdkafka_properties() {
+        assert_eq!(
+            property_of_env("ACTIO_KAFKA_PROPERTY_SASL_PASSWORD").as_deref(),
+            Some("sasl.password")
+        );
+        assert_eq!(
+            property_of_env("ACTIO_KAFKA_PROPERTY_SECURITY_PROTOCOL").as_deref(),
+            Some("security.protocol")
+        );
+        assert_eq!(property_of_env("ACTIO_KAFKA_PROPERTY_"), None);
+        assert_eq!(property_of_env("ACTIO_KAFKA_BROKERS"), None);
+    }
+}

@@ -1,0 +1,230 @@
+//! `actio stage`: one stage of a pipeline as a long-running Kafka service.
+//!
+//! The stage runtime does the work (key lanes, watermark commits, back-pressure,
+//! drain on revocation); this module adds what a service needs around it: an HTTP
+//! endpoint for Prometheus and Kubernetes probes, the group's lag, and a graceful
+//! stop on SIGTERM bounded by `--grace` (Kubernetes' `terminationGracePeriodSeconds`).
+//!
+//! Readiness: a replica is ready once it holds partitions and its group's lag on the
+//! input topic is within the stage's in-flight cap (it has caught up). Once ready it
+//! stays ready while it holds partitions, so a burst of lag does not pull every
+//! replica out of rotation at once; it turns unready when it stops.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::time::{Duration, Instant};
+
+use actio_pipeline::stages::StageHandler;
+use actio_runtime::{Stage, StageMetrics, StopMode};
+use anyhow::Context;
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+
+use crate::cli::StageArgs;
+
+/// Lag value meaning "not measured yet".
+const LAG_UNKNOWN: i64 = -1;
+
+/// What the HTTP endpoint reports; written by the service's threads.
+struct Health {
+    metrics: Arc<dyn Fn() -> StageMetrics + Send + Sync>,
+    /// Summed lag of the stage's group on its input topic, or [`LAG_UNKNOWN`].
+    lag: AtomicI64,
+    ready: AtomicBool,
+    stopping: AtomicBool,
+}
+
+impl Health {
+    fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed) && !self.stopping.load(Ordering::Relaxed)
+    }
+}
+
+async fn metrics(State(h): State<Arc<Health>>) -> impl IntoResponse {
+    let lag = h.lag.load(Ordering::Relaxed);
+    let text = (h.metrics)().prometheus_text((lag != LAG_UNKNOWN).then_some(lag));
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
+}
+
+async fn healthz() -> impl IntoResponse {
+    (StatusCode::OK, "ok\n")
+}
+
+async fn readyz(State(h): State<Arc<Health>>) -> impl IntoResponse {
+    if h.is_ready() {
+        (StatusCode::OK, "ready\n".to_string())
+    } else {
+        let m = (h.metrics)();
+        let lag = h.lag.load(Ordering::Relaxed);
+        let why = if h.stopping.load(Ordering::Relaxed) {
+            "stopping".to_string()
+        } else if m.partitions == 0 {
+            "no partitions assigned yet".to_string()
+        } else {
+            format!(
+                "catching up: group lag {}",
+                if lag == LAG_UNKNOWN {
+                    "unknown".into()
+                } else {
+                    lag.to_string()
+                }
+            )
+        };
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {why}\n"),
+        )
+    }
+}
+
+/// Serves the endpoint on its own thread (a one-thread tokio runtime): scrapes never
+/// touch the stage's driver or workers beyond a metrics snapshot.
+fn serve_http(addr: SocketAddr, health: Arc<Health>) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the HTTP runtime")?;
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind(addr))
+        .with_context(|| format!("binding the HTTP endpoint to {addr} (--http / ACTIO_HTTP)"))?;
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(health);
+    std::thread::Builder::new()
+        .name("http".into())
+        .spawn(move || {
+            if let Err(e) = rt.block_on(async { axum::serve(listener, app).await }) {
+                tracing::error!(error = %e, "HTTP endpoint stopped");
+            }
+        })?;
+    Ok(())
+}
+
+pub fn main(args: StageArgs) -> anyhow::Result<ExitCode> {
+    let pipeline = match crate::run::load_pipeline(&args.pipeline) {
+        Ok(p) => p,
+        Err(code) => return Ok(code),
+    };
+    let Some(stage) = pipeline.stage(&args.stage) else {
+        let names: Vec<&str> = pipeline.stages.iter().map(|s| s.name.as_str()).collect();
+        eprintln!(
+            "error: {}: no stage named {:?} (--stage); the stages are: {}",
+            args.pipeline.display(),
+            args.stage,
+            names.join(", ")
+        );
+        return Ok(ExitCode::from(crate::EXIT_CONFIG));
+    };
+    let handler = StageHandler::new(&pipeline, stage);
+    let properties = crate::kafka::properties(&pipeline, &args.kafka);
+    let mut spec = handler.spec(&properties);
+    if let Some(t) = args.threads {
+        spec.threads = t.max(1);
+    }
+    let (group, input, cap) = (spec.group.clone(), spec.input.clone(), spec.max_in_flight);
+    let plan = format!(
+        "stage {} of {}: {} → {} in group {group}, {} threads, in flight ≤ {}/partition and {cap}/stage; brokers {}; http {}; grace {:?}",
+        stage.name,
+        pipeline.name,
+        stage.input,
+        stage.output,
+        spec.threads,
+        spec.max_in_flight_per_partition,
+        args.kafka.brokers,
+        args.http,
+        args.grace
+    );
+    if args.dry_run {
+        println!("{plan}");
+        println!("dry run: configuration is valid; not connecting");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let bus = match crate::kafka::bus_or_exit(&pipeline, &args.kafka) {
+        Ok(b) => b,
+        Err(code) => return Ok(code),
+    };
+    let term = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGTERM, term.clone())
+        .context("installing the SIGTERM handler")?;
+    signal_hook::flag::register(signal_hook::consts::SIGINT, term.clone())
+        .context("installing the SIGINT handler")?;
+
+    let handle = Stage::spawn(&bus, spec, Arc::new(handler))
+        .with_context(|| format!("starting stage {}", args.stage))?;
+    let health = Arc::new(Health {
+        metrics: handle.metrics_source(),
+        lag: AtomicI64::new(LAG_UNKNOWN),
+        ready: AtomicBool::new(false),
+        stopping: AtomicBool::new(false),
+    });
+    serve_http(args.http, health.clone())?;
+    tracing::info!("{plan}");
+
+    // Lag comes from the broker (admin calls may block): its own thread.
+    {
+        let health = health.clone();
+        std::thread::Builder::new()
+            .name("lag".into())
+            .spawn(move || {
+                while !health.stopping.load(Ordering::Relaxed) {
+                    match bus.group_lag(&group, &input) {
+                        Ok(parts) => {
+                            let lag: i64 = parts.iter().map(|p| p.lag.max(0)).sum();
+                            health.lag.store(lag, Ordering::Relaxed);
+                            let assigned = (health.metrics)().partitions > 0;
+                            if assigned && lag <= cap as i64 {
+                                health.ready.store(true, Ordering::Relaxed);
+                            } else if !assigned {
+                                health.ready.store(false, Ordering::Relaxed);
+                            }
+                        }
+                        Err(e) => tracing::debug!(error = %e, "measuring the group's lag"),
+                    }
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+            })?;
+    }
+
+    while !term.load(Ordering::Relaxed) && !handle.is_finished() {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    health.stopping.store(true, Ordering::Relaxed);
+    let failed_on_its_own = handle.is_finished();
+    if !failed_on_its_own {
+        tracing::info!(grace = ?args.grace, "stopping: draining in-flight work, committing, flushing");
+    }
+    let t0 = Instant::now();
+    handle.stop(StopMode::Graceful);
+    while !handle.is_finished() && t0.elapsed() < args.grace {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    if !handle.is_finished() {
+        eprintln!(
+            "error: stage {} did not stop within the grace period of {:?}",
+            args.stage, args.grace
+        );
+        return Ok(ExitCode::from(1));
+    }
+    match handle.join() {
+        Ok(m) => {
+            tracing::info!(processed = m.processed, dead_lettered = m.dead_lettered, commits = m.commits, took = ?t0.elapsed(), "stopped");
+            Ok(if failed_on_its_own {
+                eprintln!("error: stage {} stopped on its own", args.stage);
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            Ok(ExitCode::from(1))
+        }
+    }
+}
