@@ -8,6 +8,12 @@ use std::hint::black_box;
 
 use actio_benches::transactions;
 use actio_runtime::{KeyLanes, Ordering, Watermark};
+use mimalloc::MiMalloc;
+
+// As in the `actio` binary: allocation costs are measured as they are in production.
+#[global_allocator]
+static GLOBAL: MiMalloc = MiMalloc;
+
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 
 const WINDOW: usize = 1000;

@@ -148,6 +148,20 @@ mod tests {
         assert!(msg.contains("Invalid value"), "{msg}");
     }
 
+    // Production clusters use TLS and SASL/SCRAM; librdkafka built without OpenSSL
+    // rejects these values when the client is created.
+    #[test]
+    fn tls_and_scram_are_built_in() {
+        let props = vec![
+            kv("security.protocol", "SASL_SSL"),
+            kv("sasl.mechanism", "SCRAM-SHA-512"),
+            kv("sasl.username", "u"),
+            kv("sasl.password", "p"),
+        ];
+        let bus = KafkaBus::new(KafkaConfig { brokers: "127.0.0.1:1".into(), properties: props });
+        assert!(bus.is_ok(), "{:?}", bus.err());
+    }
+
     #[test]
     fn unknown_property_fails_in_consumer_and_producer() {
         let bus = KafkaBus::new(KafkaConfig::new("127.0.0.1:1"));

@@ -297,8 +297,9 @@ pub struct RuleHit {
 /// A named numeric feature computed by a stage (velocity counts, sums…).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Feature {
-    /// Feature name, as rules and the model see it (`features.<name>`).
-    pub name: String,
+    /// Feature name, as rules and the model see it (`features.<name>`). Shared with
+    /// the spec that computes it: no allocation per transaction.
+    pub name: std::sync::Arc<str>,
     /// Its value.
     pub value: f64,
 }
@@ -327,7 +328,7 @@ impl TxState {
 
     /// The value of a feature by name.
     pub fn feature(&self, name: &str) -> Option<f64> {
-        self.features.iter().find(|f| f.name == name).map(|f| f.value)
+        self.features.iter().find(|f| *f.name == *name).map(|f| f.value)
     }
 }
 

@@ -212,7 +212,7 @@ pub struct Scope {
 pub fn feature_table(scope: &Scope, st: &TxState) -> Vec<f64> {
     let mut t = vec![f64::NAN; scope.features.len()];
     for f in &st.features {
-        if let Some(i) = scope.features.iter().position(|n| *n == f.name) {
+        if let Some(i) = scope.features.iter().position(|n| **n == *f.name) {
             t[i] = f.value;
         }
     }
