@@ -84,6 +84,12 @@ impl KafkaProducer {
     pub(crate) fn create(config: &ClientConfig) -> Result<Self, BusError> {
         let p: ThreadedProducer<AckContext> =
             config.create_with_context(AckContext).map_err(|e| bus_error_ctx("creating producer", &e))?;
+        // Connect now rather than on the first send: the first messages of a load run
+        // otherwise waited ~0.5 s for connections, metadata and the idempotent
+        // producer id. Best effort: a broker that is down is retried by librdkafka.
+        if let Err(e) = p.client().fetch_metadata(None, Duration::from_secs(5)) {
+            tracing::debug!(error = %e, "producer warm-up: metadata not fetched yet");
+        }
         Ok(KafkaProducer { inner: Arc::new(p) })
     }
 

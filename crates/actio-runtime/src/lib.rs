@@ -10,10 +10,11 @@
 //!
 //! # Parallelism
 //! Messages of one partition enter [`KeyLanes`]: a lane per key runs in order, lanes
-//! run in parallel on the stage's rayon pool. A worker that finishes a lane head
+//! run in parallel on the stage's worker threads. A worker that finishes a lane head
 //! produces its outputs (so same-key outputs are produced in order) and takes the
 //! next message of the lane itself. The driver thread only polls, admits, commits
-//! and pauses; it never sits between two messages of a lane.
+//! and pauses; it never sits between two messages of a lane. (The pool is a plain
+//! channel of jobs, not rayon's: see `pool.rs` for the measurement behind that.)
 //!
 //! # Back-pressure
 //! When a partition holds `max_in_flight_per_partition` messages between its
@@ -23,6 +24,7 @@
 
 pub mod lanes;
 pub mod metrics;
+mod pool;
 mod stage;
 pub mod watermark;
 

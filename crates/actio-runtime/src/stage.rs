@@ -16,6 +16,7 @@ use ahash::AHashMap;
 use crossbeam_channel::{Receiver, Sender};
 use parking_lot::Mutex;
 
+use crate::pool::WorkerPool;
 use crate::lanes::{KeyLanes, Ordering};
 use crate::metrics::{StageMetrics, record_ns};
 use crate::watermark::Watermark;
@@ -226,13 +227,7 @@ impl Stage {
     pub fn spawn<B: Bus>(bus: &B, spec: StageSpec, handler: Arc<dyn Handler>) -> Result<StageHandle, StageError> {
         let name = spec.name.clone();
         let bus_err = |source| StageError::Bus { stage: name.clone(), source };
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(spec.threads.max(1))
-            .thread_name({
-                let name = name.clone();
-                move |i| format!("{name}-worker-{i}")
-            })
-            .build()
+        let pool = WorkerPool::new(&name, spec.threads)
             .map_err(|e| StageError::Pool { stage: name.clone(), message: e.to_string() })?;
         let producer = bus
             .producer(&ProducerConfig { client_id: format!("{}-producer", spec.group), properties: spec.properties.clone() })
@@ -347,7 +342,7 @@ struct Shared<P: Producer> {
     spec: StageSpec,
     handler: Arc<dyn Handler>,
     producer: P,
-    pool: rayon::ThreadPool,
+    pool: WorkerPool,
     state: Mutex<State>,
     done_tx: Sender<Done>,
     done_rx: Receiver<Done>,

@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use actio_bus_embedded::{EmbeddedBus, EmbeddedConfig};
-use actio_core::bus::NoRebalanceListener;
-use actio_core::{Bus, Consumer, ConsumerConfig, ProducerConfig, TopicSpec, Transaction};
+use actio_core::bus::{Offset, RebalanceListener, Record};
+use actio_core::{Bus, Consumer, ConsumerConfig, ProducerConfig, TopicPartition, TopicSpec, Transaction};
 use actio_loadgen::report::{DecisionCounts, RuleHitCount, StageReport, peak_rss_mib};
 use actio_loadgen::{Collector, GenConfig, Generator, LatencySummary, RunReport, Schedule, Sender, StageHistograms};
 use actio_pipeline::Pipeline;
@@ -20,6 +20,65 @@ use anyhow::{Context, bail};
 use parking_lot::Mutex;
 
 use crate::cli::{BusKind, LoadArgs, LoadgenArgs, RunArgs};
+
+/// Longest wait for the collector to join and read past old records before load starts.
+const COLLECTOR_START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// When the collector may be trusted to see every decision at once: it holds every
+/// partition of the egress and DLQ topics and has read past the end offsets they had
+/// before the run. Until then, load would be measured against a collector still
+/// joining its group or skipping old records — the run's first decisions would carry
+/// that wait in their e2e.
+struct CollectorStart {
+    ready: AtomicBool,
+    pending: Mutex<std::collections::HashMap<TopicPartition, (Offset, bool)>>,
+}
+
+impl CollectorStart {
+    fn new(ends: Vec<(TopicPartition, Offset)>) -> Self {
+        let pending = ends.into_iter().map(|(tp, end)| (tp, (end, false))).collect();
+        CollectorStart { ready: AtomicBool::new(false), pending: Mutex::new(pending) }
+    }
+
+    /// Notes what the collector read; sets `ready` once nothing is pending.
+    fn read(&self, batch: &[Record]) {
+        let mut p = self.pending.lock();
+        for r in batch {
+            if let Some((end, _)) = p.get(&r.tp)
+                && r.offset + 1 >= *end
+            {
+                p.remove(&r.tp);
+            }
+        }
+        self.check(&mut p);
+    }
+
+    fn check(&self, p: &mut std::collections::HashMap<TopicPartition, (Offset, bool)>) {
+        // An assigned partition that held nothing has nothing to read.
+        p.retain(|_, (end, assigned)| !(*assigned && *end == 0));
+        if p.is_empty() {
+            self.ready.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+impl RebalanceListener for CollectorStart {
+    fn assigned(&self, partitions: &[TopicPartition]) {
+        let mut p = self.pending.lock();
+        for tp in partitions {
+            if let Some(e) = p.get_mut(tp) {
+                e.1 = true;
+            }
+        }
+        self.check(&mut p);
+    }
+
+    fn revoking(&self, _: &[TopicPartition]) -> Vec<(TopicPartition, Offset)> {
+        Vec::new()
+    }
+
+    fn lost(&self, _: &[TopicPartition]) {}
+}
 
 pub fn load_pipeline(path: &std::path::Path) -> Result<Pipeline, ExitCode> {
     Pipeline::load(path).map_err(|errors| {
@@ -136,6 +195,14 @@ pub fn drive<B: Bus>(
     let collector = Arc::new(Mutex::new(Collector::new(&run_id, sender.key_seq.clone())));
     let stop_collecting = Arc::new(AtomicBool::new(false));
 
+    // The collector reads from the earliest offset (nothing this run produces can be
+    // skipped) and load starts once it has read past what the topics held before.
+    let mut ends = Vec::new();
+    for topic in [&egress.name, &dlq.name] {
+        let e = bus.end_offsets(topic).with_context(|| format!("end offsets of {topic}"))?;
+        ends.extend(e.into_iter().enumerate().map(|(p, end)| (TopicPartition::new(topic.as_str(), p as i32), end)));
+    }
+    let start = Arc::new(CollectorStart::new(ends));
     let mut consumer = bus
         .consumer(
             &ConsumerConfig {
@@ -145,13 +212,14 @@ pub fn drive<B: Bus>(
                 from_earliest: true,
                 properties: properties.to_vec(),
             },
-            Arc::new(NoRebalanceListener),
+            start.clone(),
         )
         .context("joining the collector group")?;
     let collector_thread = {
         let collector = collector.clone();
         let stop = stop_collecting.clone();
         let (egress, dlq) = (egress.name.clone(), dlq.name.clone());
+        let start = start.clone();
         std::thread::Builder::new().name("collector".into()).spawn(move || -> anyhow::Result<()> {
             let mut batch = Vec::with_capacity(512);
             // The collector commits its position so the bus can drop what it read
@@ -175,6 +243,9 @@ pub fn drive<B: Bus>(
                     }
                     timeout = Duration::ZERO;
                 }
+                if !start.ready.load(Ordering::Relaxed) {
+                    start.read(&batch);
+                }
                 if batch.is_empty() {
                     continue;
                 }
@@ -195,6 +266,14 @@ pub fn drive<B: Bus>(
         })?
     };
 
+    let waiting = Instant::now();
+    while !start.ready.load(Ordering::Relaxed) {
+        if waiting.elapsed() > COLLECTOR_START_TIMEOUT {
+            eprintln!("actio: the collector has not caught up with {} within {COLLECTOR_START_TIMEOUT:?}; starting anyway (early decisions may show a longer e2e)", egress.name);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let producer = bus.producer(&ProducerConfig { client_id: "actio-loadgen".into(), properties: properties.to_vec() }).context("creating the load generator's producer")?;
     let mut generator = Generator::new(gen_config(load)?, &run_id).map_err(|e| anyhow::anyhow!(e))?;
     let stop_sending = Arc::new(AtomicBool::new(false));
