@@ -1,0 +1,279 @@
+//! Golden cases for the fraud pipeline's rules and scoring: each JSON file in
+//! `pipelines/fraud/golden/` is a transaction (after the card's or device's earlier
+//! ones) and what the pipeline must make of it; adding a case is adding a file.
+//!
+//! A case runs through the stages' real handlers (rules → velocity → score) exactly
+//! as the runtime calls them, each stage's output payload being the next one's input,
+//! on a fresh set of handlers so that no velocity state leaks between cases. Every
+//! rule of the pipeline must be expected to fire in at least one case: a new rule
+//! without a case fails here.
+//!
+//! Case format (see `pipelines/fraud/golden/README.md`):
+//!
+//! ```json
+//! { "description": "…",
+//!   "history": [ <ingress tx>, … ],        // optional, fed first, in order
+//!   "tx": <ingress tx, as in tx.schema.json>,
+//!   "expect": { "decision": "approve|review|decline",   // optional
+//!               "hits": ["rule_id", …],                  // must fire on `tx`
+//!               "not_hits": ["rule_id", …],              // optional: must not fire
+//!               "override_rule": "rule_id" | null } }    // optional
+//! ```
+//!
+//! `hits` are the rules that fired, shadow ones included (they fire but never reach
+//! the decision's `rule_hits`), read from the state the velocity stage hands on.
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use actio_core::bus::Bytes;
+use actio_core::{Decision, Headers, Record, TopicPartition, Transaction, TxState, Verdict};
+use actio_pipeline::stages::StageHandler;
+use actio_pipeline::{Pipeline, StageKind, StageLogic};
+use actio_runtime::Handler;
+use serde::{Deserialize, Deserializer};
+
+/// The case directory, as named in messages (relative to the repository root).
+const GOLDEN: &str = "pipelines/fraud/golden";
+
+fn fraud() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../pipelines/fraud")
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Case {
+    description: String,
+    #[serde(default)]
+    history: Vec<Transaction>,
+    tx: Transaction,
+    expect: Expect,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Expect {
+    #[serde(default)]
+    decision: Option<Verdict>,
+    hits: Vec<String>,
+    #[serde(default)]
+    not_hits: Vec<String>,
+    /// Absent: not checked; `null`: no rule may override; an id: that rule overrides.
+    #[serde(default, deserialize_with = "present")]
+    override_rule: Option<Option<String>>,
+}
+
+fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<String>>, D::Error> {
+    Option::<String>::deserialize(d).map(Some)
+}
+
+/// What the pipeline made of one transaction.
+struct Outcome {
+    /// The state after the last non-scoring stage: every hit (shadow ones too), the features.
+    state: TxState,
+    decision: Decision,
+}
+
+/// One fresh set of stage handlers, fed like the runtime feeds them.
+struct Chain<'p> {
+    pipeline: &'p Pipeline,
+    handlers: Vec<StageHandler>,
+    offset: i64,
+}
+
+impl<'p> Chain<'p> {
+    fn new(pipeline: &'p Pipeline) -> Self {
+        Chain { pipeline, handlers: pipeline.stages.iter().map(|s| StageHandler::new(pipeline, s)).collect(), offset: 0 }
+    }
+
+    fn codec(&self, topic: &str) -> actio_core::Codec {
+        self.pipeline.topic(topic).unwrap().codec
+    }
+
+    fn run(&mut self, tx: &Transaction) -> Result<Outcome, String> {
+        let stages = &self.pipeline.stages;
+        let mut payload: Bytes = self.codec(&stages[0].input).encode(tx).map_err(|e| e.to_string())?.into();
+        let key = Bytes::from(tx.card_id.clone());
+        let offset = self.offset;
+        self.offset += 1;
+        let mut state = None;
+        for (stage, handler) in stages.iter().zip(&self.handlers) {
+            let record = Record {
+                tp: TopicPartition::new(stage.input.as_str(), 0),
+                offset,
+                key: Some(key.clone()),
+                payload,
+                headers: Headers::default(),
+                timestamp_ms: None,
+            };
+            let outputs = handler.handle(&record).map_err(|e| format!("stage {:?} failed on tx {:?}: {e}", stage.name, tx.id))?;
+            let [out] = outputs.as_slice() else {
+                return Err(format!("stage {:?} produced {} outputs for tx {:?}; expected 1", stage.name, outputs.len(), tx.id));
+            };
+            assert_eq!(*out.topic, *stage.output, "stage {:?} wrote to another topic", stage.name);
+            payload = out.payload.clone();
+            if stage.kind != StageKind::Score {
+                state = Some(self.codec(&stage.output).decode::<TxState>(&payload).map_err(|e| format!("stage {:?} output: {e}", stage.name))?);
+            }
+        }
+        let egress = &stages[stages.len() - 1].output;
+        let decision: Decision = self.codec(egress).decode(&payload).map_err(|e| format!("decision: {e}"))?;
+        let state = state.ok_or("the pipeline has no rules or velocity stage")?;
+        Ok(Outcome { state, decision })
+    }
+}
+
+/// The pipeline's rule sets, in chain order.
+fn rule_sets(p: &Pipeline) -> Vec<std::sync::Arc<actio_engine::rules::RuleSet>> {
+    p.stages
+        .iter()
+        .filter_map(|s| match &s.logic {
+            StageLogic::Rules(r) | StageLogic::Velocity { rules: Some(r), .. } => Some(r.current()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn rule_ids(p: &Pipeline) -> Vec<String> {
+    rule_sets(p).iter().flat_map(|s| s.rules().iter().map(|r| r.id.clone()).collect::<Vec<_>>()).collect()
+}
+
+/// Which rules failed to evaluate on a state, and why.
+fn rule_errors(p: &Pipeline, st: &TxState) -> Vec<String> {
+    let mut out = Vec::new();
+    for set in rule_sets(p) {
+        for r in set.rules() {
+            if let Some(Err(e)) = set.explain(&r.id, st) {
+                out.push(format!("{}: {e}", r.id));
+            }
+        }
+    }
+    out
+}
+
+fn describe(o: &Outcome) -> String {
+    let hits: Vec<String> = o.state.hits.iter().map(|h| if h.shadow { format!("{} (shadow)", h.id) } else { h.id.clone() }).collect();
+    let features: Vec<String> = o.state.features.iter().map(|f| format!("{}={}", f.name, f.value)).collect();
+    format!(
+        "  actual: decision {} (score {}, override {:?})\n  hits: {hits:?}\n  features: {}",
+        o.decision.decision,
+        o.decision.score,
+        o.decision.override_rule,
+        features.join(" ")
+    )
+}
+
+/// Runs one case file; the rule ids it proves to fire, or what went wrong.
+fn check(p: &Pipeline, known: &BTreeSet<String>, path: &Path) -> Result<Vec<String>, String> {
+    let text = std::fs::read(path).map_err(|e| format!("cannot read: {e}"))?;
+    let case: Case = actio_core::Codec::Json.decode(&text).map_err(|e| format!("not a golden case: {e}"))?;
+    let mut problems = Vec::new();
+    if case.description.trim().is_empty() {
+        problems.push("empty description".to_string());
+    }
+    let mut ids = BTreeSet::new();
+    for tx in case.history.iter().chain([&case.tx]) {
+        if !ids.insert(tx.id.as_str()) {
+            problems.push(format!("tx id {:?} is used twice in the case", tx.id));
+        }
+        if let Err(e) = tx.validate() {
+            problems.push(format!("tx {:?} is invalid: {e}", tx.id));
+        }
+    }
+    for id in case.expect.hits.iter().chain(&case.expect.not_hits) {
+        if !known.contains(id) {
+            problems.push(format!("unknown rule id {id:?} in expect"));
+        }
+    }
+    if !problems.is_empty() {
+        return Err(problems.join("\n  "));
+    }
+
+    let mut chain = Chain::new(p);
+    for tx in &case.history {
+        let o = chain.run(tx).map_err(|e| format!("history: {e}"))?;
+        let errors = rule_errors(p, &o.state);
+        if !errors.is_empty() {
+            problems.push(format!("history tx {:?}: rules failed to evaluate: {errors:?}", tx.id));
+        }
+    }
+    let o = chain.run(&case.tx)?;
+    let fired: BTreeSet<&str> = o.state.hits.iter().map(|h| h.id.as_str()).collect();
+    let missing: Vec<&String> = case.expect.hits.iter().filter(|id| !fired.contains(id.as_str())).collect();
+    if !missing.is_empty() {
+        problems.push(format!("expected to fire but did not: {missing:?}"));
+    }
+    let unwanted: Vec<&String> = case.expect.not_hits.iter().filter(|id| fired.contains(id.as_str())).collect();
+    if !unwanted.is_empty() {
+        problems.push(format!("fired but must not: {unwanted:?}"));
+    }
+    if let Some(want) = case.expect.decision
+        && want != o.decision.decision
+    {
+        problems.push(format!("expected decision {want}, got {}", o.decision.decision));
+    }
+    if let Some(want) = &case.expect.override_rule
+        && *want != o.decision.override_rule
+    {
+        problems.push(format!("expected override_rule {want:?}, got {:?}", o.decision.override_rule));
+    }
+    if o.decision.tx_id != case.tx.id {
+        problems.push(format!("the decision is for tx {:?}, not {:?}", o.decision.tx_id, case.tx.id));
+    }
+    let errors = rule_errors(p, &o.state);
+    if !errors.is_empty() || o.state.rule_errors != 0 {
+        problems.push(format!("{} rule evaluation error(s): {errors:?}", o.state.rule_errors));
+    }
+    if problems.is_empty() {
+        // Shown with --nocapture: how close each case sits to the thresholds.
+        eprintln!("{:<8} {:.6}  {}", o.decision.decision.to_string(), o.decision.score, path.file_name().unwrap_or_default().to_string_lossy());
+        Ok(case.expect.hits)
+    } else {
+        Err(format!("{}\n  {}\n{}", case.description, problems.join("\n  "), describe(&o)))
+    }
+}
+
+#[test]
+fn golden_cases_decide_as_expected_and_cover_every_rule() {
+    let p = Pipeline::load(&fraud()).unwrap_or_else(|e| panic!("{e}"));
+    let all = rule_ids(&p);
+    let known: BTreeSet<String> = all.iter().cloned().collect();
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").join(GOLDEN);
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{GOLDEN}: {e}"))
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+
+    let mut failures = Vec::new();
+    let mut covered: BTreeSet<String> = BTreeSet::new();
+    let mut cases = 0;
+    for path in &files {
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if name == "README.md" || name.starts_with('.') {
+            continue;
+        }
+        if path.extension().is_none_or(|e| e != "json") {
+            failures.push(format!("{name}: not a .json case (only *.json and README.md belong in golden/)"));
+            continue;
+        }
+        cases += 1;
+        match check(&p, &known, path) {
+            Ok(hits) => covered.extend(hits),
+            Err(e) => failures.push(format!("{name}: {e}")),
+        }
+    }
+    assert!(cases > 0, "no golden cases in {GOLDEN}");
+
+    let uncovered: Vec<&String> = all.iter().filter(|id| !covered.contains(*id)).collect();
+    if !uncovered.is_empty() {
+        failures.push(format!(
+            "rules no golden case expects to fire ({} of {}): {uncovered:?}; add a case to {GOLDEN} whose expect.hits names each",
+            uncovered.len(),
+            all.len(),
+        ));
+    }
+    assert!(failures.is_empty(), "{} golden failure(s) in {GOLDEN}:\n\n{}", failures.len(), failures.join("\n\n"));
+    eprintln!("golden: {cases} cases, {} of {} rules covered", covered.len(), all.len());
+}
