@@ -258,7 +258,10 @@ pub mod timestamp {
             match Human::deserialize(d).map_err(|_| {
                 de::Error::custom("expected an RFC 3339 timestamp string or integer ns since the Unix epoch")
             })? {
-                Human::Nanos(n) => Ok(n),
+                // Negative ns have no RFC 3339 form here: reject rather than let a
+                // re-encoded copy say 1970 (found by the fuzzer).
+                Human::Nanos(n) if n >= 0 => Ok(n),
+                Human::Nanos(n) => Err(de::Error::custom(format!("expected ns since the Unix epoch (≥ 0), got {n}"))),
                 Human::Text(t) => crate::time::parse_rfc3339_ns(&t).ok_or_else(|| {
                     de::Error::custom(format!("expected an RFC 3339 timestamp, got {t:?}"))
                 }),
@@ -416,6 +419,18 @@ mod tests {
         tx.ip_country = Some("Germany".into());
         assert_eq!(tx.validate().unwrap_err().field, "ip_country");
         assert!(sample().validate().is_ok());
+    }
+
+    // Found by the fuzzer: a negative integer created_at decoded, and re-encoded as
+    // 1970-01-01T00:00:00Z.
+    #[test]
+    fn created_at_before_the_epoch_is_rejected() {
+        let mut json = serde_json::to_value(sample()).unwrap();
+        json["created_at"] = serde_json::json!(-1);
+        let e = crate::Codec::Json.decode::<Transaction>(json.to_string().as_bytes()).unwrap_err();
+        assert_eq!(e.path.as_deref(), Some("created_at"), "{e}");
+        json["created_at"] = serde_json::json!(5);
+        assert_eq!(crate::Codec::Json.decode::<Transaction>(json.to_string().as_bytes()).unwrap().created_at, 5);
     }
 
     #[test]
