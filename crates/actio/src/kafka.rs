@@ -44,9 +44,30 @@ pub fn bus(pipeline: &Pipeline, args: &KafkaArgs) -> anyhow::Result<KafkaBus> {
 /// the configuration exit code, before anything is consumed.
 pub fn bus_or_exit(pipeline: &Pipeline, args: &KafkaArgs) -> Result<KafkaBus, ExitCode> {
     bus(pipeline, args).map_err(|e| {
-        eprintln!("error: {e:#}");
+        let text = format!("{e:#}");
+        match property_source(pipeline, args, &text) {
+            Some(at) => eprintln!("error: {at}: {text}"),
+            None => eprintln!("error: {text}"),
+        }
         ExitCode::from(crate::EXIT_CONFIG)
     })
+}
+
+/// Where the property that librdkafka's message names was set — flags, then
+/// environment, then the pipeline's `[kafka]` table (the precedence of
+/// [`properties`]) — so the error names the file and the field.
+fn property_source(pipeline: &Pipeline, args: &KafkaArgs, message: &str) -> Option<String> {
+    // rdkafka's text: `... property "queue.buffering.max.ms" linger.ms banana` (the
+    // alias librdkafka resolved, then the name as given, then the value).
+    let named = |k: &str| message.split(|c: char| c.is_whitespace() || c == '"').any(|w| w == k);
+    if let Some((k, _)) = args.kafka_properties.iter().rev().find(|(k, _)| named(k)) {
+        return Some(format!("--kafka-property {k}"));
+    }
+    if let Some(var) = std::env::vars().map(|(v, _)| v).find(|v| property_of_env(v).is_some_and(|k| named(&k))) {
+        return Some(format!("environment variable {var}"));
+    }
+    let (k, _) = pipeline.kafka.iter().rev().find(|(k, _)| named(k))?;
+    Some(format!("{}: field kafka.\"{k}\"", pipeline.dir.join("pipeline.toml").display()))
 }
 
 #[cfg(test)]

@@ -1,0 +1,502 @@
+//! Reliability against a real Apache Kafka broker: bad input is dead-lettered with its
+//! provenance while its partition keeps flowing, a rule that fails at evaluation does
+//! not stop a decision, SIGTERM under load exits 0 with nothing lost, every stage
+//! SIGKILLed once and restarted loses nothing, and each class of bad configuration
+//! stops `actio stage` with exit code 2 before it connects.
+//!
+//! Like `kafka.rs` they read `ACTIO_KAFKA_BROKERS` (set by `scripts/test`) and skip
+//! without it unless `ACTIO_REQUIRE_KAFKA=1`. Longer scenarios (overload, rebalance
+//! 1→3→1, broker restart) are in `loadtest/reliability.sh`; figures in RELIABILITY.md.
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actio_bus_kafka::{KafkaBus, KafkaConfig};
+use actio_core::bus::{
+    Bus, Bytes, Consumer, ConsumerConfig, Delivered, Headers, NoRebalanceListener, OutRecord, Producer, ProducerConfig, Record,
+};
+
+/// One broker test at a time (see kafka.rs: parallel multi-process tests on 2 cores
+/// starve the broker, a fault these tests do not mean to inject).
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn brokers(test: &str) -> Option<String> {
+    match std::env::var("ACTIO_KAFKA_BROKERS") {
+        Ok(b) if !b.trim().is_empty() => Some(b),
+        _ if std::env::var("ACTIO_REQUIRE_KAFKA").is_ok_and(|v| v == "1") => {
+            panic!("{test}: ACTIO_REQUIRE_KAFKA=1 but ACTIO_KAFKA_BROKERS is not set")
+        }
+        _ => {
+            eprintln!("{test}: skipped: ACTIO_KAFKA_BROKERS not set (run scripts/test)");
+            None
+        }
+    }
+}
+
+fn actio() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_actio"))
+}
+
+fn fraud() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../pipelines/fraud")
+}
+
+fn nanos() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 & 0xffff_ffff_ffff
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A copy of the fraud pipeline in a temp dir, `edit` applied to `file`.
+fn copy_of_fraud(file: &str, edit: impl Fn(String) -> String) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for e in std::fs::read_dir(fraud()).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_file() {
+            std::fs::copy(e.path(), dir.path().join(e.file_name())).unwrap();
+        }
+    }
+    let p = dir.path().join(file);
+    let text = std::fs::read_to_string(&p).unwrap_or_default();
+    let edited = edit(text.clone());
+    assert_ne!(edited, text, "the edit must change {file}");
+    std::fs::write(&p, edited).unwrap();
+    dir
+}
+
+/// A private copy of the fraud pipeline with its own name, topics and groups
+/// (4 partitions each), as in kafka.rs.
+struct TestPipeline {
+    dir: tempfile::TempDir,
+    name: String,
+    brokers: String,
+}
+
+impl TestPipeline {
+    fn new(brokers: &str, rules_edit: impl Fn(String) -> String) -> Self {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let seq = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("r{:x}-{}-{seq}", nanos(), std::process::id());
+        let dir = copy_of_fraud("pipeline.toml", |t| {
+            t.replace("name = \"fraud\"", &format!("name = \"{name}\""))
+                .replace("\"tx.", &format!("\"{name}."))
+                .replace("partitions = 12", "partitions = 4")
+        });
+        let rules = dir.path().join("rules.toml");
+        let text = std::fs::read_to_string(&rules).unwrap();
+        std::fs::write(&rules, rules_edit(text)).unwrap();
+        TestPipeline { dir, name, brokers: brokers.to_string() }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn topic(&self, suffix: &str) -> String {
+        format!("{}.{suffix}", self.name)
+    }
+
+    fn create_topics(&self) {
+        let out = actio().args(["topics", "create"]).arg(self.path()).args(["--brokers", &self.brokers]).output().unwrap();
+        assert!(out.status.success(), "topics create: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    }
+
+    fn stage(&self, stage: &str) -> StageProcess {
+        let port = free_port();
+        let log = self.path().join(format!("{stage}-{port}.log"));
+        let child = actio()
+            .args(["stage", "--stage", stage, "--brokers", &self.brokers, "--http", &format!("127.0.0.1:{port}"), "--grace", "20s"])
+            .arg("--pipeline")
+            .arg(self.path())
+            .env("RUST_LOG", "warn,actio=info,actio_runtime=info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        StageProcess { child, port, log }
+    }
+
+    fn chain(&self) -> Vec<StageProcess> {
+        let mut stages: Vec<StageProcess> = ["rules", "velocity", "score"].into_iter().map(|s| self.stage(s)).collect();
+        for s in &mut stages {
+            s.wait_ready(Duration::from_secs(60));
+        }
+        stages
+    }
+
+    fn loadgen(&self, rate: u32, duration: &str, out: &Path) -> Command {
+        let mut c = actio();
+        c.args(["loadgen", "--brokers", &self.brokers, "--rate", &rate.to_string(), "--duration", duration, "--drain", "90s"])
+            .arg("--pipeline")
+            .arg(self.path())
+            .arg("--out")
+            .arg(out)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        c
+    }
+
+    fn bus(&self) -> KafkaBus {
+        KafkaBus::new(KafkaConfig::new(self.brokers.clone())).unwrap()
+    }
+}
+
+/// A stage service; killed when dropped.
+struct StageProcess {
+    child: Child,
+    port: u16,
+    log: PathBuf,
+}
+
+impl StageProcess {
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn wait_ready(&mut self, within: Duration) {
+        let t0 = Instant::now();
+        while t0.elapsed() < within {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("stage exited ({status}) before ready:\n{}", self.log());
+            }
+            if http_get(self.port, "/readyz").is_some_and(|(code, _)| code == 200) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("stage on port {} not ready within {within:?}:\n{}", self.port, self.log());
+    }
+
+    /// A counter of the stage's /metrics, e.g. `actio_stage_dead_lettered_total`.
+    fn counter(&self, name: &str) -> u64 {
+        let (_, body) = http_get(self.port, "/metrics").unwrap();
+        let line = body.lines().find(|l| l.starts_with(&format!("{name}{{"))).unwrap_or_else(|| panic!("no {name}:\n{body}"));
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill").args([sig, &self.child.id().to_string()]).status().unwrap().success();
+        assert!(ok, "kill {sig}");
+    }
+
+    fn wait_exit(&mut self, within: Duration) -> ExitStatus {
+        let t0 = Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(t0.elapsed() < within, "stage did not exit within {within:?}:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for StageProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Some((status, body))
+}
+
+fn report(out: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap()
+}
+
+fn n(v: &serde_json::Value, field: &str) -> u64 {
+    v[field].as_u64().unwrap_or_else(|| panic!("report.json has no integer {field}: {v}"))
+}
+
+/// Produces `records` in order (one key: one partition, so offsets follow the
+/// order) and waits for every ack.
+fn produce(bus: &KafkaBus, records: Vec<OutRecord>) -> Vec<Delivered> {
+    let producer = bus.producer(&ProducerConfig { client_id: "reliability-test".into(), properties: Vec::new() }).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let count = records.len();
+    for (i, r) in records.into_iter().enumerate() {
+        let tx = tx.clone();
+        producer.send(r, Box::new(move |res| tx.send((i, res)).unwrap())).unwrap();
+    }
+    producer.flush(Duration::from_secs(30)).unwrap();
+    let mut acks = BTreeMap::new();
+    for _ in 0..count {
+        let (i, res) = rx.recv_timeout(Duration::from_secs(30)).unwrap();
+        acks.insert(i, res.unwrap_or_else(|e| panic!("record {i} not delivered: {e}")));
+    }
+    acks.into_values().collect()
+}
+
+/// Reads `topic` from the beginning until `want` records arrived (or `within`).
+fn read_topic(bus: &KafkaBus, topic: &str, want: usize, within: Duration) -> Vec<Record> {
+    let mut c = bus
+        .consumer(
+            &ConsumerConfig {
+                group: format!("reader-{}", nanos()),
+                topics: vec![topic.to_string()],
+                client_id: "reliability-reader".into(),
+                from_earliest: true,
+                properties: Vec::new(),
+            },
+            Arc::new(NoRebalanceListener),
+        )
+        .unwrap();
+    let deadline = Instant::now() + within;
+    let mut out = Vec::new();
+    while out.len() < want && Instant::now() < deadline {
+        if let Some(r) = c.poll(Duration::from_millis(100)).unwrap() {
+            out.push(r);
+        }
+    }
+    out
+}
+
+fn record(topic: &str, key: &str, payload: impl Into<Bytes>) -> OutRecord {
+    let mut headers = Headers::default();
+    headers.set("x-origin", b"reliability-test".to_vec());
+    OutRecord { topic: topic.into(), partition: None, key: Some(Bytes::from(key.to_string())), payload: payload.into(), headers }
+}
+
+fn valid_tx(id: &str, card: &str, second: u32, attrs: serde_json::Value) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "id": id, "card_id": card, "account_id": "acc-1", "device_id": null, "merchant_id": "m-1",
+        "amount_minor": 4200, "currency": "EUR", "mcc": 5411, "country": "FR", "card_country": "FR",
+        "ip_country": null, "channel": "pos", "card_age_days": 400,
+        "created_at": format!("2026-11-24T12:00:{second:02}Z"), "attrs": attrs,
+    }))
+    .unwrap()
+}
+
+/// A rule that reads an attribute without `has()`: on a transaction without it, the
+/// comparison `null > 0.5` fails at evaluation.
+const FAILING_RULE: &str = r#"
+[[rule]]
+id = "reads_attr_without_has"
+description = "reads tx.attrs.risk_score without has(): fails on every tx that lacks it"
+when = "tx.attrs.risk_score > 0.5"
+weight = 0.1
+"#;
+
+#[test]
+fn bad_input_is_dead_lettered_with_its_source_and_bytes_while_the_partition_keeps_flowing() {
+    let Some(b) = brokers("bad_input") else { return };
+    let _serial = serial();
+    let p = TestPipeline::new(&b, |t| format!("{t}{FAILING_RULE}"));
+    p.create_topics();
+    let bus = p.bus();
+    let card = "card-poison";
+    let ingress = p.topic("in");
+    // (payload, expected actio-error substring); None = valid, must be decided.
+    let mut oversized = serde_json::from_slice::<serde_json::Value>(&valid_tx("big", card, 5, serde_json::json!({}))).unwrap();
+    oversized["attrs"]["blob"] = serde_json::Value::String("x".repeat(800_000));
+    let cases: Vec<(Vec<u8>, Option<&str>)> = vec![
+        (valid_tx("ok-0", card, 0, serde_json::json!({})), None),
+        (br#"{"id": "bad-json", "card_id": "#.to_vec(), Some("undecodable payload")),
+        (valid_tx("ok-1", card, 1, serde_json::json!({})), None),
+        (edited(valid_tx("bad-currency", card, 2, serde_json::json!({})), "\"EUR\"", "\"usd\""), Some("invalid transaction: field `currency`")),
+        (edited(valid_tx("bad-field", card, 3, serde_json::json!({})), "\"mcc\"", "\"colour\":1,\"mcc\""), Some("colour")),
+        (serde_json::to_vec(&oversized).unwrap(), Some("invalid transaction: field `attrs.blob`")),
+        (valid_tx("ok-2", card, 6, serde_json::json!({"risk_score": 0.9})), None),
+        (Vec::new(), Some("undecodable payload")),
+        (vec![0xff, 0xfe, 0x00, 0x9f], Some("undecodable payload")),
+        (valid_tx("ok-3", card, 9, serde_json::json!({})), None),
+    ];
+    let acks = produce(&bus, cases.iter().map(|(payload, _)| record(&ingress, card, payload.clone())).collect());
+    assert!(acks.windows(2).all(|w| w[0].partition == w[1].partition && w[1].offset == w[0].offset + 1), "one partition, in order: {acks:?}");
+    // Garbage on the internal (postcard) topics: the velocity and score stages' decoders.
+    let internal = produce(&bus, vec![record(&p.topic("ruled"), card, b"\x05garbage".to_vec()), record(&p.topic("featured"), card, b"\xff\xff\xff\xff\xff\xff".to_vec())]);
+
+    let stages = p.chain();
+    let bad = cases.iter().filter(|c| c.1.is_some()).count();
+    let dlq = read_topic(&bus, &p.topic("dlq"), bad + 2, Duration::from_secs(60));
+    let decisions = read_topic(&bus, &p.topic("decisions"), 4, Duration::from_secs(60));
+
+    // Every bad message is in the DLQ once, with its original bytes and provenance.
+    assert_eq!(dlq.len(), bad + 2, "DLQ: {:?}", dlq.iter().map(|r| r.headers.get("actio-error").map(String::from_utf8_lossy)).collect::<Vec<_>>());
+    let utf8 = |r: &Record, h: &str| String::from_utf8(r.headers.get(h).unwrap_or_else(|| panic!("no {h} header")).to_vec()).unwrap();
+    for ((payload, why), at) in cases.iter().zip(&acks) {
+        let Some(why) = why else { continue };
+        let source = format!("{ingress}/{}/{}", at.partition, at.offset);
+        let copy = dlq.iter().find(|r| r.headers.get("actio-source") == Some(source.as_bytes())).unwrap_or_else(|| panic!("no DLQ copy of {source} ({why})"));
+        assert_eq!(&copy.payload[..], &payload[..], "{source}: original bytes kept");
+        assert!(utf8(copy, "actio-error").contains(why), "{source}: {}", utf8(copy, "actio-error"));
+        assert_eq!(utf8(copy, "actio-stage"), "rules");
+        assert_eq!(copy.headers.get("x-origin"), Some(&b"reliability-test"[..]), "the producer's headers are kept");
+        assert_eq!(copy.key.as_deref(), Some(card.as_bytes()));
+        if why.starts_with("invalid transaction") {
+            // Schema-invalid but well-formed: the DLQ copy is readable JSON.
+            serde_json::from_slice::<serde_json::Value>(&copy.payload).unwrap();
+        }
+    }
+    for (stage, topic, at) in [("velocity", "ruled", internal[0]), ("score", "featured", internal[1])] {
+        let source = format!("{}/{}/{}", p.topic(topic), at.partition, at.offset);
+        let copy = dlq.iter().find(|r| r.headers.get("actio-source") == Some(source.as_bytes())).unwrap_or_else(|| panic!("no DLQ copy of {source}"));
+        assert_eq!(utf8(copy, "actio-stage"), stage);
+        assert!(utf8(copy, "actio-error").contains("undecodable payload: Postcard payload"), "{}", utf8(copy, "actio-error"));
+    }
+
+    // The partition kept flowing: every valid transaction, including those behind the
+    // poison on the same key and partition, is decided once and in order.
+    let ids: Vec<String> = decisions
+        .iter()
+        .map(|r| serde_json::from_slice::<serde_json::Value>(&r.payload).unwrap()["tx_id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids, ["ok-0", "ok-1", "ok-2", "ok-3"]);
+    // A rule failing at evaluation is counted on the transaction (rule_errors) and the
+    // rule set's stats; it is not a handler failure: the tx is decided, the rule does
+    // not fire. With the attribute present it evaluates and fires.
+    for r in &decisions {
+        let d: serde_json::Value = serde_json::from_slice(&r.payload).unwrap();
+        let fired = d["rule_hits"].as_array().unwrap().iter().any(|h| h == "reads_attr_without_has");
+        assert_eq!(fired, d["tx_id"] == "ok-2", "{d}");
+    }
+    // The stages count what they dead-lettered (a count lands once the ack is applied).
+    for (stage, want) in stages.iter().zip([bad as u64, 1, 1]) {
+        let t0 = Instant::now();
+        while stage.counter("actio_stage_dead_lettered_total") != want && t0.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert_eq!(stage.counter("actio_stage_dead_lettered_total"), want, "{}", stage.log());
+    }
+}
+
+fn edited(json: Vec<u8>, from: &str, to: &str) -> Vec<u8> {
+    let text = String::from_utf8(json).unwrap();
+    assert!(text.contains(from), "{from} in {text}");
+    text.replace(from, to).into_bytes()
+}
+
+/// Sum of the committed offsets of `group` on `topic` (fresh topics start at 0).
+fn committed(bus: &KafkaBus, group: &str, topic: &str) -> i64 {
+    bus.committed_offsets(group, topic).unwrap().into_iter().map(|o| o.unwrap_or(0)).sum()
+}
+
+/// `processed=N` from the stage's "stopped" log line (ANSI colours removed).
+fn processed_in_log(log: &str) -> Option<i64> {
+    let mut plain = String::with_capacity(log.len());
+    let mut chars = log.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            chars.by_ref().find(|c| c.is_ascii_alphabetic());
+        } else {
+            plain.push(c);
+        }
+    }
+    let line = plain.lines().rev().find(|l| l.contains("stopped") && l.contains("processed="))?;
+    line.split("processed=").nth(1)?.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+}
+
+#[test]
+fn sigterm_under_load_exits_0_commits_what_it_processed_and_a_restart_loses_nothing() {
+    let Some(b) = brokers("sigterm_under_load") else { return };
+    let _serial = serial();
+    let p = TestPipeline::new(&b, |t| t);
+    p.create_topics();
+    let mut stages = p.chain();
+    let out = p.path().join("report");
+    let mut load = p.loadgen(1000, "10s", &out).spawn().unwrap();
+    std::thread::sleep(Duration::from_secs(4));
+    // Stop the middle stage while transactions stream through it.
+    let t0 = Instant::now();
+    stages[1].signal("-TERM");
+    let status = stages[1].wait_exit(Duration::from_secs(25));
+    let took = t0.elapsed();
+    assert!(status.success(), "velocity exited {status}:\n{}", stages[1].log());
+    let log = stages[1].log();
+    let processed = processed_in_log(&log).unwrap_or_else(|| panic!("no stopped line:\n{log}"));
+    let done = committed(&p.bus(), &format!("{}.velocity", p.name), &p.topic("ruled"));
+    // Committed = processed, but for messages done out of offset order behind a lane
+    // cleared at revocation: those are redelivered, never skipped.
+    assert!(done <= processed && processed - done <= 1000, "committed {done}, processed {processed}");
+    std::thread::sleep(Duration::from_secs(1));
+    stages[1] = p.stage("velocity");
+    let mut stderr = String::new();
+    load.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    assert!(load.wait().unwrap().success(), "loadgen: {stderr}");
+    let r = report(&out);
+    assert_eq!(n(&r, "lost"), 0, "{r}");
+    assert_eq!(n(&r, "order_violations"), 0, "{r}");
+    // Duplicates: processed − committed of the stopped stage (0 when the drain finished
+    // every lane), plus any redelivery after a session expired elsewhere in the chain
+    // (seen when the machine was starved by a parallel build: at-least-once).
+    eprintln!("sigterm under load: stopped in {took:?}, processed {processed}, committed {done}, sent {} duplicates {}", n(&r, "sent"), n(&r, "duplicates"));
+}
+
+#[test]
+fn every_stage_sigkilled_once_and_restarted_loses_nothing() {
+    let Some(b) = brokers("sigkill_each_stage") else { return };
+    let _serial = serial();
+    let p = TestPipeline::new(&b, |t| t);
+    p.create_topics();
+    let mut stages = p.chain();
+    let out = p.path().join("report");
+    let mut load = p.loadgen(500, "24s", &out).spawn().unwrap();
+    for (i, name) in ["rules", "velocity", "score"].into_iter().enumerate() {
+        std::thread::sleep(Duration::from_secs(4));
+        stages[i].signal("-KILL");
+        let _ = stages[i].wait_exit(Duration::from_secs(5));
+        stages[i] = p.stage(name);
+    }
+    let mut stderr = String::new();
+    load.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    assert!(load.wait().unwrap().success(), "loadgen: {stderr}");
+    let r = report(&out);
+    assert_eq!(n(&r, "lost"), 0, "{r}");
+    assert_eq!(n(&r, "order_violations"), 0, "{r}");
+    assert_eq!(n(&r, "decided") + n(&r, "dlq"), n(&r, "sent"), "{r}");
+    eprintln!("sigkill each stage: sent {} duplicates {} e2e max {} µs", n(&r, "sent"), n(&r, "duplicates"), r["e2e"]["max_us"]);
+}
+
+/// Every class of bad configuration stops `actio stage` with exit code 2 and one
+/// message naming the file and the field — before it connects: the broker address is
+/// unreachable, so nothing can have been consumed.
+#[test]
+fn bad_configuration_stops_a_stage_with_exit_code_2_naming_file_and_field_before_connecting() {
+    let cases: Vec<(&str, &str, Box<dyn Fn(String) -> String>, Vec<&str>)> = vec![
+        ("unknown field", "pipeline.toml", Box::new(|t| t.replace("max_in_flight = 10000", "max_in_flight = 10000\nmax_inflight = 5")), vec!["pipeline.toml:", "max_inflight"]),
+        ("wrong type", "pipeline.toml", Box::new(|t| t.replacen("partitions = 12", "partitions = \"twelve\"", 1)), vec!["pipeline.toml:", "partitions = \"twelve\""]),
+        ("bad CEL", "rules.toml", Box::new(|t| t.replacen("tx.channel == 'ecom' && tx.amount < 2.0", "tx.channel == 'ecom' &&", 1)), vec!["rules.toml:", "rule \"micro_ecom\".when"]),
+        ("missing file", "pipeline.toml", Box::new(|t| t.replace("model = \"model.toml\"", "model = \"modle.toml\"")), vec!["pipeline.toml:", "stage[2].model"]),
+        ("broken chain", "pipeline.toml", Box::new(|t| t.replace("input = \"tx.featured\"", "input = \"tx.decisions\"")), vec!["pipeline.toml:", "stage[2].input"]),
+        ("replicas > partitions", "pipeline.toml", Box::new(|t| t.replacen("replicas = 2", "replicas = 20", 1)), vec!["pipeline.toml:", "stage[0].replicas"]),
+        ("bad librdkafka property", "pipeline.toml", Box::new(|t| t.replace("\"linger.ms\" = \"1\"", "\"linger.ms\" = \"banana\"")), vec!["pipeline.toml", "kafka.\"linger.ms\"", "Invalid value"]),
+        ("unknown librdkafka property", "pipeline.toml", Box::new(|t| t.replace("\"linger.ms\" = \"1\"", "\"linger.mss\" = \"1\"")), vec!["pipeline.toml", "kafka.\"linger.mss\""]),
+    ];
+    for (class, file, edit, want) in cases {
+        let dir = copy_of_fraud(file, edit);
+        let t0 = Instant::now();
+        let out = actio()
+            .args(["stage", "--stage", "rules", "--brokers", "127.0.0.1:1", "--http", "127.0.0.1:0"])
+            .arg("--pipeline")
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{class}: {stderr}");
+        for w in want {
+            assert!(stderr.contains(w), "{class}: expected {w:?} in:\n{stderr}");
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "{class}: took {:?}", t0.elapsed());
+    }
+}
