@@ -237,9 +237,17 @@ pub fn drive<B: Bus>(
                 batch.clear();
                 let mut timeout = Duration::from_millis(5);
                 while batch.len() < 512 {
-                    match consumer.poll(timeout)? {
-                        Some(r) => batch.push(r),
-                        None => break,
+                    match consumer.poll(timeout) {
+                        Ok(Some(r)) => batch.push(r),
+                        Ok(None) => break,
+                        // A broker restart or a network blip: librdkafka reconnects on
+                        // its own (ending here reported every later decision as lost).
+                        Err(e) if e.is_retriable() => {
+                            tracing::warn!(error = %e, "collector poll failed; retrying");
+                            std::thread::sleep(Duration::from_millis(50));
+                            break;
+                        }
+                        Err(e) => return Err(e.into()),
                     }
                     timeout = Duration::ZERO;
                 }
