@@ -1,0 +1,240 @@
+//! What the broker tests share: a private copy of the fraud pipeline per test (own
+//! name, topics and groups), `actio stage` processes with their HTTP endpoint and
+//! signals, the load generator and its report.
+//!
+//! Tests read `ACTIO_KAFKA_BROKERS` (set by `scripts/test`, which starts the broker) and
+//! skip without it, unless `ACTIO_REQUIRE_KAFKA=1` (also set by `scripts/test`), where a
+//! missing broker fails.
+#![allow(dead_code)] // each test binary uses a part
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use actio_bus_kafka::{KafkaBus, KafkaConfig};
+
+/// One broker test at a time (see kafka.rs: parallel multi-process tests on 2 cores
+/// starve the broker, a fault these tests do not mean to inject).
+pub static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+pub fn brokers(test: &str) -> Option<String> {
+    match std::env::var("ACTIO_KAFKA_BROKERS") {
+        Ok(b) if !b.trim().is_empty() => Some(b),
+        _ if std::env::var("ACTIO_REQUIRE_KAFKA").is_ok_and(|v| v == "1") => {
+            panic!("{test}: ACTIO_REQUIRE_KAFKA=1 but ACTIO_KAFKA_BROKERS is not set")
+        }
+        _ => {
+            eprintln!("{test}: skipped: ACTIO_KAFKA_BROKERS not set (run scripts/test)");
+            None
+        }
+    }
+}
+
+pub fn actio() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_actio"))
+}
+
+pub fn fraud() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../pipelines/fraud")
+}
+
+pub fn nanos() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 & 0xffff_ffff_ffff
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A copy of the fraud pipeline in a temp dir, `edit` applied to `file`.
+pub fn copy_of_fraud(file: &str, edit: impl Fn(String) -> String) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for e in std::fs::read_dir(fraud()).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_file() {
+            std::fs::copy(e.path(), dir.path().join(e.file_name())).unwrap();
+        }
+    }
+    let p = dir.path().join(file);
+    let text = std::fs::read_to_string(&p).unwrap_or_default();
+    let edited = edit(text.clone());
+    assert_ne!(edited, text, "the edit must change {file}");
+    std::fs::write(&p, edited).unwrap();
+    dir
+}
+
+/// A private copy of the fraud pipeline with its own name, topics and groups
+/// (4 partitions each), as in kafka.rs.
+pub struct TestPipeline {
+    pub dir: tempfile::TempDir,
+    pub name: String,
+    pub brokers: String,
+}
+
+impl TestPipeline {
+    pub fn new(brokers: &str) -> Self {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let seq = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("t{:x}-{}-{seq}", nanos(), std::process::id());
+        let dir = copy_of_fraud("pipeline.toml", |t| {
+            t.replace("name = \"fraud\"", &format!("name = \"{name}\""))
+                .replace("\"tx.", &format!("\"{name}."))
+                .replace("partitions = 12", "partitions = 4")
+        });
+        TestPipeline { dir, name, brokers: brokers.to_string() }
+    }
+
+    /// Applies `edit` to one of the pipeline's files.
+    pub fn edit(self, file: &str, edit: impl Fn(String) -> String) -> Self {
+        let p = self.dir.path().join(file);
+        let text = std::fs::read_to_string(&p).unwrap();
+        std::fs::write(&p, edit(text)).unwrap();
+        self
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn topic(&self, suffix: &str) -> String {
+        format!("{}.{suffix}", self.name)
+    }
+
+    pub fn create_topics(&self) {
+        let out = actio().args(["topics", "create"]).arg(self.path()).args(["--brokers", &self.brokers]).output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "topics create: {stdout}{}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(stdout.matches(" ok").count(), 5, "{stdout}");
+    }
+
+    /// The consumer group of a stage.
+    pub fn group(&self, stage: &str) -> String {
+        format!("{}.{stage}", self.name)
+    }
+
+    pub fn stage(&self, stage: &str) -> StageProcess {
+        let port = free_port();
+        let log = self.path().join(format!("{stage}-{port}.log"));
+        let child = actio()
+            .args(["stage", "--stage", stage, "--brokers", &self.brokers, "--http", &format!("127.0.0.1:{port}"), "--grace", "20s"])
+            .arg("--pipeline")
+            .arg(self.path())
+            .env("RUST_LOG", "warn,actio=info,actio_runtime=info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        StageProcess { child, port, log }
+    }
+
+    pub fn chain(&self) -> Vec<StageProcess> {
+        let mut stages: Vec<StageProcess> = ["rules", "velocity", "score"].into_iter().map(|s| self.stage(s)).collect();
+        for s in &mut stages {
+            s.wait_ready(Duration::from_secs(60));
+        }
+        stages
+    }
+
+    pub fn loadgen(&self, rate: u32, duration: &str, out: &Path) -> Command {
+        let mut c = actio();
+        c.args(["loadgen", "--brokers", &self.brokers, "--rate", &rate.to_string(), "--duration", duration, "--drain", "90s"])
+            .arg("--pipeline")
+            .arg(self.path())
+            .arg("--out")
+            .arg(out)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        c
+    }
+
+    pub fn bus(&self) -> KafkaBus {
+        KafkaBus::new(KafkaConfig::new(self.brokers.clone())).unwrap()
+    }
+}
+
+/// A stage service; killed when dropped.
+pub struct StageProcess {
+    pub child: Child,
+    pub port: u16,
+    pub log: PathBuf,
+}
+
+impl StageProcess {
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn get(&self, path: &str) -> Option<(u16, String)> {
+        http_get(self.port, path)
+    }
+
+    pub fn wait_ready(&mut self, within: Duration) {
+        let t0 = Instant::now();
+        while t0.elapsed() < within {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("stage exited ({status}) before ready:\n{}", self.log());
+            }
+            if http_get(self.port, "/readyz").is_some_and(|(code, _)| code == 200) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("stage on port {} not ready within {within:?}:\n{}", self.port, self.log());
+    }
+
+    /// A counter of the stage's /metrics, e.g. `actio_stage_dead_lettered_total`.
+    pub fn counter(&self, name: &str) -> u64 {
+        let (_, body) = http_get(self.port, "/metrics").unwrap();
+        let line = body.lines().find(|l| l.starts_with(&format!("{name}{{"))).unwrap_or_else(|| panic!("no {name}:\n{body}"));
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill").args([sig, &self.child.id().to_string()]).status().unwrap().success();
+        assert!(ok, "kill {sig}");
+    }
+
+    pub fn wait_exit(&mut self, within: Duration) -> ExitStatus {
+        let t0 = Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(t0.elapsed() < within, "stage did not exit within {within:?}:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for StageProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Some((status, body))
+}
+
+pub fn report(out: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap()
+}
+
+pub fn n(v: &serde_json::Value, field: &str) -> u64 {
+    v[field].as_u64().unwrap_or_else(|| panic!("report.json has no integer {field}: {v}"))
+}
