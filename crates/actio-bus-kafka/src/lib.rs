@@ -117,6 +117,13 @@ impl Bus for KafkaBus {
 
 /// librdkafka's log lines into `tracing`, at matching levels.
 pub(crate) fn log_to_tracing(client: &str, level: RDKafkaLogLevel, fac: &str, message: &str) {
+    // Every client gets the pipeline's whole `[kafka]` table, so a producer property
+    // (e.g. `linger.ms`) reaches the consumers too, and librdkafka warns that it ignores
+    // it — at every client creation. Expected, so not a warning.
+    if fac == "CONFWARN" && message.contains("will be ignored by this") {
+        tracing::debug!(client, fac, "librdkafka: {message}");
+        return;
+    }
     match level {
         RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical | RDKafkaLogLevel::Error => {
             tracing::error!(client, fac, "librdkafka: {message}")
