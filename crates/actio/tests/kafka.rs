@@ -12,9 +12,8 @@
 mod support;
 use support::*;
 
-use std::io::Read;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 /// Per partition of `topic`: the group's committed offset as Kafka's own
@@ -138,15 +137,11 @@ fn a_sigkilled_replica_hands_its_partitions_to_the_other_without_loss() {
     }
 
     let out = p.path().join("report");
-    let mut load = p.loadgen(400, "8s", &out).stderr(Stdio::piped()).spawn().unwrap();
+    let load = p.loadgen(400, "8s", &out).spawn().unwrap();
     std::thread::sleep(Duration::from_secs(3));
     victim.signal("-KILL");
     let _ = victim.wait_exit(Duration::from_secs(5));
-    let mut stderr = String::new();
-    load.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
-    let status = load.wait().unwrap();
-    assert!(status.success(), "loadgen: {stderr}\nsurvivor:\n{}", others[0].log());
-    let r = report(&out);
+    let r = finished_report(load, &out, || format!("survivor:\n{}", others[0].log()));
     assert_eq!(n(&r, "lost"), 0, "{r}");
     assert_eq!(n(&r, "order_violations"), 0, "{r}");
     // Redelivered: at most what the killed replica held between watermark and head.

@@ -13,7 +13,6 @@ mod support;
 use support::*;
 
 use std::collections::BTreeMap;
-use std::io::Read;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -208,7 +207,7 @@ fn sigterm_under_load_exits_0_commits_what_it_processed_and_a_restart_loses_noth
     p.create_topics();
     let mut stages = p.chain();
     let out = p.path().join("report");
-    let mut load = p.loadgen(1000, "10s", &out).spawn().unwrap();
+    let load = p.loadgen(1000, "10s", &out).spawn().unwrap();
     std::thread::sleep(Duration::from_secs(4));
     // Stop the middle stage while transactions stream through it.
     let t0 = Instant::now();
@@ -224,10 +223,7 @@ fn sigterm_under_load_exits_0_commits_what_it_processed_and_a_restart_loses_noth
     assert!(done <= processed && processed - done <= 1000, "committed {done}, processed {processed}");
     std::thread::sleep(Duration::from_secs(1));
     stages[1] = p.stage("velocity");
-    let mut stderr = String::new();
-    load.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
-    assert!(load.wait().unwrap().success(), "loadgen: {stderr}");
-    let r = report(&out);
+    let r = finished_report(load, &out, String::new);
     assert_eq!(n(&r, "lost"), 0, "{r}");
     assert_eq!(n(&r, "order_violations"), 0, "{r}");
     // Duplicates: processed − committed of the stopped stage (0 when the drain finished
@@ -244,17 +240,14 @@ fn every_stage_sigkilled_once_and_restarted_loses_nothing() {
     p.create_topics();
     let mut stages = p.chain();
     let out = p.path().join("report");
-    let mut load = p.loadgen(500, "24s", &out).spawn().unwrap();
+    let load = p.loadgen(500, "24s", &out).spawn().unwrap();
     for (i, name) in ["rules", "velocity", "score"].into_iter().enumerate() {
         std::thread::sleep(Duration::from_secs(4));
         stages[i].signal("-KILL");
         let _ = stages[i].wait_exit(Duration::from_secs(5));
         stages[i] = p.stage(name);
     }
-    let mut stderr = String::new();
-    load.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
-    assert!(load.wait().unwrap().success(), "loadgen: {stderr}");
-    let r = report(&out);
+    let r = finished_report(load, &out, String::new);
     assert_eq!(n(&r, "lost"), 0, "{r}");
     assert_eq!(n(&r, "order_violations"), 0, "{r}");
     assert_eq!(n(&r, "decided") + n(&r, "dlq"), n(&r, "sent"), "{r}");

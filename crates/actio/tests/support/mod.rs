@@ -231,6 +231,19 @@ pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     Some((status, body))
 }
 
+/// Waits for a spawned `loadgen` (stderr piped, as [`TestPipeline::loadgen`] sets it),
+/// asserts it exited 0 — its stderr and `context` in the message — and returns its
+/// report.json.
+pub fn finished_report(mut load: Child, out: &Path, context: impl FnOnce() -> String) -> serde_json::Value {
+    let mut stderr = String::new();
+    if let Some(mut e) = load.stderr.take() {
+        e.read_to_string(&mut stderr).unwrap();
+    }
+    let status = load.wait().unwrap();
+    assert!(status.success(), "loadgen exited {status}: {stderr}\n{}", context());
+    report(out)
+}
+
 pub fn report(out: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap()
 }
