@@ -400,14 +400,13 @@ impl VelocitySpec {
                         }
                     }
                 } else if ks.events.len() >= self.agg_min_events {
-                    ks.aggs = Some(g.features.iter().map(|_| Agg { start: ks.dropped, ..Agg::default() }).collect());
-                    if let Some(aggs) = &mut ks.aggs {
-                        for e in &ks.events {
-                            for (a, f) in aggs.iter_mut().zip(&g.features) {
-                                a.add(f, e);
-                            }
+                    let mut aggs: Box<[Agg]> = g.features.iter().map(|_| Agg { start: ks.dropped, ..Agg::default() }).collect();
+                    for e in &ks.events {
+                        for (a, f) in aggs.iter_mut().zip(&g.features) {
+                            a.add(f, e);
                         }
                     }
+                    ks.aggs = Some(aggs);
                 }
                 // Slide each window's start past what left it (as of t = latest).
                 if let Some(aggs) = &mut ks.aggs {
