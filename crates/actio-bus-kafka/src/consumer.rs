@@ -122,7 +122,17 @@ impl ConsumerContext for GroupContext {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 let r = if cooperative { consumer.incremental_assign(tpl) } else { consumer.assign(tpl) };
                 match r {
-                    Ok(()) => self.listener.assigned(&tps),
+                    Ok(()) => {
+                        // librdkafka keeps a partition's pause flag across a revoke (or
+                        // loss) and re-assignment. The listener starts every assigned
+                        // partition afresh (unpaused), so one paused when it went away
+                        // would never be fetched again: after a session timeout under
+                        // back-pressure a stage sat idle with a growing lag.
+                        if let Err(e) = consumer.resume(tpl) {
+                            tracing::warn!(error = %e, "resuming newly assigned partitions");
+                        }
+                        self.listener.assigned(&tps)
+                    }
                     Err(e) => {
                         tracing::error!(error = %e, "assign failed");
                         self.shared.lock().error.get_or_insert(bus_error_ctx("assigning partitions", &e));

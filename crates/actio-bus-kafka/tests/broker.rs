@@ -363,6 +363,52 @@ fn pause_stops_delivery_and_resume_restarts_it() {
     c.close().expect("close");
 }
 
+/// librdkafka keeps a partition's pause flag when the partition is revoked and later
+/// assigned again; the bus must hand it back unpaused (the runtime's state for it
+/// starts afresh). Without that, a stage that lost its partitions while back-pressure
+/// had paused them never fetched them again.
+#[test]
+fn a_partition_paused_then_revoked_comes_back_unpaused() {
+    let Some(b) = brokers("paused_reassigned") else { return };
+    let (bus, topic) = bus_with_topic(&b, 2);
+    let group = rand_name("g");
+    let ra = Arc::new(Recorder::default());
+    let mut a = bus.consumer(&consumer_config(&group, &topic), ra.clone()).expect("a");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while a.assignment().len() < 2 {
+        assert!(Instant::now() < deadline, "A got no assignment");
+        assert!(a.poll(Duration::from_millis(50)).expect("poll").is_none());
+    }
+    let all = a.assignment();
+    a.pause(&all).expect("pause");
+
+    // B joins and takes one partition from A, then leaves: A gets it back.
+    let mut b_ = bus.consumer(&consumer_config(&group, &topic), Arc::new(NoRebalanceListener)).expect("b");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while b_.assignment().len() != 1 || a.assignment().len() != 1 {
+        assert!(Instant::now() < deadline, "no split within 30 s");
+        assert!(a.poll(Duration::from_millis(20)).expect("poll").is_none(), "A is paused");
+        let _ = b_.poll(Duration::from_millis(20)).expect("poll");
+    }
+    let moved = b_.assignment().remove(0);
+    let kept = a.assignment().remove(0);
+    b_.close().expect("close b");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while a.assignment().len() < 2 {
+        assert!(Instant::now() < deadline, "A did not get the partition back");
+        assert!(a.poll(Duration::from_millis(50)).expect("poll").is_none(), "the kept partition is still paused");
+    }
+
+    let sent = produce(&bus, &topic, 0..40);
+    let on_moved = sent.values().filter(|d| d.partition == moved.partition).count();
+    assert!(on_moved > 0 && on_moved < 40, "both partitions got records");
+    let got = poll_n(&mut a, on_moved, Duration::from_secs(15), None);
+    assert_eq!(got.len(), on_moved, "the re-assigned partition is fetched again");
+    assert!(got.iter().all(|r| r.tp == moved), "the partition A kept (and paused) stays paused");
+    assert!(poll_n(&mut a, 1, Duration::from_millis(1500), None).is_empty(), "nothing from {kept}");
+    a.close().expect("close a");
+}
+
 #[test]
 fn bad_librdkafka_property_fails_with_librdkafkas_message() {
     // Needs no broker, but runs here too so the broker suite shows it.
