@@ -20,8 +20,18 @@ pub const ERROR: &str = "actio-error";
 pub const STAGE: &str = "actio-stage";
 /// On DLQ messages: `topic/partition/offset` of the original message.
 pub const SOURCE: &str = "actio-source";
-/// On retried messages: how many attempts were made so far.
+/// On retry-topic and DLQ copies: handler attempts made so far at the stage named by
+/// [`STAGE`], in place and through its retry topic (decimal).
 pub const ATTEMPTS: &str = "actio-attempts";
+/// On retry-topic copies: trips through the stage's retry topic so far, this one
+/// included (decimal, from 1).
+pub const RETRY_COUNT: &str = "actio-retry-count";
+/// On retry-topic copies: when the copy may run again, ns since the Unix epoch.
+pub const RETRY_DUE: &str = "actio-retry-due";
+/// On the outputs of a message that went through a retry topic: `stage:trips`, one
+/// entry per stage that retried it, separated by `;`. Such a message left its key's
+/// order (later messages of the key may be decided before it).
+pub const RETRIED: &str = "actio-retried";
 
 /// One hop of the trail.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -16,6 +16,30 @@
 //! and pauses; it never sits between two messages of a lane. (The pool is a plain
 //! channel of jobs, not rayon's: see `pool.rs` for the measurement behind that.)
 //!
+//! # Failures and retries
+//! A handler error is *permanent* (bad input, a bug; a caught panic is one) or
+//! *transient*. A permanent one sends the message to the DLQ at once. A transient one
+//! is tried again in place, up to [`RetryPolicy`]`::attempts` with doubling backoff
+//! (its lane waits; other lanes go on). If it still fails and the stage has a
+//! [`RetryTopic`], the original record (bytes, key, headers) is produced there with
+//! `actio-attempts`, `actio-retry-count` (this trip), `actio-retry-due`, `actio-error`,
+//! `actio-stage` and `actio-source`. The input offset is done once that copy is
+//! acknowledged, as with a DLQ copy: the watermark rule is unchanged, nothing is lost.
+//!
+//! The stage consumes its retry topic in its own group, beside its input. A copy that
+//! is not due yet is held in memory, in offset order, and its retry partition is
+//! paused until every held copy has run (Kafka may still hand over a few fetched
+//! ones: they queue behind). The driver moves due copies into their key lanes each
+//! round. Input partitions are never paused for a retry, so waiting stalls nothing but
+//! the retry partition itself. Held copies are in flight (the retry partition's
+//! watermark stays before them): a revocation or a restart drops them and the next
+//! owner reads them again, due time included. After `RetryTopic::attempts` trips the
+//! message goes to the DLQ, its `actio-source` still naming the input it came from.
+//!
+//! **Ordering.** A message sent to the retry topic leaves its key's order: later
+//! messages of the same key are processed (and, in the fraud pipeline, decided)
+//! before it. Its outputs carry `actio-retried: <stage>:<trips>` so a reader can tell.
+//!
 //! # Back-pressure
 //! When a partition holds `max_in_flight_per_partition` messages between its
 //! watermark and its consumed head, or the stage holds `max_in_flight`, fetching is
@@ -29,9 +53,9 @@ mod stage;
 pub mod watermark;
 
 pub use lanes::{KeyLanes, Ordering};
-pub use metrics::StageMetrics;
+pub use metrics::{HandlerCounter, StageMetrics};
 pub use stage::{
-    FailureKind, Handler, HandlerError, Output, RetryPolicy, Stage, StageError, StageHandle, StageSpec,
+    FailureKind, Handler, HandlerError, Output, RetryPolicy, RetryTopic, Stage, StageError, StageHandle, StageSpec,
     StopMode,
 };
 pub use watermark::Watermark;

@@ -23,6 +23,18 @@ pub fn record_ns(h: &mut Histogram<u64>, ns: i64) {
     h.saturating_record(us);
 }
 
+/// A counter a handler keeps of its own (see [`crate::Handler::counters`]), exposed
+/// with the stage's label. Names are constants of the handler's crate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HandlerCounter {
+    /// Prometheus name, `_total` suffixed.
+    pub name: &'static str,
+    /// Help text.
+    pub help: &'static str,
+    /// Value.
+    pub value: u64,
+}
+
 /// What one stage measured so far.
 #[derive(Debug, Clone)]
 pub struct StageMetrics {
@@ -38,8 +50,12 @@ pub struct StageMetrics {
     pub processed: u64,
     /// Messages routed to the dead-letter topic.
     pub dead_lettered: u64,
-    /// Handler attempts that failed and were retried.
+    /// Handler attempts that failed and were retried in place.
     pub retried: u64,
+    /// Messages sent to the retry topic (one per trip).
+    pub sent_to_retry: u64,
+    /// Messages from the retry topic waiting for their due time.
+    pub retry_waiting: u64,
     /// Messages currently consumed and not done.
     pub in_flight: u64,
     /// Highest in-flight seen.
@@ -52,6 +68,8 @@ pub struct StageMetrics {
     pub partitions: u64,
     /// Rebalances seen (assign or revoke events).
     pub rebalances: u64,
+    /// The handler's own counters.
+    pub handler: Vec<HandlerCounter>,
 }
 
 impl StageMetrics {
@@ -65,12 +83,15 @@ impl StageMetrics {
             processed: 0,
             dead_lettered: 0,
             retried: 0,
+            sent_to_retry: 0,
+            retry_waiting: 0,
             in_flight: 0,
             in_flight_peak: 0,
             pauses: 0,
             commits: 0,
             partitions: 0,
             rebalances: 0,
+            handler: Vec::new(),
         }
     }
 }
@@ -101,17 +122,19 @@ impl StageMetrics {
         let counters = [
             ("actio_stage_processed_total", "Messages fully processed (outputs acknowledged).", self.processed),
             ("actio_stage_dead_lettered_total", "Messages routed to the dead-letter topic.", self.dead_lettered),
-            ("actio_stage_retried_total", "Handler attempts retried after a transient failure.", self.retried),
+            ("actio_stage_retried_total", "Handler attempts retried in place after a transient failure.", self.retried),
+            ("actio_stage_sent_to_retry_total", "Messages sent to the stage's retry topic after their in-place attempts failed (one per trip).", self.sent_to_retry),
             ("actio_stage_pauses_total", "Partitions paused for back-pressure.", self.pauses),
             ("actio_stage_commits_total", "Watermark commits sent.", self.commits),
             ("actio_stage_rebalances_total", "Rebalance events (assign, revoke, lost).", self.rebalances),
         ];
-        for (name, help, v) in counters {
+        for (name, help, v) in counters.into_iter().chain(self.handler.iter().map(|c| (c.name, c.help, c.value))) {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name}{{stage=\"{s}\"}} {v}");
         }
         let mut gauges = vec![
             ("actio_stage_in_flight", "Messages consumed and not yet done.", self.in_flight as i64),
             ("actio_stage_in_flight_peak", "Highest in-flight seen.", self.in_flight_peak as i64),
+            ("actio_stage_retry_waiting", "Messages from the retry topic waiting for their due time (counted in in-flight).", self.retry_waiting as i64),
             ("actio_stage_partitions", "Partitions assigned to this instance.", self.partitions as i64),
         ];
         if let Some(lag) = lag {
@@ -133,7 +156,9 @@ mod tests {
         let mut m = StageMetrics::new("rules");
         record_ns(&mut m.service, 2_000_000);
         m.processed = 7;
+        m.handler.push(HandlerCounter { name: "actio_rule_errors_total", help: "Rule evaluations that failed.", value: 4 });
         let text = m.prometheus_text(Some(3));
+        assert!(text.contains("actio_rule_errors_total{stage=\"rules\"} 4"), "{text}");
         assert!(text.contains("actio_stage_latency_seconds{stage=\"rules\",kind=\"service\",quantile=\"0.99\"} 0.002"), "{text}");
         assert!(text.contains("actio_stage_processed_total{stage=\"rules\"} 7"));
         assert!(text.contains("actio_stage_lag{stage=\"rules\"} 3"));

@@ -1,5 +1,10 @@
 //! The stage driver, its workers and its rebalance listener.
+//!
+//! Failures follow the crate doc's "Failures and retries": in-place attempts with
+//! backoff, then the stage's retry topic (held on its own partitions until due), then
+//! the DLQ.
 
+use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering as AtomicOrdering};
@@ -18,7 +23,7 @@ use parking_lot::Mutex;
 
 use crate::pool::WorkerPool;
 use crate::lanes::{KeyLanes, Ordering};
-use crate::metrics::{StageMetrics, record_ns};
+use crate::metrics::{HandlerCounter, StageMetrics, record_ns};
 use crate::watermark::Watermark;
 
 /// One output of a handler; the runtime adds the key (the input's, unless set) and
@@ -67,27 +72,55 @@ impl HandlerError {
 pub trait Handler: Send + Sync + 'static {
     /// Processes one message into zero or more outputs.
     fn handle(&self, record: &Record) -> Result<Vec<Output>, HandlerError>;
+    /// [`Handler::handle`], told which attempt this is: 1 for the first, counting every
+    /// earlier attempt at this stage, in place and through the retry topic. The runtime
+    /// calls this one; the default ignores `attempt`.
+    fn handle_attempt(&self, record: &Record, attempt: u32) -> Result<Vec<Output>, HandlerError> {
+        let _ = attempt;
+        self.handle(record)
+    }
+    /// Counters of the handler's own (e.g. rule evaluation errors), read with every
+    /// metrics snapshot and exposed beside the stage's.
+    fn counters(&self) -> Vec<HandlerCounter> {
+        Vec::new()
+    }
     /// Partitions were assigned to this stage instance.
     fn partitions_assigned(&self, _partitions: &[TopicPartition]) {}
     /// Partitions were revoked or lost: drop their state.
     fn partitions_revoked(&self, _partitions: &[TopicPartition]) {}
 }
 
-/// In-place retries of transient failures, before dead-lettering.
+/// What a stage does with transient failures: attempts in place with backoff, then
+/// (if configured) trips through a retry topic, then the DLQ.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RetryPolicy {
-    /// Total attempts (1 = no retry).
+    /// Attempts per run of a message, in place (1 = no in-place retry). A message that
+    /// comes back from the retry topic gets as many again.
     pub attempts: u32,
     /// Backoff before the second attempt; doubles each time.
     pub backoff: Duration,
     /// Largest backoff.
     pub max_backoff: Duration,
+    /// The stage's retry topic, if any.
+    pub topic: Option<RetryTopic>,
 }
 
 impl Default for RetryPolicy {
     fn default() -> Self {
-        RetryPolicy { attempts: 3, backoff: Duration::from_millis(1), max_backoff: Duration::from_millis(50) }
+        RetryPolicy { attempts: 3, backoff: Duration::from_millis(1), max_backoff: Duration::from_millis(50), topic: None }
     }
+}
+
+/// A topic of the stage's own where transient failures wait before running again.
+/// The stage consumes it in its group beside its input.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetryTopic {
+    /// Topic name.
+    pub topic: Arc<str>,
+    /// Trips through the topic before the message is dead-lettered (≥ 1).
+    pub attempts: u32,
+    /// Time between producing the retry copy and running it again.
+    pub delay: Duration,
 }
 
 /// Everything a stage needs to know to run.
@@ -246,7 +279,7 @@ impl Stage {
             .consumer(
                 &ConsumerConfig {
                     group: shared.spec.group.clone(),
-                    topics: vec![shared.spec.input.clone()],
+                    topics: std::iter::once(shared.spec.input.clone()).chain(shared.spec.retry.topic.as_ref().map(|t| t.topic.to_string())).collect(),
                     client_id: format!("{}-consumer", shared.spec.group),
                     from_earliest: shared.spec.from_earliest,
                     properties: shared.spec.properties.clone(),
@@ -288,6 +321,7 @@ struct Done {
     service_ns: i64,
     acked_ns: i64,
     dead_lettered: bool,
+    sent_to_retry: bool,
     retried: u32,
     error: Option<String>,
 }
@@ -295,6 +329,11 @@ struct Done {
 struct Part {
     epoch: u64,
     lanes: KeyLanes<Work>,
+    /// A partition of the stage's retry topic (not its input).
+    retry: bool,
+    /// Retry partitions only: consumed messages not due yet, in offset order, with
+    /// their due time (ns). While any wait the partition stays paused.
+    held: VecDeque<(i64, Work)>,
     wm: Watermark,
     /// Waiting messages dropped at revocation: not done, never will be here.
     dropped: usize,
@@ -315,6 +354,11 @@ impl State {
         self.parts.values().map(|p| p.wm.len()).sum()
     }
 
+    /// Messages from the retry topic waiting for their due time.
+    fn held(&self) -> usize {
+        self.parts.values().map(|p| p.held.len()).sum()
+    }
+
     fn apply(&mut self, done: Done, stage: &str) {
         let Some(part) = self.parts.get_mut(&done.tp).filter(|p| p.epoch == done.epoch) else {
             return; // the partition was revoked or lost meanwhile
@@ -333,6 +377,7 @@ impl State {
             record_ns(&mut m.stage_latency, done.acked_ns - done.consumed_ns);
             m.processed += 1;
             m.dead_lettered += done.dead_lettered as u64;
+            m.sent_to_retry += done.sent_to_retry as u64;
             m.retried += done.retried as u64;
         }
     }
@@ -353,7 +398,10 @@ impl<P: Producer> Shared<P> {
         let st = self.state.lock();
         let mut m = st.metrics.clone();
         m.in_flight = st.in_flight() as u64;
+        m.retry_waiting = st.held() as u64;
         m.partitions = st.parts.len() as u64;
+        drop(st);
+        m.handler = self.handler.counters();
         m
     }
 
@@ -386,10 +434,15 @@ impl<P: Producer> Shared<P> {
     fn process(&self, tp: &TopicPartition, epoch: u64, work: Work) {
         let Work { rec, consumed_ns, queue_ns, .. } = work;
         let started = Instant::now();
+        // A message from the retry topic carries the attempts and trips made before.
+        let from_retry = self.spec.retry.topic.as_ref().is_some_and(|t| *t.topic == *rec.tp.topic);
+        let header = |name| if from_retry { rec.headers.get(name).and_then(headers::parse_i64).map_or(0, |n| n.clamp(0, u32::MAX as i64) as u32) } else { 0 };
+        let (earlier_attempts, trips) = (header(headers::ATTEMPTS), header(headers::RETRY_COUNT));
         let mut retried = 0;
         let mut backoff = self.spec.retry.backoff;
         let result = loop {
-            let r = std::panic::catch_unwind(AssertUnwindSafe(|| self.handler.handle(&rec)))
+            let attempt = earlier_attempts.saturating_add(retried + 1);
+            let r = std::panic::catch_unwind(AssertUnwindSafe(|| self.handler.handle_attempt(&rec, attempt)))
                 .unwrap_or_else(|panic| {
                     let what = panic
                         .downcast_ref::<&str>()
@@ -408,9 +461,16 @@ impl<P: Producer> Shared<P> {
             }
         };
         let service_ns = started.elapsed().as_nanos() as i64;
-        let (records, dead_lettered) = match result {
-            Ok(outputs) => (outputs.into_iter().map(|o| self.output(&rec, consumed_ns, o)).collect::<Vec<_>>(), false),
-            Err(e) => (vec![self.dead_letter(&rec, &e)], true),
+        let attempts = earlier_attempts.saturating_add(retried + 1);
+        let (records, dead_lettered, sent_to_retry) = match result {
+            Ok(outputs) => {
+                let retried_as = from_retry.then_some(trips);
+                (outputs.into_iter().map(|o| self.output(&rec, consumed_ns, o, retried_as)).collect::<Vec<_>>(), false, false)
+            }
+            Err(e) if e.kind == FailureKind::Transient && let Some(t) = self.spec.retry.topic.as_ref().filter(|t| trips < t.attempts) => {
+                (vec![self.retry_copy(&rec, &e, t, from_retry, attempts, trips + 1)], false, true)
+            }
+            Err(e) => (vec![self.dead_letter(&rec, &e, from_retry, attempts)], true, false),
         };
         let done = Done {
             tp: tp.clone(),
@@ -421,6 +481,7 @@ impl<P: Producer> Shared<P> {
             service_ns,
             acked_ns: 0,
             dead_lettered,
+            sent_to_retry,
             retried,
             error: None,
         };
@@ -437,21 +498,61 @@ impl<P: Producer> Shared<P> {
         }
     }
 
-    fn output(&self, rec: &Record, consumed_ns: i64, out: Output) -> OutRecord {
+    /// An output keeps the input's headers and appends this stage's trail hop. Of a
+    /// message from the retry topic (`retried_as`: its trips), the retry bookkeeping is
+    /// dropped and `actio-retried` says it left its key's order here.
+    fn output(&self, rec: &Record, consumed_ns: i64, out: Output, retried_as: Option<u32>) -> OutRecord {
         let mut hdrs = rec.headers.clone();
+        if let Some(trips) = retried_as {
+            hdrs.0.retain(|(k, _)| ![headers::ATTEMPTS, headers::RETRY_COUNT, headers::RETRY_DUE, headers::ERROR, headers::STAGE, headers::SOURCE].contains(&k.as_str()));
+            let mut retried = hdrs.get(headers::RETRIED).map(<[u8]>::to_vec).unwrap_or_default();
+            if !retried.is_empty() {
+                retried.push(b';');
+            }
+            retried.extend_from_slice(format!("{}:{trips}", self.spec.name).as_bytes());
+            hdrs.set(headers::RETRIED, retried);
+        }
         let mut trail = hdrs.get(headers::TRAIL).map(<[u8]>::to_vec).unwrap_or_default();
         headers::append_hop(&mut trail, &self.spec.name, consumed_ns, now_ns());
         hdrs.set(headers::TRAIL, trail);
         OutRecord { topic: out.topic, partition: None, key: rec.key.clone(), payload: out.payload, headers: hdrs }
     }
 
-    fn dead_letter(&self, rec: &Record, e: &HandlerError) -> OutRecord {
+    /// The DLQ copy: original bytes, key and headers, plus why, where and (after
+    /// retries) how many attempts. `actio-source` names the input the message was first
+    /// consumed from, also when it comes back from the retry topic.
+    fn dead_letter(&self, rec: &Record, e: &HandlerError, from_retry: bool, attempts: u32) -> OutRecord {
         tracing::debug!(stage = %self.spec.name, tp = %rec.tp, offset = rec.offset, error = %e, "dead-lettering");
         let mut hdrs: Headers = rec.headers.clone();
         hdrs.set(headers::ERROR, e.message.clone().into_bytes());
         hdrs.set(headers::STAGE, self.spec.name.clone().into_bytes());
-        hdrs.set(headers::SOURCE, format!("{}/{}", rec.tp, rec.offset).into_bytes());
+        if !(from_retry && hdrs.get(headers::SOURCE).is_some()) {
+            hdrs.set(headers::SOURCE, format!("{}/{}", rec.tp, rec.offset).into_bytes());
+        }
+        if attempts > 1 {
+            hdrs.set(headers::ATTEMPTS, attempts.to_string().into_bytes());
+        }
+        hdrs.0.retain(|(k, _)| k != headers::RETRY_DUE);
         OutRecord { topic: self.spec.dlq.clone(), partition: None, key: rec.key.clone(), payload: rec.payload.clone(), headers: hdrs }
+    }
+
+    /// The retry-topic copy: original bytes, key and headers, plus the attempts so far,
+    /// this trip's number, when it is due, the last error and where it came from. Keyed
+    /// like the input, so one key's retries share a retry partition and stay in order
+    /// among themselves.
+    fn retry_copy(&self, rec: &Record, e: &HandlerError, t: &RetryTopic, from_retry: bool, attempts: u32, trip: u32) -> OutRecord {
+        tracing::debug!(stage = %self.spec.name, tp = %rec.tp, offset = rec.offset, error = %e, trip, "to the retry topic");
+        let mut hdrs: Headers = rec.headers.clone();
+        let due = now_ns().saturating_add(t.delay.as_nanos().min(i64::MAX as u128) as i64);
+        hdrs.set(headers::ATTEMPTS, attempts.to_string().into_bytes());
+        hdrs.set(headers::RETRY_COUNT, trip.to_string().into_bytes());
+        hdrs.set(headers::RETRY_DUE, due.to_string().into_bytes());
+        hdrs.set(headers::ERROR, e.message.clone().into_bytes());
+        hdrs.set(headers::STAGE, self.spec.name.clone().into_bytes());
+        if !(from_retry && hdrs.get(headers::SOURCE).is_some()) {
+            hdrs.set(headers::SOURCE, format!("{}/{}", rec.tp, rec.offset).into_bytes());
+        }
+        OutRecord { topic: t.topic.clone(), partition: None, key: rec.key.clone(), payload: rec.payload.clone(), headers: hdrs }
     }
 }
 
@@ -494,6 +595,8 @@ impl<P: Producer> RebalanceListener for Listener<P> {
                     let part = Part {
                         epoch: st.epoch,
                         lanes: KeyLanes::new(s.spec.ordering),
+                        retry: s.spec.retry.topic.as_ref().is_some_and(|t| *t.topic == *tp.topic),
+                        held: VecDeque::new(),
                         wm: Watermark::new(None),
                         dropped: 0,
                         paused: false,
@@ -516,7 +619,10 @@ impl<P: Producer> RebalanceListener for Listener<P> {
             for tp in partitions {
                 if let Some(p) = st.parts.get_mut(tp) {
                     p.revoking = true;
-                    p.dropped += p.lanes.clear_waiting();
+                    // Retry copies not due yet are dropped like waiting messages: the
+                    // next owner gets them again and honours their due time.
+                    p.dropped += p.lanes.clear_waiting() + p.held.len();
+                    p.held.clear();
                 }
             }
         }
@@ -601,10 +707,12 @@ impl<B: Bus> Driver<B> {
                 }
                 last_commit = Instant::now();
             }
+            self.release_due();
             if let Err(e) = self.flow_control() {
                 break Err(e);
             }
-            let idle = s.state.lock().in_flight() == 0;
+            // Retry copies waiting for their due time are not work: poll as when idle.
+            let idle = { let st = s.state.lock(); st.in_flight() == st.held() };
             let mut timeout = if idle { Duration::from_millis(20) } else { Duration::from_millis(1) };
             let mut admitted = 0;
             while admitted < ADMIT_BATCH {
@@ -665,8 +773,19 @@ impl<B: Bus> Driver<B> {
                 return Ok(());
             }
             let lane = part.lanes.lane_of(rec.key.as_deref());
-            let run = part.lanes.admit(lane, Work { rec, lane, consumed_ns, queue_ns }).map(|w| (w, part.epoch));
             let mut pause = Vec::new();
+            let run = if part.retry && (!part.held.is_empty() || retry_due(&rec) > consumed_ns) {
+                // Not due (or behind one that is not): hold it, and stop fetching this
+                // retry partition until the held ones have run. Input partitions go on.
+                part.held.push_back((retry_due(&rec), Work { rec, lane, consumed_ns, queue_ns }));
+                if !part.paused {
+                    part.paused = true;
+                    pause.push(tp.clone());
+                }
+                None
+            } else {
+                part.lanes.admit(lane, Work { rec, lane, consumed_ns, queue_ns }).map(|w| (w, part.epoch))
+            };
             if total >= s.spec.max_in_flight {
                 for (tp, p) in st.parts.iter_mut().filter(|(_, p)| !p.paused) {
                     p.paused = true;
@@ -726,7 +845,32 @@ impl<B: Bus> Driver<B> {
         }
     }
 
-    /// Resumes paused partitions once they (and the stage) are below half their caps.
+    /// Runs the retry copies whose due time has come, in offset order per partition.
+    fn release_due(&mut self) {
+        let s = &self.shared;
+        let mut runs = Vec::new();
+        {
+            let mut st = s.state.lock();
+            let now = now_ns();
+            for (tp, p) in st.parts.iter_mut().filter(|(_, p)| !p.held.is_empty() && !p.revoking) {
+                while let Some((due, _)) = p.held.front()
+                    && *due <= now
+                    && let Some((_, work)) = p.held.pop_front()
+                {
+                    if let Some(w) = p.lanes.admit(work.lane, work) {
+                        runs.push((tp.clone(), p.epoch, w));
+                    }
+                }
+            }
+        }
+        for (tp, epoch, work) in runs {
+            let shared = self.shared.clone();
+            s.pool.spawn(move || shared.run_lane(tp, epoch, work));
+        }
+    }
+
+    /// Resumes paused partitions once they (and the stage) are below half their caps
+    /// and, for a retry partition, nothing waits for its due time.
     fn flow_control(&mut self) -> Result<(), StageError> {
         let s = &self.shared;
         let resume = {
@@ -737,7 +881,7 @@ impl<B: Bus> Driver<B> {
             let per = s.spec.max_in_flight_per_partition;
             st.parts
                 .iter_mut()
-                .filter(|(_, p)| p.paused && p.wm.len() <= per / 2)
+                .filter(|(_, p)| p.paused && p.held.is_empty() && p.wm.len() <= per / 2)
                 .map(|(tp, p)| {
                     p.paused = false;
                     tp.clone()
@@ -749,4 +893,10 @@ impl<B: Bus> Driver<B> {
         }
         Ok(())
     }
+}
+
+/// When a retry copy may run again (ns since the epoch); one without a readable due
+/// time runs at once.
+fn retry_due(rec: &Record) -> i64 {
+    rec.headers.get(headers::RETRY_DUE).and_then(headers::parse_i64).unwrap_or(0)
 }

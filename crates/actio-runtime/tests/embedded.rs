@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use actio_bus_embedded::{EmbeddedBus, EmbeddedConfig};
 use actio_core::bus::{Bytes, NoRebalanceListener};
 use actio_core::{Bus, Consumer, ConsumerConfig, Headers, OutRecord, Producer, ProducerConfig, Record, TopicSpec, headers};
-use actio_runtime::{Handler, HandlerError, Ordering, Output, RetryPolicy, Stage, StageSpec, StopMode};
+use actio_runtime::{Handler, HandlerError, Ordering, Output, RetryPolicy, RetryTopic, Stage, StageSpec, StopMode};
 use rand::{Rng, SeedableRng};
 
 const IN: &str = "in";
@@ -283,4 +283,192 @@ fn the_trail_records_this_stage() {
         assert!(hops[0].produced_ns >= hops[0].consumed_ns);
         assert!(r.headers.get(headers::CREATED).is_some(), "input headers kept");
     }
+}
+
+const RETRY: &str = "retry";
+
+/// `flaky<N>` fails transiently on its first N attempts (as the runtime counts them,
+/// across in-place and retry-topic runs), `poison` fails permanently; anything else is
+/// echoed. Every attempt number is recorded per payload.
+#[derive(Default)]
+struct Flaky {
+    attempts: parking_lot::Mutex<HashMap<Vec<u8>, Vec<u32>>>,
+}
+
+impl Handler for Flaky {
+    fn handle(&self, rec: &Record) -> Result<Vec<Output>, HandlerError> {
+        self.handle_attempt(rec, 1)
+    }
+
+    fn handle_attempt(&self, rec: &Record, attempt: u32) -> Result<Vec<Output>, HandlerError> {
+        self.attempts.lock().entry(rec.payload.to_vec()).or_default().push(attempt);
+        let text = std::str::from_utf8(&rec.payload).unwrap();
+        if text == "poison" {
+            return Err(HandlerError::permanent("poison pill"));
+        }
+        if let Some(n) = text.strip_prefix("flaky").and_then(|n| n.parse::<u32>().ok())
+            && attempt <= n
+        {
+            return Err(HandlerError::transient(format!("lookup timed out (attempt {attempt})")));
+        }
+        Ok(vec![Output { topic: Arc::from(OUT), payload: rec.payload.clone() }])
+    }
+}
+
+/// A bus with a one-partition input and a retry topic, and a stage spec using it:
+/// `in_place` attempts per run, then up to `trips` trips delayed by `delay`.
+fn retry_setup(group: &str, in_place: u32, trips: u32, delay: Duration) -> (EmbeddedBus, StageSpec) {
+    let bus = bus(1);
+    bus.create_topics(&[TopicSpec { name: RETRY.into(), partitions: 2 }]).unwrap();
+    let retry = RetryPolicy {
+        attempts: in_place,
+        topic: Some(RetryTopic { topic: Arc::from(RETRY), attempts: trips, delay }),
+        ..RetryPolicy::default()
+    };
+    (bus, StageSpec { retry, ..spec(group) })
+}
+
+fn header(r: &Record, name: &str) -> Option<String> {
+    r.headers.get(name).map(|v| String::from_utf8_lossy(v).into_owned())
+}
+
+#[test]
+fn a_transient_failure_outlasting_its_in_place_attempts_succeeds_via_the_retry_topic_while_its_partition_flows() {
+    let delay = Duration::from_millis(1000);
+    let (bus, spec) = retry_setup("retry-ok", 2, 2, delay);
+    let p = bus.producer(&ProducerConfig::default()).unwrap();
+    for (key, payload) in [("a", "a1"), ("a", "flaky2"), ("a", "a2"), ("b", "b1"), ("a", "a3")] {
+        send(&p, key, payload.as_bytes());
+    }
+    let flaky = Arc::new(Flaky::default());
+    let stage = Stage::spawn(&bus, spec, flaky.clone()).unwrap();
+    let out = read_all(&bus, OUT, 5, Duration::from_secs(20));
+    let copies = read_all(&bus, RETRY, 1, Duration::from_secs(5));
+    stage.stop(StopMode::Graceful);
+    let m = stage.join().unwrap();
+
+    // Decided once; the same key's later messages went first (the ordering effect).
+    let of_a: Vec<&[u8]> = out.iter().filter(|r| r.key.as_deref() == Some(b"a")).map(|r| &r.payload[..]).collect();
+    assert_eq!(of_a, [&b"a1"[..], b"a2", b"a3", b"flaky2"]);
+    assert_eq!(out.len(), 5);
+    let a3 = out.iter().position(|r| &r.payload[..] == b"a3").unwrap();
+    // Attempts 1 and 2 in place, the third from the retry topic.
+    assert_eq!(flaky.attempts.lock()[&b"flaky2"[..]], vec![1, 2, 3]);
+    // One retry copy: original bytes, key and headers, plus the bookkeeping.
+    assert_eq!(copies.len(), 1);
+    let c = &copies[0];
+    assert_eq!(&c.payload[..], b"flaky2");
+    assert_eq!(c.key.as_deref(), Some(&b"a"[..]));
+    assert!(header(c, headers::CREATED).is_some(), "the producer's headers are kept");
+    assert_eq!(header(c, headers::ATTEMPTS).as_deref(), Some("2"));
+    assert_eq!(header(c, headers::RETRY_COUNT).as_deref(), Some("1"));
+    assert_eq!(header(c, headers::SOURCE).as_deref(), Some("in/0/1"));
+    assert_eq!(header(c, headers::STAGE).as_deref(), Some("echo"));
+    assert_eq!(header(c, headers::ERROR).as_deref(), Some("lookup timed out (attempt 2)"));
+    let due: i64 = header(c, headers::RETRY_DUE).unwrap().parse().unwrap();
+    // The partition kept flowing: a3, behind the failure on the same partition and
+    // key, was done before the retry copy was even due.
+    let produced = |r: &Record| headers::parse_trail(r.headers.get(headers::TRAIL).unwrap())[0].produced_ns;
+    assert!(produced(&out[a3]) < due, "a3 waited for the retry");
+    assert!(produced(&out[4]) >= due, "the retry ran before it was due");
+    // The retried output says so, without the retry bookkeeping.
+    let retried = &out[4];
+    assert_eq!(header(retried, headers::RETRIED).as_deref(), Some("echo:1"));
+    for h in [headers::ATTEMPTS, headers::RETRY_COUNT, headers::RETRY_DUE, headers::ERROR, headers::SOURCE] {
+        assert_eq!(header(retried, h), None, "{h} on the output");
+    }
+    assert_eq!(header(&out[0], headers::RETRIED), None);
+    assert_eq!((m.processed, m.sent_to_retry, m.retried, m.dead_lettered, m.retry_waiting), (6, 1, 1, 0, 0));
+    assert_eq!(bus.committed_offsets("retry-ok", IN).unwrap(), vec![Some(5)]);
+    let retry_committed: i64 = bus.committed_offsets("retry-ok", RETRY).unwrap().into_iter().flatten().sum();
+    assert_eq!(retry_committed, 1);
+}
+
+#[test]
+fn a_transient_failure_that_never_recovers_is_dead_lettered_after_the_last_trip_and_a_permanent_one_at_once() {
+    let (bus, spec) = retry_setup("retry-dlq", 2, 2, Duration::from_millis(50));
+    let p = bus.producer(&ProducerConfig::default()).unwrap();
+    send(&p, "a", b"a1");
+    send(&p, "a", b"flaky99");
+    send(&p, "a", b"poison");
+    send(&p, "a", b"a2");
+    let flaky = Arc::new(Flaky::default());
+    let stage = Stage::spawn(&bus, spec, flaky.clone()).unwrap();
+    let dlq = read_all(&bus, DLQ, 2, Duration::from_secs(20));
+    let out = read_all(&bus, OUT, 2, Duration::from_secs(5));
+    let copies = read_all(&bus, RETRY, 2, Duration::from_secs(5));
+    stage.stop(StopMode::Graceful);
+    let m = stage.join().unwrap();
+
+    assert_eq!(out.iter().map(|r| &r.payload[..]).collect::<Vec<_>>(), [&b"a1"[..], b"a2"]);
+    assert_eq!(flaky.attempts.lock()[&b"flaky99"[..]], vec![1, 2, 3, 4, 5, 6], "2 in place × (1 + 2 trips)");
+    assert_eq!(flaky.attempts.lock()[&b"poison"[..]], vec![1], "a permanent failure is not retried");
+    let trips: Vec<_> = copies.iter().map(|c| (header(c, headers::RETRY_COUNT).unwrap(), header(c, headers::ATTEMPTS).unwrap())).collect();
+    assert_eq!(trips, [("1".to_string(), "2".to_string()), ("2".into(), "4".into())]);
+    assert_eq!(dlq.len(), 2);
+    let poison = dlq.iter().find(|r| &r.payload[..] == b"poison").unwrap();
+    assert_eq!(header(poison, headers::SOURCE).as_deref(), Some("in/0/2"));
+    assert_eq!(header(poison, headers::ATTEMPTS), None);
+    let gave_up = dlq.iter().find(|r| &r.payload[..] == b"flaky99").unwrap();
+    assert_eq!(header(gave_up, headers::SOURCE).as_deref(), Some("in/0/1"), "the input it came from, not the retry topic");
+    assert_eq!(header(gave_up, headers::STAGE).as_deref(), Some("echo"));
+    assert_eq!(header(gave_up, headers::ERROR).as_deref(), Some("lookup timed out (attempt 6)"));
+    assert_eq!(header(gave_up, headers::ATTEMPTS).as_deref(), Some("6"));
+    assert_eq!(header(gave_up, headers::RETRY_COUNT).as_deref(), Some("2"));
+    assert_eq!(header(gave_up, headers::RETRY_DUE), None);
+    assert!(header(gave_up, headers::CREATED).is_some(), "the producer's headers are kept");
+    assert_eq!((m.sent_to_retry, m.dead_lettered), (2, 2));
+}
+
+#[test]
+fn without_a_retry_topic_a_transient_failure_is_dead_lettered_after_its_in_place_attempts() {
+    let bus = bus(1);
+    let p = bus.producer(&ProducerConfig::default()).unwrap();
+    send(&p, "a", b"flaky99");
+    send(&p, "a", b"flaky1");
+    let flaky = Arc::new(Flaky::default());
+    let stage = Stage::spawn(&bus, StageSpec { retry: RetryPolicy { attempts: 3, ..RetryPolicy::default() }, ..spec("in-place") }, flaky.clone()).unwrap();
+    let dlq = read_all(&bus, DLQ, 1, Duration::from_secs(10));
+    let out = read_all(&bus, OUT, 1, Duration::from_secs(10));
+    stage.stop(StopMode::Graceful);
+    let m = stage.join().unwrap();
+    assert_eq!(flaky.attempts.lock()[&b"flaky99"[..]], vec![1, 2, 3]);
+    assert_eq!(flaky.attempts.lock()[&b"flaky1"[..]], vec![1, 2], "succeeds on its second attempt, in place");
+    assert_eq!(dlq.len(), 1);
+    assert_eq!(header(&dlq[0], headers::ATTEMPTS).as_deref(), Some("3"));
+    assert_eq!(&out[0].payload[..], b"flaky1");
+    assert_eq!(header(&out[0], headers::RETRIED), None, "retried in place only: still in order");
+    assert_eq!((m.retried, m.sent_to_retry, m.dead_lettered), (3, 0, 1));
+}
+
+#[test]
+fn retry_copies_waiting_for_their_due_time_do_not_hold_up_a_graceful_stop_and_run_after_a_restart() {
+    let delay = Duration::from_millis(1500);
+    let (bus, spec) = retry_setup("retry-restart", 1, 1, delay);
+    let p = bus.producer(&ProducerConfig::default()).unwrap();
+    send(&p, "a", b"flaky1");
+    let flaky = Arc::new(Flaky::default());
+    let stage = Stage::spawn(&bus, spec.clone(), flaky.clone()).unwrap();
+    let t0 = Instant::now();
+    while stage.metrics().retry_waiting == 0 {
+        assert!(t0.elapsed() < Duration::from_secs(10), "the retry copy never came back");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let stopping = Instant::now();
+    stage.stop(StopMode::Graceful);
+    stage.join().unwrap();
+    assert!(stopping.elapsed() < delay / 2, "the stop waited {:?} for a retry copy", stopping.elapsed());
+    // The input is done (its copy acknowledged); the copy itself is not.
+    assert_eq!(bus.committed_offsets("retry-restart", IN).unwrap(), vec![Some(1)]);
+    assert!(bus.committed_offsets("retry-restart", RETRY).unwrap().iter().all(|o| o.is_none_or(|o| o == 0)));
+    assert_eq!(flaky.attempts.lock()[&b"flaky1"[..]], vec![1]);
+    // The next run reads it again and runs it when due.
+    let again = Stage::spawn(&bus, spec, flaky.clone()).unwrap();
+    let out = read_all(&bus, OUT, 1, Duration::from_secs(10));
+    again.stop(StopMode::Graceful);
+    again.join().unwrap();
+    assert_eq!(out.len(), 1);
+    assert_eq!(&out[0].payload[..], b"flaky1");
+    assert_eq!(flaky.attempts.lock()[&b"flaky1"[..]], vec![1, 2]);
+    assert!(t0.elapsed() >= delay, "ran before its due time");
 }
