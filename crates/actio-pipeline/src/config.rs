@@ -63,6 +63,9 @@ pub enum TopicRole {
     Egress,
     /// Dead letters: original bytes plus error headers.
     DeadLetter,
+    /// One stage's retry topic (its `retry_topic`): transient failures wait there, in
+    /// the codec of that stage's input (original bytes plus retry headers).
+    Retry,
 }
 
 /// One topic.
@@ -129,6 +132,14 @@ pub const DEFAULT_DRAIN_TIMEOUT_MS: u64 = 10_000;
 pub const DEFAULT_RETRY_ATTEMPTS: u32 = 3;
 /// Default: first retry backoff, ms.
 pub const DEFAULT_RETRY_BACKOFF_MS: u64 = 1;
+/// Default: trips through a stage's retry topic before the DLQ.
+pub const DEFAULT_RETRY_TOPIC_ATTEMPTS: u32 = 3;
+/// Most trips through a retry topic.
+pub const MAX_RETRY_TOPIC_ATTEMPTS: u32 = 100;
+/// Default: delay before a message from the retry topic runs again, ms.
+pub const DEFAULT_RETRY_DELAY_MS: u64 = 1000;
+/// Longest retry delay, ms (one hour: longer waits belong to a scheduler).
+pub const MAX_RETRY_DELAY_MS: u64 = 3_600_000;
 
 /// The kinds of stage actio ships.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -167,4 +178,44 @@ pub struct StageConfig {
     /// Overrides of `[defaults]` for this stage (`[stage.limits]`).
     #[serde(default)]
     pub limits: StageLimits,
+    /// Retry topic (a `[[topic]]` of role `retry`, this stage's alone): a transient
+    /// failure that outlasts the in-place attempts goes there and comes back to this
+    /// stage after `retry_delay_ms`. Without it, such a failure is dead-lettered.
+    pub retry_topic: Option<Spanned<String>>,
+    /// Trips through the retry topic before the DLQ (default 3; each trip gets the
+    /// in-place attempts again). Only with `retry_topic`.
+    pub retry_topic_attempts: Option<Spanned<u32>>,
+    /// Delay between sending a message to the retry topic and running it again, ms
+    /// (default 1000). Only with `retry_topic`.
+    pub retry_delay_ms: Option<Spanned<u64>>,
+    /// Fault injection for resilience drills (`[[stage.fault]]`); none by default.
+    #[serde(default, rename = "fault")]
+    pub faults: Vec<FaultConfig>,
+}
+
+/// What an injected fault does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FaultKind {
+    /// A transient handler error: retried in place, then through the retry topic.
+    Transient,
+    /// A permanent handler error: dead-lettered at once.
+    Permanent,
+    /// A handler panic: caught, dead-lettered at once with the panic's message.
+    Panic,
+}
+
+/// One injected fault (`[[stage.fault]]`): the stage fails on the transactions `when`
+/// picks. For drills only; a stage with faults warns at start.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FaultConfig {
+    /// CEL condition over the transaction (`tx.*`, and `features.*` computed by
+    /// earlier stages), as in rule files.
+    pub when: Spanned<String>,
+    /// What happens: `transient`, `permanent` or `panic`.
+    pub fail: FaultKind,
+    /// Fail only the first N attempts of a matching transaction at this stage, counted
+    /// across in-place and retry-topic attempts (default: every attempt).
+    pub times: Option<Spanned<u32>>,
 }

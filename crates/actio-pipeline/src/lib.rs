@@ -10,9 +10,10 @@
 
 pub mod config;
 pub mod error;
+pub mod faults;
 mod resolve;
 pub mod stages;
 
-pub use config::{StageKind, TopicRole};
+pub use config::{FaultKind, StageKind, TopicRole};
 pub use error::{ConfigError, ConfigErrors};
 pub use resolve::{Limits, Pipeline, Stage, StageLogic, Topic};

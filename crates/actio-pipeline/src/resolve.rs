@@ -14,6 +14,7 @@ use toml::Spanned;
 
 use crate::config::*;
 use crate::error::{ConfigError, ConfigErrors};
+use crate::faults::Faults;
 
 /// A topic of the pipeline.
 #[derive(Debug, Clone, PartialEq)]
@@ -43,7 +44,7 @@ pub struct Limits {
     pub drain_timeout: Duration,
     /// Worker threads.
     pub threads: usize,
-    /// Retry policy for transient failures.
+    /// Retry policy for transient failures (in place, then the stage's retry topic).
     pub retry: actio_runtime::RetryPolicy,
     /// Latency budget (ms), if any.
     pub budget_ms: Option<f64>,
@@ -88,6 +89,8 @@ pub struct Stage {
     pub logic: StageLogic,
     /// Versions of the rule sets that ran up to and including this stage.
     pub rules_version: String,
+    /// Injected faults (`[[stage.fault]]`), for drills; empty by default.
+    pub faults: Arc<Faults>,
 }
 
 /// A loaded, checked pipeline.
@@ -152,6 +155,18 @@ impl Pipeline {
         self.topics.iter().find(|t| t.role == TopicRole::Egress)
     }
 
+    /// Warnings to log when stages start: one per stage with injected faults.
+    pub fn fault_warnings(&self) -> Vec<String> {
+        self.stages
+            .iter()
+            .filter(|s| !s.faults.is_empty())
+            .map(|s| {
+                let whens: Vec<String> = s.faults.faults().iter().map(|f| format!("{:?} when `{}`", f.kind, f.when).to_lowercase()).collect();
+                format!("stage {}: fault injection is ON ([[stage.fault]] in pipeline.toml, for drills only): it fails on purpose: {}", s.name, whens.join("; "))
+            })
+            .collect()
+    }
+
     /// The dead-letter topic.
     pub fn dead_letter(&self) -> Option<&Topic> {
         self.topics.iter().find(|t| t.role == TopicRole::DeadLetter)
@@ -210,10 +225,12 @@ impl Resolver<'_> {
         let mut rule_ids: Vec<String> = Vec::new();
         let mut versions: Vec<String> = Vec::new();
         let mut written: HashMap<String, String> = HashMap::new();
+        let mut retry_of: HashMap<String, String> = HashMap::new();
         let mut warnings = Vec::new();
         for (i, s) in raw.stages.iter().enumerate() {
             let name = s.name.get_ref().clone();
             let at = format!("stage[{i}]");
+            let features_before = features.clone();
             if !is_name(&name) {
                 self.err(&s.name, format!("{at}.name"), "expected a name of [a-z0-9_-] characters");
             }
@@ -224,6 +241,11 @@ impl Resolver<'_> {
             match &input {
                 None => self.err(&s.input, format!("{at}.input"), format!("unknown topic {:?}; declare it in a [[topic]]", s.input.get_ref())),
                 Some(t) if t.role == TopicRole::Ingress => {}
+                Some(t) if t.role == TopicRole::Retry => self.err(
+                    &s.input,
+                    format!("{at}.input"),
+                    format!("topic {:?} is a retry topic: the stage that names it in `retry_topic` consumes it, it is no stage's input", t.name),
+                ),
                 Some(t) if written.contains_key(&t.name) => {}
                 Some(t) => self.err(
                     &s.input,
@@ -234,7 +256,7 @@ impl Resolver<'_> {
             let output = topics.iter().find(|t| &t.name == s.output.get_ref()).cloned();
             match &output {
                 None => self.err(&s.output, format!("{at}.output"), format!("unknown topic {:?}; declare it in a [[topic]]", s.output.get_ref())),
-                Some(t) if matches!(t.role, TopicRole::Ingress | TopicRole::DeadLetter) => {
+                Some(t) if matches!(t.role, TopicRole::Ingress | TopicRole::DeadLetter | TopicRole::Retry) => {
                     self.err(&s.output, format!("{at}.output"), format!("a stage may not write to {:?}, a topic of role {:?}", t.name, t.role))
                 }
                 Some(t) => {
@@ -262,7 +284,9 @@ impl Resolver<'_> {
                 Some(t) => self.err(&s.dlq, format!("{at}.dlq"), format!("topic {:?} has role {:?}; expected dead_letter", t.name, t.role)),
                 None => self.err(&s.dlq, format!("{at}.dlq"), format!("unknown topic {:?}; declare it in a [[topic]]", s.dlq.get_ref())),
             }
-            let limits = self.limits(&raw.defaults, &s.limits, &at);
+            let mut limits = self.limits(&raw.defaults, &s.limits, &at);
+            limits.retry.topic = self.retry_topic(s, &at, &topics, input.as_ref(), &mut retry_of);
+            let faults = self.faults(s, &at, &features_before);
             let replicas = s.replicas.as_ref().map_or(1, |r| *r.get_ref());
             if let (Some(r), Some(t)) = (&s.replicas, &input)
                 && (*r.get_ref() < 1 || *r.get_ref() as i64 > t.partitions as i64)
@@ -330,8 +354,12 @@ impl Resolver<'_> {
                     replicas,
                     logic,
                     rules_version: versions.join("+"),
+                    faults: Arc::new(faults),
                 });
             }
+        }
+        for t in topics.iter().filter(|t| t.role == TopicRole::Retry && !retry_of.contains_key(&t.name)) {
+            warnings.push(format!("topic {:?} has role retry but no stage names it in `retry_topic`", t.name));
         }
         let dup: BTreeSet<_> = rule_ids.iter().filter(|id| rule_ids.iter().filter(|o| o == id).count() > 1).collect();
         if !dup.is_empty() {
@@ -393,6 +421,79 @@ impl Resolver<'_> {
     fn engine_error(&mut self, path: &Path, e: actio_engine::EngineError) {
         // The engine's message already names its file, field and line.
         self.errors.push(ConfigError { file: path.to_path_buf(), field: None, line: None, message: e.to_string() });
+    }
+
+    /// The stage's retry topic, checked: declared with role `retry`, this stage's alone
+    /// (its group consumes all of it), in the input's codec (it carries the input's
+    /// bytes); attempts and delay in range, and only given with a topic.
+    fn retry_topic(
+        &mut self,
+        s: &StageConfig,
+        at: &str,
+        topics: &[Topic],
+        input: Option<&Topic>,
+        retry_of: &mut HashMap<String, String>,
+    ) -> Option<actio_runtime::RetryTopic> {
+        let Some(name) = &s.retry_topic else {
+            if let Some(v) = &s.retry_topic_attempts {
+                self.err(v, format!("{at}.retry_topic_attempts"), "only with `retry_topic`: without one, nothing goes to a retry topic");
+            }
+            if let Some(v) = &s.retry_delay_ms {
+                self.err(v, format!("{at}.retry_delay_ms"), "only with `retry_topic`: without one, nothing goes to a retry topic");
+            }
+            return None;
+        };
+        let field = format!("{at}.retry_topic");
+        let topic = match topics.iter().find(|t| &t.name == name.get_ref()) {
+            None => {
+                self.err(name, field, format!("unknown topic {:?}; declare it in a [[topic]] with role = \"retry\"", name.get_ref()));
+                None
+            }
+            Some(t) if t.role != TopicRole::Retry => {
+                self.err(name, field, format!("topic {:?} has role {:?}; expected retry", t.name, t.role));
+                None
+            }
+            Some(t) => {
+                if let Some(other) = retry_of.insert(t.name.clone(), s.name.get_ref().clone()) {
+                    self.err(name, field.clone(), format!("topic {:?} is already the retry topic of stage {other:?}; each stage needs its own", t.name));
+                }
+                if let Some(i) = input.filter(|i| i.codec != t.codec) {
+                    self.err(name, field, format!("topic {:?} has codec {:?}, but a retry topic carries its stage's input bytes: expected {:?}, the codec of {:?}", t.name, t.codec, i.codec, i.name));
+                }
+                Some(t)
+            }
+        };
+        let attempts = s.retry_topic_attempts.as_ref().map_or(DEFAULT_RETRY_TOPIC_ATTEMPTS, |v| {
+            if !(1..=MAX_RETRY_TOPIC_ATTEMPTS).contains(v.get_ref()) {
+                self.err(v, format!("{at}.retry_topic_attempts"), format!("expected 1..={MAX_RETRY_TOPIC_ATTEMPTS} trips through the retry topic"));
+            }
+            *v.get_ref()
+        });
+        let delay_ms = s.retry_delay_ms.as_ref().map_or(DEFAULT_RETRY_DELAY_MS, |v| {
+            if *v.get_ref() > MAX_RETRY_DELAY_MS {
+                self.err(v, format!("{at}.retry_delay_ms"), format!("expected at most {MAX_RETRY_DELAY_MS} ms (one hour)"));
+            }
+            *v.get_ref()
+        });
+        topic.map(|t| actio_runtime::RetryTopic { topic: Arc::from(t.name.as_str()), attempts, delay: Duration::from_millis(delay_ms) })
+    }
+
+    /// The stage's `[[stage.fault]]` entries, compiled with the features computed
+    /// before the stage (faults run before its logic).
+    fn faults(&mut self, s: &StageConfig, at: &str, features: &[String]) -> Faults {
+        for (j, f) in s.faults.iter().enumerate() {
+            if let Some(t) = f.times.as_ref().filter(|t| *t.get_ref() == 0) {
+                self.err(t, format!("{at}.fault[{j}].times"), "expected at least 1 (leave it out to fail every attempt)");
+            }
+        }
+        let entries: Vec<_> = s.faults.iter().map(|f| (f.when.get_ref().clone(), f.fail, f.times.as_ref().map(|t| *t.get_ref()))).collect();
+        match Faults::compile(&entries, features) {
+            Ok(f) => f,
+            Err((j, message)) => {
+                self.err(&s.faults[j].when, format!("{at}.fault[{j}].when"), message);
+                Faults::default()
+            }
+        }
     }
 
     fn limits(&mut self, d: &StageLimits, s: &StageLimits, at: &str) -> Limits {

@@ -4,14 +4,19 @@
 //! Ingress topics carry JSON [`Transaction`]s (validated here, once); internal
 //! topics carry [`TxState`] in the topic's codec; the `score` stage writes a
 //! [`actio_core::Decision`]. Anything undecodable or invalid is a permanent failure:
-//! the runtime dead-letters it at once with the reason.
+//! the runtime dead-letters it at once with the reason. Injected faults
+//! ([`crate::faults`]) are checked between decoding and the stage's logic.
+//!
+//! Rule evaluation errors (a rule whose `when` fails on a transaction: it does not
+//! fire, the transaction goes on) are counted per stage as `actio_rule_errors_total`.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use actio_core::bus::Bytes;
 use actio_core::{Codec, Record, TopicPartition, Transaction, TxState};
 use actio_engine::velocity::VelocityState;
-use actio_runtime::{Handler, HandlerError, Output, StageSpec};
+use actio_runtime::{Handler, HandlerCounter, HandlerError, Output, StageSpec};
 use ahash::AHashMap;
 use parking_lot::RwLock;
 
@@ -29,7 +34,12 @@ pub struct StageHandler {
     key_field: String,
     /// Velocity state per partition: dropped with the partition on revocation.
     velocity: RwLock<AHashMap<i32, Arc<VelocityState>>>,
+    /// Rule evaluations of this stage that failed, since start.
+    rule_errors: AtomicU64,
 }
+
+/// Rule evaluations that failed (the rule did not fire; the transaction went on).
+pub const RULE_ERRORS: &str = "actio_rule_errors_total";
 
 impl StageHandler {
     /// The handler of a stage of `pipeline`.
@@ -43,6 +53,7 @@ impl StageHandler {
             output_codec: output.map_or(Codec::Json, |t| t.codec),
             key_field: pipeline.key_field.clone(),
             velocity: RwLock::new(AHashMap::new()),
+            rule_errors: AtomicU64::new(0),
             stage: stage.clone(),
         }
     }
@@ -96,19 +107,35 @@ impl StageHandler {
     }
 }
 
+impl StageHandler {
+    fn eval_rules(&self, rules: &actio_engine::rules::ReloadableRuleSet, st: &mut TxState) {
+        let before = st.rule_errors;
+        rules.current().eval(st);
+        let failed = st.rule_errors.saturating_sub(before);
+        if failed > 0 {
+            self.rule_errors.fetch_add(failed as u64, Ordering::Relaxed);
+        }
+    }
+}
+
 impl Handler for StageHandler {
     fn handle(&self, record: &Record) -> Result<Vec<Output>, HandlerError> {
+        self.handle_attempt(record, 1)
+    }
+
+    fn handle_attempt(&self, record: &Record, attempt: u32) -> Result<Vec<Output>, HandlerError> {
         let mut st = self.decode(&record.payload)?;
+        self.stage.faults.check(&st, attempt)?;
         let encode_err = |e: actio_core::CodecError| HandlerError::permanent(format!("cannot encode output: {e}"));
         let payload: Bytes = match &self.stage.logic {
             StageLogic::Rules(rules) => {
-                rules.current().eval(&mut st);
+                self.eval_rules(rules, &mut st);
                 self.output_codec.encode(&st).map_err(encode_err)?.into()
             }
             StageLogic::Velocity { spec, rules } => {
                 spec.update(&self.velocity_state(spec, record.tp.partition), &mut st);
                 if let Some(rules) = rules {
-                    rules.current().eval(&mut st);
+                    self.eval_rules(rules, &mut st);
                 }
                 self.output_codec.encode(&st).map_err(encode_err)?.into()
             }
@@ -121,10 +148,99 @@ impl Handler for StageHandler {
         Ok(vec![Output { topic: self.output.clone(), payload }])
     }
 
+    fn counters(&self) -> Vec<HandlerCounter> {
+        vec![HandlerCounter {
+            name: RULE_ERRORS,
+            help: "Rule evaluations that failed (type error, missing value): the rule did not fire, the transaction went on.",
+            value: self.rule_errors.load(Ordering::Relaxed),
+        }]
+    }
+
     fn partitions_revoked(&self, partitions: &[TopicPartition]) {
         let mut v = self.velocity.write();
         for tp in partitions {
             v.remove(&tp.partition);
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+mod tests {
+    use super::*;
+    use actio_core::{Headers, TopicPartition};
+    use actio_runtime::FailureKind;
+
+    /// The shipped fraud pipeline with `edit` applied to its pipeline.toml.
+    fn fraud_with(edit: impl Fn(String) -> String) -> (tempfile::TempDir, Pipeline) {
+        let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../pipelines/fraud");
+        let dir = tempfile::tempdir().unwrap();
+        for e in std::fs::read_dir(&src).unwrap() {
+            let e = e.unwrap();
+            if e.file_type().unwrap().is_file() {
+                std::fs::copy(e.path(), dir.path().join(e.file_name())).unwrap();
+            }
+        }
+        let p = dir.path().join("pipeline.toml");
+        std::fs::write(&p, edit(std::fs::read_to_string(&p).unwrap())).unwrap();
+        let pipeline = Pipeline::load(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+        (dir, pipeline)
+    }
+
+    fn record(merchant: &str, attrs: &str) -> Record {
+        let json = format!(
+            r#"{{"id":"t-1","card_id":"c-1","account_id":"a-1","device_id":null,"merchant_id":"{merchant}","amount_minor":4200,"currency":"EUR","mcc":5411,"country":"FR","card_country":"FR","ip_country":null,"channel":"pos","card_age_days":400,"created_at":"2026-11-24T12:00:00Z","attrs":{attrs}}}"#
+        );
+        Record { tp: TopicPartition::new("tx.in", 0), offset: 0, key: Some(Bytes::from_static(b"c-1")), payload: Bytes::from(json), headers: Headers::default(), timestamp_ms: None }
+    }
+
+    const FAULTS: &str = "budget_ms = 5.0\n[[stage.fault]]\nwhen = \"tx.merchant_id == 'chaos-transient'\"\nfail = \"transient\"\ntimes = 2\n\
+        [[stage.fault]]\nwhen = \"tx.merchant_id == 'chaos-permanent'\"\nfail = \"permanent\"\n\
+        [[stage.fault]]\nwhen = \"tx.merchant_id == 'chaos-panic'\"\nfail = \"panic\"\n";
+
+    #[test]
+    fn injected_faults_fail_the_attempts_they_name_and_nothing_else() {
+        let (_d, p) = fraud_with(|t| t.replacen("budget_ms = 5.0\n", FAULTS, 1));
+        let h = StageHandler::new(&p, &p.stages[0]);
+        for attempt in [1, 2] {
+            let e = h.handle_attempt(&record("chaos-transient", "{}"), attempt).unwrap_err();
+            assert_eq!(e.kind, FailureKind::Transient, "attempt {attempt}");
+        }
+        assert_eq!(h.handle_attempt(&record("chaos-transient", "{}"), 3).unwrap().len(), 1, "the third attempt succeeds");
+        assert_eq!(h.handle_attempt(&record("chaos-permanent", "{}"), 7).unwrap_err().kind, FailureKind::Permanent);
+        let panic = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| h.handle_attempt(&record("chaos-panic", "{}"), 1))).unwrap_err();
+        assert!(panic.downcast_ref::<String>().unwrap().contains("injected panic"));
+        assert_eq!(h.handle(&record("m-1", "{}")).unwrap().len(), 1, "other transactions are untouched");
+        // Undecodable input is still a permanent failure, before any fault.
+        let mut bad = record("chaos-transient", "{}");
+        bad.payload = Bytes::from_static(b"{");
+        assert!(h.handle_attempt(&bad, 1).unwrap_err().message.contains("undecodable"));
+        // Faults only where configured.
+        let v = StageHandler::new(&p, &p.stages[1]);
+        assert!(p.stages[1].faults.is_empty());
+        let ruled = h.handle_attempt(&record("chaos-transient", "{}"), 3).unwrap();
+        let mut r = record("x", "{}");
+        r.payload = ruled[0].payload.clone();
+        assert!(v.handle_attempt(&r, 1).is_ok());
+    }
+
+    #[test]
+    fn rule_evaluation_errors_are_counted_per_stage() {
+        let (d, p) = fraud_with(|t| t);
+        let rules = d.path().join("rules.toml");
+        let text = std::fs::read_to_string(&rules).unwrap();
+        std::fs::write(&rules, format!("{text}\n[[rule]]\nid = \"reads_attr_without_has\"\ndescription = \"fails without the attribute\"\nwhen = \"tx.attrs.risk_score > 0.5\"\nweight = 0.1\n")).unwrap();
+        let p2 = Pipeline::load(d.path()).unwrap();
+        let h = StageHandler::new(&p2, &p2.stages[0]);
+        let errors = || h.counters().into_iter().find(|c| c.name == RULE_ERRORS).unwrap().value;
+        assert_eq!(errors(), 0);
+        h.handle(&record("m-1", "{}")).unwrap();
+        h.handle(&record("m-1", "{}")).unwrap();
+        h.handle(&record("m-1", r#"{"risk_score": 0.9}"#)).unwrap();
+        assert_eq!(errors(), 2, "the rule fails on the transactions without the attribute, and only it");
+        // The shipped rules evaluate cleanly on an ordinary transaction.
+        let shipped = StageHandler::new(&p, &p.stages[0]);
+        shipped.handle(&record("m-1", "{}")).unwrap();
+        assert_eq!(shipped.counters()[0].value, 0);
     }
 }

@@ -116,3 +116,86 @@ fn all_errors_are_reported_at_once() {
     let (_d, e) = broken("pipeline.toml", |t| t.replace("input = \"tx.ruled\"", "input = \"nope\"").replace("dlq = \"tx.dlq\"\nmodel", "dlq = \"tx.in\"\nmodel"));
     assert!(e.contains("stage[1].input") && e.contains("stage[2].dlq"), "{e}");
 }
+
+/// `extra` appended to the `n`-th stage (0-based) of the shipped pipeline.toml: each
+/// stage ends with its `[stage.limits]` line `budget_ms = 5.0`.
+fn in_stage(t: &str, n: usize, extra: &str) -> String {
+    let at = t.match_indices("budget_ms = 5.0\n").nth(n).map(|(i, m)| i + m.len()).unwrap();
+    format!("{}{extra}{}", &t[..at], &t[at..])
+}
+
+const RETRY_TOPIC: &str = "[[topic]]\nname = \"tx.retry.extra\"\npartitions = 3\ncodec = \"json\"\nrole = \"retry\"\n";
+
+#[test]
+fn a_retry_topic_resolves_into_the_stage_retry_policy() {
+    let dir = tempfile::tempdir().unwrap();
+    for e in std::fs::read_dir(fraud()).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_file() {
+            std::fs::copy(e.path(), dir.path().join(e.file_name())).unwrap();
+        }
+    }
+    let p = dir.path().join("pipeline.toml");
+    let text = std::fs::read_to_string(&p).unwrap().replace("retry_topic = \"tx.retry.rules\"", "retry_topic = \"tx.retry.extra\"");
+    std::fs::write(&p, text.replacen("[[stage]]", &format!("{RETRY_TOPIC}\n[[stage]]"), 1)).unwrap();
+    let pl = Pipeline::load(dir.path()).unwrap();
+    let t = pl.stages[0].limits.retry.topic.as_ref().unwrap();
+    assert_eq!(&*t.topic, "tx.retry.extra");
+    // The shipped pipeline's retry topic of the rules stage is now unused: a warning.
+    assert!(pl.warnings.iter().any(|w| w.contains("tx.retry.rules") && w.contains("no stage")), "{:?}", pl.warnings);
+}
+
+#[test]
+fn the_shipped_pipeline_gives_each_stage_a_retry_topic_in_its_input_codec() {
+    let p = Pipeline::load(&fraud()).unwrap();
+    for s in &p.stages {
+        let t = s.limits.retry.topic.as_ref().unwrap_or_else(|| panic!("stage {} has no retry topic", s.name));
+        assert_eq!(&*t.topic, format!("tx.retry.{}", s.name));
+        assert_eq!(p.topic(&t.topic).unwrap().codec, p.topic(&s.input).unwrap().codec);
+        assert!(s.faults.is_empty(), "no faults in the shipped pipeline");
+    }
+}
+
+#[test]
+fn bad_retry_topics_are_caught() {
+    let (_d, e) = broken("pipeline.toml", |t| t.replace("retry_topic = \"tx.retry.rules\"", "retry_topic = \"tx.retry.nope\""));
+    assert!(e.contains("pipeline.toml:") && e.contains("stage[0].retry_topic") && e.contains("unknown topic \"tx.retry.nope\""), "{e}");
+    let (_d, e) = broken("pipeline.toml", |t| t.replace("retry_topic = \"tx.retry.rules\"", "retry_topic = \"tx.dlq\""));
+    assert!(e.contains("stage[0].retry_topic") && e.contains("expected retry"), "{e}");
+    let (_d, e) = broken("pipeline.toml", |t| t.replace("retry_topic = \"tx.retry.velocity\"", "retry_topic = \"tx.retry.rules\""));
+    assert!(e.contains("stage[1].retry_topic") && e.contains("already the retry topic of stage \"rules\""), "{e}");
+    // The velocity stage reads postcard; its retry topic carries those bytes.
+    let (_d, e) = broken("pipeline.toml", |t| t.replace("retry_topic = \"tx.retry.velocity\"", "retry_topic = \"tx.retry.extra\"").replacen("[[stage]]", &format!("{RETRY_TOPIC}\n[[stage]]"), 1));
+    assert!(e.contains("stage[1].retry_topic") && e.contains("expected Postcard"), "{e}");
+    let (_d, e) = broken("pipeline.toml", |t| t.replace("input = \"tx.ruled\"", "input = \"tx.retry.rules\""));
+    assert!(e.contains("stage[1].input") && e.contains("is a retry topic"), "{e}");
+    let (_d, e) = broken("pipeline.toml", |t| t.replace("output = \"tx.ruled\"", "output = \"tx.retry.rules\""));
+    assert!(e.contains("stage[0].output") && e.contains("Retry"), "{e}");
+    let (_d, e) = broken("pipeline.toml", |t| t.replacen("retry_topic_attempts = 3", "retry_topic_attempts = 0", 1));
+    assert!(e.contains("pipeline.toml:") && e.contains("stage[0].retry_topic_attempts") && e.contains("1..=100"), "{e}");
+    let (_d, e) = broken("pipeline.toml", |t| t.replacen("retry_delay_ms = 1000", "retry_delay_ms = 86400000", 1));
+    assert!(e.contains("stage[0].retry_delay_ms") && e.contains("one hour"), "{e}");
+    let (_d, e) = broken("pipeline.toml", |t| t.replace("retry_topic = \"tx.retry.rules\"\n", ""));
+    assert!(e.contains("stage[0].retry_topic_attempts") && e.contains("only with `retry_topic`"), "{e}");
+    let (_d, e) = broken("pipeline.toml", |t| t.replace("role = \"retry\"", "role = \"retries\""));
+    assert!(e.contains("pipeline.toml:") && e.contains("unknown variant `retries`"), "{e}");
+}
+
+#[test]
+fn faults_compile_with_the_features_known_before_the_stage() {
+    let fault = |when: &str| format!("[[stage.fault]]\nwhen = \"{when}\"\nfail = \"transient\"\ntimes = 2\n");
+    // At the score stage every feature is known.
+    let (_d, e) = broken("pipeline.toml", |t| in_stage(&t, 2, &fault("features.nope > 1.0")));
+    assert!(e.contains("stage[2].fault[0].when") && e.contains("features.nope"), "{e}");
+    // At the rules stage no feature is computed yet.
+    let (_d, e) = broken("pipeline.toml", |t| in_stage(&t, 0, &fault("features.card_tx_1m > 1.0")));
+    assert!(e.contains("pipeline.toml:") && e.contains("stage[0].fault[0].when"), "{e}");
+    let (_d, e) = broken("pipeline.toml", |t| in_stage(&t, 0, &fault("tx.merchant_id == ")));
+    assert!(e.contains("stage[0].fault[0].when") && e.contains("CEL syntax"), "{e}");
+    let (_d, e) = broken("pipeline.toml", |t| in_stage(&t, 0, "[[stage.fault]]\nwhen = \"true\"\nfail = \"transient\"\ntimes = 0\n"));
+    assert!(e.contains("stage[0].fault[0].times") && e.contains("at least 1"), "{e}");
+    let (_d, e) = broken("pipeline.toml", |t| in_stage(&t, 0, "[[stage.fault]]\nwhen = \"true\"\nfail = \"sometimes\"\n"));
+    assert!(e.contains("unknown variant `sometimes`"), "{e}");
+    let (_d, e) = broken("pipeline.toml", |t| in_stage(&t, 0, "[[stage.fault]]\nwhen = \"true\"\nfail = \"panic\"\nrate = 0.1\n"));
+    assert!(e.contains("unknown field `rate`"), "{e}");
+}

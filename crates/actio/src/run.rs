@@ -177,6 +177,9 @@ pub fn drive<B: Bus>(
     // Stages first, so they are consuming when load starts.
     let mut stages: Vec<StageHandle> = Vec::new();
     if in_process {
+        for w in pipeline.fault_warnings() {
+            tracing::warn!("{w}");
+        }
         for s in &pipeline.stages {
             let handler = StageHandler::new(pipeline, s);
             let mut spec = handler.spec(properties);

@@ -122,6 +122,9 @@ pub fn main(args: StageArgs) -> anyhow::Result<ExitCode> {
         );
         return Ok(ExitCode::from(crate::EXIT_CONFIG));
     };
+    for w in pipeline.fault_warnings().into_iter().filter(|w| w.starts_with(&format!("stage {}:", stage.name))) {
+        tracing::warn!("{w}");
+    }
     let handler = StageHandler::new(&pipeline, stage);
     let properties = crate::kafka::properties(&pipeline, &args.kafka);
     let mut spec = handler.spec(&properties);
@@ -129,14 +132,19 @@ pub fn main(args: StageArgs) -> anyhow::Result<ExitCode> {
         spec.threads = t.max(1);
     }
     let (group, input, cap) = (spec.group.clone(), spec.input.clone(), spec.max_in_flight);
+    let retry = match &spec.retry.topic {
+        Some(t) => format!(", then {} × {:?} via {}", t.attempts, t.delay, t.topic),
+        None => String::new(),
+    };
     let plan = format!(
-        "stage {} of {}: {} → {} in group {group}, {} threads, in flight ≤ {}/partition and {cap}/stage; brokers {}; http {}; grace {:?}",
+        "stage {} of {}: {} → {} in group {group}, {} threads, in flight ≤ {}/partition and {cap}/stage; retries {} in place{retry}; brokers {}; http {}; grace {:?}",
         stage.name,
         pipeline.name,
         stage.input,
         stage.output,
         spec.threads,
         spec.max_in_flight_per_partition,
+        spec.retry.attempts,
         args.kafka.brokers,
         args.http,
         args.grace

@@ -45,11 +45,11 @@ fn create(bus: &KafkaBus, pipeline: &Pipeline) -> anyhow::Result<ExitCode> {
             .with_context(|| format!("describing {}", t.name))?;
         let have = info.partitions.len();
         if have == t.partitions as usize {
-            println!("topic {:<14} {:>3} partitions  ok", t.name, have);
+            println!("topic {:<18} {:>3} partitions  ok", t.name, have);
         } else {
             mismatched += 1;
             println!(
-                "topic {:<14} {:>3} partitions  but pipeline.toml says {} (it existed before; Kafka keeps keys on their partition only while the count is unchanged)",
+                "topic {:<18} {:>3} partitions  but pipeline.toml says {} (it existed before; Kafka keeps keys on their partition only while the count is unchanged)",
                 t.name, have, t.partitions
             );
         }
@@ -66,7 +66,7 @@ fn describe(bus: &KafkaBus, pipeline: &Pipeline) -> anyhow::Result<ExitCode> {
         let info = match bus.describe_topic(&t.name) {
             Ok(i) => i,
             Err(e) => {
-                println!("topic {:<14} {e}", t.name);
+                println!("topic {:<18} {e}", t.name);
                 continue;
             }
         };
@@ -74,14 +74,15 @@ fn describe(bus: &KafkaBus, pipeline: &Pipeline) -> anyhow::Result<ExitCode> {
             .end_offsets(&t.name)
             .with_context(|| format!("end offsets of {}", t.name))?;
         println!(
-            "topic {:<14} {:>3} partitions (pipeline.toml: {})  {} records  leaders {:?}",
+            "topic {:<18} {:>3} partitions (pipeline.toml: {})  {} records  leaders {:?}",
             t.name,
             info.partitions.len(),
             t.partitions,
             ends.iter().sum::<i64>(),
             info.partitions.iter().map(|p| p.leader).collect::<Vec<_>>()
         );
-        for s in pipeline.stages.iter().filter(|s| s.input == t.name) {
+        let reads = |s: &&actio_pipeline::Stage| s.input == t.name || s.limits.retry.topic.as_ref().is_some_and(|r| *r.topic == *t.name);
+        for s in pipeline.stages.iter().filter(reads) {
             let lag = bus
                 .group_lag(&s.group, &t.name)
                 .with_context(|| format!("lag of group {}", s.group))?;

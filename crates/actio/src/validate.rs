@@ -20,7 +20,7 @@ pub fn main(args: ValidateArgs) -> anyhow::Result<ExitCode> {
     println!("pipeline {:?} ({}) is valid", pipeline.name, pipeline.dir.display());
     println!("  key: {}", pipeline.key_field);
     for t in &pipeline.topics {
-        println!("  topic {:<14} {:>3} partitions  {:?}  {:?}", t.name, t.partitions, t.codec, t.role);
+        println!("  topic {:<18} {:>3} partitions  {:?}  {:?}", t.name, t.partitions, t.codec, t.role);
     }
     for s in &pipeline.stages {
         let what = match &s.logic {
@@ -36,8 +36,11 @@ pub fn main(args: ValidateArgs) -> anyhow::Result<ExitCode> {
             StageLogic::Score(m) => format!("model version {}", m.version()),
         };
         println!("  stage {:<9} {} → {}  {}  group {}  replicas {}", s.name, s.input, s.output, what, s.group, s.replicas);
+        if let Some(t) = &s.limits.retry.topic {
+            println!("    retries: {} in place, then up to {} trips through {} (each {:?} after the failure), then {}", s.limits.retry.attempts, t.attempts, t.topic, t.delay, s.dlq);
+        }
     }
-    for w in &pipeline.warnings {
+    for w in pipeline.warnings.iter().chain(&pipeline.fault_warnings()) {
         println!("  warning: {w}");
     }
     Ok(ExitCode::SUCCESS)
