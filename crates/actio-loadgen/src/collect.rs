@@ -21,7 +21,15 @@ pub struct CollectorStats {
     /// Deliveries beyond the first of one transaction (decision or DLQ).
     pub duplicates: u64,
     /// First deliveries that came before an earlier-sent transaction of the same key.
+    /// A transaction that went through a retry topic (documented to leave its key's
+    /// order) is counted in `reordered_by_retry` instead.
     pub order_violations: u64,
+    /// Distinct transactions whose first delivery went through a retry topic
+    /// (`actio-retried` on a decision, `actio-retry-count` on a DLQ copy).
+    pub retried: u64,
+    /// First deliveries of retried transactions that came after a later-sent
+    /// transaction of the same key: the retry topic's ordering effect, not a violation.
+    pub reordered_by_retry: u64,
     /// Messages whose id is not from this run (old data on the topic), ignored.
     pub foreign: u64,
     /// Messages that could not be decoded (counted, never fatal).
@@ -82,17 +90,21 @@ impl Collector {
         id.strip_prefix(&self.prefix)?.parse::<usize>().ok().filter(|s| *s < self.seen.len())
     }
 
-    /// Records one delivery of `seq`; returns whether it was the first.
-    fn first_delivery(&mut self, seq: usize, key: &str) -> bool {
+    /// Records one delivery of `seq` (`retried`: it went through a retry topic);
+    /// returns whether it was the first.
+    fn first_delivery(&mut self, seq: usize, key: &str, retried: bool) -> bool {
         let n = &mut self.seen[seq];
         *n = n.saturating_add(1);
         if *n > 1 {
             self.stats.duplicates += 1;
             return false;
         }
+        self.stats.retried += retried as u64;
         let ks = self.key_seq[seq].load(Ordering::Relaxed);
         let last = self.last_of_key.entry(key.to_string()).or_insert(0);
-        if ks < *last {
+        if ks < *last && retried {
+            self.stats.reordered_by_retry += 1;
+        } else if ks < *last {
             self.stats.order_violations += 1;
         } else {
             *last = ks;
@@ -130,7 +142,8 @@ impl Collector {
             self.stats.foreign += 1;
             return;
         };
-        if !self.first_delivery(seq, &d.key) {
+        let retried = rec.headers.get(headers::RETRIED).is_some();
+        if !self.first_delivery(seq, &d.key, retried) {
             return;
         }
         self.stats.decided += 1;
@@ -153,7 +166,8 @@ impl Collector {
             return;
         };
         let key = rec.key.as_deref().map(String::from_utf8_lossy).unwrap_or_default().into_owned();
-        if self.first_delivery(seq, &key) {
+        let retried = rec.headers.get(headers::RETRIED).is_some() || rec.headers.get(headers::RETRY_COUNT).is_some();
+        if self.first_delivery(seq, &key, retried) {
             self.stats.dlq += 1;
             self.timing(rec, now_ns);
         }
@@ -247,6 +261,27 @@ mod tests {
         }
         assert_eq!(c.stats.order_violations, 1);
         assert_eq!(c.lost(6), 0);
+    }
+
+    #[test]
+    fn a_retried_one_behind_its_key_is_counted_as_such_not_as_a_violation() {
+        let (mut c, _) = setup();
+        let mut retried = decision(2, "a");
+        retried.headers.set(headers::RETRIED, b"rules:1".to_vec());
+        for r in [decision(0, "a"), decision(1, "b"), decision(4, "a"), decision(3, "b"), retried, decision(5, "b")] {
+            c.observe_decision(&r, 0);
+        }
+        assert_eq!((c.stats.order_violations, c.stats.reordered_by_retry, c.stats.retried), (0, 1, 1));
+        // A dead letter after retry-topic trips is one too.
+        let (mut c, _) = setup();
+        let mut dead = decision(2, "a");
+        dead.headers.set(headers::ID, b"run-2".to_vec());
+        dead.headers.set(headers::RETRY_COUNT, b"3".to_vec());
+        for (s, k) in [(0, "a"), (4, "a")] {
+            c.observe_decision(&decision(s, k), 0);
+        }
+        c.observe_dead_letter(&dead, 0);
+        assert_eq!((c.stats.order_violations, c.stats.reordered_by_retry, c.stats.retried, c.stats.dlq), (0, 1, 1, 1));
     }
 
     #[test]

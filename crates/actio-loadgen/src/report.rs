@@ -139,6 +139,11 @@ pub struct RunReport {
     pub duplicates: u64,
     /// Per-key order violations.
     pub order_violations: u64,
+    /// Distinct transactions that went through a retry topic.
+    pub retried: u64,
+    /// Of those, delivered after a later transaction of their key (expected: a retried
+    /// transaction leaves its key's order; not an order violation).
+    pub reordered_by_retry: u64,
     /// Decisions by verdict.
     pub decisions: DecisionCounts,
     /// Most frequent rule hits.
@@ -239,6 +244,9 @@ impl RunReport {
             "\nsent {}  decided {}  dlq {}  lost {}  duplicates {}  order violations {}",
             self.sent, self.decided, self.dlq, self.lost, self.duplicates, self.order_violations
         );
+        if self.retried > 0 {
+            let _ = writeln!(o, "retried via a retry topic {}  (of which {} decided after a later tx of their key: expected)", self.retried, self.reordered_by_retry);
+        }
         let d = &self.decisions;
         let total = (d.approve + d.review + d.decline).max(1) as f64;
         let _ = writeln!(
@@ -417,6 +425,8 @@ mod tests {
             lost: 0,
             duplicates: 0,
             order_violations: 0,
+            retried: 0,
+            reordered_by_retry: 0,
             decisions: DecisionCounts { approve: 8, review: 1, decline: 0 },
             top_rule_hits: vec![RuleHitCount { rule: "small_amount_burst".into(), count: 3 }],
             e2e: LatencySummary::of(&e2e),

@@ -420,6 +420,8 @@ pub fn drive<B: Bus>(
         lost: c.lost(sent),
         duplicates: c.stats.duplicates,
         order_violations: c.stats.order_violations,
+        retried: c.stats.retried,
+        reordered_by_retry: c.stats.reordered_by_retry,
         decisions: DecisionCounts { approve: c.stats.approve, review: c.stats.review, decline: c.stats.decline },
         top_rule_hits: top,
         e2e: LatencySummary::of(&c.e2e),
