@@ -13,8 +13,9 @@ use std::time::Duration;
 
 use actio_core::bus::{BusError, BusErrorKind, Offset, TopicSpec};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
-use rdkafka::consumer::{BaseConsumer, Consumer as _};
+use rdkafka::client::ClientContext;
+use rdkafka::consumer::ConsumerContext;
+use rdkafka::consumer::Consumer as _;
 use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::topic_partition_list::{Offset as RdOffset, TopicPartitionList};
 use rdkafka::ClientConfig;
@@ -81,9 +82,25 @@ pub(crate) fn block_on<F: Future>(f: F) -> F::Output {
     }
 }
 
+/// Routes the admin clients' librdkafka log lines through [`crate::log_to_tracing`]
+/// like the other clients (rdkafka's default context would print them itself, e.g.
+/// the expected "property will be ignored" warnings at every `actio topics describe`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AdminContext;
+
+impl ClientContext for AdminContext {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+        crate::log_to_tracing("admin", level, fac, message);
+    }
+}
+
+impl ConsumerContext for AdminContext {}
+
+type BaseConsumer = rdkafka::consumer::BaseConsumer<AdminContext>;
+
 /// The bus's administrative clients.
 pub(crate) struct Admin {
-    admin: AdminClient<DefaultClientContext>,
+    admin: AdminClient<AdminContext>,
     /// A group-less consumer for metadata and watermarks.
     meta: BaseConsumer,
     /// Base config for per-group offset fetches.
@@ -95,8 +112,8 @@ pub(crate) struct Admin {
 
 impl Admin {
     pub(crate) fn create(base: &ClientConfig) -> Result<Self, BusError> {
-        let admin = base.create().map_err(|e| bus_error_ctx("creating admin client", &e))?;
-        let meta = base.create().map_err(|e| bus_error_ctx("creating metadata client", &e))?;
+        let admin = base.create_with_context(AdminContext).map_err(|e| bus_error_ctx("creating admin client", &e))?;
+        let meta = base.create_with_context(AdminContext).map_err(|e| bus_error_ctx("creating metadata client", &e))?;
         Ok(Admin { admin, meta, base: base.clone(), readers: Default::default() })
     }
 
@@ -182,7 +199,7 @@ impl Admin {
         }
         let mut cfg = self.base.clone();
         cfg.set("group.id", group);
-        let c: Arc<BaseConsumer> = Arc::new(cfg.create().map_err(|e| bus_error_ctx("creating offset reader", &e))?);
+        let c: Arc<BaseConsumer> = Arc::new(cfg.create_with_context(AdminContext).map_err(|e| bus_error_ctx("creating offset reader", &e))?);
         readers.insert(group.to_string(), c.clone());
         Ok(c)
     }

@@ -44,17 +44,20 @@ fn main() -> ExitCode {
 }
 
 fn init_logging(json: bool) {
-    use tracing_subscriber::EnvFilter;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    use tracing_subscriber::{EnvFilter, Layer as _};
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn,actio=info"));
     let json =
         json || std::env::var("ACTIO_LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("json"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
+    // rdkafka's `BaseConsumer` closes its queue again when dropped and logs the
+    // refusal ("Failed to close consumer queue on drop: BrokerDestroy") as an error,
+    // although our `close` already left the group cleanly. Its only error-level line.
+    let not_double_close = tracing_subscriber::filter::filter_fn(|m| {
+        !(m.target() == "rdkafka::consumer::base_consumer" && *m.level() == tracing::Level::ERROR)
+    });
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt = if json { fmt.json().boxed() } else { fmt.boxed() };
+    tracing_subscriber::registry().with(fmt.with_filter(not_double_close).with_filter(filter)).init();
 }
