@@ -9,8 +9,10 @@
 # A scenario file (bash) sets RATE (tx/s), DURATION (s of load), DRAIN (s to wait for
 # the last decisions), optionally REPLICAS ("rules=1 velocity=1 score=1"), BROKER
 # ("shared": ACTIO_KAFKA_BROKERS or 127.0.0.1:9092; "own": a broker of its own on
-# RELIABILITY_KAFKA_PORT, default 9392, stopped at the end), LOADGEN_ARGS, and a
-# function `fault` that runs while the load runs, using:
+# RELIABILITY_KAFKA_PORT, default 9392, stopped at the end), LOADGEN_ARGS, optionally a
+# function `prepare` that edits the private pipeline copy in $P before its topics are
+# created (e.g. injected faults), and a function `fault` that runs while the load runs,
+# using:
 #   at SECONDS                 sleep until SECONDS after the load started
 #   kill_stage NAME SIGNAL     signal the oldest running instance of stage NAME
 #                              (TERM: also waits for its exit and checks it is 0)
@@ -46,6 +48,7 @@ FILE="$SCENARIO"
 [[ -f "$FILE" ]] || { echo "reliability: no scenario $SCENARIO (see $0 --list)" >&2; exit 2; }
 NAME="$(basename "$FILE" .sh)"
 
+prepare() { :; }
 fault() { :; }
 check() { :; }
 # shellcheck source=/dev/null
@@ -84,6 +87,8 @@ mkdir -p "$P"
 cp pipelines/fraud/*.toml pipelines/fraud/*.json "$P/"
 PNAME="rel-$NAME-$(date +%s)"
 sed -i -e "s/^name = \"fraud\"/name = \"$PNAME\"/" -e "s/\"tx\\./\"$PNAME./g" "$P/pipeline.toml"
+prepare
+"$B" validate "$P" >"$OUT/validate.log" || { cat "$OUT/validate.log" >&2; exit 2; }
 "$B" topics create "$P" --brokers "$BROKERS" >"$OUT/topics.log"
 
 # ---- stage instances ----------------------------------------------------------------
@@ -306,6 +311,7 @@ s = {
     "scenario": name, "rate": rate, "duration_s": int(duration),
     "sent": r["sent"], "decided": r["decided"], "dlq": r["dlq"], "lost": r["lost"],
     "duplicates": r["duplicates"], "order_violations": r["order_violations"],
+    "retried": r.get("retried", 0), "reordered_by_retry": r.get("reordered_by_retry", 0),
     "e2e_p50_ms": r["e2e"]["p50_us"] / 1000, "e2e_p99_ms": r["e2e"]["p99_us"] / 1000,
     "e2e_max_ms": r["e2e"]["max_us"] / 1000,
     "worst_1s_p99_ms": max((p for _, _, p in ticks if p is not None), default=None),

@@ -161,7 +161,7 @@ impl Pipeline {
             .iter()
             .filter(|s| !s.faults.is_empty())
             .map(|s| {
-                let whens: Vec<String> = s.faults.faults().iter().map(|f| format!("{:?} when `{}`", f.kind, f.when).to_lowercase()).collect();
+                let whens: Vec<String> = s.faults.faults().iter().map(|f| format!("{} when `{}`", format!("{:?}", f.kind).to_lowercase(), f.when)).collect();
                 format!("stage {}: fault injection is ON ([[stage.fault]] in pipeline.toml, for drills only): it fails on purpose: {}", s.name, whens.join("; "))
             })
             .collect()
