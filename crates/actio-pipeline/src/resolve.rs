@@ -285,7 +285,8 @@ impl Resolver<'_> {
                 None => self.err(&s.dlq, format!("{at}.dlq"), format!("unknown topic {:?}; declare it in a [[topic]]", s.dlq.get_ref())),
             }
             let mut limits = self.limits(&raw.defaults, &s.limits, &at);
-            limits.retry.topic = self.retry_topic(s, &at, &topics, input.as_ref(), &mut retry_of);
+            let group = format!("{}.{}", raw.name.get_ref(), name);
+            limits.retry.topic = self.retry_topic(s, &at, &topics, input.as_ref(), &group, &mut retry_of);
             let faults = self.faults(s, &at, &features_before);
             let replicas = s.replicas.as_ref().map_or(1, |r| *r.get_ref());
             if let (Some(r), Some(t)) = (&s.replicas, &input)
@@ -432,6 +433,7 @@ impl Resolver<'_> {
         at: &str,
         topics: &[Topic],
         input: Option<&Topic>,
+        group: &str,
         retry_of: &mut HashMap<String, String>,
     ) -> Option<actio_runtime::RetryTopic> {
         let Some(name) = &s.retry_topic else {
@@ -475,7 +477,15 @@ impl Resolver<'_> {
             }
             *v.get_ref()
         });
-        topic.map(|t| actio_runtime::RetryTopic { topic: Arc::from(t.name.as_str()), attempts, delay: Duration::from_millis(delay_ms) })
+        // Its own group: stage names have no dots, so `<pipeline>.<stage>.retry` is no
+        // stage's group.
+        topic.map(|t| actio_runtime::RetryTopic {
+            topic: Arc::from(t.name.as_str()),
+            group: format!("{group}.retry"),
+            properties: Vec::new(),
+            attempts,
+            delay: Duration::from_millis(delay_ms),
+        })
     }
 
     /// The stage's `[[stage.fault]]` entries, compiled with the features computed

@@ -76,6 +76,19 @@ impl StageHandler {
         self.velocity.write().entry(partition).or_insert_with(|| Arc::new(spec.new_state())).clone()
     }
 
+    /// The velocity state for `record`: its input partition's. A retry copy comes from
+    /// the retry topic, whose partitions are not the input's: its `actio-source` names
+    /// the input partition. If this replica does not hold that partition (the retry
+    /// group assigns retry partitions on its own), the copy is run against an empty,
+    /// throw-away state: its features see no history, and it is not remembered.
+    fn velocity_state_of(&self, spec: &actio_engine::velocity::VelocitySpec, record: &Record) -> Arc<VelocityState> {
+        if *record.tp.topic == *self.stage.input {
+            return self.velocity_state(spec, record.tp.partition);
+        }
+        let held = source_partition(record, &self.stage.input).and_then(|p| self.velocity.read().get(&p).cloned());
+        held.unwrap_or_else(|| Arc::new(spec.new_state()))
+    }
+
     fn key_of(&self, st: &TxState) -> String {
         let tx = &st.tx;
         match self.key_field.as_str() {
@@ -133,7 +146,7 @@ impl Handler for StageHandler {
                 self.output_codec.encode(&st).map_err(encode_err)?.into()
             }
             StageLogic::Velocity { spec, rules } => {
-                spec.update(&self.velocity_state(spec, record.tp.partition), &mut st);
+                spec.update(&self.velocity_state_of(spec, record), &mut st);
                 if let Some(rules) = rules {
                     self.eval_rules(rules, &mut st);
                 }
@@ -156,12 +169,30 @@ impl Handler for StageHandler {
         }]
     }
 
+    fn partitions_assigned(&self, partitions: &[TopicPartition]) {
+        // Velocity state exists for exactly the input partitions held (see
+        // `velocity_state_of`); the retry topic's partitions have none.
+        if let StageLogic::Velocity { spec, .. } = &self.stage.logic {
+            for tp in partitions.iter().filter(|tp| *tp.topic == *self.stage.input) {
+                self.velocity_state(spec, tp.partition);
+            }
+        }
+    }
+
     fn partitions_revoked(&self, partitions: &[TopicPartition]) {
         let mut v = self.velocity.write();
-        for tp in partitions {
+        for tp in partitions.iter().filter(|tp| *tp.topic == *self.stage.input) {
             v.remove(&tp.partition);
         }
     }
+}
+
+/// The partition of `input` that `actio-source` (`topic/partition/offset`) names.
+fn source_partition(record: &Record, input: &str) -> Option<i32> {
+    let source = std::str::from_utf8(record.headers.get(actio_core::headers::SOURCE)?).ok()?;
+    let mut it = source.rsplitn(3, '/');
+    let (_offset, partition, topic) = (it.next()?, it.next()?, it.next()?);
+    (topic == input).then(|| partition.parse().ok()).flatten()
 }
 
 #[cfg(test)]
@@ -222,6 +253,39 @@ mod tests {
         let mut r = record("x", "{}");
         r.payload = ruled[0].payload.clone();
         assert!(v.handle_attempt(&r, 1).is_ok());
+    }
+
+    #[test]
+    fn a_retry_copy_uses_the_velocity_state_of_its_input_partition_and_retry_partitions_hold_none() {
+        let (_d, p) = fraud_with(|t| t);
+        let rules = StageHandler::new(&p, &p.stages[0]);
+        let velocity = StageHandler::new(&p, &p.stages[1]);
+        let ruled = rules.handle(&record("m-1", "{}")).unwrap()[0].payload.clone();
+        let on = |topic: &str, partition: i32, source: Option<&str>| {
+            let mut headers = Headers::default();
+            if let Some(s) = source {
+                headers.set(actio_core::headers::SOURCE, s.as_bytes().to_vec());
+            }
+            Record { tp: TopicPartition::new(topic, partition), offset: 0, key: Some(Bytes::from_static(b"c-1")), payload: ruled.clone(), headers, timestamp_ms: None }
+        };
+        let card_tx_1m = |r: &Record| {
+            let out = velocity.handle(r).unwrap();
+            let st: TxState = Codec::Postcard.decode(&out[0].payload).unwrap();
+            st.features.iter().find(|f| &*f.name == "card_tx_1m").unwrap().value
+        };
+        velocity.partitions_assigned(&[TopicPartition::new("tx.ruled", 5), TopicPartition::new("tx.retry.velocity", 1)]);
+        assert_eq!(card_tx_1m(&on("tx.ruled", 5, None)), 1.0);
+        // From the retry topic's partition 1, first consumed from tx.ruled/5: partition 5's windows.
+        assert_eq!(card_tx_1m(&on("tx.retry.velocity", 1, Some("tx.ruled/5/0"))), 2.0);
+        // Losing a retry partition drops no input partition's state...
+        velocity.partitions_revoked(&[TopicPartition::new("tx.retry.velocity", 5)]);
+        assert_eq!(card_tx_1m(&on("tx.ruled", 5, None)), 3.0);
+        // ...and a copy of an input partition this replica does not hold sees no history.
+        assert_eq!(card_tx_1m(&on("tx.retry.velocity", 1, Some("tx.ruled/7/0"))), 1.0);
+        assert_eq!(card_tx_1m(&on("tx.retry.velocity", 1, None)), 1.0);
+        assert_eq!(card_tx_1m(&on("tx.ruled", 5, None)), 4.0, "throw-away states are not remembered");
+        velocity.partitions_revoked(&[TopicPartition::new("tx.ruled", 5)]);
+        assert_eq!(card_tx_1m(&on("tx.ruled", 5, None)), 1.0, "revoking the input partition drops its state");
     }
 
     #[test]

@@ -26,7 +26,11 @@
 //! `actio-stage` and `actio-source`. The input offset is done once that copy is
 //! acknowledged, as with a DLQ copy: the watermark rule is unchanged, nothing is lost.
 //!
-//! The stage consumes its retry topic in its own group, beside its input. A copy that
+//! The stage reads its retry topic with a second consumer, in a group of its own
+//! ([`RetryTopic`]`::group`, `<pipeline>.<stage>.retry`), polled by the same driver
+//! without waiting. (In the input's group, the cooperative-sticky assignor balances the
+//! total partition count, not each topic's: with two replicas it gave one of them three
+//! input partitions and the other one plus every retry partition.) A copy that
 //! is not due yet is held in memory, in offset order, and its retry partition is
 //! paused until every held copy has run (Kafka may still hand over a few fetched
 //! ones: they queue behind). The driver moves due copies into their key lanes each

@@ -64,8 +64,10 @@ pub struct StageMetrics {
     pub pauses: u64,
     /// Offsets commits sent to the bus.
     pub commits: u64,
-    /// Partitions currently assigned.
+    /// Input partitions currently assigned.
     pub partitions: u64,
+    /// Retry-topic partitions currently assigned.
+    pub retry_partitions: u64,
     /// Rebalances seen (assign or revoke events).
     pub rebalances: u64,
     /// The handler's own counters.
@@ -90,6 +92,7 @@ impl StageMetrics {
             pauses: 0,
             commits: 0,
             partitions: 0,
+            retry_partitions: 0,
             rebalances: 0,
             handler: Vec::new(),
         }
@@ -135,7 +138,8 @@ impl StageMetrics {
             ("actio_stage_in_flight", "Messages consumed and not yet done.", self.in_flight as i64),
             ("actio_stage_in_flight_peak", "Highest in-flight seen.", self.in_flight_peak as i64),
             ("actio_stage_retry_waiting", "Messages from the retry topic waiting for their due time (counted in in-flight).", self.retry_waiting as i64),
-            ("actio_stage_partitions", "Partitions assigned to this instance.", self.partitions as i64),
+            ("actio_stage_partitions", "Input partitions assigned to this instance.", self.partitions as i64),
+            ("actio_stage_retry_partitions", "Retry-topic partitions assigned to this instance (its own consumer group).", self.retry_partitions as i64),
         ];
         if let Some(lag) = lag {
             gauges.push(("actio_stage_lag", "Messages behind the end of the input topic (end - committed).", lag));

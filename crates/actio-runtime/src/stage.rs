@@ -112,11 +112,18 @@ impl Default for RetryPolicy {
 }
 
 /// A topic of the stage's own where transient failures wait before running again.
-/// The stage consumes it in its group beside its input.
+/// The stage consumes it with a second consumer, in a group of its own: in the input's
+/// group, a cooperative-sticky assignment balances the *total* partition count, and
+/// handed one replica all the retry partitions and a single input partition.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RetryTopic {
     /// Topic name.
     pub topic: Arc<str>,
+    /// Consumer group reading it (`<pipeline>.<stage>.retry`).
+    pub group: String,
+    /// Transport properties for that consumer, over the stage's (Kafka: a longer fetch
+    /// wait than the input's, since a copy cannot run before its delay anyway).
+    pub properties: Vec<(String, String)>,
     /// Trips through the topic before the message is dead-lettered (≥ 1).
     pub attempts: u32,
     /// Time between producing the retry copy and running it again.
@@ -280,7 +287,7 @@ impl Stage {
             .consumer(
                 &ConsumerConfig {
                     group: shared.spec.group.clone(),
-                    topics: std::iter::once(shared.spec.input.clone()).chain(shared.spec.retry.topic.as_ref().map(|t| t.topic.to_string())).collect(),
+                    topics: vec![shared.spec.input.clone()],
                     client_id: format!("{}-consumer", shared.spec.group),
                     from_earliest: shared.spec.from_earliest,
                     properties: shared.spec.properties.clone(),
@@ -288,6 +295,22 @@ impl Stage {
                 Arc::new(Listener(shared.clone())),
             )
             .map_err(bus_err)?;
+        let retry = match &shared.spec.retry.topic {
+            Some(t) => Some(
+                bus.consumer(
+                    &ConsumerConfig {
+                        group: t.group.clone(),
+                        topics: vec![t.topic.to_string()],
+                        client_id: format!("{}-consumer", t.group),
+                        from_earliest: shared.spec.from_earliest,
+                        properties: shared.spec.properties.iter().chain(&t.properties).cloned().collect(),
+                    },
+                    Arc::new(Listener(shared.clone())),
+                )
+                .map_err(bus_err)?,
+            ),
+            None => None,
+        };
         let stop = Arc::new(Mutex::new(None));
         let metrics = {
             let shared = shared.clone();
@@ -297,7 +320,7 @@ impl Stage {
             .name(format!("{name}-driver"))
             .spawn({
                 let stop = stop.clone();
-                move || Driver::<B> { shared, consumer, stop }.run()
+                move || Driver::<B> { shared, consumer, retry, stop }.run()
             })
             .map_err(|e| StageError::Pool { stage: name.clone(), message: e.to_string() })?;
         Ok(StageHandle { stop, metrics, join: Some(join), name })
@@ -423,7 +446,8 @@ impl<P: Producer> Shared<P> {
         let mut m = st.metrics.clone();
         m.in_flight = st.in_flight() as u64;
         m.retry_waiting = st.held() as u64;
-        m.partitions = st.parts.len() as u64;
+        m.retry_partitions = st.parts.values().filter(|p| p.retry).count() as u64;
+        m.partitions = st.parts.len() as u64 - m.retry_partitions;
         drop(st);
         m.handler = self.handler.counters();
         m
@@ -708,6 +732,8 @@ impl<P: Producer> RebalanceListener for Listener<P> {
 struct Driver<B: Bus> {
     shared: Arc<Shared<B::Producer>>,
     consumer: B::Consumer,
+    /// The retry topic's consumer (its own group), polled without waiting each round.
+    retry: Option<B::Consumer>,
     stop: Arc<Mutex<Option<StopMode>>>,
 }
 
@@ -759,11 +785,13 @@ impl<B: Bus> Driver<B> {
                     Err(e) => return Err(StageError::Bus { stage: s.spec.name.clone(), source: e }),
                 }
             }
+            self.poll_retry()?;
             s.dispatch_ready(true);
         };
         match outcome {
             Ok(StopMode::Abort) => {
                 drop(self.consumer); // no commit, no graceful leave: like a crash
+                drop(self.retry);
                 Ok(s.snapshot())
             }
             Ok(StopMode::Graceful) => {
@@ -771,6 +799,9 @@ impl<B: Bus> Driver<B> {
                 // returns the watermarks; the bus commits them before leaving.
                 let name = s.spec.name.clone();
                 self.consumer.close().map_err(|source| StageError::Bus { stage: name.clone(), source })?;
+                if let Some(retry) = self.retry {
+                    retry.close().map_err(|source| StageError::Bus { stage: name.clone(), source })?;
+                }
                 s.producer.flush(s.spec.drain_timeout).map_err(|source| StageError::Bus { stage: name, source })?;
                 Ok(s.snapshot())
             }
@@ -833,7 +864,44 @@ impl<B: Bus> Driver<B> {
             s.ready.lock().push((tp, epoch, work));
         }
         if !pause.is_empty() {
-            self.consumer.pause(&pause).map_err(|source| StageError::Bus { stage: s.spec.name.clone(), source })?;
+            let name = s.spec.name.clone();
+            self.route(&pause, |c, tps| c.pause(tps)).map_err(|source| StageError::Bus { stage: name, source })?;
+        }
+        Ok(())
+    }
+
+    /// Polls the retry topic's consumer without waiting (its rebalance callbacks run in
+    /// there too) and admits what it returned.
+    fn poll_retry(&mut self) -> Result<(), StageError> {
+        let Some(c) = self.retry.as_mut() else { return Ok(()) };
+        let mut recs = Vec::new();
+        while recs.len() < ADMIT_BATCH {
+            match c.poll(Duration::ZERO) {
+                Ok(Some(rec)) => recs.push(rec),
+                Ok(None) => break,
+                Err(e) if e.is_retriable() => {
+                    tracing::warn!(stage = %self.shared.spec.name, error = %e, "retry topic poll failed; retrying");
+                    break;
+                }
+                Err(e) => return Err(StageError::Bus { stage: self.shared.spec.name.clone(), source: e }),
+            }
+        }
+        for rec in recs {
+            self.admit(rec)?;
+        }
+        Ok(())
+    }
+
+    /// Applies `f` to the input consumer with the input partitions among `tps`, and to
+    /// the retry consumer with the retry ones.
+    fn route(&mut self, tps: &[TopicPartition], f: impl Fn(&mut B::Consumer, &[TopicPartition]) -> Result<(), BusError>) -> Result<(), BusError> {
+        let Some(retry) = self.retry.as_mut() else { return f(&mut self.consumer, tps) };
+        let (on_retry, on_input): (Vec<TopicPartition>, Vec<TopicPartition>) = tps.iter().cloned().partition(|tp| is_retry_topic(&self.shared.spec, &tp.topic));
+        if !on_input.is_empty() {
+            f(&mut self.consumer, &on_input)?;
+        }
+        if !on_retry.is_empty() {
+            f(retry, &on_retry)?;
         }
         Ok(())
     }
@@ -850,28 +918,30 @@ impl<B: Bus> Driver<B> {
         if offsets.is_empty() {
             return Ok(());
         }
-        match self.consumer.commit(&offsets) {
-            Ok(()) => {
-                let mut st = s.state.lock();
-                for (tp, o) in &offsets {
-                    if let Some(p) = st.parts.get_mut(tp) {
-                        p.last_committed = Some(*o);
+        let (on_retry, on_input): (Vec<_>, Vec<_>) = offsets.into_iter().partition(|(tp, _)| is_retry_topic(&s.spec, &tp.topic));
+        for (consumer, offsets) in [(Some(&mut self.consumer), on_input), (self.retry.as_mut(), on_retry)] {
+            let Some(consumer) = consumer.filter(|_| !offsets.is_empty()) else { continue };
+            match consumer.commit(&offsets) {
+                Ok(()) => {
+                    let mut st = s.state.lock();
+                    for (tp, o) in &offsets {
+                        if let Some(p) = st.parts.get_mut(tp) {
+                            p.last_committed = Some(*o);
+                        }
                     }
+                    st.metrics.commits += 1;
                 }
-                st.metrics.commits += 1;
-                Ok(())
-            }
-            Err(e) if e.is_retriable() => {
-                tracing::warn!(stage = %s.spec.name, error = %e, "commit failed; will retry");
-                Ok(())
-            }
-            // A partition moved away between the snapshot and the commit: harmless,
-            // the listener committed its watermark on revocation.
-            Err(e) => {
-                tracing::warn!(stage = %s.spec.name, error = %e, "commit refused");
-                Ok(())
+                Err(e) if e.is_retriable() => {
+                    tracing::warn!(stage = %s.spec.name, error = %e, "commit failed; will retry");
+                }
+                // A partition moved away between the snapshot and the commit: harmless,
+                // the listener committed its watermark on revocation.
+                Err(e) => {
+                    tracing::warn!(stage = %s.spec.name, error = %e, "commit refused");
+                }
             }
         }
+        Ok(())
     }
 
     /// Runs the retry copies whose due time has come, in offset order per partition.
@@ -892,9 +962,9 @@ impl<B: Bus> Driver<B> {
                 }
             }
         }
-        for (tp, epoch, work) in runs {
-            let shared = self.shared.clone();
-            s.pool.spawn(move || shared.run_lane(tp, epoch, work));
+        if !runs.is_empty() {
+            s.ready.lock().extend(runs);
+            s.dispatch_ready(false);
         }
     }
 
@@ -918,10 +988,16 @@ impl<B: Bus> Driver<B> {
                 .collect::<Vec<_>>()
         };
         if !resume.is_empty() {
-            self.consumer.resume(&resume).map_err(|source| StageError::Bus { stage: s.spec.name.clone(), source })?;
+            let name = s.spec.name.clone();
+            self.route(&resume, |c, tps| c.resume(tps)).map_err(|source| StageError::Bus { stage: name, source })?;
         }
         Ok(())
     }
+}
+
+/// Whether `topic` is the stage's retry topic.
+fn is_retry_topic(spec: &StageSpec, topic: &str) -> bool {
+    spec.retry.topic.as_ref().is_some_and(|t| *t.topic == *topic)
 }
 
 /// When a retry copy may run again (ns since the epoch); one without a readable due

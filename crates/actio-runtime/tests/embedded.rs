@@ -322,7 +322,7 @@ fn retry_setup(group: &str, in_place: u32, trips: u32, delay: Duration) -> (Embe
     bus.create_topics(&[TopicSpec { name: RETRY.into(), partitions: 2 }]).unwrap();
     let retry = RetryPolicy {
         attempts: in_place,
-        topic: Some(RetryTopic { topic: Arc::from(RETRY), attempts: trips, delay }),
+        topic: Some(RetryTopic { topic: Arc::from(RETRY), group: format!("{group}.retry"), properties: vec![], attempts: trips, delay }),
         ..RetryPolicy::default()
     };
     (bus, StageSpec { retry, ..spec(group) })
@@ -344,8 +344,12 @@ fn a_transient_failure_outlasting_its_in_place_attempts_succeeds_via_the_retry_t
     let stage = Stage::spawn(&bus, spec, flaky.clone()).unwrap();
     let out = read_all(&bus, OUT, 5, Duration::from_secs(20));
     let copies = read_all(&bus, RETRY, 1, Duration::from_secs(5));
+    let live = stage.metrics();
     stage.stop(StopMode::Graceful);
     let m = stage.join().unwrap();
+    // The retry topic is read by a consumer of its own group: the input partition count
+    // is the input's.
+    assert_eq!((live.partitions, live.retry_partitions), (1, 2));
 
     // Decided once; the same key's later messages went first (the ordering effect).
     let of_a: Vec<&[u8]> = out.iter().filter(|r| r.key.as_deref() == Some(b"a")).map(|r| &r.payload[..]).collect();
@@ -380,7 +384,7 @@ fn a_transient_failure_outlasting_its_in_place_attempts_succeeds_via_the_retry_t
     assert_eq!(header(&out[0], headers::RETRIED), None);
     assert_eq!((m.processed, m.sent_to_retry, m.retried, m.dead_lettered, m.retry_waiting), (6, 1, 1, 0, 0));
     assert_eq!(bus.committed_offsets("retry-ok", IN).unwrap(), vec![Some(5)]);
-    let retry_committed: i64 = bus.committed_offsets("retry-ok", RETRY).unwrap().into_iter().flatten().sum();
+    let retry_committed: i64 = bus.committed_offsets("retry-ok.retry", RETRY).unwrap().into_iter().flatten().sum();
     assert_eq!(retry_committed, 1);
 }
 
@@ -460,7 +464,7 @@ fn retry_copies_waiting_for_their_due_time_do_not_hold_up_a_graceful_stop_and_ru
     assert!(stopping.elapsed() < delay / 2, "the stop waited {:?} for a retry copy", stopping.elapsed());
     // The input is done (its copy acknowledged); the copy itself is not.
     assert_eq!(bus.committed_offsets("retry-restart", IN).unwrap(), vec![Some(1)]);
-    assert!(bus.committed_offsets("retry-restart", RETRY).unwrap().iter().all(|o| o.is_none_or(|o| o == 0)));
+    assert!(bus.committed_offsets("retry-restart.retry", RETRY).unwrap().iter().all(|o| o.is_none_or(|o| o == 0)));
     assert_eq!(flaky.attempts.lock()[&b"flaky1"[..]], vec![1]);
     // The next run reads it again and runs it when due.
     let again = Stage::spawn(&bus, spec, flaky.clone()).unwrap();

@@ -183,6 +183,7 @@ pub fn drive<B: Bus>(
         for s in &pipeline.stages {
             let handler = StageHandler::new(pipeline, s);
             let mut spec = handler.spec(properties);
+            crate::kafka::tune_retry_consumer(&mut spec); // ignored by the embedded bus
             if let Some(t) = threads {
                 spec.threads = t.max(1);
             }

@@ -128,6 +128,7 @@ pub fn main(args: StageArgs) -> anyhow::Result<ExitCode> {
     let handler = StageHandler::new(&pipeline, stage);
     let properties = crate::kafka::properties(&pipeline, &args.kafka);
     let mut spec = handler.spec(&properties);
+    crate::kafka::tune_retry_consumer(&mut spec);
     if let Some(t) = args.threads {
         spec.threads = t.max(1);
     }

@@ -81,11 +81,16 @@ fn describe(bus: &KafkaBus, pipeline: &Pipeline) -> anyhow::Result<ExitCode> {
             ends.iter().sum::<i64>(),
             info.partitions.iter().map(|p| p.leader).collect::<Vec<_>>()
         );
-        let reads = |s: &&actio_pipeline::Stage| s.input == t.name || s.limits.retry.topic.as_ref().is_some_and(|r| *r.topic == *t.name);
-        for s in pipeline.stages.iter().filter(reads) {
+        // The groups reading it: a stage's on its input, its retry group on its retry topic.
+        let groups = pipeline.stages.iter().filter_map(|s| match &s.limits.retry.topic {
+            _ if s.input == t.name => Some(&s.group),
+            Some(r) if *r.topic == *t.name => Some(&r.group),
+            _ => None,
+        });
+        for group in groups {
             let lag = bus
-                .group_lag(&s.group, &t.name)
-                .with_context(|| format!("lag of group {}", s.group))?;
+                .group_lag(group, &t.name)
+                .with_context(|| format!("lag of group {group}"))?;
             let total: i64 = lag.iter().map(|p| p.lag.max(0)).sum();
             let per: Vec<String> = lag
                 .iter()
@@ -93,7 +98,7 @@ fn describe(bus: &KafkaBus, pipeline: &Pipeline) -> anyhow::Result<ExitCode> {
                 .collect();
             println!(
                 "  group {:<16} lag {total:>9}  per partition {}",
-                s.group,
+                group,
                 per.join(" ")
             );
         }
