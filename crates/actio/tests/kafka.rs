@@ -178,7 +178,13 @@ fn run_with_the_kafka_bus_runs_every_stage_in_one_process() {
 fn a_bad_librdkafka_property_in_the_pipeline_stops_the_stage_with_librdkafkas_message() {
     let Some(b) = brokers("bad_property") else { return };
     let _serial = serial();
-    let p = TestPipeline::new(&b).edit("pipeline.toml", |t| t.replace("\"linger.ms\" = \"1\"", "\"linger.ms\" = \"banana\""));
+    let p = TestPipeline::new(&b).edit("pipeline.toml", |t| {
+        assert!(t.lines().any(|l| l.starts_with("\"linger.ms\" = ")), "the shipped [kafka] table sets linger.ms");
+        t.lines()
+            .map(|l| if l.starts_with("\"linger.ms\" = ") { "\"linger.ms\" = \"banana\"" } else { l })
+            .collect::<Vec<_>>()
+            .join("\n")
+    });
     let out = actio().args(["stage", "--stage", "rules", "--brokers", &b]).arg("--pipeline").arg(p.path()).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");

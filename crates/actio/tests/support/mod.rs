@@ -86,7 +86,7 @@ impl TestPipeline {
         let dir = copy_of_fraud("pipeline.toml", |t| {
             t.replace("name = \"fraud\"", &format!("name = \"{name}\""))
                 .replace("\"tx.", &format!("\"{name}."))
-                .replace("partitions = 12", "partitions = 4")
+                .replace("partitions = 3", "partitions = 4")
         });
         TestPipeline { dir, name, brokers: brokers.to_string() }
     }
