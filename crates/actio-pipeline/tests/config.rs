@@ -11,7 +11,8 @@ fn fraud() -> PathBuf {
 }
 
 /// A copy of the shipped pipeline with `file` edited by `edit`.
-fn broken(file: &str, edit: impl Fn(String) -> String) -> (tempfile::TempDir, String) {
+/// A copy of the fraud pipeline's files (not its golden cases) in a temporary dir.
+fn copy_of_fraud() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     for e in std::fs::read_dir(fraud()).unwrap() {
         let e = e.unwrap();
@@ -19,6 +20,11 @@ fn broken(file: &str, edit: impl Fn(String) -> String) -> (tempfile::TempDir, St
             std::fs::copy(e.path(), dir.path().join(e.file_name())).unwrap();
         }
     }
+    dir
+}
+
+fn broken(file: &str, edit: impl Fn(String) -> String) -> (tempfile::TempDir, String) {
+    let dir = copy_of_fraud();
     let p = dir.path().join(file);
     let text = std::fs::read_to_string(&p).unwrap_or_default();
     let edited = edit(text.clone());
@@ -128,13 +134,7 @@ const RETRY_TOPIC: &str = "[[topic]]\nname = \"tx.retry.extra\"\npartitions = 3\
 
 #[test]
 fn a_retry_topic_resolves_into_the_stage_retry_policy() {
-    let dir = tempfile::tempdir().unwrap();
-    for e in std::fs::read_dir(fraud()).unwrap() {
-        let e = e.unwrap();
-        if e.file_type().unwrap().is_file() {
-            std::fs::copy(e.path(), dir.path().join(e.file_name())).unwrap();
-        }
-    }
+    let dir = copy_of_fraud();
     let p = dir.path().join("pipeline.toml");
     let text = std::fs::read_to_string(&p).unwrap().replace("retry_topic = \"tx.retry.rules\"", "retry_topic = \"tx.retry.extra\"");
     std::fs::write(&p, text.replacen("[[stage]]", &format!("{RETRY_TOPIC}\n[[stage]]"), 1)).unwrap();
