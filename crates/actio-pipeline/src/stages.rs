@@ -189,10 +189,8 @@ impl Handler for StageHandler {
 
 /// The partition of `input` that `actio-source` (`topic/partition/offset`) names.
 fn source_partition(record: &Record, input: &str) -> Option<i32> {
-    let source = std::str::from_utf8(record.headers.get(actio_core::headers::SOURCE)?).ok()?;
-    let mut it = source.rsplitn(3, '/');
-    let (_offset, partition, topic) = (it.next()?, it.next()?, it.next()?);
-    (topic == input).then(|| partition.parse().ok()).flatten()
+    let (topic, partition, _offset) = actio_core::headers::parse_source(record.headers.get(actio_core::headers::SOURCE)?)?;
+    (topic == input).then_some(partition)
 }
 
 #[cfg(test)]

@@ -483,7 +483,7 @@ impl<P: Producer> Shared<P> {
         let Work { rec, consumed_ns, queue_ns, .. } = work;
         let started = Instant::now();
         // A message from the retry topic carries the attempts and trips made before.
-        let from_retry = self.spec.retry.topic.as_ref().is_some_and(|t| *t.topic == *rec.tp.topic);
+        let from_retry = is_retry_topic(&self.spec, &rec.tp.topic);
         let header = |name| if from_retry { rec.headers.get(name).and_then(headers::parse_i64).map_or(0, |n| n.clamp(0, u32::MAX as i64) as u32) } else { 0 };
         let (earlier_attempts, trips) = (header(headers::ATTEMPTS), header(headers::RETRY_COUNT));
         let mut retried = 0;
@@ -566,17 +566,25 @@ impl<P: Producer> Shared<P> {
         OutRecord { topic: out.topic, partition: None, key: rec.key.clone(), payload: out.payload, headers: hdrs }
     }
 
+    /// The input's headers plus why (`actio-error`) and where (`actio-stage`,
+    /// `actio-source`) it failed; `actio-source` keeps naming the input the message was
+    /// first consumed from when it comes back from the retry topic.
+    fn failure_headers(&self, rec: &Record, e: &HandlerError, from_retry: bool) -> Headers {
+        let mut hdrs = rec.headers.clone();
+        hdrs.set(headers::ERROR, e.message.clone().into_bytes());
+        hdrs.set(headers::STAGE, self.spec.name.clone().into_bytes());
+        if !(from_retry && hdrs.get(headers::SOURCE).is_some()) {
+            hdrs.set(headers::SOURCE, headers::source(&rec.tp.topic, rec.tp.partition, rec.offset));
+        }
+        hdrs
+    }
+
     /// The DLQ copy: original bytes, key and headers, plus why, where and (after
     /// retries) how many attempts. `actio-source` names the input the message was first
     /// consumed from, also when it comes back from the retry topic.
     fn dead_letter(&self, rec: &Record, e: &HandlerError, from_retry: bool, attempts: u32) -> OutRecord {
         tracing::debug!(stage = %self.spec.name, tp = %rec.tp, offset = rec.offset, error = %e, "dead-lettering");
-        let mut hdrs: Headers = rec.headers.clone();
-        hdrs.set(headers::ERROR, e.message.clone().into_bytes());
-        hdrs.set(headers::STAGE, self.spec.name.clone().into_bytes());
-        if !(from_retry && hdrs.get(headers::SOURCE).is_some()) {
-            hdrs.set(headers::SOURCE, format!("{}/{}", rec.tp, rec.offset).into_bytes());
-        }
+        let mut hdrs = self.failure_headers(rec, e, from_retry);
         if attempts > 1 {
             hdrs.set(headers::ATTEMPTS, attempts.to_string().into_bytes());
         }
@@ -590,16 +598,11 @@ impl<P: Producer> Shared<P> {
     /// among themselves.
     fn retry_copy(&self, rec: &Record, e: &HandlerError, t: &RetryTopic, from_retry: bool, attempts: u32, trip: u32) -> OutRecord {
         tracing::debug!(stage = %self.spec.name, tp = %rec.tp, offset = rec.offset, error = %e, trip, "to the retry topic");
-        let mut hdrs: Headers = rec.headers.clone();
+        let mut hdrs = self.failure_headers(rec, e, from_retry);
         let due = now_ns().saturating_add(t.delay.as_nanos().min(i64::MAX as u128) as i64);
         hdrs.set(headers::ATTEMPTS, attempts.to_string().into_bytes());
         hdrs.set(headers::RETRY_COUNT, trip.to_string().into_bytes());
         hdrs.set(headers::RETRY_DUE, due.to_string().into_bytes());
-        hdrs.set(headers::ERROR, e.message.clone().into_bytes());
-        hdrs.set(headers::STAGE, self.spec.name.clone().into_bytes());
-        if !(from_retry && hdrs.get(headers::SOURCE).is_some()) {
-            hdrs.set(headers::SOURCE, format!("{}/{}", rec.tp, rec.offset).into_bytes());
-        }
         OutRecord { topic: t.topic.clone(), partition: None, key: rec.key.clone(), payload: rec.payload.clone(), headers: hdrs }
     }
 }
@@ -643,7 +646,7 @@ impl<P: Producer> RebalanceListener for Listener<P> {
                     let part = Part {
                         epoch: st.epoch,
                         lanes: KeyLanes::new(s.spec.ordering),
-                        retry: s.spec.retry.topic.as_ref().is_some_and(|t| *t.topic == *tp.topic),
+                        retry: is_retry_topic(&s.spec, &tp.topic),
                         held: VecDeque::new(),
                         wm: Watermark::new(None),
                         dropped: 0,
