@@ -161,6 +161,18 @@ note_hwm() {
     return 0
 }
 
+# Stops each stage in turn with signal $1 (t = 10, 25, 40 s) and restarts it at once:
+# the crash (KILL) and graceful (TERM) scenarios.
+each_stage_in_turn() {
+    local sig="$1" t=10 s
+    for s in rules velocity score; do
+        at $t
+        kill_stage "$s" "$sig"
+        start_stage "$s"
+        t=$((t + 15))
+    done
+}
+
 kill_stage() {
     local stage="$1" sig="$2" id t0 rc ids
     mapfile -t ids < <(instances_of "$stage")

@@ -4,12 +4,4 @@
 RATE=${RATE:-3000}
 DURATION=${DURATION:-60}
 DRAIN=${DRAIN:-120}
-fault() {
-    local t=10 s
-    for s in rules velocity score; do
-        at $t
-        kill_stage "$s" TERM
-        start_stage "$s"
-        t=$((t + 15))
-    done
-}
+fault() { each_stage_in_turn TERM; }
