@@ -69,6 +69,22 @@ impl Wake for ThreadWaker {
     }
 }
 
+/// Calls `f` until it succeeds, fails with a non-transient error, or [`ADMIN_TIMEOUT`]
+/// has passed (then its last error is returned), backing off from 10 ms to 500 ms.
+pub(crate) fn retry_transient<T>(mut f: impl FnMut() -> Result<T, BusError>) -> Result<T, BusError> {
+    let deadline = std::time::Instant::now() + ADMIN_TIMEOUT;
+    let mut pause = Duration::from_millis(10);
+    loop {
+        match f() {
+            Err(e) if e.kind == BusErrorKind::Transient && std::time::Instant::now() + pause < deadline => {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(500));
+            }
+            r => return r,
+        }
+    }
+}
+
 /// Runs a future to completion on this thread.
 pub(crate) fn block_on<F: Future>(f: F) -> F::Output {
     let waker = Waker::from(Arc::new(ThreadWaker(std::thread::current())));
@@ -128,21 +144,36 @@ impl Admin {
         let results = block_on(self.admin.create_topics(new.iter(), &opts))
             .map_err(|e| bus_error_ctx("creating topics", &e))?;
         let mut failed = Vec::new();
+        let mut created = Vec::new();
         let mut kind = BusErrorKind::Transient;
         for r in results {
             match r {
-                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Ok(name) => created.push(name),
+                Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
                 Err((name, code)) => {
                     kind = kind_of_code(code);
                     failed.push(format!("{name}: {code}"));
                 }
             }
         }
-        if failed.is_empty() {
-            Ok(())
-        } else {
-            Err(BusError::new(kind, format!("creating topics: {}", failed.join("; "))))
+        if !failed.is_empty() {
+            return Err(BusError::new(kind, format!("creating topics: {}", failed.join("; "))));
         }
+        // CreateTopics answers before the controller has elected every partition's
+        // leader; until it has, reads of the new topic fail with NotLeaderForPartition.
+        for name in &created {
+            retry_transient(|| {
+                let t = self.describe_topic(name)?;
+                match t.partitions.iter().find(|p| p.leader < 0) {
+                    Some(p) => Err(BusError::new(
+                        BusErrorKind::Transient,
+                        format!("topic {name:?} partition {} has no leader yet", p.partition),
+                    )),
+                    None => Ok(()),
+                }
+            })?;
+        }
+        Ok(())
     }
 
     pub(crate) fn describe_topic(&self, topic: &str) -> Result<TopicInfo, BusError> {
@@ -178,9 +209,11 @@ impl Admin {
         let c = self.offset_reader(group)?;
         let mut tpl = TopicPartitionList::with_capacity(n as usize);
         tpl.add_partition_range(topic, 0, n - 1);
-        let got = c
-            .committed_offsets(tpl, ADMIN_TIMEOUT)
-            .map_err(|e| bus_error_ctx(&format!("committed offsets of {group} on {topic}"), &e))?;
+        // On a fresh broker the coordinator may still be loading __consumer_offsets.
+        let got = retry_transient(|| {
+            c.committed_offsets(tpl.clone(), ADMIN_TIMEOUT)
+                .map_err(|e| bus_error_ctx(&format!("committed offsets of {group} on {topic}"), &e))
+        })?;
         let mut out = vec![None; n as usize];
         for el in got.elements() {
             if let (Some(slot), RdOffset::Offset(o)) = (out.get_mut(el.partition() as usize), el.offset()) {
@@ -208,10 +241,13 @@ impl Admin {
         let n = self.describe_topic(topic)?.partitions.len() as i32;
         (0..n)
             .map(|p| {
-                self.meta
-                    .fetch_watermarks(topic, p, ADMIN_TIMEOUT)
-                    .map(|(_, high)| high)
-                    .map_err(|e| bus_error_ctx(&format!("end offset of {topic}/{p}"), &e))
+                // A leader moving (or not yet elected on a new topic) is transient.
+                retry_transient(|| {
+                    self.meta
+                        .fetch_watermarks(topic, p, ADMIN_TIMEOUT)
+                        .map(|(_, high)| high)
+                        .map_err(|e| bus_error_ctx(&format!("end offset of {topic}/{p}"), &e))
+                })
             })
             .collect()
     }
@@ -264,5 +300,23 @@ mod tests {
         }));
         assert_eq!(v, 42);
         let _ = h.join();
+    }
+
+    #[test]
+    fn retry_transient_retries_transient_errors_and_returns_others_at_once() {
+        let mut calls = 0;
+        let v = retry_transient(|| {
+            calls += 1;
+            if calls < 3 { Err(BusError::new(BusErrorKind::Transient, "not leader")) } else { Ok(calls) }
+        });
+        assert_eq!(v.ok(), Some(3));
+
+        let mut calls = 0;
+        let e = retry_transient(|| -> Result<(), BusError> {
+            calls += 1;
+            Err(BusError::new(BusErrorKind::UnknownTopic, "no such topic"))
+        });
+        assert_eq!(e.map_err(|e| e.kind).err(), Some(BusErrorKind::UnknownTopic));
+        assert_eq!(calls, 1);
     }
 }
