@@ -220,7 +220,9 @@ pub struct LoadArgs {
     /// Where to write report.json, *.hgrm and report.html [default: results/<run>].
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// How long to wait for the last decisions after the load ends.
+    /// After the load ends, how long to wait without a new decision before the
+    /// transactions still missing count as lost. A pipeline working through a
+    /// backlog is waited for as long as decisions keep arriving.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub drain: Duration,
 }

@@ -150,6 +150,31 @@ pub fn loadgen(args: LoadgenArgs) -> anyhow::Result<ExitCode> {
     drive(&bus, "kafka", &pipeline, &args.load, false, None, &[])
 }
 
+/// Why the wait for the last decisions ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DrainEnd {
+    /// Every transaction sent was decided.
+    AllDecided,
+    /// `--drain` passed without a new decision.
+    Idle,
+    /// Interrupted, and `--drain` passed since the load ended.
+    Interrupted,
+}
+
+/// Whether the wait for the last decisions is over, `draining` after the load ended
+/// and `idle` since the last new decision (or the end of the load, if later).
+fn drain_end(seen: u64, sent: u64, draining: Duration, idle: Duration, interrupted: bool, drain: Duration) -> Option<DrainEnd> {
+    if seen >= sent {
+        Some(DrainEnd::AllDecided)
+    } else if idle >= drain {
+        Some(DrainEnd::Idle)
+    } else if interrupted && draining >= drain {
+        Some(DrainEnd::Interrupted)
+    } else {
+        None
+    }
+}
+
 /// Offers load to `pipeline` on `bus`, running its stages in-process when
 /// `in_process`, and reports. Exit code 1 if anything was lost.
 pub fn drive<B: Bus>(
@@ -315,7 +340,8 @@ pub fn drive<B: Bus>(
     );
     let t0 = Instant::now();
     let mut last = (Instant::now(), 0u64);
-    let mut drain_deadline: Option<Instant> = None;
+    let mut drain_from: Option<Instant> = None;
+    let (mut last_seen, mut last_progress) = (0u64, Instant::now());
     loop {
         std::thread::sleep(Duration::from_millis(if tty { 250 } else { 1000 }));
         let sent = sender.stats.sent.load(Ordering::Relaxed);
@@ -347,10 +373,24 @@ pub fn drive<B: Bus>(
             stop_sending.store(true, Ordering::Relaxed);
             break;
         }
+        if seen > last_seen {
+            last_seen = seen;
+            last_progress = Instant::now();
+        }
         if sender.stats.done.load(Ordering::Acquire) {
-            let deadline = *drain_deadline.get_or_insert(Instant::now() + load.drain);
-            if seen >= sender.stats.sent.load(Ordering::Relaxed) || Instant::now() >= deadline {
-                break;
+            // The drain ends when everything is decided, or when `--drain` has passed
+            // without a new decision (a pipeline still working through a backlog is
+            // waited for; what is missing then counts as lost). An interrupt caps the
+            // wait at `--drain` from the interrupt.
+            let since = *drain_from.get_or_insert_with(Instant::now);
+            let sent = sender.stats.sent.load(Ordering::Relaxed);
+            match drain_end(seen, sent, since.elapsed(), last_progress.max(since).elapsed(), term.load(Ordering::Relaxed), load.drain) {
+                None => {}
+                Some(DrainEnd::Idle) => {
+                    eprintln!("\nactio: no decision for {:?}; counting the {} missing as lost", load.drain, sent - seen);
+                    break;
+                }
+                Some(_) => break,
             }
         }
     }
@@ -440,4 +480,23 @@ pub fn drive<B: Bus>(
     } else {
         ExitCode::SUCCESS
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: Duration = Duration::from_secs(1);
+
+    #[test]
+    fn the_drain_waits_while_decisions_arrive_and_ends_when_they_stop() {
+        let drain = 10 * S;
+        assert_eq!(drain_end(100, 100, Duration::ZERO, Duration::ZERO, false, drain), Some(DrainEnd::AllDecided));
+        // A backlog still being worked through, long after --drain: keep waiting.
+        assert_eq!(drain_end(50, 100, 300 * S, S, false, drain), None);
+        assert_eq!(drain_end(50, 100, 300 * S, 10 * S, false, drain), Some(DrainEnd::Idle));
+        // Interrupted: at most --drain from the end of the load, progress or not.
+        assert_eq!(drain_end(50, 100, 9 * S, Duration::ZERO, true, drain), None);
+        assert_eq!(drain_end(50, 100, 10 * S, Duration::ZERO, true, drain), Some(DrainEnd::Interrupted));
+    }
 }
