@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use actio_core::{Codec, Decision, Record, Verdict, headers};
+use actio_core::{Codec, Decision, Record, TopicPartition, Verdict, headers};
 use ahash::AHashMap;
 use hdrhistogram::Histogram;
 
@@ -30,6 +30,10 @@ pub struct CollectorStats {
     /// First deliveries of retried transactions that came after a later-sent
     /// transaction of the same key: the retry topic's ordering effect, not a violation.
     pub reordered_by_retry: u64,
+    /// Records read again at an offset the collector had already read (its own
+    /// group rebalanced and it resumed from its last commit), ignored: they are the
+    /// collector's re-reads, not duplicates the pipeline produced.
+    pub reread: u64,
     /// Messages whose id is not from this run (old data on the topic), ignored.
     pub foreign: u64,
     /// Messages that could not be decoded (counted, never fatal).
@@ -58,6 +62,8 @@ pub struct Collector {
     key_seq: Arc<[AtomicU32]>,
     seen: Vec<u8>,
     last_of_key: AHashMap<String, u32>,
+    /// Per partition read, the offset after the last record read.
+    read_upto: AHashMap<TopicPartition, i64>,
     /// Counts.
     pub stats: CollectorStats,
     /// Rule ids seen in decisions, with counts.
@@ -78,6 +84,7 @@ impl Collector {
             seen: vec![0; key_seq.len()],
             key_seq,
             last_of_key: AHashMap::new(),
+            read_upto: AHashMap::new(),
             stats: CollectorStats::default(),
             rule_hits: AHashMap::new(),
             e2e: latency_histogram(),
@@ -119,6 +126,24 @@ impl Collector {
         true
     }
 
+    /// Whether `rec` is read for the first time (see [`CollectorStats::reread`]).
+    fn first_read(&mut self, rec: &Record) -> bool {
+        match self.read_upto.get_mut(&rec.tp) {
+            Some(upto) if rec.offset < *upto => {
+                self.stats.reread += 1;
+                false
+            }
+            Some(upto) => {
+                *upto = rec.offset + 1;
+                true
+            }
+            None => {
+                self.read_upto.insert(rec.tp.clone(), rec.offset + 1);
+                true
+            }
+        }
+    }
+
     fn timing(&mut self, rec: &Record, now_ns: i64) {
         let created = rec.headers.get(headers::CREATED).and_then(headers::parse_i64);
         if let Some(c) = created {
@@ -138,6 +163,9 @@ impl Collector {
 
     /// A message from the decisions topic, seen at `now_ns`.
     pub fn observe_decision(&mut self, rec: &Record, now_ns: i64) {
+        if !self.first_read(rec) {
+            return;
+        }
         let d: Decision = match Codec::Json.decode(&rec.payload) {
             Ok(d) => d,
             Err(_) => {
@@ -167,6 +195,9 @@ impl Collector {
 
     /// A message from the dead-letter topic (original bytes; `actio-id` header).
     pub fn observe_dead_letter(&mut self, rec: &Record, now_ns: i64) {
+        if !self.first_read(rec) {
+            return;
+        }
         let id = rec.headers.get(headers::ID).and_then(|v| std::str::from_utf8(v).ok()).map(str::to_string);
         let Some(seq) = id.as_deref().and_then(|id| self.seq_of(id)) else {
             self.stats.foreign += 1;
@@ -203,6 +234,10 @@ mod tests {
     use actio_core::bus::Bytes;
     use actio_core::{Headers, TopicPartition};
 
+    /// Offsets for test records: each record is a new one on the decisions topic
+    /// (increasing, as a partition's are; shared by the tests, which only need that).
+    static NEXT_OFFSET: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+
     fn decision(seq: usize, key: &str) -> Record {
         let d = Decision {
             tx_id: format!("run-{seq}"),
@@ -218,7 +253,8 @@ mod tests {
         let mut h = Headers::default();
         h.set(headers::CREATED, b"1000".to_vec());
         h.set(headers::TRAIL, b"rules@2000@3000;score@5000@9000".to_vec());
-        Record { tp: TopicPartition::new("d", 0), offset: seq as i64, key: Some(Bytes::from(key.to_string())), payload: Bytes::from(Codec::Json.encode(&d).unwrap()), headers: h, timestamp_ms: None }
+        let offset = NEXT_OFFSET.fetch_add(1, Ordering::Relaxed);
+        Record { tp: TopicPartition::new("d", 0), offset, key: Some(Bytes::from(key.to_string())), payload: Bytes::from(Codec::Json.encode(&d).unwrap()), headers: h, timestamp_ms: None }
     }
 
     /// Sends 6 tx over keys a,b (per-key seqs 1,2,3) and returns a collector.
@@ -261,6 +297,23 @@ mod tests {
     }
 
     #[test]
+    fn a_record_read_again_at_its_offset_is_a_reread_not_a_duplicate() {
+        let (mut c, sent) = setup();
+        let records: Vec<Record> = sent.iter().map(|(s, k)| decision(*s, k)).collect();
+        for r in &records {
+            c.observe_decision(r, 0);
+        }
+        // The collector's group rebalanced and it resumed from its last commit.
+        for r in &records[3..] {
+            c.observe_decision(r, 0);
+        }
+        assert_eq!((c.stats.reread, c.stats.duplicates, c.stats.decided, c.stats.order_violations), (3, 0, 6, 0));
+        // The same transaction at a new offset is a duplicate the pipeline produced.
+        c.observe_decision(&decision(5, "b"), 0);
+        assert_eq!((c.stats.reread, c.stats.duplicates), (3, 1));
+    }
+
+    #[test]
     fn swapped_same_key_decisions_are_an_order_violation() {
         let (mut c, _) = setup();
         for (s, k) in [(0, "a"), (1, "b"), (4, "a"), (3, "b"), (2, "a"), (5, "b")] {
@@ -273,9 +326,11 @@ mod tests {
     #[test]
     fn a_retried_one_behind_its_key_is_counted_as_such_not_as_a_violation() {
         let (mut c, _) = setup();
-        let mut retried = decision(2, "a");
-        retried.headers.set(headers::RETRIED, b"rules:1".to_vec());
-        for r in [decision(0, "a"), decision(1, "b"), decision(4, "a"), decision(3, "b"), retried, decision(5, "b")] {
+        let retried = |mut r: Record| {
+            r.headers.set(headers::RETRIED, b"rules:1".to_vec());
+            r
+        };
+        for r in [decision(0, "a"), decision(1, "b"), decision(4, "a"), decision(3, "b"), retried(decision(2, "a")), decision(5, "b")] {
             c.observe_decision(&r, 0);
         }
         assert_eq!((c.stats.order_violations, c.stats.reordered_by_retry, c.stats.retried), (0, 1, 1));
@@ -283,6 +338,7 @@ mod tests {
         // topic, it takes no part in the order check.
         let (mut c, _) = setup();
         let mut dead = decision(2, "a");
+        dead.tp = TopicPartition::new("dlq", 0);
         dead.headers.set(headers::ID, b"run-2".to_vec());
         dead.headers.set(headers::RETRY_COUNT, b"3".to_vec());
         for (s, k) in [(0, "a"), (4, "a")] {
@@ -296,6 +352,7 @@ mod tests {
     fn a_dead_letter_seen_after_a_later_decision_of_its_key_is_not_a_violation() {
         let (mut c, _) = setup();
         let mut dead = decision(1, "a");
+        dead.tp = TopicPartition::new("dlq", 0);
         dead.headers.set(headers::ID, b"run-1".to_vec());
         c.observe_decision(&decision(0, "a"), 0);
         c.observe_decision(&decision(2, "a"), 0);

@@ -427,6 +427,9 @@ pub fn drive<B: Bus>(
     }
 
     let c = collector.lock();
+    if c.stats.reread > 0 {
+        eprintln!("actio: the collector's group rebalanced; {} records it read again were ignored (not duplicates)", c.stats.reread);
+    }
     let sent = sender.stats.sent.load(Ordering::Relaxed);
     let mut histograms = vec![("e2e".to_string(), c.e2e.clone())];
     let mut stage_reports = Vec::new();
