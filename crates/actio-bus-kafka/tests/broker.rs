@@ -14,21 +14,9 @@ use actio_core::bus::{
     Bus, BusErrorKind, Bytes, Consumer, ConsumerConfig, Delivered, Headers, NoRebalanceListener, Offset,
     OutRecord, Producer, ProducerConfig, RebalanceListener, Record, TopicPartition, TopicSpec, kafka_partition,
 };
+use actio_testkit::brokers;
 use parking_lot::Mutex;
 use rand::Rng;
-
-fn brokers(test: &str) -> Option<String> {
-    match std::env::var("ACTIO_KAFKA_BROKERS") {
-        Ok(b) if !b.trim().is_empty() => Some(b),
-        _ if std::env::var("ACTIO_REQUIRE_KAFKA").is_ok_and(|v| v == "1") => {
-            panic!("{test}: ACTIO_REQUIRE_KAFKA=1 but ACTIO_KAFKA_BROKERS is not set")
-        }
-        _ => {
-            eprintln!("{test}: skipped: ACTIO_KAFKA_BROKERS not set (run scripts/test)");
-            None
-        }
-    }
-}
 
 fn rand_name(prefix: &str) -> String {
     let n: u64 = rand::rng().random();

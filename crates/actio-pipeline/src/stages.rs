@@ -202,14 +202,7 @@ mod tests {
 
     /// The shipped fraud pipeline with `edit` applied to its pipeline.toml.
     fn fraud_with(edit: impl Fn(String) -> String) -> (tempfile::TempDir, Pipeline) {
-        let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../pipelines/fraud");
-        let dir = tempfile::tempdir().unwrap();
-        for e in std::fs::read_dir(&src).unwrap() {
-            let e = e.unwrap();
-            if e.file_type().unwrap().is_file() {
-                std::fs::copy(e.path(), dir.path().join(e.file_name())).unwrap();
-            }
-        }
+        let dir = actio_testkit::copy_of_fraud();
         let p = dir.path().join("pipeline.toml");
         std::fs::write(&p, edit(std::fs::read_to_string(&p).unwrap())).unwrap();
         let pipeline = Pipeline::load(dir.path()).unwrap_or_else(|e| panic!("{e}"));

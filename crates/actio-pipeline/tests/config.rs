@@ -2,34 +2,12 @@
 //! naming the file and the field.
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
-use std::path::{Path, PathBuf};
-
 use actio_pipeline::{Pipeline, StageLogic};
+use actio_testkit::{copy_of_fraud, copy_of_fraud_with, fraud};
 
-fn fraud() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../pipelines/fraud")
-}
-
-/// A copy of the shipped pipeline with `file` edited by `edit`.
-/// A copy of the fraud pipeline's files (not its golden cases) in a temporary dir.
-fn copy_of_fraud() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    for e in std::fs::read_dir(fraud()).unwrap() {
-        let e = e.unwrap();
-        if e.file_type().unwrap().is_file() {
-            std::fs::copy(e.path(), dir.path().join(e.file_name())).unwrap();
-        }
-    }
-    dir
-}
-
+/// A copy of the shipped pipeline with `file` edited by `edit`, and the error loading it.
 fn broken(file: &str, edit: impl Fn(String) -> String) -> (tempfile::TempDir, String) {
-    let dir = copy_of_fraud();
-    let p = dir.path().join(file);
-    let text = std::fs::read_to_string(&p).unwrap_or_default();
-    let edited = edit(text.clone());
-    assert_ne!(edited, text, "the edit must change {file}");
-    std::fs::write(&p, edited).unwrap();
+    let dir = copy_of_fraud_with(file, edit);
     let err = Pipeline::load(dir.path()).unwrap_err().to_string();
     (dir, err)
 }

@@ -15,7 +15,7 @@
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -25,13 +25,10 @@ use actio_core::{Codec, Decision, Transaction, TxState};
 use actio_pipeline::Pipeline;
 use actio_pipeline::stages::StageHandler;
 use actio_runtime::Handler;
+use actio_testkit::repo;
 use proptest::collection::{btree_map, vec};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestRng, TestRunner};
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
 
 /// Runs `test` on values of `strategy`: one round of ACTIO_FUZZ_CASES cases (default
 /// `quick`), or rounds of 2,000 with fresh seeds until ACTIO_FUZZ_SECS have passed.
@@ -462,13 +459,7 @@ fn fuzz_config_loader() {
     let fraud = repo().join("pipelines/fraud");
     let originals: Vec<String> = CONFIG_FILES.iter().map(|f| std::fs::read_to_string(fraud.join(f)).unwrap()).collect();
     let fragment = std::fs::read_to_string(repo().join("fuzz/corpus/config/tricky-rules.toml")).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    for e in std::fs::read_dir(&fraud).unwrap() {
-        let e = e.unwrap();
-        if e.file_type().unwrap().is_file() {
-            std::fs::copy(e.path(), dir.path().join(e.file_name())).unwrap();
-        }
-    }
+    let dir = actio_testkit::copy_of_fraud();
     // The fragment on its own must load: the seeds compile.
     std::fs::write(dir.path().join("rules.toml"), format!("{}\n{fragment}", originals[1])).unwrap();
     Pipeline::load(dir.path()).unwrap_or_else(|e| panic!("seed fragment: {e}"));

@@ -32,14 +32,11 @@ use actio_core::{Decision, Headers, Record, TopicPartition, Transaction, TxState
 use actio_pipeline::stages::StageHandler;
 use actio_pipeline::{Pipeline, StageKind, StageLogic};
 use actio_runtime::Handler;
+use actio_testkit::fraud;
 use serde::{Deserialize, Deserializer};
 
 /// The case directory, as named in messages (relative to the repository root).
 const GOLDEN: &str = "pipelines/fraud/golden";
-
-fn fraud() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../pipelines/fraud")
-}
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -239,7 +236,7 @@ fn golden_cases_decide_as_expected_and_cover_every_rule() {
     let p = Pipeline::load(&fraud()).unwrap_or_else(|e| panic!("{e}"));
     let all = rule_ids(&p);
     let known: BTreeSet<String> = all.iter().cloned().collect();
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").join(GOLDEN);
+    let dir = actio_testkit::repo().join(GOLDEN);
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("{GOLDEN}: {e}"))
         .map(|e| e.unwrap().path())

@@ -1,15 +1,13 @@
 //! The `actio` binary end to end: validate and run, as a user types them.
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
+
+use actio_testkit::{copy_of_fraud_with, fraud};
 
 fn actio() -> Command {
     Command::new(env!("CARGO_BIN_EXE_actio"))
-}
-
-fn fraud() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../pipelines/fraud")
 }
 
 #[test]
@@ -22,16 +20,7 @@ fn validate_accepts_the_shipped_pipeline() {
 
 #[test]
 fn validate_rejects_a_broken_copy_with_exit_code_2() {
-    let dir = tempfile::tempdir().unwrap();
-    for e in std::fs::read_dir(fraud()).unwrap() {
-        let e = e.unwrap();
-        if e.file_type().unwrap().is_file() {
-            std::fs::copy(e.path(), dir.path().join(e.file_name())).unwrap();
-        }
-    }
-    let p = dir.path().join("pipeline.toml");
-    let text = std::fs::read_to_string(&p).unwrap().replace("input = \"tx.ruled\"", "input = \"tx.nowhere\"");
-    std::fs::write(&p, text).unwrap();
+    let dir = copy_of_fraud_with("pipeline.toml", |t| t.replace("input = \"tx.ruled\"", "input = \"tx.nowhere\""));
     let out = actio().arg("validate").arg(dir.path()).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
@@ -78,7 +67,7 @@ fn bad_flags_teach() {
 
 #[test]
 fn every_shipped_load_scenario_runs_without_loss() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../loadtest");
+    let dir = actio_testkit::repo().join("loadtest");
     let mut scenarios: Vec<PathBuf> =
         std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "toml")).collect();
     scenarios.sort();

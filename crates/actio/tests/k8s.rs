@@ -14,6 +14,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use actio_testkit::repo;
 use serde_json::Value;
 
 /// The env vars `actio stage` and `actio loadgen` read, besides ACTIO_KAFKA_PROPERTY_*.
@@ -26,10 +27,6 @@ const ENV_READ: [&str; 5] = [
 ];
 const PROPERTY_PREFIX: &str = "ACTIO_KAFKA_PROPERTY_";
 const DEFAULT_HTTP: &str = "0.0.0.0:9400";
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
 
 fn sidecar() -> Value {
     let path = repo().join("k8s/base/stages.json");

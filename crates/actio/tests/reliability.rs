@@ -392,7 +392,7 @@ fn bad_configuration_stops_a_stage_with_exit_code_2_naming_file_and_field_before
         ("unknown librdkafka property", "pipeline.toml", Box::new(|t| t.replace("\"linger.ms\" = \"2\"", "\"linger.mss\" = \"2\"")), vec!["pipeline.toml", "kafka.\"linger.mss\""]),
     ];
     for (class, file, edit, want) in cases {
-        let dir = copy_of_fraud(file, edit);
+        let dir = copy_of_fraud_with(file, edit);
         let t0 = Instant::now();
         let out = actio()
             .args(["stage", "--stage", "rules", "--brokers", "127.0.0.1:1", "--http", "127.0.0.1:0"])

@@ -15,6 +15,8 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use actio_bus_kafka::{KafkaBus, KafkaConfig};
+#[allow(unused_imports)] // each test binary uses a part
+pub use actio_testkit::{brokers, copy_of_fraud_with, fraud};
 
 /// One broker test at a time (see kafka.rs: parallel multi-process tests on 2 cores
 /// starve the broker, a fault these tests do not mean to inject).
@@ -24,25 +26,8 @@ pub fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-pub fn brokers(test: &str) -> Option<String> {
-    match std::env::var("ACTIO_KAFKA_BROKERS") {
-        Ok(b) if !b.trim().is_empty() => Some(b),
-        _ if std::env::var("ACTIO_REQUIRE_KAFKA").is_ok_and(|v| v == "1") => {
-            panic!("{test}: ACTIO_REQUIRE_KAFKA=1 but ACTIO_KAFKA_BROKERS is not set")
-        }
-        _ => {
-            eprintln!("{test}: skipped: ACTIO_KAFKA_BROKERS not set (run scripts/test)");
-            None
-        }
-    }
-}
-
 pub fn actio() -> Command {
     Command::new(env!("CARGO_BIN_EXE_actio"))
-}
-
-pub fn fraud() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../pipelines/fraud")
 }
 
 pub fn nanos() -> u64 {
@@ -51,23 +36,6 @@ pub fn nanos() -> u64 {
 
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// A copy of the fraud pipeline in a temp dir, `edit` applied to `file`.
-pub fn copy_of_fraud(file: &str, edit: impl Fn(String) -> String) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    for e in std::fs::read_dir(fraud()).unwrap() {
-        let e = e.unwrap();
-        if e.file_type().unwrap().is_file() {
-            std::fs::copy(e.path(), dir.path().join(e.file_name())).unwrap();
-        }
-    }
-    let p = dir.path().join(file);
-    let text = std::fs::read_to_string(&p).unwrap_or_default();
-    let edited = edit(text.clone());
-    assert_ne!(edited, text, "the edit must change {file}");
-    std::fs::write(&p, edited).unwrap();
-    dir
 }
 
 /// A private copy of the fraud pipeline with its own name, topics and groups
@@ -83,7 +51,7 @@ impl TestPipeline {
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let seq = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let name = format!("t{:x}-{}-{seq}", nanos(), std::process::id());
-        let dir = copy_of_fraud("pipeline.toml", |t| {
+        let dir = copy_of_fraud_with("pipeline.toml", |t| {
             t.replace("name = \"fraud\"", &format!("name = \"{name}\""))
                 .replace("\"tx.", &format!("\"{name}."))
                 .replace("partitions = 3", "partitions = 4")

@@ -1,0 +1,77 @@
+//! What actio's tests share, so each crate's tests do not carry their own copy: where
+//! the repository and the shipped fraud pipeline are, a private copy of that pipeline
+//! to edit, and the address of the Kafka broker `scripts/test` started.
+//!
+//! Only for tests (a dev-dependency): it panics on I/O errors, which there mean a
+//! broken checkout, not a condition to handle.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests' helpers: a failure is a failed test
+
+use std::path::{Path, PathBuf};
+
+/// The repository's root.
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// The shipped fraud pipeline's directory.
+pub fn fraud() -> PathBuf {
+    repo().join("pipelines/fraud")
+}
+
+/// A copy of the fraud pipeline's files (not its subdirectories, such as the golden
+/// cases) in a temporary directory, removed when dropped.
+pub fn copy_of_fraud() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for e in std::fs::read_dir(fraud()).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_file() {
+            std::fs::copy(e.path(), dir.path().join(e.file_name())).unwrap();
+        }
+    }
+    dir
+}
+
+/// A copy of the fraud pipeline with `edit` applied to `file` (created empty if the
+/// pipeline has none). Panics if the edit changes nothing: a test that meant to break
+/// the copy would otherwise pass on the shipped files.
+pub fn copy_of_fraud_with(file: &str, edit: impl Fn(String) -> String) -> tempfile::TempDir {
+    let dir = copy_of_fraud();
+    let p = dir.path().join(file);
+    let text = std::fs::read_to_string(&p).unwrap_or_default();
+    let edited = edit(text.clone());
+    assert_ne!(edited, text, "the edit must change {file}");
+    std::fs::write(&p, edited).unwrap();
+    dir
+}
+
+/// The broker for tests that need Kafka: `ACTIO_KAFKA_BROKERS`, which `scripts/test`
+/// sets after starting one. Without it the test is skipped (`None`, with a line on
+/// stderr), unless `ACTIO_REQUIRE_KAFKA=1` (set by `scripts/test`): then it panics, so
+/// a run that should have used the broker cannot pass by skipping.
+pub fn brokers(test: &str) -> Option<String> {
+    match std::env::var("ACTIO_KAFKA_BROKERS") {
+        Ok(b) if !b.trim().is_empty() => Some(b),
+        _ if std::env::var("ACTIO_REQUIRE_KAFKA").is_ok_and(|v| v == "1") => {
+            panic!("{test}: ACTIO_REQUIRE_KAFKA=1 but ACTIO_KAFKA_BROKERS is not set")
+        }
+        _ => {
+            eprintln!("{test}: skipped: ACTIO_KAFKA_BROKERS not set (run scripts/test)");
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_copy_of_fraud_holds_its_files_and_an_edit_must_change_one() {
+        let d = copy_of_fraud_with("pipeline.toml", |t| t.replace("name = \"fraud\"", "name = \"copy\""));
+        assert!(std::fs::read_to_string(d.path().join("pipeline.toml")).unwrap().contains("name = \"copy\""));
+        assert!(d.path().join("rules.toml").is_file());
+        let same = std::panic::catch_unwind(|| copy_of_fraud_with("pipeline.toml", |t| t));
+        assert!(same.is_err(), "an edit that changes nothing is refused");
+    }
+}
