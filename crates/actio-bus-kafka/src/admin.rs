@@ -11,11 +11,12 @@ use std::task::{Context, Poll, Wake, Waker};
 use std::thread::Thread;
 use std::time::Duration;
 
-use actio_core::bus::{BusError, BusErrorKind, Offset, TopicSpec};
+use actio_core::bus::{BusError, BusErrorKind, Offset, TopicPartition, TopicSpec};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::ConsumerContext;
 use rdkafka::consumer::Consumer as _;
+use rdkafka::message::Message as _;
 use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::topic_partition_list::{Offset as RdOffset, TopicPartitionList};
 use rdkafka::ClientConfig;
@@ -250,6 +251,70 @@ impl Admin {
                 })
             })
             .collect()
+    }
+
+    /// See [`actio_core::bus::Bus::replay`]: a group-less consumer assigned `tp` at the
+    /// first offset with a timestamp ≥ `from_ms` (ListOffsets by time), read to `until`.
+    /// Fails if it stops making progress for [`ADMIN_TIMEOUT`].
+    pub(crate) fn replay(
+        &self,
+        tp: &TopicPartition,
+        from_ms: i64,
+        until: Offset,
+        f: &mut dyn FnMut(&actio_core::Record),
+    ) -> Result<u64, BusError> {
+        if until <= 0 {
+            return Ok(0);
+        }
+        let what = format!("replaying {tp}");
+        let mut cfg = self.base.clone();
+        // assign() needs a group id; the consumer never joins the group nor commits.
+        cfg.set("group.id", "actio-replay")
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "false")
+            .set("auto.offset.reset", "earliest");
+        let c: BaseConsumer = cfg.create_with_context(AdminContext).map_err(|e| bus_error_ctx(&what, &e))?;
+        let mut by_time = TopicPartitionList::new();
+        by_time
+            .add_partition_offset(&tp.topic, tp.partition, RdOffset::Offset(from_ms.max(0)))
+            .map_err(|e| bus_error_ctx(&what, &e))?;
+        let found = retry_transient(|| c.offsets_for_times(by_time.clone(), ADMIN_TIMEOUT).map_err(|e| bus_error_ctx(&what, &e)))?;
+        // No record at or after `from_ms`: nothing to replay.
+        let start = match found.elements().first().map(|e| e.offset()) {
+            Some(RdOffset::Offset(o)) if o < until => o,
+            _ => return Ok(0),
+        };
+        let mut assign = TopicPartitionList::new();
+        assign.add_partition_offset(&tp.topic, tp.partition, RdOffset::Offset(start)).map_err(|e| bus_error_ctx(&what, &e))?;
+        c.assign(&assign).map_err(|e| bus_error_ctx(&what, &e))?;
+        let (mut next, mut read) = (start, 0u64);
+        let mut progress = std::time::Instant::now();
+        while next < until {
+            match c.poll(Duration::from_millis(100)) {
+                Some(Ok(m)) => {
+                    progress = std::time::Instant::now();
+                    next = m.offset() + 1;
+                    if m.offset() < until {
+                        f(&crate::consumer::to_record(&m, tp.topic.clone()));
+                        read += 1;
+                    }
+                }
+                Some(Err(e)) => {
+                    let e = bus_error_ctx(&what, &e);
+                    if !e.is_retriable() {
+                        return Err(e);
+                    }
+                }
+                None => {}
+            }
+            if progress.elapsed() > ADMIN_TIMEOUT {
+                return Err(BusError::new(
+                    BusErrorKind::Transient,
+                    format!("{what}: no record for {ADMIN_TIMEOUT:?} at offset {next} of {until}"),
+                ));
+            }
+        }
+        Ok(read)
     }
 
     pub(crate) fn group_lag(&self, group: &str, topic: &str) -> Result<Vec<PartitionLag>, BusError> {

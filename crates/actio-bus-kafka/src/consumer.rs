@@ -227,24 +227,29 @@ impl KafkaConsumer {
     }
 
     fn record(&self, m: &BorrowedMessage<'_>) -> Record {
-        let headers = match m.headers() {
-            Some(h) => Headers(
-                h.iter().map(|h| (h.key.to_string(), h.value.map(Bytes::copy_from_slice).unwrap_or_default())).collect(),
-            ),
-            None => Headers::default(),
-        };
-        Record {
-            tp: TopicPartition { topic: self.topic_arc(m.topic()), partition: m.partition() },
-            offset: m.offset(),
-            key: m.key().map(Bytes::copy_from_slice),
-            payload: m.payload().map(Bytes::copy_from_slice).unwrap_or_default(),
-            headers,
-            timestamp_ms: m.timestamp().to_millis(),
-        }
+        to_record(m, self.topic_arc(m.topic()))
     }
 
     fn take_error(&self) -> Option<BusError> {
         self.shared.lock().error.take()
+    }
+}
+
+/// A fetched message as a [`Record`] (its bytes copied), `topic` being its topic's name.
+pub(crate) fn to_record(m: &BorrowedMessage<'_>, topic: Arc<str>) -> Record {
+    let headers = match m.headers() {
+        Some(h) => Headers(
+            h.iter().map(|h| (h.key.to_string(), h.value.map(Bytes::copy_from_slice).unwrap_or_default())).collect(),
+        ),
+        None => Headers::default(),
+    };
+    Record {
+        tp: TopicPartition { topic, partition: m.partition() },
+        offset: m.offset(),
+        key: m.key().map(Bytes::copy_from_slice),
+        payload: m.payload().map(Bytes::copy_from_slice).unwrap_or_default(),
+        headers,
+        timestamp_ms: m.timestamp().to_millis(),
     }
 }
 

@@ -20,7 +20,7 @@ pub mod producer;
 use std::sync::Arc;
 
 use actio_core::bus::{
-    Bus, BusError, ConsumerConfig, Offset, ProducerConfig, RebalanceListener, TopicSpec,
+    Bus, BusError, ConsumerConfig, Offset, ProducerConfig, RebalanceListener, Record, TopicPartition, TopicSpec,
 };
 use rdkafka::config::RDKafkaLogLevel;
 
@@ -112,6 +112,10 @@ impl Bus for KafkaBus {
 
     fn end_offsets(&self, topic: &str) -> Result<Vec<Offset>, BusError> {
         self.admin.end_offsets(topic)
+    }
+
+    fn replay(&self, tp: &TopicPartition, from_ms: i64, until: Offset, f: &mut dyn FnMut(&Record)) -> Result<u64, BusError> {
+        self.admin.replay(tp, from_ms, until, f)
     }
 }
 

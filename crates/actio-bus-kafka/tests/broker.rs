@@ -129,6 +129,34 @@ fn poll_n(c: &mut KafkaConsumer, want: usize, timeout: Duration, rec: Option<&Re
 }
 
 #[test]
+fn replay_reads_a_partition_from_a_time_up_to_an_offset_outside_any_group() {
+    let Some(b) = brokers("replay") else { return };
+    let (bus, topic) = bus_with_topic(&b, 1);
+    let now_ms = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    let early = produce(&bus, &topic, 0..10);
+    std::thread::sleep(Duration::from_millis(50));
+    let mid = now_ms();
+    std::thread::sleep(Duration::from_millis(50));
+    let late = produce(&bus, &topic, 10..30);
+    let tp = TopicPartition::new(topic.as_str(), 0);
+    let replay = |from_ms: i64, until: Offset| {
+        let mut ids = Vec::new();
+        let n = bus.replay(&tp, from_ms, until, &mut |r| ids.push(id_of(r))).expect("replay");
+        assert_eq!(n as usize, ids.len());
+        ids
+    };
+    // From a time: the first record at or after it; up to an offset, not including it.
+    assert_eq!(replay(mid, late[&25].offset), (10..25).collect::<Vec<_>>());
+    assert_eq!(replay(0, early[&5].offset), (0..5).collect::<Vec<_>>());
+    assert_eq!(replay(0, late[&29].offset + 1), (0..30).collect::<Vec<_>>());
+    assert!(replay(mid, early[&9].offset + 1).is_empty(), "nothing after `from` below `until`");
+    assert!(replay(now_ms() + 3_600_000, late[&29].offset + 1).is_empty(), "nothing that recent");
+    assert!(replay(0, 0).is_empty());
+    // Nothing was committed for anyone.
+    assert_eq!(bus.committed_offsets("actio-replay", &topic).expect("committed"), vec![None]);
+}
+
+#[test]
 fn keyed_records_keep_key_headers_and_land_on_kafkas_murmur2_partition() {
     let Some(b) = brokers("keyed_records") else { return };
     let (bus, topic) = bus_with_topic(&b, 6);

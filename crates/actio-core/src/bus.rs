@@ -262,6 +262,18 @@ pub trait Bus: Send + Sync + 'static {
     fn committed_offsets(&self, group: &str, topic: &str) -> Result<Vec<Option<Offset>>, BusError>;
     /// The end offset (next offset to be written) of each partition of a topic.
     fn end_offsets(&self, topic: &str) -> Result<Vec<Offset>, BusError>;
+    /// Calls `f` on the records of `tp` in offset order, from the first whose
+    /// timestamp is at or after `from_ms` up to, not including, offset `until`; read
+    /// outside any group, so nothing is committed. Returns how many were read. For a
+    /// stage that rebuilds per-partition state when it is assigned a partition.
+    ///
+    /// The default reads nothing: a bus that keeps no history (the embedded bus drops
+    /// what every group has committed; its stages live in one process, so their
+    /// partitions never move).
+    fn replay(&self, tp: &TopicPartition, from_ms: i64, until: Offset, f: &mut dyn FnMut(&Record)) -> Result<u64, BusError> {
+        let _ = (tp, from_ms, until, f);
+        Ok(0)
+    }
 }
 
 /// Kafka's default partitioner for keyed messages: `toPositive(murmur2(key)) % n`.

@@ -321,6 +321,11 @@ impl VelocitySpec {
         self.names.clone()
     }
 
+    /// The longest window: events further behind their key's latest are not counted.
+    pub fn longest_window(&self) -> Duration {
+        Duration::from_nanos(self.longest_ns.max(0) as u64)
+    }
+
     /// A fresh, empty state.
     pub fn new_state(&self) -> VelocityState {
         VelocityState {

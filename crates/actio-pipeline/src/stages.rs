@@ -7,15 +7,25 @@
 //! the runtime dead-letters it at once with the reason. Injected faults
 //! ([`crate::faults`]) are checked between decoding and the stage's logic.
 //!
+//! The velocity stage's windows live per input partition. When it is assigned a
+//! partition (a start, a restart, a hand-over from another replica) and the handler was
+//! given the bus ([`StageHandler::with_restore`]), it rebuilds that partition's windows
+//! by replaying the input from one longest window (plus a minute) before now up to the
+//! group's committed offset — the records the partition's previous owner had finished —
+//! before it processes anything of the partition. The input topic is the changelog:
+//! nothing is written on the hot path, and the state after the replay is the one the
+//! previous owner had (the events are the same, in the same per-key order). The cost is
+//! read at assignment: one window of the partition's input (logged with its duration).
+//!
 //! Rule evaluation errors (a rule whose `when` fails on a transaction: it does not
 //! fire, the transaction goes on) are counted per stage as `actio_rule_errors_total`.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use actio_core::bus::Bytes;
+use actio_core::bus::{Bus, BusError, Bytes};
 use actio_core::{Codec, Record, TopicPartition, Transaction, TxState};
-use actio_engine::velocity::VelocityState;
+use actio_engine::velocity::{VelocitySpec, VelocityState};
 use actio_runtime::{Handler, HandlerCounter, HandlerError, Output, StageSpec};
 use ahash::AHashMap;
 use parking_lot::RwLock;
@@ -36,6 +46,24 @@ pub struct StageHandler {
     velocity: RwLock<AHashMap<i32, Arc<VelocityState>>>,
     /// Rule evaluations of this stage that failed, since start.
     rule_errors: AtomicU64,
+    /// Reads back an input partition's history (see the module docs).
+    restore: Option<Restore>,
+}
+
+/// `(partition, from_ms, f)`: calls `f` on the partition's records from `from_ms` up to
+/// the stage group's committed offset; returns how many.
+struct Restore(Box<RestoreFn>);
+
+type RestoreFn = dyn Fn(&TopicPartition, i64, &mut dyn FnMut(&Record)) -> Result<u64, BusError> + Send + Sync;
+
+/// How far before the longest window a restore starts reading: record timestamps
+/// (when the previous stage produced) trail transactions' event times.
+const RESTORE_MARGIN_MS: i64 = 60_000;
+
+impl std::fmt::Debug for Restore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Restore")
+    }
 }
 
 /// Rule evaluations that failed (the rule did not fire; the transaction went on).
@@ -54,8 +82,51 @@ impl StageHandler {
             key_field: pipeline.key_field.clone(),
             velocity: RwLock::new(AHashMap::new()),
             rule_errors: AtomicU64::new(0),
+            restore: None,
             stage: stage.clone(),
         }
+    }
+
+    /// Lets the velocity stage rebuild a partition's windows from `bus` when it is
+    /// assigned one (see the module docs). Other stages keep no state; for them this
+    /// changes nothing.
+    pub fn with_restore<B: Bus>(mut self, bus: Arc<B>) -> Self {
+        let group = self.stage.group.clone();
+        self.restore = Some(Restore(Box::new(move |tp: &TopicPartition, from_ms: i64, f: &mut dyn FnMut(&Record)| {
+            let committed = bus.committed_offsets(&group, &tp.topic)?;
+            match committed.get(tp.partition as usize).copied().flatten() {
+                Some(until) => bus.replay(tp, from_ms, until, f),
+                None => Ok(0), // the group never committed here: no history to rebuild
+            }
+        })));
+        self
+    }
+
+    /// A new state for input partition `tp`, rebuilt from its history when there is a
+    /// restore. A failed restore is logged and the windows keep what was read.
+    fn restored_state(&self, spec: &VelocitySpec, tp: &TopicPartition) -> VelocityState {
+        let state = spec.new_state();
+        let Some(restore) = &self.restore else { return state };
+        let t0 = std::time::Instant::now();
+        let now_ms = actio_core::time::now_ns() / 1_000_000;
+        let from_ms = now_ms - spec.longest_window().as_millis() as i64 - RESTORE_MARGIN_MS;
+        let (mut applied, mut undecodable) = (0u64, 0u64);
+        let result = (restore.0)(tp, from_ms, &mut |r: &Record| match self.decode(&r.payload) {
+            Ok(mut st) => {
+                spec.update(&state, &mut st);
+                applied += 1;
+            }
+            Err(_) => undecodable += 1, // dead-lettered when it was first consumed
+        });
+        let ms = t0.elapsed().as_millis() as u64;
+        match result {
+            Ok(_) => tracing::info!(stage = %self.stage.name, partition = %tp, records = applied, undecodable, ms, "velocity windows restored"),
+            Err(e) => tracing::warn!(
+                stage = %self.stage.name, partition = %tp, records = applied, ms, error = %e,
+                "velocity windows only partly restored: features of this partition's cards under-count until their windows refill"
+            ),
+        }
+        state
     }
 
     fn decode(&self, payload: &[u8]) -> Result<TxState, HandlerError> {
@@ -174,7 +245,10 @@ impl Handler for StageHandler {
         // `velocity_state_of`); the retry topic's partitions have none.
         if let StageLogic::Velocity { spec, .. } = &self.stage.logic {
             for tp in partitions.iter().filter(|tp| *tp.topic == *self.stage.input) {
-                self.velocity_state(spec, tp.partition);
+                if !self.velocity.read().contains_key(&tp.partition) {
+                    let state = Arc::new(self.restored_state(spec, tp));
+                    self.velocity.write().entry(tp.partition).or_insert(state);
+                }
             }
         }
     }
@@ -277,6 +351,45 @@ mod tests {
         assert_eq!(card_tx_1m(&on("tx.ruled", 5, None)), 4.0, "throw-away states are not remembered");
         velocity.partitions_revoked(&[TopicPartition::new("tx.ruled", 5)]);
         assert_eq!(card_tx_1m(&on("tx.ruled", 5, None)), 1.0, "revoking the input partition drops its state");
+    }
+
+    #[test]
+    fn an_assigned_input_partition_gets_its_windows_back_from_its_history() {
+        let (_d, p) = fraud_with(|t| t);
+        let rules = StageHandler::new(&p, &p.stages[0]);
+        let mut velocity = StageHandler::new(&p, &p.stages[1]);
+        let ruled = rules.handle(&record("m-1", "{}")).unwrap()[0].payload.clone();
+        let history: Vec<Record> = (0..3)
+            .map(|i| Record { tp: TopicPartition::new("tx.ruled", 5), offset: i, key: None, payload: ruled.clone(), headers: Headers::default(), timestamp_ms: None })
+            .chain([Record { tp: TopicPartition::new("tx.ruled", 5), offset: 3, key: None, payload: Bytes::from_static(b"garbage"), headers: Headers::default(), timestamp_ms: None }])
+            .collect();
+        let calls = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let seen = calls.clone();
+        velocity.restore = Some(Restore(Box::new(move |tp: &TopicPartition, from_ms: i64, f: &mut dyn FnMut(&Record)| {
+            seen.lock().push((tp.clone(), from_ms));
+            for r in &history {
+                f(r);
+            }
+            Ok(history.len() as u64)
+        })));
+        let card_tx_24h = |partition: i32| {
+            let r = Record { tp: TopicPartition::new("tx.ruled", partition), offset: 9, key: None, payload: ruled.clone(), headers: Headers::default(), timestamp_ms: None };
+            let st: TxState = Codec::Postcard.decode(&velocity.handle(&r).unwrap()[0].payload).unwrap();
+            st.features.iter().find(|f| &*f.name == "card_tx_24h").unwrap().value
+        };
+        velocity.partitions_assigned(&[TopicPartition::new("tx.ruled", 5), TopicPartition::new("tx.retry.velocity", 5)]);
+        assert_eq!(card_tx_24h(5), 4.0, "the 3 decodable records of its history, then this one");
+        {
+            let calls = calls.lock();
+            assert_eq!(calls.len(), 1, "input partitions only: {calls:?}");
+            let day_and_a_minute = 24 * 3_600_000 + RESTORE_MARGIN_MS;
+            let now_ms = actio_core::time::now_ns() / 1_000_000;
+            assert!((now_ms - day_and_a_minute - calls[0].1).abs() < 60_000, "from one longest window (24h) and a minute ago");
+        }
+        // A partition still held is not rebuilt again.
+        velocity.partitions_assigned(&[TopicPartition::new("tx.ruled", 5)]);
+        assert_eq!(calls.lock().len(), 1);
+        assert_eq!(card_tx_24h(5), 5.0);
     }
 
     #[test]

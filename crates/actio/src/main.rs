@@ -57,7 +57,9 @@ fn init_logging(json: bool) {
     let not_double_close = tracing_subscriber::filter::filter_fn(|m| {
         !(m.target() == "rdkafka::consumer::base_consumer" && *m.level() == tracing::Level::ERROR)
     });
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    // Colours only on a terminal: a log file or `kubectl logs` gets plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(ansi);
     let fmt = if json { fmt.json().boxed() } else { fmt.boxed() };
     tracing_subscriber::registry().with(fmt.with_filter(not_double_close).with_filter(filter)).init();
 }

@@ -124,12 +124,12 @@ pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
     };
     match args.bus {
         BusKind::Embedded => {
-            let bus = EmbeddedBus::new(EmbeddedConfig::default());
+            let bus = Arc::new(EmbeddedBus::new(EmbeddedConfig::default()));
             drive(&bus, "embedded", &pipeline, &args.load, true, args.threads, &[])
         }
         BusKind::Kafka => {
             let bus = match crate::kafka::bus_or_exit(&pipeline, &args.kafka) {
-                Ok(b) => b,
+                Ok(b) => Arc::new(b),
                 Err(code) => return Ok(code),
             };
             drive(&bus, "kafka", &pipeline, &args.load, true, args.threads, &[])
@@ -144,7 +144,7 @@ pub fn loadgen(args: LoadgenArgs) -> anyhow::Result<ExitCode> {
         Err(code) => return Ok(code),
     };
     let bus = match crate::kafka::bus_or_exit(&pipeline, &args.kafka) {
-        Ok(b) => b,
+        Ok(b) => Arc::new(b),
         Err(code) => return Ok(code),
     };
     drive(&bus, "kafka", &pipeline, &args.load, false, None, &[])
@@ -178,7 +178,7 @@ fn drain_end(seen: u64, sent: u64, draining: Duration, idle: Duration, interrupt
 /// Offers load to `pipeline` on `bus`, running its stages in-process when
 /// `in_process`, and reports. Exit code 1 if anything was lost.
 pub fn drive<B: Bus>(
-    bus: &B,
+    bus: &Arc<B>,
     bus_name: &str,
     pipeline: &Pipeline,
     load: &LoadArgs,
@@ -206,13 +206,13 @@ pub fn drive<B: Bus>(
             tracing::warn!("{w}");
         }
         for s in &pipeline.stages {
-            let handler = StageHandler::new(pipeline, s);
+            let handler = StageHandler::new(pipeline, s).with_restore(bus.clone());
             let mut spec = handler.spec(properties);
             crate::kafka::tune_retry_consumer(&mut spec); // ignored by the embedded bus
             if let Some(t) = threads {
                 spec.threads = t.max(1);
             }
-            stages.push(Stage::spawn(bus, spec, Arc::new(handler)).with_context(|| format!("starting stage {}", s.name))?);
+            stages.push(Stage::spawn(&**bus, spec, Arc::new(handler)).with_context(|| format!("starting stage {}", s.name))?);
         }
     }
 

@@ -156,16 +156,18 @@ pub fn main(args: StageArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let bus = match crate::kafka::bus_or_exit(&pipeline, &args.kafka) {
-        Ok(b) => b,
+        Ok(b) => Arc::new(b),
         Err(code) => return Ok(code),
     };
+    // The velocity stage rebuilds an assigned partition's windows from its input.
+    let handler = handler.with_restore(bus.clone());
     let term = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGTERM, term.clone())
         .context("installing the SIGTERM handler")?;
     signal_hook::flag::register(signal_hook::consts::SIGINT, term.clone())
         .context("installing the SIGINT handler")?;
 
-    let handle = Stage::spawn(&bus, spec, Arc::new(handler))
+    let handle = Stage::spawn(&*bus, spec, Arc::new(handler))
         .with_context(|| format!("starting stage {}", args.stage))?;
     let health = Arc::new(Health {
         metrics: handle.metrics_source(),

@@ -3,6 +3,7 @@
 //! not stop a decision (and is counted), injected faults — transient ones recovered
 //! through the retry topic or given up on, permanent ones, a handler panic — end
 //! decided once or in the DLQ with their provenance while the partition keeps flowing,
+//! a velocity replica taking over a partition rebuilds its windows from the input,
 //! SIGTERM under load exits 0 with nothing lost, every stage SIGKILLed once and
 //! restarted loses nothing, and each class of bad configuration stops `actio stage`
 //! with exit code 2 before it connects.
@@ -318,6 +319,47 @@ fn processed_in_log(log: &str) -> Option<i64> {
     }
     let line = plain.lines().rev().find(|l| l.contains("stopped") && l.contains("processed="))?;
     line.split("processed=").nth(1)?.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+}
+
+/// `card_tx_24h` of each transaction on `featured` (velocity's output), by tx id.
+fn card_tx_24h(records: &[Record]) -> BTreeMap<String, f64> {
+    records
+        .iter()
+        .map(|r| {
+            let st: actio_core::TxState = actio_core::Codec::Postcard.decode(&r.payload).unwrap();
+            let f = st.features.iter().find(|f| &*f.name == "card_tx_24h").unwrap().value;
+            (st.tx.id.clone(), f)
+        })
+        .collect()
+}
+
+#[test]
+fn a_velocity_replica_that_takes_over_a_partition_rebuilds_its_windows_from_the_input() {
+    let Some(b) = brokers("velocity_takeover") else { return };
+    let _serial = serial();
+    let p = TestPipeline::new(&b);
+    p.create_topics();
+    let bus = p.bus();
+    let card = "card-history";
+    let (mut rules, mut first) = (p.stage("rules"), p.stage("velocity"));
+    rules.wait_ready(Duration::from_secs(60));
+    first.wait_ready(Duration::from_secs(60));
+    produce(&bus, (0..5).map(|i| record(&p.topic("in"), card, valid_tx(&format!("h-{i}"), card, i, serde_json::json!({})))).collect());
+    let before = card_tx_24h(&read_topic(&bus, &p.topic("featured"), 5, Duration::from_secs(60)));
+    assert_eq!(before.get("h-4"), Some(&5.0), "{before:?}");
+
+    // The first replica hands its partitions over (graceful stop: drained, committed);
+    // the next one must start from the card's history, not from empty windows.
+    first.signal("-TERM");
+    assert!(first.wait_exit(Duration::from_secs(25)).success(), "{}", first.log());
+    let mut next = p.stage("velocity");
+    next.wait_ready(Duration::from_secs(60));
+    produce(&bus, vec![record(&p.topic("in"), card, valid_tx("h-5", card, 5, serde_json::json!({})))]);
+    let after = card_tx_24h(&read_topic(&bus, &p.topic("featured"), 6, Duration::from_secs(60)));
+    assert_eq!(after.get("h-5"), Some(&6.0), "the five before it and itself: {after:?}\n{}", next.log());
+    let log = next.log();
+    assert!(log.contains("velocity windows restored") && log.contains("records=5"), "{log}");
+    drop(rules);
 }
 
 #[test]
