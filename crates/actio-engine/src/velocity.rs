@@ -44,6 +44,10 @@ struct VelocityFile {
     /// Most events kept per key; default 1024.
     #[serde(default = "default_max_events")]
     max_events_per_key: usize,
+    /// How much of an assigned partition's input to replay to rebuild its windows
+    /// (`"off"`: none); default: the longest window.
+    #[serde(default)]
+    restore: Option<String>,
     #[serde(rename = "feature")]
     features: Vec<FeatureConfig>,
 }
@@ -137,6 +141,7 @@ struct Group {
 pub struct VelocitySpec {
     groups: Vec<Group>,
     longest_ns: i64,
+    restore_ns: i64,
     ttl_ns: i64,
     max_keys: usize,
     max_events: usize,
@@ -310,10 +315,15 @@ impl VelocitySpec {
             Some(s) => parse_window(s).map_err(|m| err("key_ttl".into(), "key_ttl", m))?.max(longest),
             None => longest,
         };
+        let restore_ns = match f.restore.as_deref() {
+            None => longest,
+            Some("off") => 0,
+            Some(s) => parse_window(s).map_err(|m| err("restore".into(), "restore", format!("{m}, or \"off\"")))?,
+        };
         if f.max_keys == 0 || f.max_events_per_key == 0 {
             return Err(err("max_keys".into(), "max_", "`max_keys` and `max_events_per_key` must be ≥ 1".into()));
         }
-        Ok(VelocitySpec { groups, longest_ns: longest, ttl_ns, max_keys: f.max_keys, max_events: f.max_events_per_key, names, agg_min_events: AGG_MIN_EVENTS })
+        Ok(VelocitySpec { groups, longest_ns: longest, restore_ns, ttl_ns, max_keys: f.max_keys, max_events: f.max_events_per_key, names, agg_min_events: AGG_MIN_EVENTS })
     }
 
     /// The features' names, in file order.
@@ -324,6 +334,13 @@ impl VelocitySpec {
     /// The longest window: events further behind their key's latest are not counted.
     pub fn longest_window(&self) -> Duration {
         Duration::from_nanos(self.longest_ns.max(0) as u64)
+    }
+
+    /// How far back an assigned partition's input is replayed to rebuild its windows
+    /// (`restore`; zero: not at all). Shorter than the longest window, the longer
+    /// windows under-count after a hand-over until they refill.
+    pub fn restore_window(&self) -> Duration {
+        Duration::from_nanos(self.restore_ns.max(0) as u64)
     }
 
     /// A fresh, empty state.
@@ -631,6 +648,16 @@ window = "1h"
         assert!(e.to_string().contains("defined twice"), "{e}");
         let e = bad("[[feature]]\nname = \"x\"\nkind = \"average\"\nkey = \"card_id\"\nwindow = \"1m\"\n");
         assert!(e.to_string().contains("unknown variant `average`"), "{e}");
+        let e = VelocitySpec::from_toml("restore = \"a while\"\n[[feature]]\nname = \"x\"\nkind = \"count\"\nkey = \"card_id\"\nwindow = \"1m\"\n", Path::new("velocity.toml")).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("restore"), "{e}");
+        assert!(e.to_string().contains("velocity.toml:1") && e.to_string().contains("\"off\""), "{e}");
+    }
+
+    #[test]
+    fn the_restore_window_defaults_to_the_longest_window_and_can_be_shortened_or_turned_off() {
+        assert_eq!(spec("").restore_window(), Duration::from_secs(3600));
+        assert_eq!(spec("restore = \"10m\"").restore_window(), Duration::from_secs(600));
+        assert_eq!(spec("restore = \"off\"").restore_window(), Duration::ZERO);
     }
 
     proptest::proptest! {

@@ -60,6 +60,9 @@ type RestoreFn = dyn Fn(&TopicPartition, i64, &mut dyn FnMut(&Record)) -> Result
 /// (when the previous stage produced) trail transactions' event times.
 const RESTORE_MARGIN_MS: i64 = 60_000;
 
+/// How often a long restore says how far it got.
+const RESTORE_PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
 impl std::fmt::Debug for Restore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Restore")
@@ -107,16 +110,26 @@ impl StageHandler {
     fn restored_state(&self, spec: &VelocitySpec, tp: &TopicPartition) -> VelocityState {
         let state = spec.new_state();
         let Some(restore) = &self.restore else { return state };
+        if spec.restore_window().is_zero() {
+            return state;
+        }
         let t0 = std::time::Instant::now();
         let now_ms = actio_core::time::now_ns() / 1_000_000;
-        let from_ms = now_ms - spec.longest_window().as_millis() as i64 - RESTORE_MARGIN_MS;
+        let from_ms = now_ms - spec.restore_window().as_millis() as i64 - RESTORE_MARGIN_MS;
         let (mut applied, mut undecodable) = (0u64, 0u64);
-        let result = (restore.0)(tp, from_ms, &mut |r: &Record| match self.decode(&r.payload) {
-            Ok(mut st) => {
-                spec.update(&state, &mut st);
-                applied += 1;
+        let mut last_said = t0;
+        let result = (restore.0)(tp, from_ms, &mut |r: &Record| {
+            match self.decode(&r.payload) {
+                Ok(mut st) => {
+                    spec.update(&state, &mut st);
+                    applied += 1;
+                }
+                Err(_) => undecodable += 1, // dead-lettered when it was first consumed
             }
-            Err(_) => undecodable += 1, // dead-lettered when it was first consumed
+            if applied % 65_536 == 0 && last_said.elapsed() >= RESTORE_PROGRESS_EVERY {
+                last_said = std::time::Instant::now();
+                tracing::info!(stage = %self.stage.name, partition = %tp, records = applied, s = t0.elapsed().as_secs(), "restoring velocity windows");
+            }
         });
         let ms = t0.elapsed().as_millis() as u64;
         match result {
@@ -244,11 +257,23 @@ impl Handler for StageHandler {
         // Velocity state exists for exactly the input partitions held (see
         // `velocity_state_of`); the retry topic's partitions have none.
         if let StageLogic::Velocity { spec, .. } = &self.stage.logic {
-            for tp in partitions.iter().filter(|tp| *tp.topic == *self.stage.input) {
-                if !self.velocity.read().contains_key(&tp.partition) {
-                    let state = Arc::new(self.restored_state(spec, tp));
-                    self.velocity.write().entry(tp.partition).or_insert(state);
-                }
+            let new: Vec<&TopicPartition> = partitions
+                .iter()
+                .filter(|tp| *tp.topic == *self.stage.input && !self.velocity.read().contains_key(&tp.partition))
+                .collect();
+            // One thread per partition: a restore is a fetch-and-update loop, and the
+            // partitions' states are independent.
+            let states: Vec<(i32, VelocityState)> = std::thread::scope(|scope| {
+                let running: Vec<_> = new.iter().map(|tp| scope.spawn(|| (tp.partition, self.restored_state(spec, tp)))).collect();
+                running.into_iter().filter_map(|h| h.join().ok()).collect()
+            });
+            let mut held = self.velocity.write();
+            for (partition, state) in states {
+                held.entry(partition).or_insert_with(|| Arc::new(state));
+            }
+            // A restore that panicked left its partition without state; it starts empty.
+            for tp in new {
+                held.entry(tp.partition).or_insert_with(|| Arc::new(spec.new_state()));
             }
         }
     }

@@ -638,6 +638,10 @@ struct Listener<P: Producer>(Arc<Shared<P>>);
 impl<P: Producer> RebalanceListener for Listener<P> {
     fn assigned(&self, partitions: &[TopicPartition]) {
         let s = &self.0;
+        // The handler first: it may rebuild state for these partitions (the velocity
+        // stage replays their input), and the stage counts them as held, and so can
+        // turn ready, only once it has.
+        s.handler.partitions_assigned(partitions);
         {
             let mut st = s.state.lock();
             for tp in partitions {
@@ -660,7 +664,6 @@ impl<P: Producer> RebalanceListener for Listener<P> {
             st.metrics.rebalances += 1;
         }
         tracing::info!(stage = %s.spec.name, partitions = ?partitions.iter().map(|t| t.to_string()).collect::<Vec<_>>(), "assigned");
-        s.handler.partitions_assigned(partitions);
     }
 
     fn revoking(&self, partitions: &[TopicPartition]) -> Vec<(TopicPartition, Offset)> {

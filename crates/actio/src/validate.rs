@@ -36,6 +36,12 @@ pub fn main(args: ValidateArgs) -> anyhow::Result<ExitCode> {
             StageLogic::Score(m) => format!("model version {}", m.version()),
         };
         println!("  stage {:<9} {} → {}  {}  group {}  replicas {}", s.name, s.input, s.output, what, s.group, s.replicas);
+        if let StageLogic::Velocity { spec, .. } = &s.logic {
+            match spec.restore_window() {
+                w if w.is_zero() => println!("    windows start empty on an assigned partition (restore = \"off\")"),
+                w => println!("    an assigned partition's windows are rebuilt from the last {} of its input", humantime::format_duration(w)),
+            }
+        }
         if let Some(t) = &s.limits.retry.topic {
             println!("    retries: {} in place, then up to {} trips through {} (each {:?} after the failure), then {}", s.limits.retry.attempts, t.attempts, t.topic, t.delay, s.dlq);
         }
