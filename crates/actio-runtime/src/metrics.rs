@@ -102,9 +102,10 @@ impl StageMetrics {
 impl StageMetrics {
     /// The metrics in Prometheus text exposition format (version 0.0.4). Latencies
     /// are summaries in seconds with quantiles 0.5/0.9/0.99/0.999 and max, over the
-    /// stage's lifetime. `lag` (messages behind the end of the input, if known) is
-    /// appended by the caller that can measure it.
-    pub fn prometheus_text(&self, lag: Option<i64>) -> String {
+    /// stage's lifetime. `lag` (messages behind the end of the input, if known) and
+    /// `retry_lag` (the same for the stage's retry group on its retry topic) are
+    /// appended by the caller that can measure them.
+    pub fn prometheus_text(&self, lag: Option<i64>, retry_lag: Option<i64>) -> String {
         use std::fmt::Write;
         let mut out = String::with_capacity(4096);
         let s = &self.stage;
@@ -144,6 +145,13 @@ impl StageMetrics {
         if let Some(lag) = lag {
             gauges.push(("actio_stage_lag", "Messages behind the end of the input topic (end - committed).", lag));
         }
+        if let Some(lag) = retry_lag {
+            gauges.push((
+                "actio_stage_retry_lag",
+                "Messages behind the end of the stage's retry topic for its retry group (end - committed); copies wait there for their due time, so some is expected while failures are retried.",
+                lag,
+            ));
+        }
         for (name, help, v) in gauges {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name}{{stage=\"{s}\"}} {v}");
         }
@@ -161,11 +169,13 @@ mod tests {
         record_ns(&mut m.service, 2_000_000);
         m.processed = 7;
         m.handler.push(HandlerCounter { name: "actio_rule_errors_total", help: "Rule evaluations that failed.", value: 4 });
-        let text = m.prometheus_text(Some(3));
+        let text = m.prometheus_text(Some(3), Some(5));
         assert!(text.contains("actio_rule_errors_total{stage=\"rules\"} 4"), "{text}");
         assert!(text.contains("actio_stage_latency_seconds{stage=\"rules\",kind=\"service\",quantile=\"0.99\"} 0.002"), "{text}");
         assert!(text.contains("actio_stage_processed_total{stage=\"rules\"} 7"));
         assert!(text.contains("actio_stage_lag{stage=\"rules\"} 3"));
+        assert!(text.contains("actio_stage_retry_lag{stage=\"rules\"} 5"));
+        assert!(!m.prometheus_text(None, None).contains("_lag{"), "no lag series before it is measured");
         for line in text.lines().filter(|l| l.starts_with("# TYPE")) {
             let name = line.split_whitespace().nth(2).unwrap();
             assert_eq!(text.matches(&format!("# TYPE {name} ")).count(), 1, "{name} typed twice");

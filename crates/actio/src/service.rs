@@ -35,6 +35,8 @@ struct Health {
     metrics: Arc<dyn Fn() -> StageMetrics + Send + Sync>,
     /// Summed lag of the stage's group on its input topic, or [`LAG_UNKNOWN`].
     lag: AtomicI64,
+    /// The same for its retry group on its retry topic (if it has one).
+    retry_lag: AtomicI64,
     ready: AtomicBool,
     stopping: AtomicBool,
 }
@@ -46,8 +48,8 @@ impl Health {
 }
 
 async fn metrics(State(h): State<Arc<Health>>) -> impl IntoResponse {
-    let lag = h.lag.load(Ordering::Relaxed);
-    let text = (h.metrics)().prometheus_text((lag != LAG_UNKNOWN).then_some(lag));
+    let known = |l: &AtomicI64| Some(l.load(Ordering::Relaxed)).filter(|l| *l != LAG_UNKNOWN);
+    let text = (h.metrics)().prometheus_text(known(&h.lag), known(&h.retry_lag));
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
 }
 
@@ -133,6 +135,7 @@ pub fn main(args: StageArgs) -> anyhow::Result<ExitCode> {
         spec.threads = t.max(1);
     }
     let (group, input, cap) = (spec.group.clone(), spec.input.clone(), spec.max_in_flight);
+    let retry_group = spec.retry.topic.as_ref().map(|t| (t.group.clone(), t.topic.to_string()));
     let retry = match &spec.retry.topic {
         Some(t) => format!(", then {} × {:?} via {}", t.attempts, t.delay, t.topic),
         None => String::new(),
@@ -172,6 +175,7 @@ pub fn main(args: StageArgs) -> anyhow::Result<ExitCode> {
     let health = Arc::new(Health {
         metrics: handle.metrics_source(),
         lag: AtomicI64::new(LAG_UNKNOWN),
+        retry_lag: AtomicI64::new(LAG_UNKNOWN),
         ready: AtomicBool::new(false),
         stopping: AtomicBool::new(false),
     });
@@ -197,6 +201,13 @@ pub fn main(args: StageArgs) -> anyhow::Result<ExitCode> {
                             }
                         }
                         Err(e) => tracing::debug!(error = %e, "measuring the group's lag"),
+                    }
+                    // Watched, not part of readiness: retry copies wait there on purpose.
+                    if let Some((g, t)) = &retry_group {
+                        match bus.group_lag(g, t) {
+                            Ok(parts) => health.retry_lag.store(parts.iter().map(|p| p.lag.max(0)).sum(), Ordering::Relaxed),
+                            Err(e) => tracing::debug!(error = %e, "measuring the retry group's lag"),
+                        }
                     }
                     std::thread::sleep(Duration::from_millis(500));
                 }

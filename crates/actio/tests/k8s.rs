@@ -334,6 +334,8 @@ fn manifests_agree_with_the_pipeline_as_actio_resolves_it() {
             Some(ps.limits.max_in_flight_per_partition as u64),
             "{d}: {stale}"
         );
+        let retry = ps.limits.retry.topic.as_ref().map(|t| serde_json::json!({"group": t.group, "topic": &*t.topic}));
+        assert_eq!(s["retry"], retry.unwrap_or(Value::Null), "{d}: {stale}");
         // Autoscaling never past the input's partitions (more consumers sit idle).
         let (min, max) = (
             s["min_replicas"].as_i64().unwrap(),
