@@ -188,6 +188,9 @@ pub struct StageConfig {
     /// Delay between sending a message to the retry topic and running it again, ms
     /// (default 1000). Only with `retry_topic`.
     pub retry_delay_ms: Option<Spanned<u64>>,
+    /// With it, the delay doubles with each trip after the first, up to this, ms
+    /// (≥ `retry_delay_ms`); without it every trip waits `retry_delay_ms`.
+    pub retry_delay_max_ms: Option<Spanned<u64>>,
     /// Fault injection for resilience drills (`[[stage.fault]]`); none by default.
     #[serde(default, rename = "fault")]
     pub faults: Vec<FaultConfig>,

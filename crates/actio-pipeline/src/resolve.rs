@@ -443,6 +443,9 @@ impl Resolver<'_> {
             if let Some(v) = &s.retry_delay_ms {
                 self.err(v, format!("{at}.retry_delay_ms"), "only with `retry_topic`: without one, nothing goes to a retry topic");
             }
+            if let Some(v) = &s.retry_delay_max_ms {
+                self.err(v, format!("{at}.retry_delay_max_ms"), "only with `retry_topic`: without one, nothing goes to a retry topic");
+            }
             return None;
         };
         let field = format!("{at}.retry_topic");
@@ -477,6 +480,12 @@ impl Resolver<'_> {
             }
             *v.get_ref()
         });
+        let max_delay_ms = s.retry_delay_max_ms.as_ref().map_or(delay_ms, |v| {
+            if !(delay_ms..=MAX_RETRY_DELAY_MS).contains(v.get_ref()) {
+                self.err(v, format!("{at}.retry_delay_max_ms"), format!("expected {delay_ms}..={MAX_RETRY_DELAY_MS} ms: at least `retry_delay_ms`, at most one hour"));
+            }
+            *v.get_ref()
+        });
         // Its own group: stage names have no dots, so `<pipeline>.<stage>.retry` is no
         // stage's group.
         topic.map(|t| actio_runtime::RetryTopic {
@@ -485,6 +494,7 @@ impl Resolver<'_> {
             properties: Vec::new(),
             attempts,
             delay: Duration::from_millis(delay_ms),
+            max_delay: Duration::from_millis(max_delay_ms.max(delay_ms)),
         })
     }
 

@@ -153,6 +153,15 @@ fn bad_retry_topics_are_caught() {
     assert!(e.contains("pipeline.toml:") && e.contains("stage[0].retry_topic_attempts") && e.contains("1..=100"), "{e}");
     let (_d, e) = broken("pipeline.toml", |t| t.replacen("retry_delay_ms = 1000", "retry_delay_ms = 86400000", 1));
     assert!(e.contains("stage[0].retry_delay_ms") && e.contains("one hour"), "{e}");
+    let (_d, e) = broken("pipeline.toml", |t| t.replacen("retry_delay_ms = 1000", "retry_delay_ms = 1000\nretry_delay_max_ms = 500", 1));
+    assert!(e.contains("pipeline.toml:") && e.contains("stage[0].retry_delay_max_ms") && e.contains("at least `retry_delay_ms`"), "{e}");
+    let (_d, e) = broken("pipeline.toml", |t| t.replace("retry_topic = \"tx.retry.rules\"\n", "retry_delay_max_ms = 5000\n"));
+    assert!(e.contains("stage[0].retry_delay_max_ms") && e.contains("only with `retry_topic`"), "{e}");
+    // Accepted, and resolved into the stage's retry policy.
+    let ok = actio_testkit::copy_of_fraud_with("pipeline.toml", |t| t.replacen("retry_delay_ms = 1000", "retry_delay_ms = 1000\nretry_delay_max_ms = 30000", 1));
+    let p = Pipeline::load(ok.path()).unwrap_or_else(|e| panic!("{e}"));
+    let t = p.stages[0].limits.retry.topic.as_ref().unwrap();
+    assert_eq!((t.delay_of_trip(1).as_millis(), t.delay_of_trip(3).as_millis(), t.delay_of_trip(9).as_millis()), (1000, 4000, 30000));
     let (_d, e) = broken("pipeline.toml", |t| t.replace("retry_topic = \"tx.retry.rules\"\n", ""));
     assert!(e.contains("stage[0].retry_topic_attempts") && e.contains("only with `retry_topic`"), "{e}");
     let (_d, e) = broken("pipeline.toml", |t| t.replace("role = \"retry\"", "role = \"retries\""));

@@ -126,8 +126,20 @@ pub struct RetryTopic {
     pub properties: Vec<(String, String)>,
     /// Trips through the topic before the message is dead-lettered (≥ 1).
     pub attempts: u32,
-    /// Time between producing the retry copy and running it again.
+    /// Time between producing the first retry copy and running it again.
     pub delay: Duration,
+    /// The delay doubles with each further trip, up to this (equal to `delay`: every
+    /// trip waits the same).
+    pub max_delay: Duration,
+}
+
+impl RetryTopic {
+    /// How long the copy of trip `trip` (1-based) waits: `delay`, doubled per trip
+    /// after the first, at most `max_delay` (and never less than `delay`).
+    pub fn delay_of_trip(&self, trip: u32) -> Duration {
+        let doubled = self.delay.saturating_mul(1u32 << trip.saturating_sub(1).min(20));
+        doubled.min(self.max_delay).max(self.delay)
+    }
 }
 
 /// Everything a stage needs to know to run.
@@ -599,7 +611,7 @@ impl<P: Producer> Shared<P> {
     fn retry_copy(&self, rec: &Record, e: &HandlerError, t: &RetryTopic, from_retry: bool, attempts: u32, trip: u32) -> OutRecord {
         tracing::debug!(stage = %self.spec.name, tp = %rec.tp, offset = rec.offset, error = %e, trip, "to the retry topic");
         let mut hdrs = self.failure_headers(rec, e, from_retry);
-        let due = now_ns().saturating_add(t.delay.as_nanos().min(i64::MAX as u128) as i64);
+        let due = now_ns().saturating_add(t.delay_of_trip(trip).as_nanos().min(i64::MAX as u128) as i64);
         hdrs.set(headers::ATTEMPTS, attempts.to_string().into_bytes());
         hdrs.set(headers::RETRY_COUNT, trip.to_string().into_bytes());
         hdrs.set(headers::RETRY_DUE, due.to_string().into_bytes());
@@ -1010,4 +1022,20 @@ fn is_retry_topic(spec: &StageSpec, topic: &str) -> bool {
 /// time runs at once.
 fn retry_due(rec: &Record) -> i64 {
     rec.headers.get(headers::RETRY_DUE).and_then(headers::parse_i64).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_trips_delay_doubles_from_delay_up_to_max_delay() {
+        let ms = Duration::from_millis;
+        let t = RetryTopic { topic: Arc::from("r"), group: "g".into(), properties: vec![], attempts: 40, delay: ms(100), max_delay: ms(1000) };
+        let waits: Vec<Duration> = (1..=6).map(|n| t.delay_of_trip(n)).collect();
+        assert_eq!(waits, [ms(100), ms(200), ms(400), ms(800), ms(1000), ms(1000)]);
+        assert_eq!(t.delay_of_trip(40), ms(1000), "no overflow on many trips");
+        let fixed = RetryTopic { max_delay: ms(100), ..t };
+        assert_eq!(fixed.delay_of_trip(5), ms(100));
+    }
 }

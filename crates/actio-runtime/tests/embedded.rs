@@ -322,7 +322,7 @@ fn retry_setup(group: &str, in_place: u32, trips: u32, delay: Duration) -> (Embe
     bus.create_topics(&[TopicSpec { name: RETRY.into(), partitions: 2 }]).unwrap();
     let retry = RetryPolicy {
         attempts: in_place,
-        topic: Some(RetryTopic { topic: Arc::from(RETRY), group: format!("{group}.retry"), properties: vec![], attempts: trips, delay }),
+        topic: Some(RetryTopic { topic: Arc::from(RETRY), group: format!("{group}.retry"), properties: vec![], attempts: trips, delay, max_delay: delay }),
         ..RetryPolicy::default()
     };
     (bus, StageSpec { retry, ..spec(group) })
@@ -422,6 +422,29 @@ fn a_transient_failure_that_never_recovers_is_dead_lettered_after_the_last_trip_
     assert_eq!(header(gave_up, headers::RETRY_DUE), None);
     assert!(header(gave_up, headers::CREATED).is_some(), "the producer's headers are kept");
     assert_eq!((m.sent_to_retry, m.dead_lettered), (2, 2));
+}
+
+#[test]
+fn with_a_max_delay_each_trip_waits_twice_as_long_as_the_one_before() {
+    let delay = Duration::from_millis(40);
+    let (bus, mut spec) = retry_setup("retry-backoff", 1, 3, delay);
+    if let Some(t) = spec.retry.topic.as_mut() {
+        t.max_delay = Duration::from_secs(1);
+    }
+    let p = bus.producer(&ProducerConfig::default()).unwrap();
+    send(&p, "a", b"flaky99");
+    let stage = Stage::spawn(&bus, spec, Arc::new(Flaky::default())).unwrap();
+    let copies = read_all(&bus, RETRY, 3, Duration::from_secs(20));
+    let _ = read_all(&bus, DLQ, 1, Duration::from_secs(20));
+    stage.stop(StopMode::Graceful);
+    stage.join().unwrap();
+    let due: Vec<i64> = copies.iter().map(|c| header(c, headers::RETRY_DUE).unwrap().parse().unwrap()).collect();
+    assert_eq!(due.len(), 3);
+    // Trip n+1's copy is made once trip n's has run (at or after its due time), and
+    // waits 40 ms × 2^n: the due times are at least 80 and 160 ms apart.
+    let ms = |ns: i64| ns / 1_000_000;
+    assert!(ms(due[1] - due[0]) >= 80, "trip 2 waited {} ms after trip 1 was due", ms(due[1] - due[0]));
+    assert!(ms(due[2] - due[1]) >= 160, "trip 3 waited {} ms after trip 2 was due", ms(due[2] - due[1]));
 }
 
 #[test]

@@ -137,6 +137,7 @@ pub fn main(args: StageArgs) -> anyhow::Result<ExitCode> {
     let (group, input, cap) = (spec.group.clone(), spec.input.clone(), spec.max_in_flight);
     let retry_group = spec.retry.topic.as_ref().map(|t| (t.group.clone(), t.topic.to_string()));
     let retry = match &spec.retry.topic {
+        Some(t) if t.max_delay > t.delay => format!(", then {} × {:?} doubling to {:?} via {}", t.attempts, t.delay, t.max_delay, t.topic),
         Some(t) => format!(", then {} × {:?} via {}", t.attempts, t.delay, t.topic),
         None => String::new(),
     };

@@ -43,7 +43,12 @@ pub fn main(args: ValidateArgs) -> anyhow::Result<ExitCode> {
             }
         }
         if let Some(t) = &s.limits.retry.topic {
-            println!("    retries: {} in place, then up to {} trips through {} (each {:?} after the failure), then {}", s.limits.retry.attempts, t.attempts, t.topic, t.delay, s.dlq);
+            let wait = if t.max_delay > t.delay {
+                format!("{:?} after the failure, doubling each trip up to {:?}", t.delay, t.max_delay)
+            } else {
+                format!("each {:?} after the failure", t.delay)
+            };
+            println!("    retries: {} in place, then up to {} trips through {} ({wait}), then {}", s.limits.retry.attempts, t.attempts, t.topic, s.dlq);
         }
     }
     for w in pipeline.warnings.iter().chain(&pipeline.fault_warnings()) {
