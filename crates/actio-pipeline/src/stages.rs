@@ -10,12 +10,13 @@
 //! The velocity stage's windows live per input partition. When it is assigned a
 //! partition (a start, a restart, a hand-over from another replica) and the handler was
 //! given the bus ([`StageHandler::with_restore`]), it rebuilds that partition's windows
-//! by replaying the input from one longest window (plus a minute) before now up to the
-//! group's committed offset — the records the partition's previous owner had finished —
+//! by replaying the input from `restore` in `velocity.toml` (default: the longest
+//! window) plus a minute before now, up to the group's committed offset — the records the partition's previous owner had finished —
 //! before it processes anything of the partition. The input topic is the changelog:
 //! nothing is written on the hot path, and the state after the replay is the one the
 //! previous owner had (the events are the same, in the same per-key order). The cost is
-//! read at assignment: one window of the partition's input (logged with its duration).
+//! read at assignment, partitions in parallel: that span of each partition's input
+//! (logged with its duration, and every 5 s while it runs).
 //!
 //! Rule evaluation errors (a rule whose `when` fails on a transaction: it does not
 //! fire, the transaction goes on) are counted per stage as `actio_rule_errors_total`.
