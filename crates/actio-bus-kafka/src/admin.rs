@@ -11,7 +11,7 @@ use std::task::{Context, Poll, Wake, Waker};
 use std::thread::Thread;
 use std::time::Duration;
 
-use actio_core::bus::{BusError, BusErrorKind, Offset, TopicPartition, TopicSpec};
+use actio_core::bus::{BusError, BusErrorKind, Offset, ReplayRange, TopicPartition, TopicSpec};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::ConsumerContext;
@@ -254,16 +254,12 @@ impl Admin {
     }
 
     /// See [`actio_core::bus::Bus::replay`]: a group-less consumer assigned `tp` at the
-    /// first offset with a timestamp ≥ `from_ms` (ListOffsets by time), read to `until`.
-    /// Fails if it stops making progress for [`ADMIN_TIMEOUT`].
-    pub(crate) fn replay(
-        &self,
-        tp: &TopicPartition,
-        from_ms: i64,
-        until: Offset,
-        f: &mut dyn FnMut(&actio_core::Record),
-    ) -> Result<u64, BusError> {
-        if until <= 0 {
+    /// first offset with a timestamp ≥ `from_ms` (ListOffsets by time) or
+    /// `until - max_records`, whichever is later, read to `until`. Fails if it stops
+    /// making progress for [`ADMIN_TIMEOUT`].
+    pub(crate) fn replay(&self, tp: &TopicPartition, range: ReplayRange, f: &mut dyn FnMut(&actio_core::Record)) -> Result<u64, BusError> {
+        let ReplayRange { from_ms, until, max_records } = range;
+        if until <= 0 || max_records == 0 {
             return Ok(0);
         }
         let what = format!("replaying {tp}");
@@ -281,7 +277,7 @@ impl Admin {
         let found = retry_transient(|| c.offsets_for_times(by_time.clone(), ADMIN_TIMEOUT).map_err(|e| bus_error_ctx(&what, &e)))?;
         // No record at or after `from_ms`: nothing to replay.
         let start = match found.elements().first().map(|e| e.offset()) {
-            Some(RdOffset::Offset(o)) if o < until => o,
+            Some(RdOffset::Offset(o)) if o < until => o.max(until.saturating_sub(i64::try_from(max_records).unwrap_or(i64::MAX))),
             _ => return Ok(0),
         };
         let mut assign = TopicPartitionList::new();

@@ -20,7 +20,7 @@ pub mod producer;
 use std::sync::Arc;
 
 use actio_core::bus::{
-    Bus, BusError, ConsumerConfig, Offset, ProducerConfig, RebalanceListener, Record, TopicPartition, TopicSpec,
+    Bus, BusError, ConsumerConfig, Offset, ProducerConfig, RebalanceListener, Record, ReplayRange, TopicPartition, TopicSpec,
 };
 use rdkafka::config::RDKafkaLogLevel;
 
@@ -114,8 +114,8 @@ impl Bus for KafkaBus {
         self.admin.end_offsets(topic)
     }
 
-    fn replay(&self, tp: &TopicPartition, from_ms: i64, until: Offset, f: &mut dyn FnMut(&Record)) -> Result<u64, BusError> {
-        self.admin.replay(tp, from_ms, until, f)
+    fn replay(&self, tp: &TopicPartition, range: ReplayRange, f: &mut dyn FnMut(&Record)) -> Result<u64, BusError> {
+        self.admin.replay(tp, range, f)
     }
 }
 

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use actio_bus_kafka::{KafkaBus, KafkaConfig, KafkaConsumer};
 use actio_core::bus::{
     Bus, BusErrorKind, Bytes, Consumer, ConsumerConfig, Delivered, Headers, NoRebalanceListener, Offset,
-    OutRecord, Producer, ProducerConfig, RebalanceListener, Record, TopicPartition, TopicSpec, kafka_partition,
+    OutRecord, Producer, ProducerConfig, RebalanceListener, Record, ReplayRange, TopicPartition, TopicSpec, kafka_partition,
 };
 use actio_testkit::brokers;
 use parking_lot::Mutex;
@@ -139,12 +139,13 @@ fn replay_reads_a_partition_from_a_time_up_to_an_offset_outside_any_group() {
     std::thread::sleep(Duration::from_millis(50));
     let late = produce(&bus, &topic, 10..30);
     let tp = TopicPartition::new(topic.as_str(), 0);
-    let replay = |from_ms: i64, until: Offset| {
+    let replay_at_most = |from_ms: i64, until: Offset, max_records: u64| {
         let mut ids = Vec::new();
-        let n = bus.replay(&tp, from_ms, until, &mut |r| ids.push(id_of(r))).expect("replay");
+        let n = bus.replay(&tp, ReplayRange { from_ms, until, max_records }, &mut |r| ids.push(id_of(r))).expect("replay");
         assert_eq!(n as usize, ids.len());
         ids
     };
+    let replay = |from_ms: i64, until: Offset| replay_at_most(from_ms, until, u64::MAX);
     // From a time: the first record at or after it; up to an offset, not including it.
     assert_eq!(replay(mid, late[&25].offset), (10..25).collect::<Vec<_>>());
     assert_eq!(replay(0, early[&5].offset), (0..5).collect::<Vec<_>>());
@@ -152,6 +153,10 @@ fn replay_reads_a_partition_from_a_time_up_to_an_offset_outside_any_group() {
     assert!(replay(mid, early[&9].offset + 1).is_empty(), "nothing after `from` below `until`");
     assert!(replay(now_ms() + 3_600_000, late[&29].offset + 1).is_empty(), "nothing that recent");
     assert!(replay(0, 0).is_empty());
+    // At most the newest `max_records` of the range.
+    assert_eq!(replay_at_most(0, late[&29].offset + 1, 4), (26..30).collect::<Vec<_>>());
+    assert_eq!(replay_at_most(mid, late[&25].offset, 100), (10..25).collect::<Vec<_>>());
+    assert!(replay_at_most(0, late[&29].offset + 1, 0).is_empty());
     // Nothing was committed for anyone.
     assert_eq!(bus.committed_offsets("actio-replay", &topic).expect("committed"), vec![None]);
 }

@@ -241,6 +241,19 @@ pub trait Producer: Send + Sync + Clone + 'static {
     fn flush(&self, timeout: Duration) -> Result<(), BusError>;
 }
 
+/// What [`Bus::replay`] reads of a partition: the records from the first whose
+/// timestamp is at or after `from_ms` up to, not including, offset `until`, but only
+/// the last `max_records` of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplayRange {
+    /// Milliseconds since the epoch.
+    pub from_ms: i64,
+    /// One past the last offset read.
+    pub until: Offset,
+    /// At most this many records, the newest.
+    pub max_records: u64,
+}
+
 /// A transport: makes consumers and producers, manages topics.
 pub trait Bus: Send + Sync + 'static {
     /// Its consumer type.
@@ -262,16 +275,15 @@ pub trait Bus: Send + Sync + 'static {
     fn committed_offsets(&self, group: &str, topic: &str) -> Result<Vec<Option<Offset>>, BusError>;
     /// The end offset (next offset to be written) of each partition of a topic.
     fn end_offsets(&self, topic: &str) -> Result<Vec<Offset>, BusError>;
-    /// Calls `f` on the records of `tp` in offset order, from the first whose
-    /// timestamp is at or after `from_ms` up to, not including, offset `until`; read
+    /// Calls `f` on the records of `tp` that `range` names, in offset order, read
     /// outside any group, so nothing is committed. Returns how many were read. For a
     /// stage that rebuilds per-partition state when it is assigned a partition.
     ///
     /// The default reads nothing: a bus that keeps no history (the embedded bus drops
     /// what every group has committed; its stages live in one process, so their
     /// partitions never move).
-    fn replay(&self, tp: &TopicPartition, from_ms: i64, until: Offset, f: &mut dyn FnMut(&Record)) -> Result<u64, BusError> {
-        let _ = (tp, from_ms, until, f);
+    fn replay(&self, tp: &TopicPartition, range: ReplayRange, f: &mut dyn FnMut(&Record)) -> Result<u64, BusError> {
+        let _ = (tp, range, f);
         Ok(0)
     }
 }

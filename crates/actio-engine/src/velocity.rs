@@ -48,12 +48,19 @@ struct VelocityFile {
     /// (`"off"`: none); default: the longest window.
     #[serde(default)]
     restore: Option<String>,
+    /// At most this many records (the newest) per partition in that replay.
+    #[serde(default = "default_restore_max_records")]
+    restore_max_records: u64,
     #[serde(rename = "feature")]
     features: Vec<FeatureConfig>,
 }
 
 fn default_max_keys() -> usize {
     1_000_000
+}
+
+fn default_restore_max_records() -> u64 {
+    10_000_000
 }
 
 fn default_max_events() -> usize {
@@ -142,6 +149,7 @@ pub struct VelocitySpec {
     groups: Vec<Group>,
     longest_ns: i64,
     restore_ns: i64,
+    restore_max_records: u64,
     ttl_ns: i64,
     max_keys: usize,
     max_events: usize,
@@ -323,7 +331,7 @@ impl VelocitySpec {
         if f.max_keys == 0 || f.max_events_per_key == 0 {
             return Err(err("max_keys".into(), "max_", "`max_keys` and `max_events_per_key` must be ≥ 1".into()));
         }
-        Ok(VelocitySpec { groups, longest_ns: longest, restore_ns, ttl_ns, max_keys: f.max_keys, max_events: f.max_events_per_key, names, agg_min_events: AGG_MIN_EVENTS })
+        Ok(VelocitySpec { groups, longest_ns: longest, restore_ns, restore_max_records: f.restore_max_records, ttl_ns, max_keys: f.max_keys, max_events: f.max_events_per_key, names, agg_min_events: AGG_MIN_EVENTS })
     }
 
     /// The features' names, in file order.
@@ -341,6 +349,14 @@ impl VelocitySpec {
     /// windows under-count after a hand-over until they refill.
     pub fn restore_window(&self) -> Duration {
         Duration::from_nanos(self.restore_ns.max(0) as u64)
+    }
+
+    /// The most records (the newest) replayed per partition to rebuild its windows
+    /// (`restore_max_records`, default 10,000,000): a bound on how long a replica
+    /// takes to start on a partition, which must stay under the consumer's
+    /// `max.poll.interval.ms` (the replay runs inside the rebalance callback).
+    pub fn restore_max_records(&self) -> u64 {
+        self.restore_max_records
     }
 
     /// A fresh, empty state.
@@ -658,6 +674,8 @@ window = "1h"
         assert_eq!(spec("").restore_window(), Duration::from_secs(3600));
         assert_eq!(spec("restore = \"10m\"").restore_window(), Duration::from_secs(600));
         assert_eq!(spec("restore = \"off\"").restore_window(), Duration::ZERO);
+        assert_eq!(spec("").restore_max_records(), 10_000_000);
+        assert_eq!(spec("restore_max_records = 5").restore_max_records(), 5);
     }
 
     proptest::proptest! {

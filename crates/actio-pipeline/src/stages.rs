@@ -24,7 +24,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use actio_core::bus::{Bus, BusError, Bytes};
+use actio_core::bus::{Bus, BusError, Bytes, ReplayRange};
 use actio_core::{Codec, Record, TopicPartition, Transaction, TxState};
 use actio_engine::velocity::{VelocitySpec, VelocityState};
 use actio_runtime::{Handler, HandlerCounter, HandlerError, Output, StageSpec};
@@ -51,11 +51,12 @@ pub struct StageHandler {
     restore: Option<Restore>,
 }
 
-/// `(partition, from_ms, f)`: calls `f` on the partition's records from `from_ms` up to
-/// the stage group's committed offset; returns how many.
+/// `(partition, from_ms, max_records, f)`: calls `f` on the partition's records from
+/// `from_ms` up to the stage group's committed offset, at most the newest
+/// `max_records`; returns how many.
 struct Restore(Box<RestoreFn>);
 
-type RestoreFn = dyn Fn(&TopicPartition, i64, &mut dyn FnMut(&Record)) -> Result<u64, BusError> + Send + Sync;
+type RestoreFn = dyn Fn(&TopicPartition, i64, u64, &mut dyn FnMut(&Record)) -> Result<u64, BusError> + Send + Sync;
 
 /// How far before the longest window a restore starts reading: record timestamps
 /// (when the previous stage produced) trail transactions' event times.
@@ -96,10 +97,10 @@ impl StageHandler {
     /// changes nothing.
     pub fn with_restore<B: Bus>(mut self, bus: Arc<B>) -> Self {
         let group = self.stage.group.clone();
-        self.restore = Some(Restore(Box::new(move |tp: &TopicPartition, from_ms: i64, f: &mut dyn FnMut(&Record)| {
+        self.restore = Some(Restore(Box::new(move |tp: &TopicPartition, from_ms: i64, max_records: u64, f: &mut dyn FnMut(&Record)| {
             let committed = bus.committed_offsets(&group, &tp.topic)?;
             match committed.get(tp.partition as usize).copied().flatten() {
-                Some(until) => bus.replay(tp, from_ms, until, f),
+                Some(until) => bus.replay(tp, ReplayRange { from_ms, until, max_records }, f),
                 None => Ok(0), // the group never committed here: no history to rebuild
             }
         })));
@@ -119,7 +120,7 @@ impl StageHandler {
         let from_ms = now_ms - spec.restore_window().as_millis() as i64 - RESTORE_MARGIN_MS;
         let (mut applied, mut undecodable) = (0u64, 0u64);
         let mut last_said = t0;
-        let result = (restore.0)(tp, from_ms, &mut |r: &Record| {
+        let result = (restore.0)(tp, from_ms, spec.restore_max_records(), &mut |r: &Record| {
             match self.decode(&r.payload) {
                 Ok(mut st) => {
                     spec.update(&state, &mut st);
@@ -391,8 +392,8 @@ mod tests {
             .collect();
         let calls = Arc::new(parking_lot::Mutex::new(Vec::new()));
         let seen = calls.clone();
-        velocity.restore = Some(Restore(Box::new(move |tp: &TopicPartition, from_ms: i64, f: &mut dyn FnMut(&Record)| {
-            seen.lock().push((tp.clone(), from_ms));
+        velocity.restore = Some(Restore(Box::new(move |tp: &TopicPartition, from_ms: i64, max: u64, f: &mut dyn FnMut(&Record)| {
+            seen.lock().push((tp.clone(), from_ms, max));
             for r in &history {
                 f(r);
             }
@@ -411,6 +412,7 @@ mod tests {
             let day_and_a_minute = 24 * 3_600_000 + RESTORE_MARGIN_MS;
             let now_ms = actio_core::time::now_ns() / 1_000_000;
             assert!((now_ms - day_and_a_minute - calls[0].1).abs() < 60_000, "from one longest window (24h) and a minute ago");
+            assert_eq!(calls[0].2, 10_000_000, "restore_max_records' default");
         }
         // A partition still held is not rebuilt again.
         velocity.partitions_assigned(&[TopicPartition::new("tx.ruled", 5)]);

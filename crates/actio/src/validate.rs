@@ -39,7 +39,11 @@ pub fn main(args: ValidateArgs) -> anyhow::Result<ExitCode> {
         if let StageLogic::Velocity { spec, .. } = &s.logic {
             match spec.restore_window() {
                 w if w.is_zero() => println!("    windows start empty on an assigned partition (restore = \"off\")"),
-                w => println!("    an assigned partition's windows are rebuilt from the last {} of its input", humantime::format_duration(w)),
+                w => println!(
+                    "    an assigned partition's windows are rebuilt from the last {} of its input (at most {} records)",
+                    humantime::format_duration(w),
+                    spec.restore_max_records()
+                ),
             }
         }
         if let Some(t) = &s.limits.retry.topic {
