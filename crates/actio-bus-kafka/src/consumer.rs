@@ -183,59 +183,9 @@ fn to_tpl(tps: &[TopicPartition]) -> TopicPartitionList {
     tpl
 }
 
-/// Wakes librdkafka's fetcher after a resume.
-///
-/// When every partition a broker connection serves is paused, librdkafka's broker
-/// thread sleeps up to 1 s (`rd_kafka_max_block_ms`), and `resume()` does not wake it
-/// (`rd_kafka_broker_consumer_serve`, librdkafka 2.12): a stage whose partitions were
-/// all paused by back-pressure got its next messages up to a second after resuming.
-/// A request to the partition's leader goes through that thread and wakes it; a
-/// watermark query (ListOffsets) is the cheapest, so a helper thread sends one per
-/// resumed partition (coalesced: at most a few queued).
-struct FetchWaker {
-    tx: Option<std::sync::mpsc::SyncSender<TopicPartition>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl FetchWaker {
-    fn start(consumer: Arc<BaseConsumer<GroupContext>>) -> Self {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<TopicPartition>(8);
-        let thread = std::thread::Builder::new()
-            .name("kafka-fetch-waker".into())
-            .spawn(move || {
-                for tp in rx {
-                    let _ = consumer.fetch_watermarks(&tp.topic, tp.partition, Duration::from_secs(1));
-                }
-            })
-            .ok();
-        FetchWaker { tx: thread.as_ref().map(|_| tx), thread }
-    }
-
-    fn wake(&self, partitions: &[TopicPartition]) {
-        if let Some(tx) = &self.tx {
-            for tp in partitions {
-                // Full: wake-ups are already on their way.
-                let _ = tx.try_send(tp.clone());
-            }
-        }
-    }
-}
-
-impl Drop for FetchWaker {
-    fn drop(&mut self) {
-        self.tx.take();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
 /// One member of a Kafka consumer group.
 pub struct KafkaConsumer {
-    // Declared first, so dropped first: its thread lets go of `inner` before `inner`
-    // itself is dropped (here, not on that thread).
-    waker: FetchWaker,
-    inner: Arc<BaseConsumer<GroupContext>>,
+    inner: BaseConsumer<GroupContext>,
     shared: Arc<Mutex<Shared>>,
     /// Subscribed topic names, so records share one `Arc<str>` per topic.
     topics: Vec<Arc<str>>,
@@ -261,9 +211,7 @@ impl KafkaConsumer {
             config.create_with_context(ctx).map_err(|e| bus_error_ctx("creating consumer", &e))?;
         let names: Vec<&str> = topics.iter().map(String::as_str).collect();
         inner.subscribe(&names).map_err(|e| bus_error_ctx("subscribing", &e))?;
-        let inner = Arc::new(inner);
         Ok(KafkaConsumer {
-            waker: FetchWaker::start(inner.clone()),
             inner,
             shared,
             topics: topics.iter().map(|t| Arc::<str>::from(t.as_str())).collect(),
@@ -334,9 +282,7 @@ impl Consumer for KafkaConsumer {
         if partitions.is_empty() {
             return Ok(());
         }
-        self.inner.resume(&to_tpl(partitions)).map_err(|e| bus_error_ctx("resume", &e))?;
-        self.waker.wake(partitions);
-        Ok(())
+        self.inner.resume(&to_tpl(partitions)).map_err(|e| bus_error_ctx("resume", &e))
     }
 
     fn commit(&mut self, offsets: &[(TopicPartition, Offset)]) -> Result<(), BusError> {

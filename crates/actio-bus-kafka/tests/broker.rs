@@ -430,38 +430,6 @@ fn a_partition_paused_then_revoked_comes_back_unpaused() {
     a.close().expect("close a");
 }
 
-/// With every partition paused, librdkafka's broker thread sleeps up to 1 s and
-/// `resume` alone does not wake it; the bus wakes it. A record produced while all were
-/// paused arrives soon after the resume (median of 5 rounds; ~850 ms without the
-/// wake-up, as the thread went to sleep ~150 ms before the resume).
-#[test]
-fn after_every_partition_was_paused_a_resume_fetches_at_once() {
-    let Some(b) = brokers("resume_wakes") else { return };
-    let (bus, topic) = bus_with_topic(&b, 2);
-    let mut c = bus.consumer(&consumer_config(&rand_name("g"), &topic), Arc::new(NoRebalanceListener)).expect("consumer");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while c.assignment().len() < 2 {
-        assert!(Instant::now() < deadline, "no assignment");
-        let _ = c.poll(Duration::from_millis(50)).expect("poll");
-    }
-    let all = c.assignment();
-    let mut delays = Vec::new();
-    for round in 0..5u32 {
-        c.pause(&all).expect("pause");
-        std::thread::sleep(Duration::from_millis(100));
-        produce(&bus, &topic, round..round + 1);
-        std::thread::sleep(Duration::from_millis(50));
-        let t0 = Instant::now();
-        c.resume(&all).expect("resume");
-        let got = poll_n(&mut c, 1, Duration::from_secs(5), None);
-        assert_eq!(got.len(), 1, "round {round}: the record never came");
-        delays.push(t0.elapsed());
-    }
-    delays.sort();
-    assert!(delays[2] < Duration::from_millis(400), "median {:?} after resume: {delays:?}", delays[2]);
-    c.close().expect("close");
-}
-
 #[test]
 fn bad_librdkafka_property_fails_with_librdkafkas_message() {
     // Needs no broker, but runs here too so the broker suite shows it.

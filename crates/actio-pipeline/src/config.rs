@@ -121,9 +121,9 @@ pub struct StageLimits {
 /// Default: ordering.
 pub const DEFAULT_ORDERING: OrderingConfig = OrderingConfig::Key;
 /// Default: per-partition in-flight cap.
-pub const DEFAULT_MAX_IN_FLIGHT_PER_PARTITION: usize = 1000;
+pub const DEFAULT_MAX_IN_FLIGHT_PER_PARTITION: usize = 10_000;
 /// Default: per-stage in-flight cap.
-pub const DEFAULT_MAX_IN_FLIGHT: usize = 10_000;
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 30_000;
 /// Default: commit interval, ms.
 pub const DEFAULT_COMMIT_INTERVAL_MS: u64 = 5;
 /// Default: drain timeout, ms.

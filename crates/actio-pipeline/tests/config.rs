@@ -33,7 +33,7 @@ fn the_shipped_fraud_pipeline_loads() {
 
 #[test]
 fn unknown_field_names_file_line_and_field() {
-    let (_d, e) = broken("pipeline.toml", |t| t.replace("max_in_flight = 10000", "max_in_flight = 10000\nmax_inflight = 5"));
+    let (_d, e) = broken("pipeline.toml", |t| t.replace("max_in_flight = 30000", "max_in_flight = 30000\nmax_inflight = 5"));
     assert!(e.contains("pipeline.toml:") && e.contains("unknown field `max_inflight`"), "{e}");
 }
 

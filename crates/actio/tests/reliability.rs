@@ -426,7 +426,7 @@ fn every_stage_sigkilled_once_and_restarted_loses_nothing() {
 fn bad_configuration_stops_a_stage_with_exit_code_2_naming_file_and_field_before_connecting() {
     type Edit = Box<dyn Fn(String) -> String>;
     let cases: Vec<(&str, &str, Edit, Vec<&str>)> = vec![
-        ("unknown field", "pipeline.toml", Box::new(|t| t.replace("max_in_flight = 10000", "max_in_flight = 10000\nmax_inflight = 5")), vec!["pipeline.toml:", "max_inflight"]),
+        ("unknown field", "pipeline.toml", Box::new(|t| t.replace("max_in_flight = 30000", "max_in_flight = 30000\nmax_inflight = 5")), vec!["pipeline.toml:", "max_inflight"]),
         ("wrong type", "pipeline.toml", Box::new(|t| t.replacen("partitions = 3", "partitions = \"three\"", 1)), vec!["pipeline.toml:", "partitions = \"three\""]),
         ("bad CEL", "rules.toml", Box::new(|t| t.replacen("tx.channel == 'ecom' && tx.amount < 2.0", "tx.channel == 'ecom' &&", 1)), vec!["rules.toml:", "rule \"micro_ecom\".when"]),
         ("missing file", "pipeline.toml", Box::new(|t| t.replace("model = \"model.toml\"", "model = \"modle.toml\"")), vec!["pipeline.toml:", "stage[2].model"]),
