@@ -295,32 +295,21 @@ impl Stage {
             done_rx,
             ready: Mutex::new(Vec::new()),
         });
-        let consumer = bus
-            .consumer(
-                &ConsumerConfig {
-                    group: shared.spec.group.clone(),
-                    topics: vec![shared.spec.input.clone()],
-                    client_id: format!("{}-consumer", shared.spec.group),
-                    from_earliest: shared.spec.from_earliest,
-                    properties: shared.spec.properties.clone(),
-                },
-                Arc::new(Listener(shared.clone())),
-            )
-            .map_err(bus_err)?;
+        // One consumer per group: the input's, and the retry topic's (its own group,
+        // with its properties over the stage's).
+        let join = |group: &str, topic: String, extra: &[(String, String)]| {
+            let config = ConsumerConfig {
+                group: group.to_string(),
+                topics: vec![topic],
+                client_id: format!("{group}-consumer"),
+                from_earliest: shared.spec.from_earliest,
+                properties: shared.spec.properties.iter().chain(extra).cloned().collect(),
+            };
+            bus.consumer(&config, Arc::new(Listener(shared.clone()))).map_err(bus_err)
+        };
+        let consumer = join(&shared.spec.group, shared.spec.input.clone(), &[])?;
         let retry = match &shared.spec.retry.topic {
-            Some(t) => Some(
-                bus.consumer(
-                    &ConsumerConfig {
-                        group: t.group.clone(),
-                        topics: vec![t.topic.to_string()],
-                        client_id: format!("{}-consumer", t.group),
-                        from_earliest: shared.spec.from_earliest,
-                        properties: shared.spec.properties.iter().chain(&t.properties).cloned().collect(),
-                    },
-                    Arc::new(Listener(shared.clone())),
-                )
-                .map_err(bus_err)?,
-            ),
+            Some(t) => Some(join(&t.group, t.topic.to_string(), &t.properties)?),
             None => None,
         };
         let stop = Arc::new(Mutex::new(None));
