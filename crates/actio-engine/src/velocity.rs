@@ -339,11 +339,6 @@ impl VelocitySpec {
         self.names.clone()
     }
 
-    /// The longest window: events further behind their key's latest are not counted.
-    pub fn longest_window(&self) -> Duration {
-        Duration::from_nanos(self.longest_ns.max(0) as u64)
-    }
-
     /// How far back an assigned partition's input is replayed to rebuild its windows
     /// (`restore`; zero: not at all). Shorter than the longest window, the longer
     /// windows under-count after a hand-over until they refill.

@@ -11,8 +11,9 @@
 //! partition (a start, a restart, a hand-over from another replica) and the handler was
 //! given the bus ([`StageHandler::with_restore`]), it rebuilds that partition's windows
 //! by replaying the input from `restore` in `velocity.toml` (default: the longest
-//! window) plus a minute before now, up to the group's committed offset — the records the partition's previous owner had finished —
-//! before it processes anything of the partition. The input topic is the changelog:
+//! window) plus a minute before now, up to the group's committed offset — the records
+//! the partition's previous owner had finished — before it processes anything of the
+//! partition. The input topic is the changelog:
 //! nothing is written on the hot path, and the state after the replay is the one the
 //! previous owner had (the events are the same, in the same per-key order). The cost is
 //! read at assignment, partitions in parallel: that span of each partition's input
@@ -155,7 +156,7 @@ impl StageHandler {
         }
     }
 
-    fn velocity_state(&self, spec: &actio_engine::velocity::VelocitySpec, partition: i32) -> Arc<VelocityState> {
+    fn velocity_state(&self, spec: &VelocitySpec, partition: i32) -> Arc<VelocityState> {
         if let Some(s) = self.velocity.read().get(&partition) {
             return s.clone();
         }
@@ -167,7 +168,7 @@ impl StageHandler {
     /// the input partition. If this replica does not hold that partition (the retry
     /// group assigns retry partitions on its own), the copy is run against an empty,
     /// throw-away state: its features see no history, and it is not remembered.
-    fn velocity_state_of(&self, spec: &actio_engine::velocity::VelocitySpec, record: &Record) -> Arc<VelocityState> {
+    fn velocity_state_of(&self, spec: &VelocitySpec, record: &Record) -> Arc<VelocityState> {
         if *record.tp.topic == *self.stage.input {
             return self.velocity_state(spec, record.tp.partition);
         }
