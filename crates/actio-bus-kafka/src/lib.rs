@@ -65,6 +65,16 @@ impl KafkaBus {
     pub fn group_lag(&self, group: &str, topic: &str) -> Result<Vec<PartitionLag>, BusError> {
         self.admin.group_lag(group, topic)
     }
+
+    /// The group's lag on `topic`, summed over its partitions.
+    pub fn group_lag_total(&self, group: &str, topic: &str) -> Result<i64, BusError> {
+        Ok(total_lag(&self.group_lag(group, topic)?))
+    }
+}
+
+/// Lag summed over partitions.
+pub fn total_lag(parts: &[PartitionLag]) -> i64 {
+    parts.iter().map(|p| p.lag.max(0)).sum()
 }
 
 impl Bus for KafkaBus {

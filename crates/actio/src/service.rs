@@ -190,9 +190,8 @@ pub fn main(args: StageArgs) -> anyhow::Result<ExitCode> {
             .name("lag".into())
             .spawn(move || {
                 while !health.stopping.load(Ordering::Relaxed) {
-                    match bus.group_lag(&group, &input) {
-                        Ok(parts) => {
-                            let lag: i64 = parts.iter().map(|p| p.lag.max(0)).sum();
+                    match bus.group_lag_total(&group, &input) {
+                        Ok(lag) => {
                             health.lag.store(lag, Ordering::Relaxed);
                             let assigned = (health.metrics)().partitions > 0;
                             if assigned && lag <= cap as i64 {
@@ -205,8 +204,8 @@ pub fn main(args: StageArgs) -> anyhow::Result<ExitCode> {
                     }
                     // Watched, not part of readiness: retry copies wait there on purpose.
                     if let Some((g, t)) = &retry_group {
-                        match bus.group_lag(g, t) {
-                            Ok(parts) => health.retry_lag.store(parts.iter().map(|p| p.lag.max(0)).sum(), Ordering::Relaxed),
+                        match bus.group_lag_total(g, t) {
+                            Ok(lag) => health.retry_lag.store(lag, Ordering::Relaxed),
                             Err(e) => tracing::debug!(error = %e, "measuring the retry group's lag"),
                         }
                     }

@@ -91,7 +91,7 @@ fn describe(bus: &KafkaBus, pipeline: &Pipeline) -> anyhow::Result<ExitCode> {
             let lag = bus
                 .group_lag(group, &t.name)
                 .with_context(|| format!("lag of group {group}"))?;
-            let total: i64 = lag.iter().map(|p| p.lag.max(0)).sum();
+            let total = actio_bus_kafka::total_lag(&lag);
             let per: Vec<String> = lag
                 .iter()
                 .map(|p| format!("{}:{}", p.partition, p.lag))
