@@ -64,6 +64,9 @@ pub struct Collector {
     last_of_key: AHashMap<String, u32>,
     /// Per partition read, the offset after the last record read.
     read_upto: AHashMap<TopicPartition, i64>,
+    /// Per partition, the end offset before the run: what lies below is not this
+    /// run's and is skipped undecoded (see [`Collector::skip_before`]).
+    history_end: AHashMap<TopicPartition, i64>,
     /// Counts.
     pub stats: CollectorStats,
     /// Rule ids seen in decisions, with counts.
@@ -85,6 +88,7 @@ impl Collector {
             key_seq,
             last_of_key: AHashMap::new(),
             read_upto: AHashMap::new(),
+            history_end: AHashMap::new(),
             stats: CollectorStats::default(),
             rule_hits: AHashMap::new(),
             e2e: latency_histogram(),
@@ -126,8 +130,19 @@ impl Collector {
         true
     }
 
-    /// Whether `rec` is read for the first time (see [`CollectorStats::reread`]).
+    /// Skips, undecoded and uncounted, the records below `ends` (the topics' end
+    /// offsets before the run): a collector reading from the start of its topics would
+    /// otherwise decode their whole history as the load begins.
+    pub fn skip_before(&mut self, ends: &[(TopicPartition, i64)]) {
+        self.history_end.extend(ends.iter().cloned());
+    }
+
+    /// Whether `rec` is this run's and read for the first time (see
+    /// [`Collector::skip_before`] and [`CollectorStats::reread`]).
     fn first_read(&mut self, rec: &Record) -> bool {
+        if self.history_end.get(&rec.tp).is_some_and(|end| rec.offset < *end) {
+            return false;
+        }
         match self.read_upto.get_mut(&rec.tp) {
             Some(upto) if rec.offset < *upto => {
                 self.stats.reread += 1;
@@ -311,6 +326,22 @@ mod tests {
         // The same transaction at a new offset is a duplicate the pipeline produced.
         c.observe_decision(&decision(5, "b"), 0);
         assert_eq!((c.stats.reread, c.stats.duplicates), (3, 1));
+    }
+
+    #[test]
+    fn records_from_before_the_run_are_skipped_and_counted_nowhere() {
+        let (mut c, sent) = setup();
+        let old: Vec<Record> = sent.iter().map(|(s, k)| decision(*s, k)).collect();
+        let end = old.last().unwrap().offset + 1;
+        c.skip_before(&[(TopicPartition::new("d", 0), end)]);
+        for r in &old {
+            c.observe_decision(r, 0);
+        }
+        assert_eq!((c.seen(), c.stats.reread, c.stats.duplicates, c.stats.foreign), (0, 0, 0, 0));
+        for (s, k) in &sent {
+            c.observe_decision(&decision(*s, k), 0);
+        }
+        assert_eq!((c.seen(), c.lost(6)), (6, 0), "what comes after the end is read");
     }
 
     #[test]

@@ -232,7 +232,7 @@ pub fn drive<B: Bus>(
         ends.extend(e.into_iter().enumerate().map(|(p, end)| (TopicPartition::new(topic.as_str(), p as i32), end)));
     }
     // What the topics held before this run is never this run's: not even decoded.
-    let history: std::collections::HashMap<TopicPartition, Offset> = ends.iter().cloned().collect();
+    collector.lock().skip_before(&ends);
     let start = Arc::new(CollectorStart::new(ends));
     let mut consumer = bus
         .consumer(
@@ -293,7 +293,7 @@ pub fn drive<B: Bus>(
                     positions.insert(r.tp.clone(), r.offset + 1);
                 }
                 let mut c = collector.lock();
-                for r in batch.iter().filter(|r| history.get(&r.tp).is_none_or(|end| r.offset >= *end)) {
+                for r in &batch {
                     if *r.tp.topic == *egress {
                         c.observe_decision(r, now);
                     } else if *r.tp.topic == *dlq {
