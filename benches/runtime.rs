@@ -6,7 +6,7 @@
 
 use std::hint::black_box;
 
-use actio_benches::transactions;
+use actio_benches::{fraud, transactions};
 use actio_runtime::{KeyLanes, Ordering, Watermark};
 use mimalloc::MiMalloc;
 
@@ -19,7 +19,8 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 const WINDOW: usize = 1000;
 
 fn runtime(c: &mut Criterion) {
-    let keys: Vec<Vec<u8>> = transactions(WINDOW).into_iter().map(|t| t.card_id.into_bytes()).collect();
+    let p = fraud();
+    let keys: Vec<Vec<u8>> = transactions(&p, WINDOW).iter().map(|t| p.key.key(t).into_bytes()).collect();
     let mut g = c.benchmark_group("runtime");
     g.throughput(Throughput::Elements(WINDOW as u64));
 

@@ -84,7 +84,7 @@ fi
 # ---- a private copy of the pipeline: its own topics and groups ---------------------
 P="$OUT/pipeline"
 mkdir -p "$P"
-cp pipelines/fraud/*.toml pipelines/fraud/*.json "$P/"
+cp -r pipelines/fraud/. "$P/"
 PNAME="rel-$NAME-$(date +%s)"
 sed -i -e "s/^name = \"fraud\"/name = \"$PNAME\"/" -e "s/\"tx\\./\"$PNAME./g" "$P/pipeline.toml"
 prepare

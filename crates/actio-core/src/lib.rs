@@ -1,7 +1,7 @@
 //! actio's core vocabulary, shared by every other crate.
 //!
 //! This crate depends on almost nothing so that the engine, the buses, the runtime
-//! and the load generator can all point down at it: the transaction model
+//! and the load generator can all point down at it: the declared records ([`schema`]), the state between stages
 //! ([`tx`]), the wire codecs ([`codec`]), the timing/tracing headers ([`headers`])
 //! and the transport abstraction ([`bus`]).
 #![deny(missing_docs)]
@@ -9,6 +9,7 @@
 pub mod bus;
 pub mod codec;
 pub mod headers;
+pub mod schema;
 pub mod time;
 pub mod tx;
 
@@ -17,4 +18,5 @@ pub use bus::{
     Producer, ProducerConfig, RebalanceListener, Record, TopicPartition, TopicSpec,
 };
 pub use codec::{Codec, CodecError};
-pub use tx::{Channel, Decision, RuleHit, Transaction, TxState, Verdict};
+pub use schema::{InvalidField, KeyExtractor, Schema, SchemaError, Tx};
+pub use tx::{Decision, RuleHit, TxState};

@@ -1,15 +1,18 @@
 //! CEL expressions compiled into a typed tree that reads a [`TxState`] in place.
 //!
 //! The `cel` crate parses (and validates syntax); this module walks its AST once and
-//! builds [`Node`]s: field reads resolved to an enum (no name lookups at run time),
+//! builds [`Node`]s: field reads resolved to slots of the pipeline's schema (no name
+//! lookups at run time), their static types checked ([`Ty`]),
 //! features resolved to slots filled once per transaction, literals pre-typed,
 //! `in [..]` over literals pre-built. Evaluation allocates nothing for the common
 //! cases. Semantics follow CEL for the subset rules use; an expression outside the
 //! subset is a load error naming the construct.
 
 use std::borrow::Cow;
+use std::sync::Arc;
 
-use actio_core::tx::{AttrValue, TxState};
+use actio_core::schema::{FieldType, Scalar, Schema, Value as Slot};
+use actio_core::tx::TxState;
 use cel::common::ast::{Expr, IdedExpr, LiteralValue, operators as op};
 
 /// A value during evaluation.
@@ -44,90 +47,54 @@ impl Value<'_> {
 #[error("{0}")]
 pub struct EvalError(pub String);
 
-/// A transaction field rules can read (`tx.<name>`).
+/// The static type of an expression, inferred at load: mismatches a rule author can
+/// see in the source (a string field compared with a number) are load errors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TxField {
-    /// `tx.id`
-    Id,
-    /// `tx.card_id`
-    CardId,
-    /// `tx.account_id`
-    AccountId,
-    /// `tx.device_id` (null when absent)
-    DeviceId,
-    /// `tx.merchant_id`
-    MerchantId,
-    /// `tx.amount` (double, major units)
-    Amount,
-    /// `tx.amount_minor` (int)
-    AmountMinor,
-    /// `tx.currency`
-    Currency,
-    /// `tx.mcc` (int)
-    Mcc,
-    /// `tx.country`
-    Country,
-    /// `tx.card_country`
-    CardCountry,
-    /// `tx.ip_country` (null when absent)
-    IpCountry,
-    /// `tx.channel` ("pos", "ecom", "atm", "moto")
-    Channel,
-    /// `tx.card_age_days` (int)
-    CardAgeDays,
-    /// `tx.hour` (UTC hour of creation, int 0..23)
-    Hour,
-    /// `tx.created_at` (int, ns since the epoch)
-    CreatedAt,
+pub enum Ty {
+    /// bool
+    Bool,
+    /// int (and timestamps, ns)
+    Int,
+    /// double
+    Double,
+    /// string (and enums)
+    Str,
+    /// the null literal
+    Null,
+    /// known only at run time (map entries)
+    Dyn,
 }
 
-impl TxField {
-    /// Every field, with its name.
-    pub const ALL: [(&'static str, TxField); 16] = [
-        ("id", TxField::Id),
-        ("card_id", TxField::CardId),
-        ("account_id", TxField::AccountId),
-        ("device_id", TxField::DeviceId),
-        ("merchant_id", TxField::MerchantId),
-        ("amount", TxField::Amount),
-        ("amount_minor", TxField::AmountMinor),
-        ("currency", TxField::Currency),
-        ("mcc", TxField::Mcc),
-        ("country", TxField::Country),
-        ("card_country", TxField::CardCountry),
-        ("ip_country", TxField::IpCountry),
-        ("channel", TxField::Channel),
-        ("card_age_days", TxField::CardAgeDays),
-        ("hour", TxField::Hour),
-        ("created_at", TxField::CreatedAt),
-    ];
-
-    /// A field by name.
-    pub fn by_name(name: &str) -> Option<TxField> {
-        Self::ALL.iter().find(|(n, _)| *n == name).map(|(_, f)| *f)
+impl Ty {
+    /// The type's name as CEL spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Ty::Bool => "bool",
+            Ty::Int => "int",
+            Ty::Double => "double",
+            Ty::Str => "string",
+            Ty::Null => "null",
+            Ty::Dyn => "dyn",
+        }
     }
 
-    /// Reads the field.
-    pub fn read<'a>(self, st: &'a TxState) -> Value<'a> {
-        let tx = &st.tx;
-        let s = |v: &'a str| Value::Str(Cow::Borrowed(v));
-        match self {
-            TxField::Id => s(&tx.id),
-            TxField::CardId => s(&tx.card_id),
-            TxField::AccountId => s(&tx.account_id),
-            TxField::DeviceId => tx.device_id.as_deref().map_or(Value::Null, s),
-            TxField::MerchantId => s(&tx.merchant_id),
-            TxField::Amount => Value::Double(tx.amount()),
-            TxField::AmountMinor => Value::Int(tx.amount_minor),
-            TxField::Currency => s(&tx.currency),
-            TxField::Mcc => Value::Int(tx.mcc as i64),
-            TxField::Country => s(&tx.country),
-            TxField::CardCountry => s(&tx.card_country),
-            TxField::IpCountry => tx.ip_country.as_deref().map_or(Value::Null, s),
-            TxField::Channel => s(tx.channel.as_str()),
-            TxField::CardAgeDays => Value::Int(tx.card_age_days as i64),
-            TxField::Hour => Value::Int(tx.created_at.div_euclid(3_600_000_000_000).rem_euclid(24)),
-            TxField::CreatedAt => Value::Int(tx.created_at),
+    fn numeric(self) -> bool {
+        matches!(self, Ty::Int | Ty::Double)
+    }
+
+    /// Whether a value of this type can be compared (==) with one of `o` meaningfully.
+    fn comparable(self, o: Ty) -> bool {
+        matches!(self, Ty::Dyn | Ty::Null) || matches!(o, Ty::Dyn | Ty::Null) || self == o || (self.numeric() && o.numeric())
+    }
+
+    /// The type of a declared field as rules see it.
+    pub fn of_field(t: FieldType) -> Ty {
+        match t {
+            FieldType::String | FieldType::Enum => Ty::Str,
+            FieldType::Int | FieldType::Timestamp => Ty::Int,
+            FieldType::Float => Ty::Double,
+            FieldType::Bool => Ty::Bool,
+            FieldType::Map => Ty::Dyn,
         }
     }
 }
@@ -163,10 +130,12 @@ enum StrFn {
 pub enum Node {
     /// A literal.
     Lit(Value<'static>),
-    /// `tx.<field>`.
-    Field(TxField),
-    /// `tx.attrs.<name>`.
-    Attr(String),
+    /// `tx.<field>`: its slot (string, int, float, bool and timestamp fields).
+    Slot(usize),
+    /// `tx.<field>` of an enum field: its slot and the field's values.
+    Enum(usize, Arc<[String]>),
+    /// `tx.<map>.<name>`: the map field's slot and the entry name.
+    Entry(usize, String),
     /// `features.<name>`: its slot in the per-transaction feature table.
     Feature(usize),
     /// `!x`
@@ -187,7 +156,7 @@ pub enum Node {
     InList(Box<Node>, Vec<Value<'static>>),
     /// `c ? a : b`
     Cond(Box<Node>, Box<Node>, Box<Node>),
-    /// `has(tx.attrs.x)`, `has(tx.device_id)`, `has(features.x)`: present and not null.
+    /// `has(tx.attrs.x)`, `has(tx.<optional field>)`, `has(features.x)`: present and not null.
     Has(Box<Node>),
     /// `s.startsWith(p)` and friends
     #[allow(private_interfaces)]
@@ -201,18 +170,30 @@ pub enum Node {
 }
 
 /// Names an expression may refer to, fixed at load.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Clone)]
 pub struct Scope {
+    /// The pipeline's schema: `tx.<field>` resolves to a slot of it.
+    pub schema: Arc<Schema>,
+    /// Slots below this are visible (a derived field sees only the fields before it).
+    pub visible: usize,
     /// Feature names known at this point of the chain; a rule's `features.x` gets the
     /// index of `x` here.
     pub features: Vec<String>,
 }
 
-/// Per-transaction feature values, in [`Scope::features`] order (NaN = absent).
-pub fn feature_table(scope: &Scope, st: &TxState) -> Vec<f64> {
-    let mut t = vec![f64::NAN; scope.features.len()];
+impl Scope {
+    /// Every field of `schema`, and `features`.
+    pub fn new(schema: &Arc<Schema>, features: &[String]) -> Scope {
+        Scope { schema: schema.clone(), visible: schema.fields().len(), features: features.to_vec() }
+    }
+}
+
+/// Per-transaction feature values, in `features` order (a [`Scope::features`]; NaN =
+/// absent).
+pub fn feature_table(features: &[String], st: &TxState) -> Vec<f64> {
+    let mut t = vec![f64::NAN; features.len()];
     for f in &st.features {
-        if let Some(i) = scope.features.iter().position(|n| **n == *f.name) {
+        if let Some(i) = features.iter().position(|n| **n == *f.name) {
             t[i] = f.value;
         }
     }
@@ -233,11 +214,124 @@ fn lit(l: &LiteralValue) -> Result<Value<'static>, String> {
 
 /// Compiles a CEL source string. Errors say what is wrong in words a rule author reads.
 pub fn compile(source: &str, scope: &Scope) -> Result<Node, String> {
+    compile_typed(source, scope).map(|(n, _)| n)
+}
+
+/// Compiles a CEL source string and infers its static type.
+pub fn compile_typed(source: &str, scope: &Scope) -> Result<(Node, Ty), String> {
     if source.len() > 4096 {
         return Err("expression longer than 4096 characters".into());
     }
     let program = cel::Program::compile(source).map_err(|e| format!("CEL syntax: {e}"))?;
-    compile_node(program.expression(), scope)
+    let node = compile_node(program.expression(), scope)?;
+    let ty = type_of(&node, scope)?;
+    Ok((node, ty))
+}
+
+fn lit_ty(v: &Value<'_>) -> Ty {
+    match v {
+        Value::Null => Ty::Null,
+        Value::Bool(_) => Ty::Bool,
+        Value::Int(_) => Ty::Int,
+        Value::Double(_) => Ty::Double,
+        Value::Str(_) => Ty::Str,
+    }
+}
+
+/// The static type of `n`; an error for what can only fail at run time.
+fn type_of(n: &Node, scope: &Scope) -> Result<Ty, String> {
+    let t = |x: &Node| type_of(x, scope);
+    let want_bool = |x: &Node, op: &str| -> Result<(), String> {
+        match t(x)? {
+            Ty::Bool | Ty::Dyn => Ok(()),
+            other => Err(format!("`{op}` wants a bool, got {}{}", other.name(), describe(x, scope))),
+        }
+    };
+    Ok(match n {
+        Node::Lit(v) => lit_ty(v),
+        Node::Slot(s) => Ty::of_field(scope.schema.field(*s).ty),
+        Node::Enum(..) => Ty::Str,
+        Node::Entry(..) => Ty::Dyn,
+        Node::Feature(_) => Ty::Double,
+        Node::Not(x) => {
+            want_bool(x, "!")?;
+            Ty::Bool
+        }
+        Node::Neg(x) => match t(x)? {
+            v @ (Ty::Int | Ty::Double | Ty::Dyn) => v,
+            other => return Err(format!("`-` wants a number, got {}{}", other.name(), describe(x, scope))),
+        },
+        Node::And(a, b) | Node::Or(a, b) => {
+            want_bool(a, "&& / ||")?;
+            want_bool(b, "&& / ||")?;
+            Ty::Bool
+        }
+        Node::Cmp(c, a, b) => {
+            let (x, y) = (t(a)?, t(b)?);
+            let ok = match c {
+                Cmp::Eq | Cmp::Ne => x.comparable(y),
+                _ => matches!(x, Ty::Dyn) || matches!(y, Ty::Dyn) || (x.numeric() && y.numeric()) || (x == Ty::Str && y == Ty::Str),
+            };
+            if !ok {
+                return Err(format!("cannot compare {}{} with {}{}", x.name(), describe(a, scope), y.name(), describe(b, scope)));
+            }
+            Ty::Bool
+        }
+        Node::Arith(o, a, b) => {
+            let (x, y) = (t(a)?, t(b)?);
+            match (x, y) {
+                (Ty::Dyn, _) | (_, Ty::Dyn) => Ty::Dyn,
+                (Ty::Int, Ty::Int) => Ty::Int,
+                (Ty::Str, Ty::Str) if *o == Arith::Add => Ty::Str,
+                _ if x.numeric() && y.numeric() && *o != Arith::Rem => Ty::Double,
+                _ => return Err(format!("arithmetic on {}{} and {}{}", x.name(), describe(a, scope), y.name(), describe(b, scope))),
+            }
+        }
+        Node::InList(x, items) => {
+            let xt = t(x)?;
+            if let Some(bad) = items.iter().find(|i| !xt.comparable(lit_ty(i))) {
+                return Err(format!("`in` compares {}{} with a list holding {}", xt.name(), describe(x, scope), lit_ty(bad).name()));
+            }
+            Ty::Bool
+        }
+        Node::Cond(c, a, b) => {
+            want_bool(c, "?:")?;
+            let (x, y) = (t(a)?, t(b)?);
+            if x == y { x } else if x.numeric() && y.numeric() { Ty::Double } else { Ty::Dyn }
+        }
+        Node::Has(_) => Ty::Bool,
+        Node::Str(_, a, b) => {
+            for x in [a, b] {
+                if !matches!(t(x)?, Ty::Str | Ty::Dyn) {
+                    return Err(format!("string function on {}{}", t(x)?.name(), describe(x, scope)));
+                }
+            }
+            Ty::Bool
+        }
+        Node::Size(x) => {
+            if !matches!(t(x)?, Ty::Str | Ty::Dyn) {
+                return Err(format!("size() wants a string, got {}{}", t(x)?.name(), describe(x, scope)));
+            }
+            Ty::Int
+        }
+        Node::ToInt(x) => {
+            t(x)?;
+            Ty::Int
+        }
+        Node::ToDouble(x) => {
+            t(x)?;
+            Ty::Double
+        }
+    })
+}
+
+/// " (field `x`)" for a field read, to name the field in a type error.
+fn describe(n: &Node, scope: &Scope) -> String {
+    match n {
+        Node::Slot(s) | Node::Enum(s, _) | Node::Entry(s, _) => format!(" (field `tx.{}`)", scope.schema.field(*s).name),
+        Node::Feature(i) => format!(" (feature `features.{}`)", scope.features[*i]),
+        _ => String::new(),
+    }
 }
 
 fn select_path(e: &IdedExpr) -> Option<Vec<&str>> {
@@ -259,13 +353,33 @@ fn select_path(e: &IdedExpr) -> Option<Vec<&str>> {
     }
 }
 
+fn field_slot(field: &str, scope: &Scope) -> Result<usize, String> {
+    let sch = &scope.schema;
+    match sch.slot(field) {
+        Some(s) if s < scope.visible => Ok(s),
+        Some(_) => Err(format!("field `tx.{field}` is derived after this one: a derived field sees only the fields declared before it")),
+        None => Err(format!("unknown transaction field `tx.{field}`; {} declares: {}", sch.file().display(), sch.fields()[..scope.visible].iter().map(|f| f.name.as_str()).collect::<Vec<_>>().join(", "))),
+    }
+}
+
 fn path_node(path: &[&str], scope: &Scope) -> Result<Node, String> {
     match path {
-        ["tx", "attrs", name] => Ok(Node::Attr(name.to_string())),
-        ["tx", field] => TxField::by_name(field).map(Node::Field).ok_or_else(|| {
-            let names: Vec<&str> = TxField::ALL.iter().map(|(n, _)| *n).collect();
-            format!("unknown transaction field `tx.{field}`; expected one of {}", names.join(", "))
-        }),
+        ["tx", field, name] => {
+            let slot = field_slot(field, scope)?;
+            if scope.schema.field(slot).ty != FieldType::Map {
+                return Err(format!("`tx.{field}` is a {} field, not a map: `tx.{field}.{name}` has nothing to select", scope.schema.field(slot).ty.as_str()));
+            }
+            Ok(Node::Entry(slot, name.to_string()))
+        }
+        ["tx", field] => {
+            let slot = field_slot(field, scope)?;
+            let f = scope.schema.field(slot);
+            match f.ty {
+                FieldType::Map => Err(format!("`tx.{field}` is a map: read an entry, `tx.{field}.<name>` (with `has(tx.{field}.<name>)`)")),
+                FieldType::Enum => Ok(Node::Enum(slot, f.values.clone())),
+                _ => Ok(Node::Slot(slot)),
+            }
+        }
         ["features", name] => scope.features.iter().position(|f| f == name).map(Node::Feature).ok_or_else(|| {
             if scope.features.is_empty() {
                 format!("unknown feature `features.{name}`: no features are computed before this rule set")
@@ -273,7 +387,7 @@ fn path_node(path: &[&str], scope: &Scope) -> Result<Node, String> {
                 format!("unknown feature `features.{name}`; known here: {}", scope.features.join(", "))
             }
         }),
-        _ => Err(format!("unknown name `{}`; rules see `tx.<field>`, `tx.attrs.<name>` and `features.<name>`", path.join("."))),
+        _ => Err(format!("unknown name `{}`; rules see `tx.<field>`, `tx.<map>.<name>` and `features.<name>`", path.join("."))),
     }
 }
 
@@ -319,7 +433,7 @@ fn compile_node(e: &IdedExpr, scope: &Scope) -> Result<Node, String> {
                 (op::CONDITIONAL, None) if args.len() == 3 => Ok(Node::Cond(b(&args[0])?, b(&args[1])?, b(&args[2])?)),
                 (op::IN, None) if args.len() == 2 => {
                     let Expr::List(list) = &args[1].expr else {
-                        return Err("`in` is supported over a list literal, e.g. tx.mcc in [7995, 6051]".into());
+                        return Err("`in` is supported over a list literal, e.g. tx.code in [7995, 6051]".into());
                     };
                     let items = list
                         .elements
@@ -384,13 +498,23 @@ impl Node {
                 Value::Str(s) => Value::Str(Cow::Borrowed(s.as_ref())),
                 other => other.clone(),
             }),
-            Node::Field(f) => Ok(f.read(st)),
-            Node::Attr(name) => Ok(match st.tx.attrs.get(name) {
+            Node::Slot(i) => Ok(match st.tx.values.get(*i) {
+                Some(Slot::Str(s)) => Value::Str(Cow::Borrowed(s)),
+                Some(Slot::Int(v)) => Value::Int(*v),
+                Some(Slot::Float(v)) => Value::Double(*v),
+                Some(Slot::Bool(v)) => Value::Bool(*v),
+                _ => Value::Null,
+            }),
+            Node::Enum(i, names) => Ok(match st.tx.values.get(*i) {
+                Some(Slot::Enum(e)) => names.get(*e as usize).map_or(Value::Null, |n| Value::Str(Cow::Borrowed(n))),
+                _ => Value::Null,
+            }),
+            Node::Entry(i, name) => Ok(match st.tx.values.get(*i).and_then(|m| m.map_get(name)) {
                 None => Value::Null,
-                Some(AttrValue::Bool(b)) => Value::Bool(*b),
-                Some(AttrValue::Int(i)) => Value::Int(*i),
-                Some(AttrValue::Float(f)) => Value::Double(*f),
-                Some(AttrValue::Str(s)) => Value::Str(Cow::Borrowed(s)),
+                Some(Scalar::Bool(b)) => Value::Bool(*b),
+                Some(Scalar::Int(i)) => Value::Int(*i),
+                Some(Scalar::Float(f)) => Value::Double(*f),
+                Some(Scalar::Str(s)) => Value::Str(Cow::Borrowed(s)),
             }),
             Node::Feature(i) => match features.get(*i) {
                 Some(v) if !v.is_nan() => Ok(Value::Double(*v)),

@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use actio_core::tx::{Action, RuleHit, TxState};
+use actio_core::Schema;
+use actio_core::tx::{RuleHit, TxState};
 use arc_swap::ArcSwap;
 use serde::Deserialize;
 
@@ -43,7 +44,7 @@ struct RuleConfig {
     when: String,
     weight: f64,
     #[serde(default)]
-    action: Option<Action>,
+    action: Option<String>,
     #[serde(default)]
     tags: Vec<String>,
     #[serde(default)]
@@ -61,8 +62,8 @@ pub struct Rule {
     pub when: String,
     /// Score weight.
     pub weight: f64,
-    /// Hard action when it fires.
-    pub action: Option<Action>,
+    /// The outcome it forces when it fires: its index in the schema's outcomes.
+    pub action: Option<u8>,
     /// Tags.
     pub tags: Vec<String>,
     /// Active or shadow.
@@ -94,14 +95,15 @@ pub struct RuleSet {
 impl RuleSet {
     /// Loads and compiles a rule file. `known_features` are the feature names
     /// computed before these rules run; any other `features.x` is an error.
-    pub fn load(path: &Path, known_features: &[String]) -> Result<RuleSet, EngineError> {
-        Self::from_toml(&crate::read(path)?, path, known_features)
+    pub fn load(path: &Path, schema: &Arc<Schema>, known_features: &[String]) -> Result<RuleSet, EngineError> {
+        Self::from_toml(&crate::read(path)?, path, schema, known_features)
     }
 
     /// Compiles rule-file text; `origin` names it in errors.
-    pub fn from_toml(text: &str, origin: &Path, known_features: &[String]) -> Result<RuleSet, EngineError> {
+    pub fn from_toml(text: &str, origin: &Path, schema: &Arc<Schema>, known_features: &[String]) -> Result<RuleSet, EngineError> {
         let file: RuleFile = crate::parse_toml(text, origin)?;
-        let scope = Scope { features: known_features.to_vec() };
+        let scope = Scope::new(schema, known_features);
+        let outcomes = &schema.decision().outcomes;
         let mut rules: Vec<Rule> = Vec::with_capacity(file.rules.len());
         let err = |kind, field: String, id: &str, msg: String| EngineError::new(kind, origin, Some(field), line_containing(text, &format!("\"{id}\"")), msg);
         for (i, r) in file.rules.into_iter().enumerate() {
@@ -115,6 +117,14 @@ impl RuleSet {
             if !r.weight.is_finite() {
                 return Err(err(ErrorKind::Invalid, format!("rule \"{}\".weight", r.id), &r.id, "expected a finite number".into()));
             }
+            let action = match &r.action {
+                None => None,
+                Some(a) => match outcomes.iter().position(|o| o == a) {
+                    Some(i) if i > 0 => Some(i as u8),
+                    Some(_) => return Err(err(ErrorKind::Invalid, format!("rule \"{}\".action", r.id), &r.id, format!("{a:?} is the default outcome: an action forces a more severe one ({})", outcomes[1..].join(", ")))),
+                    None => return Err(err(ErrorKind::UnknownName, format!("rule \"{}\".action", r.id), &r.id, format!("unknown outcome {a:?}; {} declares: {}", schema.file().display(), outcomes.join(", ")))),
+                },
+            };
             let node = expr::compile(&r.when, &scope).map_err(|m| {
                 let kind = if m.starts_with("CEL syntax") { ErrorKind::Cel } else { ErrorKind::UnknownName };
                 err(kind, format!("rule \"{}\".when", r.id), &r.id, m)
@@ -124,7 +134,7 @@ impl RuleSet {
                 description: r.description,
                 when: r.when,
                 weight: r.weight,
-                action: r.action,
+                action,
                 tags: r.tags,
                 mode: r.mode,
                 node,
@@ -137,7 +147,7 @@ impl RuleSet {
 
     /// Evaluates every rule; pushes hits onto `st.hits`.
     pub fn eval(&self, st: &mut TxState) {
-        let table = expr::feature_table(&self.scope, st);
+        let table = expr::feature_table(&self.scope.features, st);
         let mut hits = Vec::new();
         let mut errors = 0;
         for r in &self.rules {
@@ -160,7 +170,7 @@ impl RuleSet {
     /// Why a rule fails on a transaction, if it does (for tests and `actio` tooling).
     pub fn explain(&self, id: &str, st: &TxState) -> Option<Result<bool, String>> {
         let r = self.rules.iter().find(|r| r.id == id)?;
-        let table = expr::feature_table(&self.scope, st);
+        let table = expr::feature_table(&self.scope.features, st);
         Some(r.node.eval_bool(st, &table).map_err(|e| e.0))
     }
 
@@ -198,15 +208,16 @@ impl RuleSet {
 #[derive(Debug)]
 pub struct ReloadableRuleSet {
     path: PathBuf,
+    schema: Arc<Schema>,
     known_features: Vec<String>,
     current: ArcSwap<RuleSet>,
 }
 
 impl ReloadableRuleSet {
     /// Loads the file.
-    pub fn load(path: &Path, known_features: &[String]) -> Result<Self, EngineError> {
-        let set = RuleSet::load(path, known_features)?;
-        Ok(ReloadableRuleSet { path: path.to_path_buf(), known_features: known_features.to_vec(), current: ArcSwap::from_pointee(set) })
+    pub fn load(path: &Path, schema: &Arc<Schema>, known_features: &[String]) -> Result<Self, EngineError> {
+        let set = RuleSet::load(path, schema, known_features)?;
+        Ok(ReloadableRuleSet { path: path.to_path_buf(), schema: schema.clone(), known_features: known_features.to_vec(), current: ArcSwap::from_pointee(set) })
     }
 
     /// The rules in force.
@@ -216,7 +227,7 @@ impl ReloadableRuleSet {
 
     /// Reloads from the file; on error the old rules stay.
     pub fn reload(&self) -> Result<(), EngineError> {
-        let set = RuleSet::load(&self.path, &self.known_features)?;
+        let set = RuleSet::load(&self.path, &self.schema, &self.known_features)?;
         self.current.store(Arc::new(set));
         Ok(())
     }
@@ -230,32 +241,20 @@ impl ReloadableRuleSet {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use actio_core::tx::{Channel, Feature, Transaction};
-    use std::collections::BTreeMap;
+    use actio_core::tx::Feature;
 
+    /// A transaction of the engine's neutral test schema: a small "ecom"-like kind
+    /// "b" payment of 1.50 at 03:00 UTC in region "US", device absent.
     pub(crate) fn tx() -> TxState {
-        TxState::new(Transaction {
-            id: "t1".into(),
-            card_id: "c1".into(),
-            account_id: "a1".into(),
-            device_id: None,
-            merchant_id: "m1".into(),
-            amount_minor: 150,
-            currency: "USD".into(),
-            mcc: 5999,
-            country: "US".into(),
-            card_country: "US".into(),
-            ip_country: Some("NG".into()),
-            channel: Channel::Ecom,
-            card_age_days: 3,
-            created_at: 3 * 3_600_000_000_000, // 03:00 UTC
-            attrs: BTreeMap::from([("three_ds".into(), actio_core::tx::AttrValue::Bool(false))]),
-        })
+        crate::tests::state(
+            &crate::tests::schema(),
+            r#"{"id":"t1","user":"u1","shop":"s1","amount_minor":150,"region":"US","kind":"b","code":5999,"at":10800000000000,"attrs":{"three_ds":false,"label":"x"}}"#,
+        )
     }
 
     fn set(rules: &str, features: &[&str]) -> Result<RuleSet, EngineError> {
         let f: Vec<String> = features.iter().map(|s| s.to_string()).collect();
-        RuleSet::from_toml(&format!("version = \"t1\"\n{rules}"), Path::new("rules.toml"), &f)
+        RuleSet::from_toml(&format!("version = \"t1\"\n{rules}"), Path::new("rules.toml"), &crate::tests::schema(), &f)
     }
 
     #[test]
@@ -264,13 +263,13 @@ pub(crate) mod tests {
             r#"
 [[rule]]
 id = "small_ecom"
-description = "card testing"
-when = "tx.channel == 'ecom' && tx.amount < 2.0"
+description = "tiny kind-b payment"
+when = "tx.kind == 'b' && tx.amount < 2.0"
 weight = 1.0
 [[rule]]
 id = "ip_mismatch"
 description = "geo"
-when = "tx.ip_country != null && tx.ip_country != tx.country"
+when = "tx.region != null && tx.region != 'FR'"
 weight = 0.5
 action = "review"
 [[rule]]
@@ -282,29 +281,29 @@ mode = "shadow"
 [[rule]]
 id = "burst"
 description = "burst"
-when = "features.card_tx_1m >= 5.0"
+when = "features.user_tx_1m >= 5.0"
 weight = 2.0
 [[rule]]
 id = "no_3ds"
 description = "attrs"
-when = "has(tx.attrs.three_ds) && !tx.attrs.three_ds && tx.mcc in [5999, 7995]"
+when = "has(tx.attrs.three_ds) && !tx.attrs.three_ds && tx.code in [5999, 7995]"
 weight = 0.3
 [[rule]]
 id = "never"
 description = "not this one"
-when = "tx.amount_minor > 100000 || tx.channel.startsWith('atm')"
+when = "tx.amount_minor > 100000 || tx.kind.startsWith('c')"
 weight = 9.0
 "#,
-            &["card_tx_1m"],
+            &["user_tx_1m"],
         )
         .unwrap();
         let mut st = tx();
-        st.features.push(Feature { name: "card_tx_1m".into(), value: 7.0 });
+        st.features.push(Feature { name: "user_tx_1m".into(), value: 7.0 });
         s.eval(&mut st);
         let ids: Vec<&str> = st.hits.iter().map(|h| h.id.as_str()).collect();
         assert_eq!(ids, ["small_ecom", "ip_mismatch", "night", "burst", "no_3ds"]);
         assert!(st.hits[2].shadow);
-        assert_eq!(st.hits[1].action, Some(Action::Review));
+        assert_eq!(st.hits[1].action, Some(1), "review: the schema's second outcome");
         assert_eq!(st.rule_errors, 0);
         assert_eq!(s.stats()[0].hits, 1);
     }
@@ -315,13 +314,13 @@ weight = 9.0
             r#"
 [[rule]]
 id = "bad_types"
-description = "compares a string with a number"
-when = "tx.country > 5"
+description = "compares a string entry with a number"
+when = "tx.attrs.label > 5"
 weight = 1.0
 [[rule]]
 id = "missing_feature_value"
 description = "feature known but absent on this tx"
-when = "features.card_tx_1m > 1.0"
+when = "features.user_tx_1m > 1.0"
 weight = 1.0
 [[rule]]
 id = "good"
@@ -329,7 +328,7 @@ description = "fine"
 when = "tx.amount > 1.0"
 weight = 1.0
 "#,
-            &["card_tx_1m"],
+            &["user_tx_1m"],
         )
         .unwrap();
         let mut st = tx();
@@ -348,9 +347,12 @@ weight = 1.0
             ("[[rule]]\nid = \"x\"\ndescription = \"d\"\nwhen = \"features.nope > 1.0\"\nweight = 1.0\n", "rule \"x\".when", "unknown feature `features.nope`"),
             ("[[rule]]\nid = \"x\"\ndescription = \"d\"\nwhen = \"true\"\nweight = 1.0\n[[rule]]\nid = \"x\"\ndescription = \"d\"\nwhen = \"true\"\nweight = 1.0\n", "rule \"x\".id", "duplicate"),
             ("[[rule]]\nid = \"x\"\ndescription = \"d\"\nwhen = \"[1,2].all(v, v > 0)\"\nweight = 1.0\n", "rule \"x\".when", "not supported"),
+            ("[[rule]]\nid = \"x\"\ndescription = \"d\"\nwhen = \"tx.user > 5\"\nweight = 1.0\n", "rule \"x\".when", "cannot compare string (field `tx.user`) with int"),
+            ("[[rule]]\nid = \"x\"\ndescription = \"d\"\nwhen = \"tx.attrs > 5\"\nweight = 1.0\n", "rule \"x\".when", "is a map"),
+            ("[[rule]]\nid = \"x\"\ndescription = \"d\"\nwhen = \"true\"\nweight = 1.0\naction = \"escalate\"\n", "rule \"x\".action", "unknown outcome \"escalate\""),
         ];
         for (text, field, msg) in cases {
-            let e = set(text, &["card_tx_1m"]).unwrap_err();
+            let e = set(text, &["user_tx_1m"]).unwrap_err();
             let s = e.to_string();
             assert_eq!(e.field.as_deref(), Some(field), "{s}");
             assert!(s.contains(msg), "{s}");
@@ -369,7 +371,7 @@ weight = 1.0
         let p = dir.path().join("r.toml");
         let rule = |when: &str| format!("version = \"v\"\n[[rule]]\nid = \"a\"\ndescription = \"d\"\nwhen = \"{when}\"\nweight = 1.0\n");
         std::fs::write(&p, rule("tx.amount > 1.0")).unwrap();
-        let r = ReloadableRuleSet::load(&p, &[]).unwrap();
+        let r = ReloadableRuleSet::load(&p, &crate::tests::schema(), &[]).unwrap();
         std::fs::write(&p, rule("tx.amount >")).unwrap();
         assert!(r.reload().is_err());
         assert_eq!(r.current().rules()[0].when, "tx.amount > 1.0");

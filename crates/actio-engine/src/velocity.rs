@@ -1,7 +1,8 @@
 //! Velocity features: per-key sliding windows over event time.
 //!
-//! For each key (card, account, device or merchant), the state keeps the key's
-//! recent events ordered by event time. A transaction's feature counts the events
+//! A window is keyed by any declared field, or several (a composite key: a
+//! debtor–creditor pair); for each key the state keeps the key's recent events ordered
+//! by event time (the schema's `record.time`). A transaction's feature counts the events
 //! of its key with time in `(t − window, t]`, itself included. Out-of-order events
 //! within the longest window are inserted in place; older ones are **late**: counted
 //! as such, not stored, and their features computed from what is there.
@@ -18,7 +19,8 @@ use std::path::Path;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
-use actio_core::tx::{Feature, Transaction, TxState};
+use actio_core::schema::{FieldType, Schema, Tx, Value};
+use actio_core::tx::{Feature, TxState};
 use ahash::{AHashMap, RandomState};
 use parking_lot::Mutex;
 use smallvec::SmallVec;
@@ -73,45 +75,68 @@ fn default_max_events() -> usize {
 pub enum Kind {
     /// Number of events.
     Count,
-    /// Sum of amounts (major units).
+    /// Sum of a numeric `field` (absent values count 0).
     Sum,
+    /// Smallest value of a numeric `field` (0 when none).
+    Min,
+    /// Largest value of a numeric `field` (0 when none).
+    Max,
     /// Number of distinct values of `field`.
+    #[serde(alias = "distinct_count")]
     Distinct,
 }
 
-/// A transaction field a window is keyed by or counts distinct values of.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Field {
-    /// card_id
-    CardId,
-    /// account_id
-    AccountId,
-    /// device_id (features of transactions without one are 0)
-    DeviceId,
-    /// merchant_id
-    MerchantId,
-    /// country (merchant)
-    Country,
-    /// ip_country
-    IpCountry,
-    /// mcc
-    Mcc,
+impl Kind {
+    fn numeric(self) -> bool {
+        matches!(self, Kind::Sum | Kind::Min | Kind::Max)
+    }
 }
 
-impl Field {
-    fn hash_of(self, tx: &Transaction, h: &RandomState) -> Option<u64> {
-        let mut s = h.build_hasher();
+/// One or more field names, as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum Names {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Names {
+    fn list(&self) -> Vec<String> {
         match self {
-            Field::CardId => tx.card_id.hash(&mut s),
-            Field::AccountId => tx.account_id.hash(&mut s),
-            Field::DeviceId => tx.device_id.as_ref()?.hash(&mut s),
-            Field::MerchantId => tx.merchant_id.hash(&mut s),
-            Field::Country => tx.country.hash(&mut s),
-            Field::IpCountry => tx.ip_country.as_ref()?.hash(&mut s),
-            Field::Mcc => tx.mcc.hash(&mut s),
+            Names::One(n) => vec![n.clone()],
+            Names::Many(v) => v.clone(),
         }
-        Some(s.finish())
+    }
+}
+
+/// The hash of a slot's value; `None` when absent (an absent value is no key and no
+/// distinct value).
+fn hash_slot(v: &Value, s: &mut impl Hasher) -> Option<()> {
+    match v {
+        Value::Null => return None,
+        Value::Str(x) => x.hash(s),
+        Value::Int(x) => x.hash(s),
+        Value::Enum(x) => x.hash(s),
+        Value::Bool(x) => x.hash(s),
+        Value::Float(x) => x.to_bits().hash(s),
+        Value::Map(_) => return None,
+    }
+    Some(())
+}
+
+fn hash_of(slots: &[usize], tx: &Tx, h: &RandomState) -> Option<u64> {
+    let mut s = h.build_hasher();
+    for slot in slots {
+        hash_slot(tx.values.get(*slot)?, &mut s)?;
+    }
+    Some(s.finish())
+}
+
+fn number(tx: &Tx, slot: usize) -> f64 {
+    match tx.values.get(slot) {
+        Some(Value::Int(i)) => *i as f64,
+        Some(Value::Float(f)) => *f,
+        _ => f64::NAN,
     }
 }
 
@@ -120,10 +145,10 @@ impl Field {
 struct FeatureConfig {
     name: String,
     kind: Kind,
-    key: Field,
+    key: Names,
     window: String,
     #[serde(default)]
-    field: Option<Field>,
+    field: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -133,13 +158,17 @@ struct FeatureSpec {
     window_ns: i64,
     /// Index into the group's distinct fields.
     distinct: Option<usize>,
+    /// Index into the group's numeric fields (sum, min, max).
+    num: Option<usize>,
 }
 
 /// Features sharing a key field share one state map.
 #[derive(Debug, Clone)]
 struct Group {
-    key: Field,
-    distinct_fields: Vec<Field>,
+    /// The key's slots (several: a composite key).
+    key: Vec<usize>,
+    distinct_fields: Vec<usize>,
+    numeric_fields: Vec<usize>,
     features: Vec<FeatureSpec>,
 }
 
@@ -147,6 +176,8 @@ struct Group {
 #[derive(Debug, Clone)]
 pub struct VelocitySpec {
     groups: Vec<Group>,
+    /// The event time's slot.
+    time: usize,
     longest_ns: i64,
     restore_ns: i64,
     restore_max_records: u64,
@@ -161,7 +192,8 @@ pub struct VelocitySpec {
 #[derive(Debug, Clone)]
 struct Event {
     t: i64,
-    amount: f64,
+    /// Values of the group's numeric fields (NaN: absent).
+    nums: SmallVec<[f64; 2]>,
     /// Hashes of the group's distinct fields, inline for up to four fields: a
     /// distinct count walks every event of a window (up to `max_events_per_key`),
     /// and a pointer per event made that walk a cache miss per event (measured: 7.4 →
@@ -186,7 +218,7 @@ struct KeyState {
 
 /// One feature's window over a key's events, maintained as events enter and leave
 /// it, so a busy key costs O(1) per update instead of a walk over its window
-/// (a card at the `max_events_per_key` cap has 1,024 events to walk).
+/// (a busy key at the `max_events_per_key` cap has 1,024 events to walk).
 #[derive(Debug, Default)]
 struct Agg {
     /// Absolute index of the first event inside the window.
@@ -200,7 +232,7 @@ struct Agg {
 impl Agg {
     fn add(&mut self, f: &FeatureSpec, e: &Event) {
         self.count += 1;
-        self.sum += e.amount;
+        self.sum += f.num.map_or(0.0, |n| finite_or_zero(e.nums[n]));
         if let Some(d) = f.distinct
             && e.distinct[d] != ABSENT
         {
@@ -210,7 +242,7 @@ impl Agg {
 
     fn remove(&mut self, f: &FeatureSpec, e: &Event) {
         self.count -= 1;
-        self.sum -= e.amount;
+        self.sum -= f.num.map_or(0.0, |n| finite_or_zero(e.nums[n]));
         if let Some(d) = f.distinct
             && let Some(n) = self.values.get_mut(&e.distinct[d])
         {
@@ -221,6 +253,7 @@ impl Agg {
         }
     }
 
+    /// The value of a count, sum or distinct feature (min and max are scanned).
     fn value(&self, kind: Kind) -> f64 {
         match kind {
             Kind::Count => self.count as f64,
@@ -228,8 +261,20 @@ impl Agg {
             Kind::Sum if self.count == 0 => 0.0,
             Kind::Sum => self.sum,
             Kind::Distinct => self.values.len() as f64,
+            Kind::Min | Kind::Max => f64::NAN,
         }
     }
+}
+
+fn finite_or_zero(x: f64) -> f64 {
+    if x.is_finite() { x } else { 0.0 }
+}
+
+/// The min or max of numeric field `n` over `events` (0 when none has a value).
+fn extreme<'a>(kind: Kind, n: usize, events: impl Iterator<Item = &'a Event>) -> f64 {
+    let vals = events.map(|e| e.nums[n]).filter(|x| x.is_finite());
+    let v = if kind == Kind::Min { vals.fold(f64::INFINITY, f64::min) } else { vals.fold(f64::NEG_INFINITY, f64::max) };
+    if v.is_finite() { v } else { 0.0 }
 }
 
 /// Keys with fewer events are scanned rather than aggregated.
@@ -272,12 +317,13 @@ fn parse_window(s: &str) -> Result<i64, String> {
 
 impl VelocitySpec {
     /// Loads a velocity file.
-    pub fn load(path: &Path) -> Result<VelocitySpec, EngineError> {
-        Self::from_toml(&crate::read(path)?, path)
+    pub fn load(path: &Path, schema: &Schema) -> Result<VelocitySpec, EngineError> {
+        Self::from_toml(&crate::read(path)?, path, schema)
     }
 
-    /// Loads velocity-file text; `origin` names it in errors.
-    pub fn from_toml(text: &str, origin: &Path) -> Result<VelocitySpec, EngineError> {
+    /// Loads velocity-file text; `origin` names it in errors. Keys and fields must be
+    /// fields `schema` declares, of a type that fits the feature's kind.
+    pub fn from_toml(text: &str, origin: &Path, schema: &Schema) -> Result<VelocitySpec, EngineError> {
         let f: VelocityFile = crate::parse_toml(text, origin)?;
         let err = |field: String, needle: &str, msg: String| EngineError::new(ErrorKind::Invalid, origin, Some(field), line_containing(text, needle), msg);
         let mut groups: Vec<Group> = Vec::new();
@@ -293,27 +339,50 @@ impl VelocitySpec {
             }
             let window_ns = parse_window(&c.window).map_err(|m| err(format!("{at}.window"), &format!("\"{}\"", c.window), m))?;
             longest = longest.max(window_ns);
-            match (c.kind, c.field) {
-                (Kind::Distinct, None) => return Err(err(format!("{at}.field"), &c.name, "a `distinct` feature needs `field` (what to count distinct values of)".into())),
-                (Kind::Count | Kind::Sum, Some(_)) => return Err(err(format!("{at}.field"), &c.name, "`field` applies to `distinct` features only".into())),
-                _ => {}
+            let slot_of = |field: String, name: &str| -> Result<usize, EngineError> {
+                let s = schema.slot(name).ok_or_else(|| {
+                    EngineError::new(ErrorKind::UnknownName, origin, Some(field.clone()), line_containing(text, &format!("\"{name}\"")), format!("unknown field {name:?}; {} declares: {}", schema.file().display(), schema.names()))
+                })?;
+                if schema.field(s).ty == FieldType::Map {
+                    return Err(EngineError::new(ErrorKind::Invalid, origin, Some(field), line_containing(text, &format!("\"{name}\"")), format!("{name:?} is a map field: windows key on and count scalar fields")));
+                }
+                Ok(s)
+            };
+            let key_names = c.key.list();
+            if key_names.is_empty() {
+                return Err(err(format!("{at}.key"), &c.name, "expected a field name or a list of them".into()));
             }
-            let g = match groups.iter().position(|g| g.key == c.key) {
+            let key = key_names.iter().map(|n| slot_of(format!("{at}.key"), n)).collect::<Result<Vec<_>, _>>()?;
+            let field = match (c.kind, &c.field) {
+                (Kind::Count, Some(_)) => return Err(err(format!("{at}.field"), &c.name, "a `count` feature counts events: it takes no `field`".into())),
+                (Kind::Count, None) => None,
+                (k, None) => return Err(err(format!("{at}.field"), &c.name, format!("a `{}` feature needs `field` (the field it {})", format!("{k:?}").to_lowercase(), if k == Kind::Distinct { "counts distinct values of" } else { "aggregates" }))),
+                (k, Some(name)) => {
+                    let s = slot_of(format!("{at}.field"), name)?;
+                    if k.numeric() && !matches!(schema.field(s).ty, FieldType::Int | FieldType::Float) {
+                        return Err(err(format!("{at}.field"), &format!("\"{name}\""), format!("a `{}` feature needs a numeric field (int or float); {name:?} is a {} field", format!("{k:?}").to_lowercase(), schema.field(s).ty.as_str())));
+                    }
+                    Some(s)
+                }
+            };
+            let g = match groups.iter().position(|g| g.key == key) {
                 Some(g) => g,
                 None => {
-                    groups.push(Group { key: c.key, distinct_fields: Vec::new(), features: Vec::new() });
+                    groups.push(Group { key, distinct_fields: Vec::new(), numeric_fields: Vec::new(), features: Vec::new() });
                     groups.len() - 1
                 }
             };
             let group = &mut groups[g];
-            let distinct = c.field.map(|fld| match group.distinct_fields.iter().position(|x| *x == fld) {
+            let index_in = |list: &mut Vec<usize>, s: usize| match list.iter().position(|x| *x == s) {
                 Some(i) => i,
                 None => {
-                    group.distinct_fields.push(fld);
-                    group.distinct_fields.len() - 1
+                    list.push(s);
+                    list.len() - 1
                 }
-            });
-            group.features.push(FeatureSpec { name: c.name.as_str().into(), kind: c.kind, window_ns, distinct });
+            };
+            let distinct = field.filter(|_| c.kind == Kind::Distinct).map(|s| index_in(&mut group.distinct_fields, s));
+            let num = field.filter(|_| c.kind.numeric()).map(|s| index_in(&mut group.numeric_fields, s));
+            group.features.push(FeatureSpec { name: c.name.as_str().into(), kind: c.kind, window_ns, distinct, num });
             names.push(c.name.clone());
         }
         if names.is_empty() {
@@ -331,7 +400,7 @@ impl VelocitySpec {
         if f.max_keys == 0 || f.max_events_per_key == 0 {
             return Err(err("max_keys".into(), "max_", "`max_keys` and `max_events_per_key` must be ≥ 1".into()));
         }
-        Ok(VelocitySpec { groups, longest_ns: longest, restore_ns, restore_max_records: f.restore_max_records, ttl_ns, max_keys: f.max_keys, max_events: f.max_events_per_key, names, agg_min_events: AGG_MIN_EVENTS })
+        Ok(VelocitySpec { groups, time: schema.time_slot(), longest_ns: longest, restore_ns, restore_max_records: f.restore_max_records, ttl_ns, max_keys: f.max_keys, max_events: f.max_events_per_key, names, agg_min_events: AGG_MIN_EVENTS })
     }
 
     /// The features' names, in file order.
@@ -368,7 +437,10 @@ impl VelocitySpec {
 
     /// Records the transaction and pushes its features onto `st.features`.
     pub fn update(&self, state: &VelocityState, st: &mut TxState) {
-        let t = st.tx.created_at;
+        let t = match st.tx.values.get(self.time) {
+            Some(Value::Int(t)) => *t,
+            _ => 0,
+        };
         state.updates.fetch_add(1, Ordering::Relaxed);
         let wm = state.watermark.fetch_max(t, Ordering::Relaxed).max(t);
         let per_shard_cap = self.max_keys.div_ceil(SHARDS);
@@ -390,12 +462,13 @@ impl VelocitySpec {
         let mut seen: Vec<u64> = Vec::new();
         for (gi, g) in self.groups.iter().enumerate() {
             let tx = &st.tx;
-            let Some(key) = g.key.hash_of(tx, &state.hasher) else {
-                // No key (e.g. no device): the features are 0.
+            let Some(key) = hash_of(&g.key, tx, &state.hasher) else {
+                // No key (an optional key field absent): the features are 0.
                 out.extend(g.features.iter().map(|f| Feature { name: f.name.clone(), value: 0.0 }));
                 continue;
             };
-            let distinct: SmallVec<[u64; 4]> = g.distinct_fields.iter().map(|f| f.hash_of(tx, &state.hasher).unwrap_or(ABSENT)).collect();
+            let distinct: SmallVec<[u64; 4]> = g.distinct_fields.iter().map(|f| hash_of(std::slice::from_ref(f), tx, &state.hasher).unwrap_or(ABSENT)).collect();
+            let nums: SmallVec<[f64; 2]> = g.numeric_fields.iter().map(|f| number(tx, *f)).collect();
             let shard = &state.maps[gi][(key as usize) % SHARDS];
             let mut map = shard.lock();
             // Over the cap: expire idle keys, then the least recently seen eighth.
@@ -422,7 +495,7 @@ impl VelocitySpec {
             } else {
                 let at = ks.events.partition_point(|e| e.t <= t);
                 let in_order = at == ks.events.len();
-                ks.events.insert(at, Event { t, amount: tx.amount(), distinct });
+                ks.events.insert(at, Event { t, nums: nums.clone(), distinct });
                 ks.latest = ks.latest.max(t);
                 if !in_order {
                     ks.aggs = None;
@@ -467,7 +540,10 @@ impl VelocitySpec {
                 }
             }
             for (fi, f) in g.features.iter().enumerate() {
-                if !late && let Some(aggs) = &ks.aggs {
+                if !late
+                    && let Some(aggs) = &ks.aggs
+                    && !matches!(f.kind, Kind::Min | Kind::Max)
+                {
                     out.push(Feature { name: f.name.clone(), value: aggs[fi].value(f.kind) });
                     continue;
                 }
@@ -477,7 +553,8 @@ impl VelocitySpec {
                 let window = ks.events.range(lo..hi);
                 let mut value = match f.kind {
                     Kind::Count => (hi - lo) as f64,
-                    Kind::Sum => window.map(|e| e.amount).sum(),
+                    Kind::Sum => window.map(|e| f.num.map_or(0.0, |n| finite_or_zero(e.nums[n]))).sum(),
+                    Kind::Min | Kind::Max => extreme(f.kind, f.num.unwrap_or(0), window),
                     Kind::Distinct => {
                         let d = f.distinct.unwrap_or(0);
                         seen.clear();
@@ -489,9 +566,13 @@ impl VelocitySpec {
                 };
                 if late {
                     // A late event is not stored; count it in its own features anyway.
+                    let own = f.num.map_or(f64::NAN, |n| nums[n]);
                     value = match f.kind {
                         Kind::Count => value + 1.0,
-                        Kind::Sum => value + tx.amount(),
+                        Kind::Sum => value + finite_or_zero(own),
+                        Kind::Min if own.is_finite() && (hi == lo || own < value) => own,
+                        Kind::Max if own.is_finite() && (hi == lo || own > value) => own,
+                        Kind::Min | Kind::Max => value,
                         Kind::Distinct => value.max(1.0),
                     };
                 }
@@ -524,40 +605,67 @@ mod tests {
             &format!(
                 r#"{extra}
 [[feature]]
-name = "card_tx_1m"
+name = "user_tx_1m"
 kind = "count"
-key = "card_id"
+key = "user"
 window = "1m"
 [[feature]]
-name = "card_amount_1h"
+name = "user_amount_1h"
 kind = "sum"
-key = "card_id"
+key = "user"
+field = "amount"
 window = "1h"
 [[feature]]
-name = "card_merchants_1h"
+name = "user_shops_1h"
 kind = "distinct"
-key = "card_id"
-field = "merchant_id"
+key = "user"
+field = "shop"
 window = "1h"
 [[feature]]
 name = "device_tx_1h"
 kind = "count"
-key = "device_id"
+key = "device"
+window = "1h"
+[[feature]]
+name = "user_max_1h"
+kind = "max"
+key = "user"
+field = "amount_minor"
+window = "1h"
+[[feature]]
+name = "user_min_1h"
+kind = "min"
+key = "user"
+field = "amount"
+window = "1h"
+[[feature]]
+name = "pair_tx_1h"
+kind = "count"
+key = ["user", "shop"]
 window = "1h"
 "#
             ),
             Path::new("velocity.toml"),
+            &crate::tests::schema(),
         )
         .unwrap()
     }
 
-    fn tx(card: &str, merchant: &str, t: i64, amount_minor: i64) -> TxState {
+    fn tx(user: &str, shop: &str, t: i64, amount_minor: i64) -> TxState {
+        let schema = crate::tests::schema();
         let mut st = crate::rules::tests::tx();
-        st.tx.card_id = card.into();
-        st.tx.merchant_id = merchant.into();
-        st.tx.created_at = t;
-        st.tx.amount_minor = amount_minor;
+        let mut set = |name: &str, v: Value| st.tx.values[schema.slot(name).unwrap()] = v;
+        set("user", Value::Str(user.into()));
+        set("shop", Value::Str(shop.into()));
+        set("at", Value::Int(t));
+        set("amount_minor", Value::Int(amount_minor));
+        set("amount", Value::Float(amount_minor as f64 / 100.0));
         st
+    }
+
+    fn set_device(st: &mut TxState, device: &str) {
+        let slot = crate::tests::schema().slot("device").unwrap();
+        st.tx.values[slot] = Value::Str(device.into());
     }
 
     fn run(spec: &VelocitySpec, state: &VelocityState, st: TxState) -> TxState {
@@ -575,12 +683,15 @@ window = "1h"
         run(&s, &state, tx("c", "m2", base + 30 * S, 200));
         let st = run(&s, &state, tx("c", "m1", base + 60 * S, 300));
         // (t − 1m, t]: the first event is exactly 60 s before, so outside the 1m window.
-        assert_eq!(st.feature("card_tx_1m"), Some(2.0));
-        assert_eq!(st.feature("card_amount_1h"), Some(6.0));
-        assert_eq!(st.feature("card_merchants_1h"), Some(2.0));
+        assert_eq!(st.feature("user_tx_1m"), Some(2.0));
+        assert_eq!(st.feature("user_amount_1h"), Some(6.0));
+        assert_eq!(st.feature("user_shops_1h"), Some(2.0));
         assert_eq!(st.feature("device_tx_1h"), Some(0.0), "no device: 0");
+        assert_eq!(st.feature("user_max_1h"), Some(300.0), "max of amount_minor");
+        assert_eq!(st.feature("user_min_1h"), Some(1.0), "min of amount");
+        assert_eq!(st.feature("pair_tx_1h"), Some(2.0), "user c at shop m1: this one and the first");
         let other = run(&s, &state, tx("d", "m1", base + 61 * S, 100));
-        assert_eq!(other.feature("card_tx_1m"), Some(1.0), "keys are separate");
+        assert_eq!(other.feature("user_tx_1m"), Some(1.0), "keys are separate");
     }
 
     #[test]
@@ -589,8 +700,8 @@ window = "1h"
         let state = s.new_state();
         run(&s, &state, tx("c", "m", 0, 100));
         let st = run(&s, &state, tx("c", "m", 2 * 3600 * S, 100));
-        assert_eq!(st.feature("card_amount_1h"), Some(1.0));
-        assert_eq!(st.feature("card_tx_1m"), Some(1.0));
+        assert_eq!(st.feature("user_amount_1h"), Some(1.0));
+        assert_eq!(st.feature("user_tx_1m"), Some(1.0));
     }
 
     #[test]
@@ -600,14 +711,14 @@ window = "1h"
         let base = 10 * 3600 * S;
         run(&s, &state, tx("c", "m", base, 100));
         let st = run(&s, &state, tx("c", "m", base - 10 * S, 100)); // 10 s out of order
-        assert_eq!(st.feature("card_tx_1m"), Some(1.0), "counts events ≤ its own time: itself");
+        assert_eq!(st.feature("user_tx_1m"), Some(1.0), "counts events ≤ its own time: itself");
         let st = run(&s, &state, tx("c", "m", base + 5 * S, 100));
-        assert_eq!(st.feature("card_tx_1m"), Some(3.0), "the out-of-order one was stored");
+        assert_eq!(st.feature("user_tx_1m"), Some(3.0), "the out-of-order one was stored");
         let late = run(&s, &state, tx("c", "m", base - 2 * 3600 * S, 100));
-        assert_eq!(state.stats().late, 1);
-        assert_eq!(late.feature("card_tx_1m"), Some(1.0), "a late event counts itself only");
+        assert_eq!(state.stats().late, 2, "late in each group it is windowed in: user, user–shop");
+        assert_eq!(late.feature("user_tx_1m"), Some(1.0), "a late event counts itself only");
         let st = run(&s, &state, tx("c", "m", base + 6 * S, 100));
-        assert_eq!(st.feature("card_tx_1m"), Some(4.0), "the late one was not stored");
+        assert_eq!(st.feature("user_tx_1m"), Some(4.0), "the late one was not stored");
     }
 
     #[test]
@@ -615,12 +726,13 @@ window = "1h"
         let s = spec("max_keys = 640");
         let state = s.new_state();
         for i in 0..20_000 {
-            run(&s, &state, tx(&format!("card-{i}"), "m", i * S / 1000, 100));
+            run(&s, &state, tx(&format!("user-{i}"), "m", i * S / 1000, 100));
             assert!(state.stats().keys <= 2 * 640 + 64, "{:?}", state.stats());
         }
         assert!(state.stats().evictions > 0);
-        // The device group holds no keys (no device ids), the card group ≤ its cap.
-        assert!(state.stats().keys <= 640 + 64, "{:?}", state.stats());
+        // The device group holds no keys (no device ids); the user and the user–shop
+        // groups each ≤ their cap.
+        assert!(state.stats().keys <= 2 * (640 + 64), "{:?}", state.stats());
     }
 
     #[test]
@@ -628,38 +740,46 @@ window = "1h"
         let s = spec("key_ttl = \"1h\"");
         let state = s.new_state();
         for i in 0..100 {
-            run(&s, &state, tx(&format!("card-{i}"), "m", 0, 100));
+            run(&s, &state, tx(&format!("user-{i}"), "m", 0, 100));
         }
         for i in 0..2048 {
             run(&s, &state, tx("busy", "m", 3 * 3600 * S + i, 100));
         }
-        assert_eq!(state.stats().keys, 1, "{:?}", state.stats());
+        assert_eq!(state.stats().keys, 2, "the busy user, in the user and the user–shop groups: {:?}", state.stats());
     }
 
     #[test]
     fn per_key_events_are_capped() {
         let s = spec("max_events_per_key = 10");
         let state = s.new_state();
-        let mut last = TxState::new(tx("c", "m", 0, 1).tx);
+        let mut last = tx("c", "m", 0, 1);
         for i in 0..100 {
             last = run(&s, &state, tx("c", "m", i * S / 100, 1));
         }
-        assert_eq!(last.feature("card_tx_1m"), Some(10.0), "saturates at the cap");
+        assert_eq!(last.feature("user_tx_1m"), Some(10.0), "saturates at the cap");
     }
 
     #[test]
     fn config_errors_name_the_field() {
-        let bad = |text: &str| VelocitySpec::from_toml(text, Path::new("velocity.toml")).unwrap_err();
-        let e = bad("[[feature]]\nname = \"x\"\nkind = \"count\"\nkey = \"card_id\"\nwindow = \"soon\"\n");
+        let bad = |text: &str| VelocitySpec::from_toml(text, Path::new("velocity.toml"), &crate::tests::schema()).unwrap_err();
+        let e = bad("[[feature]]\nname = \"x\"\nkind = \"count\"\nkey = \"user\"\nwindow = \"soon\"\n");
         assert_eq!(e.field.as_deref(), Some("feature[0].window"), "{e}");
         assert!(e.to_string().contains("velocity.toml:5"), "{e}");
-        let e = bad("[[feature]]\nname = \"x\"\nkind = \"distinct\"\nkey = \"card_id\"\nwindow = \"1m\"\n");
+        let e = bad("[[feature]]\nname = \"x\"\nkind = \"distinct\"\nkey = \"user\"\nwindow = \"1m\"\n");
         assert_eq!(e.field.as_deref(), Some("feature[0].field"), "{e}");
-        let e = bad("[[feature]]\nname = \"x\"\nkind = \"count\"\nkey = \"card_id\"\nwindow = \"1m\"\n[[feature]]\nname = \"x\"\nkind = \"count\"\nkey = \"card_id\"\nwindow = \"1h\"\n");
+        let e = bad("[[feature]]\nname = \"x\"\nkind = \"count\"\nkey = \"user\"\nwindow = \"1m\"\n[[feature]]\nname = \"x\"\nkind = \"count\"\nkey = \"user\"\nwindow = \"1h\"\n");
         assert!(e.to_string().contains("defined twice"), "{e}");
-        let e = bad("[[feature]]\nname = \"x\"\nkind = \"average\"\nkey = \"card_id\"\nwindow = \"1m\"\n");
+        let e = bad("[[feature]]\nname = \"x\"\nkind = \"average\"\nkey = \"user\"\nwindow = \"1m\"\n");
         assert!(e.to_string().contains("unknown variant `average`"), "{e}");
-        let e = VelocitySpec::from_toml("restore = \"a while\"\n[[feature]]\nname = \"x\"\nkind = \"count\"\nkey = \"card_id\"\nwindow = \"1m\"\n", Path::new("velocity.toml")).unwrap_err();
+        let e = bad("[[feature]]\nname = \"x\"\nkind = \"count\"\nkey = [\"user\", \"nobody\"]\nwindow = \"1m\"\n");
+        assert!(e.to_string().contains("velocity.toml:4") && e.to_string().contains("unknown field \"nobody\"") && e.field.as_deref() == Some("feature[0].key"), "{e}");
+        let e = bad("[[feature]]\nname = \"x\"\nkind = \"sum\"\nkey = \"user\"\nfield = \"shop\"\nwindow = \"1m\"\n");
+        assert!(e.to_string().contains("needs a numeric field") && e.field.as_deref() == Some("feature[0].field"), "{e}");
+        let e = bad("[[feature]]\nname = \"x\"\nkind = \"max\"\nkey = \"user\"\nwindow = \"1m\"\n");
+        assert_eq!(e.field.as_deref(), Some("feature[0].field"), "{e}");
+        let e = bad("[[feature]]\nname = \"x\"\nkind = \"count\"\nkey = \"attrs\"\nwindow = \"1m\"\n");
+        assert!(e.to_string().contains("map field"), "{e}");
+        let e = VelocitySpec::from_toml("restore = \"a while\"\n[[feature]]\nname = \"x\"\nkind = \"count\"\nkey = \"user\"\nwindow = \"1m\"\n", Path::new("velocity.toml"), &crate::tests::schema()).unwrap_err();
         assert_eq!(e.field.as_deref(), Some("restore"), "{e}");
         assert!(e.to_string().contains("velocity.toml:1") && e.to_string().contains("\"off\""), "{e}");
     }
@@ -700,7 +820,7 @@ window = "1h"
                     t += jump;
                 }
                 if device {
-                    x.tx.device_id = Some(format!("d{merchant}"));
+                    set_device(&mut x, &format!("d{merchant}"));
                 }
                 let a = run(&scan, &s1, x.clone());
                 let b = run(&agg, &s2, x);

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use actio_core::{Codec, Decision, Record, TopicPartition, Verdict, headers};
+use actio_core::{Codec, Decision, Record, TopicPartition, headers};
 use ahash::AHashMap;
 use hdrhistogram::Histogram;
 
@@ -38,12 +38,8 @@ pub struct CollectorStats {
     pub foreign: u64,
     /// Messages that could not be decoded (counted, never fatal).
     pub undecodable: u64,
-    /// Decisions by verdict.
-    pub approve: u64,
-    /// Decisions by verdict.
-    pub review: u64,
-    /// Decisions by verdict.
-    pub decline: u64,
+    /// Decisions by outcome name (the pipeline's schema declares the names).
+    pub outcomes: std::collections::BTreeMap<String, u64>,
 }
 
 /// Trail-derived latencies of one stage (µs).
@@ -197,10 +193,11 @@ impl Collector {
             return;
         }
         self.stats.decided += 1;
-        match d.decision {
-            Verdict::Approve => self.stats.approve += 1,
-            Verdict::Review => self.stats.review += 1,
-            Verdict::Decline => self.stats.decline += 1,
+        match self.stats.outcomes.get_mut(&d.decision) {
+            Some(n) => *n += 1,
+            None => {
+                self.stats.outcomes.insert(d.decision, 1);
+            }
         }
         for r in d.rule_hits {
             *self.rule_hits.entry(r).or_default() += 1;
@@ -257,13 +254,15 @@ mod tests {
         let d = Decision {
             tx_id: format!("run-{seq}"),
             key: key.into(),
-            decision: Verdict::Approve,
+            decision: "approve".into(),
             score: 0.1,
             rule_hits: vec!["r1".into()],
             override_rule: None,
             model_version: "m".into(),
             rules_version: "r".into(),
             created_at: 0,
+            fields: Default::default(),
+            features: Default::default(),
         };
         let mut h = Headers::default();
         h.set(headers::CREATED, b"1000".to_vec());
@@ -287,6 +286,7 @@ mod tests {
         }
         assert_eq!((c.lost(6), c.stats.duplicates, c.stats.order_violations), (0, 0, 0));
         assert_eq!(c.stats.decided, 6);
+        assert_eq!(c.stats.outcomes["approve"], 6);
         assert_eq!(c.rule_hits["r1"], 6);
         assert_eq!(c.stages["score"].queue.max(), 2, "5000 − 3000 ns = 2 µs");
         assert_eq!(c.e2e.len(), 6);

@@ -1,114 +1,618 @@
-//! Synthetic card payments with a realistic shape.
+//! Synthetic transactions for any pipeline, drawn field by field as a scenario file
+//! says: the engine knows no business field, so neither does the load generator.
+//!
+//! A **scenario** (`pipelines/<name>/scenarios/*.toml`; commented example:
+//! `pipelines/fraud/scenarios/baseline.toml`) gives each raw field of the pipeline's
+//! schema a distribution, and declares **episodes**: short runs of correlated
+//! transactions (a card-testing burst, geo hopping) so that rules actually fire.
+//! [`Scenario::load`] parses the file and resolves its `base` (no schema needed);
+//! [`Generator::new`] checks it against the schema and compiles it once into one
+//! generator per slot, so [`Generator::next`] does no lookup by name.
+//!
+//! ```toml
+//! seed = 42                 # optional (default 42); the CLI's --seed overrides it
+//! base = "baseline.toml"    # optional: start from another scenario (relative to this file)
+//! episode_share = 0.02      # share of transactions that belong to episodes (0..=1; default 0)
+//!
+//! [[field]]
+//! name = "card_id"          # a raw field of the schema
+//! gen = "zipf"
+//! n = 1000000
+//! exponent = 0.7
+//! format = "card-{}"
+//!
+//! [[episode]]
+//! name = "card_testing"
+//! weight = 1                # relative frequency among episodes (default 1)
+//! length = 12               # transactions per episode
+//! key = "card_id"           # the field the episode's transactions share (a fresh value)
+//! [[episode.field]]         # an override, drawn anew for each of its transactions
+//! name = "channel"          # or `map.entry`, e.g. "attrs.synthetic_fraud"
+//! gen = "const"
+//! value = "ecom"
+//! ```
+//!
+//! With `base`, a `[[field]]` or `[[episode]]` replaces the base's entry of the same
+//! name in place (or is appended) and top-level keys override. A field the scenario
+//! does not list is absent (optional fields) or an error (required ones); derived
+//! fields are left null for the pipeline to compute at ingress.
+//!
+//! Generators (`gen`), and the field types they make:
+//! - `id` (string): the transaction id `<run_id>-<seq>`.
+//! - `send_time` (timestamp): the intended send time.
+//! - `const` (any but map): `value`; timestamps take int ns or an RFC 3339 string,
+//!   enums their string.
+//! - `zipf` (int, string): `n`, `exponent`: a rank 1..=n with Zipf popularity.
+//! - `uniform` (int, float, string, timestamp): `min`, `max`, inclusive.
+//! - `lognormal` (int, float): `median`, `sigma` (default 1.0), optional `min`/`max`
+//!   clamps; ints are rounded.
+//! - `choice` (any but map): `values`, optional `weights` (default equal).
+//! - `copy` (the copied field's type): `of`: the value of an earlier field.
+//! - `mix` (any): `options = [{ share = 0.97, gen = …, … }, …]`, shares summing to 1.
+//! - `map` (map): `entries = { <name> = { gen = …, … } }`, each entry a generator of a
+//!   scalar.
+//!
+//! String fields drawn from integers (`zipf`, `uniform`) take `format`: `{}` is replaced
+//! by the integer, `{:x}` by it in hex (default `"{}"`). Options on any generator:
+//! - `per = "<earlier field>"`: draw from an RNG seeded by that field's value (and
+//!   this field's name and the seed), so the value is a stable function of it: a
+//!   card's home country, a merchant's category.
+//! - `only_if = { <earlier field> = [values…] }`: generated only when that field's
+//!   value is among them, absent otherwise (optional fields and map entries).
+//! - `null_share = 0.1`: absent with this probability (optional fields and map entries).
+//!
+//! Fields are generated in the scenario's order, so `per`, `copy` and `only_if` see the
+//! values drawn before. With probability `episode_share` a transaction belongs to an
+//! episode: a new one starts while fewer than [`MAX_OPEN_EPISODES`] run, then an open
+//! one (at random) takes the transaction. Its key field takes the episode's fresh value
+//! (for `zipf` with `n`, a value in n+1..=2n, outside the normal population; for
+//! `uniform`, as many values above `max`), its overrides replace the fields they name,
+//! and fields drawn `per` the key follow the fresh key.
 
-use actio_core::tx::{AttrValue, Channel, Transaction};
-use rand::rngs::StdRng;
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use actio_core::schema::{FieldDecl, FieldType, Value, line_of};
+use actio_core::tx::Scalar;
+use actio_core::{Schema, Tx};
+use rand::distr::Uniform;
+use rand::rngs::{SmallRng, StdRng};
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, LogNormal, Zipf};
 use serde::Deserialize;
+use toml::Spanned;
 
-/// Generator settings (scenario files under `loadtest/` set them).
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct GenConfig {
-    /// Seed: same seed, same transactions.
-    pub seed: u64,
-    /// Distinct cards; card popularity is Zipf-distributed.
-    pub cards: u64,
-    /// Distinct merchants (Zipf).
-    pub merchants: u64,
-    /// Zipf exponent of card and merchant popularity (1.0–1.3 is realistic).
-    pub zipf_exponent: f64,
-    /// Median amount in major units (log-normal).
-    pub median_amount: f64,
-    /// Share of transactions that belong to injected fraud episodes (0..1).
-    pub fraud_share: f64,
-    /// Share of cross-border transactions in normal traffic.
-    pub cross_border_share: f64,
+/// The seed of a scenario that sets none.
+pub const DEFAULT_SEED: u64 = 42;
+/// Most episodes open at once.
+pub const MAX_OPEN_EPISODES: usize = 16;
+/// Longest chain of `base` files.
+const MAX_BASE_DEPTH: usize = 8;
+/// Deepest nesting of `mix` options and `map` entries.
+const MAX_NESTING: usize = 8;
+/// Largest Zipf population (f64 holds every rank exactly; 2n fits i64).
+const MAX_ZIPF_N: u64 = 1 << 52;
+
+// ── The scenario file as written ─────────────────────────────────────────────────
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ScenarioFile {
+    seed: Option<u64>,
+    base: Option<Spanned<String>>,
+    episode_share: Option<Spanned<f64>>,
+    #[serde(default, rename = "field")]
+    fields: Vec<Spanned<GenSpec>>,
+    #[serde(default, rename = "episode")]
+    episodes: Vec<Spanned<EpisodeSpec>>,
 }
 
-impl Default for GenConfig {
-    fn default() -> Self {
-        GenConfig {
-            seed: 42,
-            // Skewed but plausible: the top 1% of cards carry ~25% of the traffic and
-            // the hottest card ~0.5%. (An exponent of 1.1 puts ~9% on one card, which
-            // makes every velocity rule fire on it.)
-            cards: 1_000_000,
-            merchants: 50_000,
-            zipf_exponent: 0.7,
-            median_amount: 40.0,
-            fraud_share: 0.02,
-            cross_border_share: 0.05,
+/// One generator as written: a `[[field]]`, an `[[episode.field]]`, a `mix` option or
+/// a `map` entry (`name` and `share` apply to some of these only; checked on compile).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GenSpec {
+    name: Option<String>,
+    share: Option<f64>,
+    #[serde(rename = "gen")]
+    kind: GenKind,
+    n: Option<u64>,
+    exponent: Option<f64>,
+    format: Option<String>,
+    min: Option<toml::Value>,
+    max: Option<toml::Value>,
+    median: Option<f64>,
+    sigma: Option<f64>,
+    values: Option<Vec<toml::Value>>,
+    weights: Option<Vec<f64>>,
+    value: Option<toml::Value>,
+    of: Option<String>,
+    options: Option<Vec<GenSpec>>,
+    entries: Option<BTreeMap<String, GenSpec>>,
+    per: Option<String>,
+    only_if: Option<BTreeMap<String, Vec<toml::Value>>>,
+    null_share: Option<f64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum GenKind {
+    Id,
+    SendTime,
+    Const,
+    Zipf,
+    Uniform,
+    Lognormal,
+    Choice,
+    Copy,
+    Mix,
+    Map,
+}
+
+impl GenKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            GenKind::Id => "id",
+            GenKind::SendTime => "send_time",
+            GenKind::Const => "const",
+            GenKind::Zipf => "zipf",
+            GenKind::Uniform => "uniform",
+            GenKind::Lognormal => "lognormal",
+            GenKind::Choice => "choice",
+            GenKind::Copy => "copy",
+            GenKind::Mix => "mix",
+            GenKind::Map => "map",
+        }
+    }
+
+    /// The keys besides the common options (`per`, `only_if`, `null_share`) it takes.
+    fn takes(self) -> &'static [&'static str] {
+        match self {
+            GenKind::Id | GenKind::SendTime => &[],
+            GenKind::Const => &["value"],
+            GenKind::Zipf => &["n", "exponent", "format"],
+            GenKind::Uniform => &["min", "max", "format"],
+            GenKind::Lognormal => &["median", "sigma", "min", "max"],
+            GenKind::Choice => &["values", "weights"],
+            GenKind::Copy => &["of"],
+            GenKind::Mix => &["options"],
+            GenKind::Map => &["entries"],
+        }
+    }
+
+    /// The field types it makes (map entries take any scalar), for error messages.
+    fn makes(self) -> &'static str {
+        match self {
+            GenKind::Id => "string fields",
+            GenKind::SendTime => "timestamp fields",
+            GenKind::Const | GenKind::Choice => "every field type but map",
+            GenKind::Zipf => "int and string fields",
+            GenKind::Uniform => "int, float, string and timestamp fields",
+            GenKind::Lognormal => "int and float fields",
+            GenKind::Copy => "fields of the copied field's type",
+            GenKind::Mix => "the types its options make",
+            GenKind::Map => "map fields",
         }
     }
 }
 
-impl GenConfig {
-    /// Checks ranges; errors name the field.
-    pub fn validate(&self) -> Result<(), String> {
-        if self.cards < 1 || self.merchants < 1 {
-            return Err("`cards` and `merchants` must be ≥ 1".into());
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EpisodeSpec {
+    name: String,
+    weight: Option<f64>,
+    length: u32,
+    key: String,
+    #[serde(default, rename = "field")]
+    fields: Vec<Spanned<GenSpec>>,
+}
+
+// ── The scenario, resolved ───────────────────────────────────────────────────────
+
+/// Where an entry was written: errors name it.
+#[derive(Debug, Clone)]
+struct Loc {
+    file: Arc<Path>,
+    line: Option<usize>,
+}
+
+impl Loc {
+    fn err(&self, field: impl Into<String>, message: impl Into<String>) -> ScenarioError {
+        ScenarioError { file: self.file.to_path_buf(), line: self.line, field: field.into(), message: message.into() }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct FieldEntry {
+    name: String,
+    spec: GenSpec,
+    at: Loc,
+}
+
+#[derive(Debug, Clone)]
+struct EpisodeEntry {
+    name: String,
+    weight: f64,
+    length: u32,
+    key: String,
+    fields: Vec<FieldEntry>,
+    at: Loc,
+}
+
+/// A scenario file, parsed and its `base` resolved; [`Generator::new`] checks it
+/// against a schema.
+#[derive(Debug, Clone)]
+pub struct Scenario {
+    file: PathBuf,
+    seed: u64,
+    episode_share: f64,
+    episode_share_at: Option<Loc>,
+    fields: Vec<FieldEntry>,
+    episodes: Vec<EpisodeEntry>,
+}
+
+/// An error in a scenario file: file, line (when known), the entry at fault, what was
+/// expected.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{}{}: {field}: {message}", file.display(), line.map(|l| format!(":{l}")).unwrap_or_default())]
+pub struct ScenarioError {
+    /// The file at fault (a base file when the entry came from it).
+    pub file: PathBuf,
+    /// Its line, when known.
+    pub line: Option<usize>,
+    /// The entry at fault (`field "card_id"`, `episode "card_testing".key`, …).
+    pub field: String,
+    /// What was expected.
+    pub message: String,
+}
+
+fn canonical(p: &Path) -> PathBuf {
+    std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+impl Scenario {
+    /// Loads a scenario TOML (resolving `base`); errors name file, line (when known)
+    /// and field.
+    pub fn load(path: &Path) -> Result<Scenario, ScenarioError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ScenarioError { file: path.to_path_buf(), line: None, field: "-".into(), message: format!("cannot read: {e}") })?;
+        Self::from_toml(&text, path)
+    }
+
+    /// Parses scenario text; `file` names it in errors and anchors a relative `base`.
+    pub fn from_toml(text: &str, file: &Path) -> Result<Scenario, ScenarioError> {
+        Self::parse(text, file, &mut vec![canonical(file)])
+    }
+
+    fn parse(text: &str, file: &Path, chain: &mut Vec<PathBuf>) -> Result<Scenario, ScenarioError> {
+        let raw: ScenarioFile = toml::from_str(text).map_err(|e| {
+            let line = e.span().and_then(|s| line_of(text, s.start));
+            let at = line.and_then(|l| text.lines().nth(l - 1)).map(|l| format!(" (at `{}`)", l.trim())).unwrap_or_default();
+            ScenarioError { file: file.to_path_buf(), line, field: "-".into(), message: format!("{}{at}", e.message().trim()) }
+        })?;
+        let source: Arc<Path> = Arc::from(file);
+        let loc = |span: std::ops::Range<usize>| Loc { file: source.clone(), line: line_of(text, span.start) };
+        let mut sc = match &raw.base {
+            Some(base) => {
+                let at = loc(base.span());
+                let path = file.parent().unwrap_or(Path::new("")).join(base.get_ref());
+                if chain.len() > MAX_BASE_DEPTH {
+                    return Err(at.err("base", format!("more than {MAX_BASE_DEPTH} bases in a chain")));
+                }
+                let key = canonical(&path);
+                if chain.contains(&key) {
+                    return Err(at.err("base", format!("{} is this scenario or one of its bases (a cycle)", path.display())));
+                }
+                let text = std::fs::read_to_string(&path).map_err(|e| at.err("base", format!("cannot read {}: {e}", path.display())))?;
+                chain.push(key);
+                let sc = Self::parse(&text, &path, chain);
+                chain.pop();
+                sc?
+            }
+            None => Scenario { file: file.to_path_buf(), seed: DEFAULT_SEED, episode_share: 0.0, episode_share_at: None, fields: Vec::new(), episodes: Vec::new() },
+        };
+        sc.file = file.to_path_buf();
+        if let Some(seed) = raw.seed {
+            sc.seed = seed;
         }
-        if self.zipf_exponent.is_nan() || self.zipf_exponent <= 0.0 {
-            return Err("`zipf_exponent` must be > 0".into());
+        if let Some(share) = &raw.episode_share {
+            let at = loc(share.span());
+            if !(0.0..=1.0).contains(share.get_ref()) {
+                return Err(at.err("episode_share", format!("expected a share within 0..=1, got {}", share.get_ref())));
+            }
+            sc.episode_share = *share.get_ref();
+            sc.episode_share_at = Some(at);
         }
-        if self.median_amount.is_nan() || self.median_amount <= 0.0 {
-            return Err("`median_amount` must be > 0".into());
+        let fields = Self::entries(&raw.fields, &loc, "field")?;
+        merge(&mut sc.fields, fields, |f| &f.name);
+        let mut episodes: Vec<EpisodeEntry> = Vec::new();
+        for (i, e) in raw.episodes.iter().enumerate() {
+            let at = loc(e.span());
+            let spec = e.get_ref();
+            let label = format!("episode {:?}", spec.name);
+            if spec.name.is_empty() {
+                return Err(at.err(format!("episode[{i}].name"), "expected a name"));
+            }
+            if episodes.iter().any(|x| x.name == spec.name) {
+                return Err(at.err(label, "declared twice in this file"));
+            }
+            let weight = spec.weight.unwrap_or(1.0);
+            if !(weight.is_finite() && weight > 0.0) {
+                return Err(at.err(format!("{label}.weight"), format!("expected a positive number, got {weight}")));
+            }
+            if spec.length == 0 {
+                return Err(at.err(format!("{label}.length"), "expected at least 1 transaction"));
+            }
+            let fields = Self::entries(&spec.fields, &loc, &format!("{label}.field"))?;
+            if let Some(f) = fields.iter().find(|f| f.name == spec.key) {
+                return Err(f.at.err(format!("{label}.field {:?}", f.name), "this is the episode's key (it takes the episode's fresh value); it cannot also be overridden"));
+            }
+            episodes.push(EpisodeEntry { name: spec.name.clone(), weight, length: spec.length, key: spec.key.clone(), fields, at });
         }
-        for (name, v) in [("fraud_share", self.fraud_share), ("cross_border_share", self.cross_border_share)] {
-            if !(0.0..=1.0).contains(&v) {
-                return Err(format!("`{name}` must be within 0..=1"));
+        merge(&mut sc.episodes, episodes, |e| &e.name);
+        Ok(sc)
+    }
+
+    /// The named generators of a `[[field]]` list, each with its line.
+    fn entries(list: &[Spanned<GenSpec>], loc: &dyn Fn(std::ops::Range<usize>) -> Loc, what: &str) -> Result<Vec<FieldEntry>, ScenarioError> {
+        let mut out: Vec<FieldEntry> = Vec::new();
+        for (i, f) in list.iter().enumerate() {
+            let at = loc(f.span());
+            let spec = f.get_ref();
+            let Some(name) = spec.name.clone() else {
+                return Err(at.err(format!("{what}[{i}]"), "expected a `name` (the field it generates)"));
+            };
+            if spec.share.is_some() {
+                return Err(at.err(format!("{what} {name:?}.share"), "`share` applies to the options of a gen = \"mix\" only"));
+            }
+            if out.iter().any(|x| x.name == name) {
+                return Err(at.err(format!("{what} {name:?}"), "declared twice in this file"));
+            }
+            out.push(FieldEntry { name, spec: spec.clone(), at });
+        }
+        Ok(out)
+    }
+
+    /// The seed (same seed, same transactions).
+    pub fn seed(&self) -> u64 {
+        self.seed
+    }
+
+    /// The same scenario with another seed (the CLI's `--seed` overrides the file's).
+    pub fn with_seed(mut self, seed: u64) -> Scenario {
+        self.seed = seed;
+        self
+    }
+
+    /// The file it was loaded from.
+    pub fn file(&self) -> &Path {
+        &self.file
+    }
+}
+
+/// Entries of `over` replace those of `base` with the same name in place; the others
+/// are appended.
+fn merge<T>(base: &mut Vec<T>, over: Vec<T>, name: impl Fn(&T) -> &String) {
+    for e in over {
+        match base.iter().position(|b| name(b) == name(&e)) {
+            Some(i) => base[i] = e,
+            None => base.push(e),
+        }
+    }
+}
+
+// ── Compiled generators ──────────────────────────────────────────────────────────
+
+/// Cumulative weights: draws an index with probability proportional to its weight.
+#[derive(Debug, Clone)]
+struct Pick {
+    cum: Vec<f64>,
+}
+
+impl Pick {
+    fn new(weights: &[f64]) -> Result<Pick, String> {
+        let mut cum = Vec::with_capacity(weights.len());
+        let mut total = 0.0;
+        for w in weights {
+            if !(w.is_finite() && *w >= 0.0) {
+                return Err(format!("expected weights ≥ 0, got {w}"));
+            }
+            total += w;
+            cum.push(total);
+        }
+        // Every weight is finite and ≥ 0, so the total is too.
+        if total <= 0.0 {
+            return Err("expected at least one weight > 0".into());
+        }
+        Ok(Pick { cum })
+    }
+
+    fn draw<R: Rng>(&self, rng: &mut R) -> usize {
+        let total = self.cum.last().copied().unwrap_or(0.0);
+        let u = rng.random::<f64>() * total;
+        self.cum.partition_point(|c| *c <= u).min(self.cum.len() - 1)
+    }
+}
+
+/// `format`: `{}` is the integer, `{:x}` the integer in hex.
+#[derive(Debug, Clone)]
+struct Format {
+    parts: Vec<Part>,
+}
+
+#[derive(Debug, Clone)]
+enum Part {
+    Lit(String),
+    Dec,
+    Hex,
+}
+
+impl Format {
+    fn parse(s: &str) -> Result<Format, String> {
+        let mut parts = Vec::new();
+        let mut rest = s;
+        while let Some(i) = rest.find(['{', '}']) {
+            if i > 0 {
+                parts.push(Part::Lit(rest[..i].to_string()));
+            }
+            rest = &rest[i..];
+            if let Some(r) = rest.strip_prefix("{}") {
+                parts.push(Part::Dec);
+                rest = r;
+            } else if let Some(r) = rest.strip_prefix("{:x}") {
+                parts.push(Part::Hex);
+                rest = r;
+            } else {
+                return Err(format!("`format` {s:?}: expected `{{}}` (the integer) or `{{:x}}` (in hex) and no other braces"));
             }
         }
-        Ok(())
+        if !rest.is_empty() {
+            parts.push(Part::Lit(rest.to_string()));
+        }
+        Ok(Format { parts })
+    }
+
+    fn render(&self, n: i64) -> String {
+        let mut out = String::with_capacity(24);
+        for p in &self.parts {
+            match p {
+                Part::Lit(s) => out.push_str(s),
+                Part::Dec => {
+                    let _ = write!(out, "{n}");
+                }
+                Part::Hex => {
+                    let _ = write!(out, "{n:x}");
+                }
+            }
+        }
+        out
     }
 }
 
-const COUNTRIES: [&str; 10] = ["US", "US", "US", "US", "GB", "DE", "FR", "CA", "ES", "NL"];
-const FAR_COUNTRIES: [&str; 6] = ["NG", "RU", "BR", "VN", "ID", "UA"];
-const COMMON_MCC: [u16; 12] = [5411, 5812, 5541, 5311, 5912, 5999, 4111, 5814, 5732, 4121, 7011, 5691];
-const RISKY_MCC: [u16; 4] = [7995, 6051, 4829, 5967];
-
-/// What kind of fraud an episode simulates.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Pattern {
-    /// Many tiny e-commerce payments on one card, different merchants.
-    CardTesting,
-    /// One card used in several far-away countries in a row.
-    GeoHopping,
-    /// A big payment at a high-risk merchant category.
-    RiskyMerchant,
-    /// A brand-new card spending big.
-    NewCardBigSpend,
-    /// Cash withdrawals abroad.
-    AtmAbroad,
+/// What an integer draw becomes.
+#[derive(Debug, Clone)]
+enum IntOut {
+    Int,
+    Str(Format),
 }
 
-struct Episode {
-    card: u64,
-    pattern: Pattern,
+impl IntOut {
+    fn value(&self, n: i64) -> Value {
+        match self {
+            IntOut::Int => Value::Int(n),
+            IntOut::Str(f) => Value::Str(f.render(n)),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+enum IntDraw {
+    Zipf { dist: Zipf<f64>, n: i64 },
+    Uniform { dist: Uniform<i64>, lo: i64, hi: i64 },
+}
+
+impl IntDraw {
+    fn sample<R: Rng>(&self, rng: &mut R) -> i64 {
+        match self {
+            IntDraw::Zipf { dist, n } => (dist.sample(rng) as i64).clamp(1, *n),
+            IntDraw::Uniform { dist, .. } => dist.sample(rng),
+        }
+    }
+
+    /// The population's extremes.
+    fn range(&self) -> (i64, i64) {
+        match self {
+            IntDraw::Zipf { n, .. } => (1, *n),
+            IntDraw::Uniform { lo, hi, .. } => (*lo, *hi),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Node {
+    Id,
+    SendTime,
+    /// The open episode's fresh key.
+    EpisodeKey,
+    Const(Value),
+    Int { draw: IntDraw, out: IntOut },
+    Float(Uniform<f64>),
+    LogNormal { dist: LogNormal<f64>, lo: f64, hi: f64, round: bool },
+    Choice { values: Vec<Value>, pick: Pick },
+    /// `names`: an enum copied into a map entry becomes its string.
+    Copy { slot: usize, names: Option<Arc<[String]>> },
+    Mix { pick: Pick, options: Vec<Gen> },
+    /// Entries sorted by name, as [`Value::Map`] keeps them.
+    Map(Vec<(String, Gen)>),
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Per {
+    slot: usize,
+    salt: u64,
+}
+
+/// One compiled generator with its options.
+#[derive(Debug, Clone)]
+struct Gen {
+    node: Node,
+    per: Option<Per>,
+    /// Every (slot, allowed values) must hold, or the value is absent.
+    only_if: Vec<(usize, Vec<Value>)>,
+    null_share: f64,
+}
+
+impl Gen {
+    fn plain(node: Node) -> Gen {
+        Gen { node, per: None, only_if: Vec::new(), null_share: 0.0 }
+    }
+}
+
+/// A slot and its generator, in generation order.
+#[derive(Debug, Clone)]
+struct Step {
+    slot: usize,
+    generator: Gen,
+}
+
+#[derive(Debug, Clone)]
+struct EpisodeKind {
+    name: String,
+    length: u32,
+    /// Draws the fresh key of a new episode.
+    fresh: (Uniform<i64>, IntOut),
+    program: Vec<Step>,
+}
+
+#[derive(Debug)]
+struct OpenEpisode {
+    kind: usize,
+    key: Value,
     left: u32,
 }
 
-/// Makes transactions; deterministic per seed.
-pub struct Generator {
-    cfg: GenConfig,
-    run_id: String,
-    rng: StdRng,
-    cards: Zipf<f64>,
-    merchants: Zipf<f64>,
-    amount: LogNormal<f64>,
-    episodes: Vec<Episode>,
+/// What a generator may read besides the transaction so far.
+struct Cx<'a> {
+    seq: u64,
+    created_at: i64,
+    run_id: &'a str,
+    key: Option<&'a Value>,
 }
 
-impl std::fmt::Debug for Generator {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Generator").field("cfg", &self.cfg).field("run_id", &self.run_id).finish_non_exhaustive()
+/// The hash of each slot's value, computed at its first `per` read in a transaction
+/// (several fields drawn `per` the card hash it once).
+struct PerHashes<'a>(&'a mut [Option<u64>]);
+
+impl PerHashes<'_> {
+    fn of(&mut self, tx: &Tx, slot: usize) -> u64 {
+        *self.0[slot].get_or_insert_with(|| value_hash(&tx.values[slot]))
     }
 }
 
-/// A stable pseudo-random number for an entity, so a card keeps its home country,
-/// age and device across the run.
+/// A stable pseudo-random number of `x` (splitmix64's finalizer), so that a value drawn
+/// `per` an entity is the same every time.
 fn hash(x: u64, salt: u64) -> u64 {
     let mut z = x.wrapping_add(salt.wrapping_mul(0x9E37_79B9_7F4A_7C15));
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -116,173 +620,1238 @@ fn hash(x: u64, salt: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-impl Generator {
-    /// A generator; `run_id` prefixes transaction ids (`<run_id>-<seq>`).
-    pub fn new(cfg: GenConfig, run_id: &str) -> Result<Self, String> {
-        cfg.validate()?;
-        let cards = Zipf::new(cfg.cards as f64, cfg.zipf_exponent).map_err(|e| format!("cards: {e}"))?;
-        let merchants = Zipf::new(cfg.merchants as f64, cfg.zipf_exponent).map_err(|e| format!("merchants: {e}"))?;
-        let amount = LogNormal::new(cfg.median_amount.ln(), 1.0).map_err(|e| format!("median_amount: {e}"))?;
-        Ok(Generator { rng: StdRng::seed_from_u64(cfg.seed), cfg, run_id: run_id.to_string(), cards, merchants, amount, episodes: Vec::new() })
+fn bytes_hash(b: &[u8]) -> u64 {
+    let mut h = hash(b.len() as u64, 0x5CA1_AB1E);
+    for c in b.chunks(8) {
+        let mut w = [0u8; 8];
+        w[..c.len()].copy_from_slice(c);
+        h = hash(h ^ u64::from_le_bytes(w), 1);
+    }
+    h
+}
+
+fn scalar_hash(s: &Scalar) -> u64 {
+    match s {
+        Scalar::Bool(b) => hash(*b as u64, 11),
+        Scalar::Int(i) => hash(*i as u64, 12),
+        Scalar::Float(x) => hash(x.to_bits(), 13),
+        Scalar::Str(s) => bytes_hash(s.as_bytes()),
+    }
+}
+
+fn value_hash(v: &Value) -> u64 {
+    match v {
+        Value::Null => 0x0BAD_5EED,
+        Value::Bool(b) => hash(*b as u64, 2),
+        Value::Int(i) => hash(*i as u64, 3),
+        Value::Float(x) => hash(x.to_bits(), 4),
+        Value::Str(s) => bytes_hash(s.as_bytes()),
+        Value::Enum(i) => hash(u64::from(*i), 5),
+        Value::Map(m) => m.iter().fold(hash(m.len() as u64, 6), |h, (k, s)| hash(h ^ bytes_hash(k.as_bytes()) ^ scalar_hash(s).rotate_left(17), 7)),
+    }
+}
+
+fn eval<R: Rng>(g: &Gen, tx: &Tx, rng: &mut R, cx: &Cx<'_>, hashes: &mut PerHashes<'_>) -> Value {
+    for (slot, allowed) in &g.only_if {
+        if !allowed.contains(&tx.values[*slot]) {
+            return Value::Null;
+        }
+    }
+    match g.per {
+        Some(p) => draw(g, tx, &mut SmallRng::seed_from_u64(hash(hashes.of(tx, p.slot), p.salt)), cx, hashes),
+        None => draw(g, tx, rng, cx, hashes),
+    }
+}
+
+fn draw<R: Rng>(g: &Gen, tx: &Tx, rng: &mut R, cx: &Cx<'_>, hashes: &mut PerHashes<'_>) -> Value {
+    if g.null_share > 0.0 && rng.random_bool(g.null_share) {
+        return Value::Null;
+    }
+    match &g.node {
+        Node::Id => Value::Str(id(cx.run_id, cx.seq)),
+        Node::SendTime => Value::Int(cx.created_at),
+        Node::EpisodeKey => cx.key.cloned().unwrap_or(Value::Null),
+        Node::Const(v) => v.clone(),
+        Node::Int { draw, out } => out.value(draw.sample(rng)),
+        Node::Float(d) => Value::Float(d.sample(rng)),
+        Node::LogNormal { dist, lo, hi, round } => {
+            let x = dist.sample(rng).clamp(*lo, *hi);
+            if *round { Value::Int(x.round() as i64) } else { Value::Float(x) }
+        }
+        Node::Choice { values, pick } => values[pick.draw(rng)].clone(),
+        Node::Copy { slot, names } => match (&tx.values[*slot], names) {
+            (Value::Enum(i), Some(names)) => names.get(*i as usize).map_or(Value::Null, |s| Value::Str(s.clone())),
+            (v, _) => v.clone(),
+        },
+        Node::Mix { pick, options } => eval(&options[pick.draw(rng)], tx, rng, cx, hashes),
+        Node::Map(entries) => {
+            let mut out = Vec::with_capacity(entries.len());
+            for (k, g) in entries {
+                let s = match eval(g, tx, rng, cx, hashes) {
+                    Value::Bool(b) => Scalar::Bool(b),
+                    Value::Int(i) => Scalar::Int(i),
+                    Value::Float(x) => Scalar::Float(x),
+                    Value::Str(s) => Scalar::Str(s),
+                    // Null is an absent entry; compile admits no enum or map here.
+                    _ => continue,
+                };
+                out.push((k.clone(), s));
+            }
+            Value::Map(out)
+        }
+    }
+}
+
+fn id(run_id: &str, seq: u64) -> String {
+    let mut s = String::with_capacity(run_id.len() + 21);
+    s.push_str(run_id);
+    let _ = write!(s, "-{seq}");
+    s
+}
+
+// ── Compiling a scenario against a schema ────────────────────────────────────────
+
+/// What a generator makes: a field, or an entry of a map field.
+#[derive(Clone, Copy)]
+enum Target<'a> {
+    Field(&'a FieldDecl),
+    Entry(&'a FieldDecl),
+}
+
+impl Target<'_> {
+    fn optional(self) -> bool {
+        match self {
+            Target::Field(f) => f.optional,
+            Target::Entry(_) => true,
+        }
     }
 
-    /// The id of the `seq`-th transaction.
+    fn describe(self) -> String {
+        match self {
+            Target::Field(f) => format!("a{} {} field", if f.ty == FieldType::Int { "n" } else { "" }, f.ty.as_str()),
+            Target::Entry(m) => format!("an entry of the map field {:?}", m.name),
+        }
+    }
+}
+
+/// Where a generator sits: for errors, `per` salts and dependency checks.
+struct Site<'a> {
+    at: &'a Loc,
+    /// `field "device_id".options[0]`
+    label: String,
+    /// `device_id.options[0]`: salts `per` draws.
+    path: String,
+    /// Slots generated before this one.
+    placed: &'a [bool],
+    depth: usize,
+}
+
+impl Site<'_> {
+    fn err(&self, message: impl Into<String>) -> ScenarioError {
+        self.at.err(&self.label, message)
+    }
+
+    fn nested(&self, label: &str, path: &str) -> Site<'_> {
+        Site { at: self.at, label: format!("{}{label}", self.label), path: format!("{}{path}", self.path), placed: self.placed, depth: self.depth + 1 }
+    }
+}
+
+struct Compiler<'a> {
+    schema: &'a Schema,
+    seed: u64,
+    run_id: &'a str,
+}
+
+fn number(v: &toml::Value) -> Option<f64> {
+    match v {
+        toml::Value::Integer(i) => Some(*i as f64),
+        toml::Value::Float(x) if x.is_finite() => Some(*x),
+        _ => None,
+    }
+}
+
+fn check_range(f: &FieldDecl, lo: f64, hi: f64) -> Result<(), String> {
+    if let Some(m) = f.min
+        && lo < m
+    {
+        return Err(format!("draws {lo}, below the field's minimum {m}"));
+    }
+    if let Some(m) = f.max
+        && hi > m
+    {
+        return Err(format!("draws {hi}, above the field's maximum {m}"));
+    }
+    Ok(())
+}
+
+fn check_str(target: Target<'_>, s: &str) -> Result<(), String> {
+    let f = match target {
+        Target::Field(f) | Target::Entry(f) => f,
+    };
+    if s.len() > f.max_len {
+        return Err(format!("{s:?} is longer than the field's max_len {}", f.max_len));
+    }
+    if let (Target::Field(_), Some(p)) = (target, &f.pattern)
+        && !p.is_match(s)
+    {
+        let src = p.as_str();
+        let src = src.strip_prefix("^(?:").and_then(|s| s.strip_suffix(")$")).unwrap_or(src);
+        return Err(format!("{s:?} does not match the field's pattern {src:?}"));
+    }
+    Ok(())
+}
+
+/// A TOML value as a value of `target`, checked against its constraints.
+fn value_for(target: Target<'_>, v: &toml::Value) -> Result<Value, String> {
+    let f = match target {
+        Target::Entry(_) => {
+            return match v {
+                toml::Value::Boolean(b) => Ok(Value::Bool(*b)),
+                toml::Value::Integer(i) => Ok(Value::Int(*i)),
+                toml::Value::Float(x) if x.is_finite() => Ok(Value::Float(*x)),
+                toml::Value::String(s) => check_str(target, s).map(|()| Value::Str(s.clone())),
+                _ => Err(format!("expected a boolean, number or string for a map entry, got {}", v.type_str())),
+            };
+        }
+        Target::Field(f) => f,
+    };
+    match (f.ty, v) {
+        (FieldType::String, toml::Value::String(s)) => check_str(target, s).map(|()| Value::Str(s.clone())),
+        (FieldType::Int, toml::Value::Integer(i)) => check_range(f, *i as f64, *i as f64).map(|()| Value::Int(*i)),
+        (FieldType::Float, toml::Value::Integer(_) | toml::Value::Float(_)) => {
+            let x = number(v).ok_or_else(|| "expected a finite number".to_string())?;
+            check_range(f, x, x).map(|()| Value::Float(x))
+        }
+        (FieldType::Bool, toml::Value::Boolean(b)) => Ok(Value::Bool(*b)),
+        (FieldType::Timestamp, toml::Value::Integer(i)) if *i >= 0 => Ok(Value::Int(*i)),
+        (FieldType::Timestamp, toml::Value::Integer(i)) => Err(format!("expected ns since the Unix epoch (≥ 0), got {i}")),
+        (FieldType::Timestamp, toml::Value::String(s)) => actio_core::time::parse_rfc3339_ns(s).map(Value::Int).ok_or_else(|| format!("expected an RFC 3339 timestamp, got {s:?}")),
+        (FieldType::Timestamp, toml::Value::Datetime(d)) => {
+            actio_core::time::parse_rfc3339_ns(&d.to_string()).map(Value::Int).ok_or_else(|| format!("expected a full RFC 3339 date-time with offset, got {d}"))
+        }
+        (FieldType::Enum, toml::Value::String(s)) => match f.values.iter().position(|x| x == s) {
+            Some(i) => Ok(Value::Enum(i as u32)),
+            None => Err(format!("{s:?} is not one of the field's values {:?}", f.values)),
+        },
+        (FieldType::Map, _) => Err("a map field is generated by gen = \"map\"".into()),
+        _ => Err(format!("expected a {} value, got a {}", f.ty.as_str(), v.type_str())),
+    }
+}
+
+impl Compiler<'_> {
+    /// The slot of a raw field the scenario names.
+    fn raw_slot(&self, name: &str, at: &Loc, label: &str) -> Result<usize, ScenarioError> {
+        let raw: Vec<&str> = self.schema.raw_fields().iter().map(|f| f.name.as_str()).collect();
+        match self.schema.slot(name) {
+            Some(s) if s < raw.len() => Ok(s),
+            Some(_) => Err(at.err(label, format!("{name:?} is a derived field: the pipeline computes it at ingress"))),
+            None => Err(at.err(label, format!("unknown field {name:?}; the schema's raw fields: {}", raw.join(", ")))),
+        }
+    }
+
+    /// The slot of a field a generator depends on (`key` names the option), which must
+    /// be generated before it.
+    fn dependency(&self, name: &str, key: &str, site: &Site<'_>) -> Result<usize, ScenarioError> {
+        let slot = self.raw_slot(name, site.at, &format!("{}.{key}", site.label))?;
+        if !site.placed[slot] {
+            return Err(site.at.err(format!("{}.{key}", site.label), format!("{name:?} is not generated before this field; `{key}` must name an earlier field of the scenario")));
+        }
+        Ok(slot)
+    }
+
+    fn compile(&self, spec: &GenSpec, target: Target<'_>, site: &Site<'_>) -> Result<Gen, ScenarioError> {
+        if site.depth > MAX_NESTING {
+            return Err(site.err(format!("nested deeper than {MAX_NESTING} levels")));
+        }
+        let kind = spec.kind;
+        let given = [
+            ("n", spec.n.is_some()),
+            ("exponent", spec.exponent.is_some()),
+            ("format", spec.format.is_some()),
+            ("min", spec.min.is_some()),
+            ("max", spec.max.is_some()),
+            ("median", spec.median.is_some()),
+            ("sigma", spec.sigma.is_some()),
+            ("values", spec.values.is_some()),
+            ("weights", spec.weights.is_some()),
+            ("value", spec.value.is_some()),
+            ("of", spec.of.is_some()),
+            ("options", spec.options.is_some()),
+            ("entries", spec.entries.is_some()),
+        ];
+        for (key, present) in given {
+            if present && !kind.takes().contains(&key) {
+                let takes = if kind.takes().is_empty() { "no settings but per, only_if, null_share".to_string() } else { kind.takes().join(", ") };
+                return Err(site.err(format!("`{key}` does not apply to gen = {:?} (it takes {takes})", kind.as_str())));
+            }
+        }
+        let mismatch = || site.err(format!("gen = {:?} cannot make {} (it makes {})", kind.as_str(), target.describe(), kind.makes()));
+        let need = |key: &str| site.err(format!("gen = {:?} needs `{key}`", kind.as_str()));
+        let fit = |r: Result<(), String>, key: &str| r.map_err(|m| site.err(format!("`{key}`: {m}")));
+
+        let only_if = match &spec.only_if {
+            None => Vec::new(),
+            Some(conds) => {
+                if !target.optional() {
+                    return Err(site.err(format!("`only_if` applies to optional fields and map entries; this is {} the schema requires", target.describe())));
+                }
+                let mut out = Vec::new();
+                for (name, values) in conds {
+                    let slot = self.dependency(name, "only_if", site)?;
+                    let on = Target::Field(self.schema.field(slot));
+                    let values = values.iter().map(|v| value_for(on, v)).collect::<Result<Vec<_>, _>>().map_err(|m| site.err(format!("`only_if.{name}`: {m}")))?;
+                    out.push((slot, values));
+                }
+                out
+            }
+        };
+        let null_share = match spec.null_share {
+            None => 0.0,
+            Some(p) if !(0.0..=1.0).contains(&p) => return Err(site.err(format!("`null_share`: expected a share within 0..=1, got {p}"))),
+            Some(_) if !target.optional() => return Err(site.err(format!("`null_share` applies to optional fields and map entries; this is {} the schema requires", target.describe()))),
+            Some(p) => p,
+        };
+        let per = match &spec.per {
+            None => None,
+            Some(name) => Some(Per { slot: self.dependency(name, "per", site)?, salt: hash(bytes_hash(site.path.as_bytes()), self.seed) }),
+        };
+        let ty = match target {
+            Target::Field(f) => Some(f.ty),
+            Target::Entry(_) => None,
+        };
+
+        let node = match kind {
+            GenKind::Id => {
+                match ty {
+                    Some(FieldType::String) | None => {}
+                    _ => return Err(mismatch()),
+                }
+                for s in [id(self.run_id, 0), id(self.run_id, u64::MAX)] {
+                    fit(check_str(target, &s), "id")?;
+                }
+                Node::Id
+            }
+            GenKind::SendTime => match ty {
+                Some(FieldType::Timestamp) | None => Node::SendTime,
+                _ => return Err(mismatch()),
+            },
+            GenKind::Const => {
+                if ty == Some(FieldType::Map) {
+                    return Err(mismatch());
+                }
+                let v = spec.value.as_ref().ok_or_else(|| need("value"))?;
+                Node::Const(value_for(target, v).map_err(|m| site.err(format!("`value`: {m}")))?)
+            }
+            GenKind::Zipf => {
+                let out = self.int_out(spec, target, site, &mismatch, false)?;
+                let n = spec.n.ok_or_else(|| need("n"))?;
+                let exponent = spec.exponent.ok_or_else(|| need("exponent"))?;
+                if !(1..=MAX_ZIPF_N).contains(&n) {
+                    return Err(site.err(format!("`n`: expected 1..={MAX_ZIPF_N}, got {n}")));
+                }
+                if !(exponent.is_finite() && exponent >= 0.0) {
+                    return Err(site.err(format!("`exponent`: expected a number ≥ 0, got {exponent}")));
+                }
+                let dist = Zipf::new(n as f64, exponent).map_err(|e| site.err(format!("zipf: {e}")))?;
+                let draw = IntDraw::Zipf { dist, n: n as i64 };
+                self.check_ints(&draw, &out, target, site)?;
+                Node::Int { draw, out }
+            }
+            GenKind::Uniform => {
+                let lo = spec.min.as_ref().ok_or_else(|| need("min"))?;
+                let hi = spec.max.as_ref().ok_or_else(|| need("max"))?;
+                let ints = matches!((lo, hi), (toml::Value::Integer(_), toml::Value::Integer(_)));
+                let floats = ty == Some(FieldType::Float) || (ty.is_none() && !ints && spec.format.is_none());
+                if floats {
+                    let (Some(a), Some(b)) = (number(lo), number(hi)) else {
+                        return Err(site.err("`min` and `max`: expected finite numbers"));
+                    };
+                    if a > b {
+                        return Err(site.err(format!("`max` ({b}) is below `min` ({a})")));
+                    }
+                    if let Target::Field(f) = target {
+                        fit(check_range(f, a, b), "min/max")?;
+                    }
+                    Node::Float(Uniform::new_inclusive(a, b).map_err(|e| site.err(format!("uniform: {e}")))?)
+                } else {
+                    let out = self.int_out(spec, target, site, &mismatch, true)?;
+                    let (toml::Value::Integer(a), toml::Value::Integer(b)) = (lo, hi) else {
+                        return Err(site.err(format!("`min` and `max`: expected integers for {}", target.describe())));
+                    };
+                    let (a, b) = (*a, *b);
+                    if a > b {
+                        return Err(site.err(format!("`max` ({b}) is below `min` ({a})")));
+                    }
+                    if ty == Some(FieldType::Timestamp) && a < 0 {
+                        return Err(site.err(format!("`min`: expected ns since the Unix epoch (≥ 0), got {a}")));
+                    }
+                    let dist = Uniform::new_inclusive(a, b).map_err(|e| site.err(format!("uniform: {e}")))?;
+                    let draw = IntDraw::Uniform { dist, lo: a, hi: b };
+                    self.check_ints(&draw, &out, target, site)?;
+                    Node::Int { draw, out }
+                }
+            }
+            GenKind::Lognormal => {
+                let round = match ty {
+                    Some(FieldType::Int) => true,
+                    Some(FieldType::Float) | None => false,
+                    _ => return Err(mismatch()),
+                };
+                let median = spec.median.ok_or_else(|| need("median"))?;
+                let sigma = spec.sigma.unwrap_or(1.0);
+                if !(median.is_finite() && median > 0.0) {
+                    return Err(site.err(format!("`median`: expected a number > 0, got {median}")));
+                }
+                if !(sigma.is_finite() && sigma >= 0.0) {
+                    return Err(site.err(format!("`sigma`: expected a number ≥ 0, got {sigma}")));
+                }
+                let bound = |v: &Option<toml::Value>, key: &str| -> Result<Option<f64>, ScenarioError> {
+                    v.as_ref().map(|v| number(v).ok_or_else(|| site.err(format!("`{key}`: expected a finite number")))).transpose()
+                };
+                let (lo, hi) = (bound(&spec.min, "min")?, bound(&spec.max, "max")?);
+                if let (Some(a), Some(b)) = (lo, hi)
+                    && a > b
+                {
+                    return Err(site.err(format!("`max` ({b}) is below `min` ({a})")));
+                }
+                let (mut lo, mut hi) = (lo.unwrap_or(f64::NEG_INFINITY), hi.unwrap_or(f64::INFINITY));
+                if let Target::Field(f) = target {
+                    // Unbounded draws: the field's own range clamps them too.
+                    if lo.is_finite() || hi.is_finite() {
+                        fit(check_range(f, lo, hi), "min/max")?;
+                    }
+                    lo = lo.max(f.min.unwrap_or(f64::NEG_INFINITY));
+                    hi = hi.min(f.max.unwrap_or(f64::INFINITY));
+                }
+                if round {
+                    (lo, hi) = (lo.ceil(), hi.floor());
+                    if lo > hi {
+                        return Err(site.err("`min`..`max` holds no integer"));
+                    }
+                }
+                let dist = LogNormal::new(median.ln(), sigma).map_err(|e| site.err(format!("lognormal: {e}")))?;
+                Node::LogNormal { dist, lo, hi, round }
+            }
+            GenKind::Choice => {
+                if ty == Some(FieldType::Map) {
+                    return Err(mismatch());
+                }
+                let values = spec.values.as_ref().ok_or_else(|| need("values"))?;
+                if values.is_empty() {
+                    return Err(site.err("`values`: expected at least one value"));
+                }
+                let values = values.iter().enumerate().map(|(i, v)| value_for(target, v).map_err(|m| site.err(format!("`values[{i}]`: {m}")))).collect::<Result<Vec<_>, _>>()?;
+                let weights = match &spec.weights {
+                    Some(w) if w.len() != values.len() => return Err(site.err(format!("`weights`: expected one per value ({}), got {}", values.len(), w.len()))),
+                    Some(w) => w.clone(),
+                    None => vec![1.0; values.len()],
+                };
+                let pick = Pick::new(&weights).map_err(|m| site.err(format!("`weights`: {m}")))?;
+                Node::Choice { values, pick }
+            }
+            GenKind::Copy => {
+                let of = spec.of.as_ref().ok_or_else(|| need("of"))?;
+                let slot = self.dependency(of, "of", site)?;
+                let src = self.schema.field(slot);
+                match target {
+                    Target::Field(f) => {
+                        if src.ty != f.ty || src.values != f.values {
+                            return Err(site.err(format!("`of`: {of:?} is a {} field; it cannot be copied into {}", src.ty.as_str(), target.describe())));
+                        }
+                        if src.optional && !f.optional {
+                            return Err(site.err(format!("`of`: {of:?} is optional (may be absent); it cannot be copied into a required field")));
+                        }
+                        Node::Copy { slot, names: None }
+                    }
+                    Target::Entry(_) => {
+                        if src.ty == FieldType::Map {
+                            return Err(site.err(format!("`of`: {of:?} is a map field; a map entry holds a scalar")));
+                        }
+                        Node::Copy { slot, names: (src.ty == FieldType::Enum).then(|| src.values.clone()) }
+                    }
+                }
+            }
+            GenKind::Mix => {
+                let options = spec.options.as_ref().ok_or_else(|| need("options"))?;
+                if options.is_empty() {
+                    return Err(site.err("`options`: expected at least one option"));
+                }
+                let mut shares = Vec::with_capacity(options.len());
+                let mut gens = Vec::with_capacity(options.len());
+                for (i, o) in options.iter().enumerate() {
+                    let sub = site.nested(&format!(".options[{i}]"), &format!(".options[{i}]"));
+                    if o.name.is_some() {
+                        return Err(sub.err("`name` applies to [[field]] entries only"));
+                    }
+                    let share = o.share.ok_or_else(|| sub.err("expected a `share` (of the field's draws)"))?;
+                    if !(share.is_finite() && share >= 0.0) {
+                        return Err(sub.err(format!("`share`: expected a number ≥ 0, got {share}")));
+                    }
+                    shares.push(share);
+                    gens.push(self.compile(o, target, &sub)?);
+                }
+                let total: f64 = shares.iter().sum();
+                if (total - 1.0).abs() > 1e-6 {
+                    return Err(site.err(format!("`options`: the shares sum to {total}, not 1")));
+                }
+                Node::Mix { pick: Pick::new(&shares).map_err(|m| site.err(format!("`options`: {m}")))?, options: gens }
+            }
+            GenKind::Map => {
+                let Target::Field(f) = target else { return Err(mismatch()) };
+                if f.ty != FieldType::Map {
+                    return Err(mismatch());
+                }
+                let entries = spec.entries.as_ref().ok_or_else(|| need("entries"))?;
+                if entries.len() > f.max_entries {
+                    return Err(site.err(format!("`entries`: {} entries, more than the field's max_entries {}", entries.len(), f.max_entries)));
+                }
+                let mut out = Vec::with_capacity(entries.len());
+                for (k, e) in entries {
+                    if e.name.is_some() {
+                        return Err(site.err(format!("`entries.{k}.name`: the entry's name is its key; `name` applies to [[field]] entries only")));
+                    }
+                    out.push((k.clone(), self.entry(f, k, e, site)?));
+                }
+                Node::Map(out)
+            }
+        };
+        Ok(Gen { node, per, only_if, null_share })
+    }
+
+    /// A generator of entry `key` of map field `map`.
+    fn entry(&self, map: &FieldDecl, key: &str, spec: &GenSpec, site: &Site<'_>) -> Result<Gen, ScenarioError> {
+        let sub = site.nested(&format!(".entries.{key}"), &format!(".{key}"));
+        if key.is_empty() || key.len() > map.max_key_len {
+            return Err(sub.err(format!("an entry name must be 1..={} bytes", map.max_key_len)));
+        }
+        if spec.share.is_some() {
+            return Err(sub.err("`share` applies to the options of a gen = \"mix\" only"));
+        }
+        self.compile(spec, Target::Entry(map), &sub)
+    }
+
+    /// What an integer draw becomes for `target` (`format` for strings).
+    fn int_out(&self, spec: &GenSpec, target: Target<'_>, site: &Site<'_>, mismatch: &dyn Fn() -> ScenarioError, timestamps: bool) -> Result<IntOut, ScenarioError> {
+        let format = || Format::parse(spec.format.as_deref().unwrap_or("{}")).map_err(|m| site.err(m));
+        match target {
+            Target::Field(f) => match f.ty {
+                FieldType::String => Ok(IntOut::Str(format()?)),
+                FieldType::Int | FieldType::Timestamp if spec.format.is_some() => Err(site.err(format!("`format` applies to string fields and map entries, not to {}", target.describe()))),
+                FieldType::Int => Ok(IntOut::Int),
+                FieldType::Timestamp if timestamps => Ok(IntOut::Int),
+                _ => Err(mismatch()),
+            },
+            Target::Entry(_) if spec.format.is_some() => Ok(IntOut::Str(format()?)),
+            Target::Entry(_) => Ok(IntOut::Int),
+        }
+    }
+
+    /// The extremes of an integer draw fit `target`.
+    fn check_ints(&self, draw: &IntDraw, out: &IntOut, target: Target<'_>, site: &Site<'_>) -> Result<(), ScenarioError> {
+        let (lo, hi) = draw.range();
+        Self::check_extremes(lo, hi, out, target).map_err(|m| site.err(m))
+    }
+
+    fn check_extremes(lo: i64, hi: i64, out: &IntOut, target: Target<'_>) -> Result<(), String> {
+        match (out, target) {
+            (IntOut::Str(f), _) => {
+                for n in [lo, hi] {
+                    check_str(target, &f.render(n))?;
+                }
+                Ok(())
+            }
+            (IntOut::Int, Target::Field(f)) => check_range(f, lo as f64, hi as f64),
+            (IntOut::Int, Target::Entry(_)) => Ok(()),
+        }
+    }
+}
+
+// ── The generator ────────────────────────────────────────────────────────────────
+
+/// Makes the transactions of a scenario; deterministic per seed.
+pub struct Generator {
+    schema: Arc<Schema>,
+    run_id: String,
+    rng: StdRng,
+    normal: Vec<Step>,
+    kinds: Vec<EpisodeKind>,
+    /// Picks the kind of a new episode (None without episodes).
+    pick_kind: Option<Pick>,
+    episode_share: f64,
+    open: Vec<OpenEpisode>,
+    /// Map slots: an absent map is an empty one (as JSON ingress decodes it).
+    map_slots: Vec<usize>,
+    /// Scratch for [`PerHashes`], one entry per slot.
+    hashes: Vec<Option<u64>>,
+    file: PathBuf,
+}
+
+impl std::fmt::Debug for Generator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Generator")
+            .field("scenario", &self.file)
+            .field("run_id", &self.run_id)
+            .field("fields", &self.normal.len())
+            .field("episodes", &self.kinds.iter().map(|k| k.name.as_str()).collect::<Vec<_>>())
+            .field("open_episodes", &self.open.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Generator {
+    /// Checks `scenario` against `schema` and compiles it: every field it names exists
+    /// and its generator fits the field's type, every required raw field has a
+    /// generator, and `per`, `copy` and `only_if` name earlier fields. `run_id`
+    /// prefixes the transaction ids. Errors name the scenario file and field.
+    pub fn new(schema: Arc<Schema>, scenario: &Scenario, run_id: &str) -> Result<Generator, ScenarioError> {
+        let c = Compiler { schema: &schema, seed: scenario.seed, run_id };
+        let n_slots = schema.fields().len();
+        let placed_before = |steps: &[Step]| {
+            let mut placed = vec![false; n_slots];
+            for s in steps {
+                placed[s.slot] = true;
+            }
+            placed
+        };
+        let mut normal: Vec<Step> = Vec::with_capacity(scenario.fields.len());
+        for fe in &scenario.fields {
+            let label = format!("field {:?}", fe.name);
+            let slot = c.raw_slot(&fe.name, &fe.at, &label)?;
+            let placed = placed_before(&normal);
+            let site = Site { at: &fe.at, label, path: fe.name.clone(), placed: &placed, depth: 0 };
+            let generator = c.compile(&fe.spec, Target::Field(schema.field(slot)), &site)?;
+            normal.push(Step { slot, generator });
+        }
+        let placed = placed_before(&normal);
+        if let Some(f) = schema.raw_fields().iter().enumerate().find(|(slot, f)| !f.optional && !placed[*slot]).map(|(_, f)| f) {
+            return Err(ScenarioError {
+                file: scenario.file.clone(),
+                line: None,
+                field: format!("field {:?}", f.name),
+                message: format!("the schema requires this {} field but the scenario has no generator for it; add a [[field]]", f.ty.as_str()),
+            });
+        }
+        let mut kinds = Vec::with_capacity(scenario.episodes.len());
+        for ep in &scenario.episodes {
+            kinds.push(Self::episode(&c, ep, &normal, &placed_before)?);
+        }
+        if scenario.episode_share > 0.0 && kinds.is_empty() {
+            let at = scenario.episode_share_at.clone().unwrap_or(Loc { file: Arc::from(scenario.file.as_path()), line: None });
+            return Err(at.err("episode_share", "episodes need at least one [[episode]]"));
+        }
+        let pick_kind = if kinds.is_empty() {
+            None
+        } else {
+            let weights: Vec<f64> = scenario.episodes.iter().map(|e| e.weight).collect();
+            Some(Pick::new(&weights).map_err(|m| ScenarioError { file: scenario.file.clone(), line: None, field: "episode".into(), message: m })?)
+        };
+        let map_slots = schema.raw_fields().iter().enumerate().filter(|(_, f)| f.ty == FieldType::Map).map(|(s, _)| s).collect();
+        Ok(Generator {
+            run_id: run_id.to_string(),
+            rng: StdRng::seed_from_u64(scenario.seed),
+            normal,
+            kinds,
+            pick_kind,
+            episode_share: scenario.episode_share,
+            open: Vec::new(),
+            map_slots,
+            hashes: vec![None; n_slots],
+            file: scenario.file.clone(),
+            schema,
+        })
+    }
+
+    /// Compiles an episode: the normal program with the key taking the episode's fresh
+    /// value and the overrides in place of what they name.
+    fn episode(c: &Compiler<'_>, ep: &EpisodeEntry, normal: &[Step], placed_before: &dyn Fn(&[Step]) -> Vec<bool>) -> Result<EpisodeKind, ScenarioError> {
+        let schema = c.schema;
+        let label = format!("episode {:?}", ep.name);
+        let key_label = format!("{label}.key");
+        let key_slot = c.raw_slot(&ep.key, &ep.at, &key_label)?;
+        let mut program: Vec<Step> = normal.to_vec();
+        let Some(kpos) = program.iter().position(|s| s.slot == key_slot) else {
+            return Err(ep.at.err(key_label, format!("{:?} has no generator in the scenario; the key must be a generated field", ep.key)));
+        };
+        let Node::Int { draw, out } = &program[kpos].generator.node else {
+            return Err(ep.at.err(key_label, format!("{:?} must be generated by gen = \"zipf\" or \"uniform\" (integers), whose population leaves fresh values outside it", ep.key)));
+        };
+        let (lo, hi) = draw.range();
+        let fresh_hi = (hi - lo).checked_add(1).and_then(|size| hi.checked_add(size)).ok_or_else(|| ep.at.err(&key_label, "the key's population is too large to draw fresh values beyond it"))?;
+        Compiler::check_extremes(hi + 1, fresh_hi, out, Target::Field(schema.field(key_slot)))
+            .map_err(|m| ep.at.err(&key_label, format!("fresh keys ({}..={fresh_hi}) do not fit the field: {m}", hi + 1)))?;
+        let fresh_dist = Uniform::new_inclusive(hi + 1, fresh_hi).map_err(|e| ep.at.err(&key_label, e.to_string()))?;
+        let fresh = (fresh_dist, out.clone());
+        program[kpos] = Step { slot: key_slot, generator: Gen::plain(Node::EpisodeKey) };
+
+        for fe in &ep.fields {
+            let flabel = format!("{label}.field {:?}", fe.name);
+            let (field, entry) = match fe.name.split_once('.') {
+                Some((m, e)) => (m, Some(e)),
+                None => (fe.name.as_str(), None),
+            };
+            let slot = c.raw_slot(field, &fe.at, &flabel)?;
+            if slot == key_slot {
+                return Err(fe.at.err(flabel, "this is the episode's key (it takes the episode's fresh value); it cannot also be overridden"));
+            }
+            let pos = program.iter().position(|s| s.slot == slot);
+            let placed = placed_before(&program[..pos.unwrap_or(program.len())]);
+            let decl = schema.field(slot);
+            match entry {
+                None => {
+                    let site = Site { at: &fe.at, label: flabel, path: fe.name.clone(), placed: &placed, depth: 0 };
+                    let generator = c.compile(&fe.spec, Target::Field(decl), &site)?;
+                    match pos {
+                        Some(p) => program[p].generator = generator,
+                        None => program.push(Step { slot, generator }),
+                    }
+                }
+                Some(key) => {
+                    if decl.ty != FieldType::Map {
+                        return Err(fe.at.err(flabel, format!("{field:?} is a {} field; `<field>.<entry>` names an entry of a map field", decl.ty.as_str())));
+                    }
+                    let site = Site { at: &fe.at, label: format!("{label}.field {field:?}"), path: field.to_string(), placed: &placed, depth: 0 };
+                    let generator = c.entry(decl, key, &fe.spec, &site)?;
+                    match pos {
+                        Some(p) => {
+                            let Node::Map(entries) = &mut program[p].generator.node else {
+                                return Err(fe.at.err(flabel, format!("{field:?} is not generated by gen = \"map\"; its entries cannot be overridden")));
+                            };
+                            match entries.binary_search_by(|(k, _)| k.as_str().cmp(key)) {
+                                Ok(i) => entries[i].1 = generator,
+                                Err(i) => entries.insert(i, (key.to_string(), generator)),
+                            }
+                            if entries.len() > decl.max_entries {
+                                return Err(fe.at.err(flabel, format!("more entries than the field's max_entries {}", decl.max_entries)));
+                            }
+                        }
+                        None => program.push(Step { slot, generator: Gen::plain(Node::Map(vec![(key.to_string(), generator)])) }),
+                    }
+                }
+            }
+        }
+        Ok(EpisodeKind { name: ep.name.clone(), length: ep.length, fresh, program })
+    }
+
+    /// The id of the `seq`-th transaction: `<run_id>-<seq>`.
     pub fn id_of(&self, seq: u64) -> String {
-        format!("{}-{seq}", self.run_id)
+        id(&self.run_id, seq)
     }
 
     /// The `seq`-th transaction, created at `created_at` (ns; the intended send time).
-    pub fn next(&mut self, seq: u64, created_at: i64) -> Transaction {
-        // Fraud episodes interleave with normal traffic.
-        if self.rng.random_bool(self.cfg.fraud_share) {
-            if self.episodes.len() < 16 {
-                let pattern = match self.rng.random_range(0..5) {
-                    0 => Pattern::CardTesting,
-                    1 => Pattern::GeoHopping,
-                    2 => Pattern::RiskyMerchant,
-                    3 => Pattern::NewCardBigSpend,
-                    _ => Pattern::AtmAbroad,
-                };
-                let left = match pattern {
-                    Pattern::CardTesting => 12,
-                    Pattern::GeoHopping => 5,
-                    Pattern::AtmAbroad => 3,
-                    _ => 1,
-                };
-                let card = self.rng.random_range(0..self.cfg.cards) + self.cfg.cards; // cards outside the normal range
-                self.episodes.push(Episode { card, pattern, left });
-            }
-            let i = self.rng.random_range(0..self.episodes.len());
-            let (card, pattern) = (self.episodes[i].card, self.episodes[i].pattern);
-            self.episodes[i].left -= 1;
-            if self.episodes[i].left == 0 {
-                self.episodes.swap_remove(i);
-            }
-            return self.fraud(seq, created_at, card, pattern);
-        }
-        let card = self.cards.sample(&mut self.rng) as u64;
-        let mut tx = self.normal(seq, created_at, card);
-        if self.rng.random_bool(self.cfg.cross_border_share) {
-            tx.country = COUNTRIES[self.rng.random_range(0..COUNTRIES.len())].to_string();
-        }
-        tx
-    }
-
-    fn normal(&mut self, seq: u64, created_at: i64, card: u64) -> Transaction {
-        let home = COUNTRIES[(hash(card, 1) % COUNTRIES.len() as u64) as usize];
-        let merchant = self.merchants.sample(&mut self.rng) as u64;
-        let channel = match self.rng.random_range(0..100) {
-            0..=54 => Channel::Pos,
-            55..=92 => Channel::Ecom,
-            93..=97 => Channel::Atm,
-            _ => Channel::Moto,
+    /// Deterministic per seed. Derived slots are left null: the pipeline computes them
+    /// at ingress.
+    pub fn next(&mut self, seq: u64, created_at: i64) -> Tx {
+        let mut tx = self.schema.empty();
+        let episode = if self.episode_share > 0.0 && self.rng.random_bool(self.episode_share) { self.episode_turn() } else { None };
+        let (program, key) = match &episode {
+            Some((kind, key)) => (&self.kinds[*kind].program, Some(key)),
+            None => (&self.normal, None),
         };
-        let amount = self.amount.sample(&mut self.rng).clamp(0.5, 20_000.0);
-        let device = (channel == Channel::Ecom).then(|| {
-            // Mostly the card's usual device; now and then a new one.
-            let n = if self.rng.random_bool(0.97) { 0 } else { self.rng.random_range(1..1000) };
-            format!("dev-{:x}-{n}", hash(card, 2) & 0xffff_ffff)
-        });
-        let ip_country = (channel == Channel::Ecom).then(|| if self.rng.random_bool(0.98) { home.to_string() } else { COUNTRIES[self.rng.random_range(0..COUNTRIES.len())].to_string() });
-        let mut attrs = std::collections::BTreeMap::new();
-        if channel == Channel::Ecom {
-            attrs.insert("three_ds".to_string(), AttrValue::Bool(self.rng.random_bool(0.7)));
+        let cx = Cx { seq, created_at, run_id: &self.run_id, key };
+        self.hashes.fill(None);
+        let mut hashes = PerHashes(&mut self.hashes);
+        for step in program {
+            let v = eval(&step.generator, &tx, &mut self.rng, &cx, &mut hashes);
+            tx.values[step.slot] = v;
         }
-        Transaction {
-            id: self.id_of(seq),
-            card_id: format!("card-{card}"),
-            account_id: format!("acct-{}", hash(card, 3) % (self.cfg.cards / 2 + 1)),
-            device_id: device,
-            merchant_id: format!("m-{merchant}"),
-            amount_minor: (amount * 100.0).round() as i64,
-            currency: "USD".into(),
-            mcc: COMMON_MCC[(hash(merchant, 4) % COMMON_MCC.len() as u64) as usize],
-            country: home.to_string(),
-            card_country: home.to_string(),
-            ip_country,
-            channel,
-            card_age_days: (30 + hash(card, 5) % 3000) as u32,
-            created_at,
-            attrs,
-        }
-    }
-
-    fn fraud(&mut self, seq: u64, created_at: i64, card: u64, pattern: Pattern) -> Transaction {
-        let mut tx = self.normal(seq, created_at, card);
-        tx.attrs.insert("synthetic_fraud".into(), AttrValue::Str(format!("{pattern:?}")));
-        let far = FAR_COUNTRIES[self.rng.random_range(0..FAR_COUNTRIES.len())].to_string();
-        match pattern {
-            Pattern::CardTesting => {
-                tx.channel = Channel::Ecom;
-                tx.amount_minor = self.rng.random_range(50..300);
-                tx.merchant_id = format!("m-{}", self.rng.random_range(0..self.cfg.merchants));
-                tx.mcc = 5999;
-                tx.device_id = Some(format!("dev-{:x}", self.rng.random::<u32>()));
-                tx.ip_country = Some(far);
-            }
-            Pattern::GeoHopping => {
-                tx.channel = Channel::Pos;
-                tx.country = far;
-                tx.amount_minor = self.rng.random_range(20_000..150_000);
-            }
-            Pattern::RiskyMerchant => {
-                tx.mcc = RISKY_MCC[self.rng.random_range(0..RISKY_MCC.len())];
-                tx.amount_minor = self.rng.random_range(100_000..500_000);
-                tx.channel = Channel::Ecom;
-                tx.ip_country = Some(far);
-            }
-            Pattern::NewCardBigSpend => {
-                tx.card_age_days = self.rng.random_range(0..5);
-                tx.amount_minor = self.rng.random_range(200_000..900_000);
-                tx.mcc = 5732;
-            }
-            Pattern::AtmAbroad => {
-                tx.channel = Channel::Atm;
-                tx.device_id = None;
-                tx.ip_country = None;
-                tx.mcc = 6011;
-                tx.country = far;
-                tx.amount_minor = self.rng.random_range(20_000..100_000);
+        for slot in &self.map_slots {
+            if tx.values[*slot] == Value::Null {
+                tx.values[*slot] = Value::Map(Vec::new());
             }
         }
         tx
+    }
+
+    /// The episode that takes this transaction, and its key: a new one while fewer
+    /// than [`MAX_OPEN_EPISODES`] run, then one of the open ones at random.
+    fn episode_turn(&mut self) -> Option<(usize, Value)> {
+        let pick = self.pick_kind.as_ref()?;
+        if self.open.len() < MAX_OPEN_EPISODES {
+            let kind = pick.draw(&mut self.rng);
+            let k = &self.kinds[kind];
+            let key = k.fresh.1.value(k.fresh.0.sample(&mut self.rng));
+            self.open.push(OpenEpisode { kind, key, left: k.length });
+        }
+        let i = self.rng.random_range(0..self.open.len());
+        self.open[i].left -= 1;
+        if self.open[i].left == 0 {
+            let e = self.open.swap_remove(i);
+            return Some((e.kind, e.key));
+        }
+        Some((self.open[i].kind, self.open[i].key.clone()))
     }
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 mod tests {
     use super::*;
     use std::collections::HashMap;
 
-    #[test]
-    fn same_seed_same_transactions_and_all_valid() {
-        let mut a = Generator::new(GenConfig::default(), "r").unwrap();
-        let mut b = Generator::new(GenConfig::default(), "r").unwrap();
-        for i in 0..5000 {
-            let ta = a.next(i, 1_000 + i as i64);
-            assert_eq!(ta, b.next(i, 1_000 + i as i64));
-            ta.validate().unwrap_or_else(|e| panic!("{e}: {ta:?}"));
+    fn fraud_dir() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../pipelines/fraud")
+    }
+
+    fn fraud_schema() -> Arc<Schema> {
+        Arc::new(Schema::load(&fraud_dir().join("schema.toml")).unwrap())
+    }
+
+    fn fraud(scenario: &str) -> (Arc<Schema>, Generator) {
+        let schema = fraud_schema();
+        let sc = Scenario::load(&fraud_dir().join("scenarios").join(scenario)).unwrap_or_else(|e| panic!("{e}"));
+        let g = Generator::new(schema.clone(), &sc, "r").unwrap_or_else(|e| panic!("{e}"));
+        (schema, g)
+    }
+
+    fn str_of<'a>(schema: &Schema, tx: &'a Tx, name: &str) -> &'a str {
+        match &tx.values[schema.slot(name).unwrap()] {
+            Value::Str(s) => s,
+            v => panic!("{name}: {v:?}"),
         }
     }
 
+    fn episode_of(schema: &Schema, tx: &Tx) -> Option<String> {
+        match tx.values[schema.slot("attrs").unwrap()].map_get("synthetic_fraud") {
+            Some(Scalar::Str(s)) => Some(s.clone()),
+            None => None,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// The card number of `card-<n>`.
+    fn card_no(schema: &Schema, tx: &Tx) -> u64 {
+        str_of(schema, tx, "card_id").strip_prefix("card-").unwrap().parse().unwrap()
+    }
+
     #[test]
-    fn keys_are_skewed_and_fraud_is_injected() {
-        let mut g = Generator::new(GenConfig::default(), "r").unwrap();
+    fn same_seed_same_transactions_other_seed_others() {
+        let (_, mut a) = fraud("baseline.toml");
+        let (_, mut b) = fraud("baseline.toml");
+        let schema = fraud_schema();
+        let sc = Scenario::load(&fraud_dir().join("scenarios/baseline.toml")).unwrap().with_seed(7);
+        assert_eq!(sc.seed(), 7);
+        let mut c = Generator::new(schema, &sc, "r").unwrap();
+        let mut differ = 0;
+        for i in 0..5000 {
+            let ta = a.next(i, 1_000 + i as i64);
+            assert_eq!(ta, b.next(i, 1_000 + i as i64));
+            differ += (ta != c.next(i, 1_000 + i as i64)) as u32;
+        }
+        assert!(differ > 4900, "another seed, other transactions: {differ}");
+    }
+
+    #[test]
+    fn every_transaction_round_trips_through_the_schema() {
+        for scenario in ["baseline.toml", "hot-keys.toml", "fraud-wave.toml"] {
+            let (schema, mut g) = fraud(scenario);
+            let t0 = 1_795_000_000_000_000_000;
+            for i in 0..5000 {
+                let tx = g.next(i, t0 + i as i64 * 333_333);
+                assert_eq!(tx.values.len(), schema.fields().len());
+                let json = schema.encode_json(&tx);
+                let back = schema.decode_json(&json).unwrap_or_else(|e| panic!("{scenario}: {e}: {}", String::from_utf8_lossy(&json)));
+                assert_eq!(back, tx, "{scenario}: {}", String::from_utf8_lossy(&json));
+                assert_eq!(schema.id_of(&tx), g.id_of(i));
+                assert_eq!(schema.time_of(&tx), t0 + i as i64 * 333_333);
+                let derived = schema.raw_fields().len();
+                assert!(tx.values[derived..].iter().all(|v| *v == Value::Null), "derived slots are the pipeline's");
+            }
+        }
+    }
+
+    /// Every `pipelines/*/scenarios/*.toml` compiles against its pipeline's schema and
+    /// makes transactions the schema takes: adding a scenario file adds a case.
+    #[test]
+    fn every_shipped_scenario_fits_its_pipeline() {
+        let root = fraud_dir().join("..");
+        let mut checked = Vec::new();
+        for p in std::fs::read_dir(&root).unwrap() {
+            let dir = p.unwrap().path();
+            let Ok(files) = std::fs::read_dir(dir.join("scenarios")) else { continue };
+            let schema = Arc::new(Schema::load(&dir.join("schema.toml")).unwrap_or_else(|e| panic!("{e}")));
+            for f in files {
+                let f = f.unwrap().path();
+                if f.extension().is_none_or(|e| e != "toml") {
+                    continue;
+                }
+                let sc = Scenario::load(&f).unwrap_or_else(|e| panic!("{e}"));
+                let mut g = Generator::new(schema.clone(), &sc, "r").unwrap_or_else(|e| panic!("{e}"));
+                for i in 0..2000 {
+                    let tx = g.next(i, 1_795_000_000_000_000_000 + i as i64);
+                    let json = schema.encode_json(&tx);
+                    let back = schema.decode_json(&json).unwrap_or_else(|e| panic!("{}: {e}: {}", f.display(), String::from_utf8_lossy(&json)));
+                    assert_eq!(back, tx, "{}", f.display());
+                }
+                checked.push(f);
+            }
+        }
+        assert!(checked.len() >= 3, "{checked:?}");
+    }
+
+    #[test]
+    fn keys_are_skewed_and_episodes_are_two_percent() {
+        let (schema, mut g) = fraud("baseline.toml");
         let mut per_card: HashMap<String, u32> = HashMap::new();
-        let mut fraud = 0;
+        let mut episodes: HashMap<String, u32> = HashMap::new();
         let n = 100_000;
         for i in 0..n {
             let t = g.next(i, 0);
-            fraud += t.attrs.contains_key("synthetic_fraud") as u32;
-            *per_card.entry(t.card_id).or_default() += 1;
+            if let Some(e) = episode_of(&schema, &t) {
+                *episodes.entry(e).or_default() += 1;
+                assert!(card_no(&schema, &t) > 1_000_000, "episode cards are fresh: {t:?}");
+            } else {
+                assert!(card_no(&schema, &t) <= 1_000_000);
+            }
+            *per_card.entry(str_of(&schema, &t, "card_id").to_string()).or_default() += 1;
         }
         let mut counts: Vec<u32> = per_card.values().copied().collect();
         counts.sort_unstable_by(|a, b| b.cmp(a));
         // The top 1% of the card population (10,000 of 1,000,000 cards).
-        let top_1pct: u32 = counts.iter().take((GenConfig::default().cards / 100) as usize).sum();
-        let hottest = counts[0];
+        let top_1pct: u32 = counts.iter().take(10_000).sum();
         assert!(top_1pct as f64 > 0.15 * n as f64, "the top 1% of cards should carry >15% of traffic, got {top_1pct}");
-        assert!(hottest as f64 > 0.002 * n as f64, "the hottest card is hot: {hottest}");
-        assert!((1000..3000).contains(&fraud), "about 2% fraud, got {fraud}");
+        assert!(counts[0] as f64 > 0.002 * n as f64, "the hottest card is hot: {}", counts[0]);
+        let total: u32 = episodes.values().sum();
+        assert!((1700..2300).contains(&total), "about 2% episodes, got {total}");
+        // Kinds start equally often, so their traffic goes by their length (12, 5, 1, 1, 3
+        // of 22): ~1090, ~450, ~90, ~90, ~270.
+        for (name, len) in [("card_testing", 12.0), ("geo_hopping", 5.0), ("risky_merchant", 1.0), ("new_card_big_spend", 1.0), ("atm_abroad", 3.0)] {
+            let want = total as f64 * len / 22.0;
+            let got = episodes.get(name).copied().unwrap_or(0) as f64;
+            assert!((got - want).abs() < 0.35 * want + 10.0, "{name}: {got} not ~{want}: {episodes:?}");
+        }
+    }
+
+    #[test]
+    fn episodes_share_their_key_and_apply_their_overrides() {
+        let (schema, mut g) = fraud("fraud-wave.toml");
+        let mut by_card: HashMap<String, Vec<Tx>> = HashMap::new();
+        let mut n_episode = 0;
+        for i in 0..20_000 {
+            let t = g.next(i, 0);
+            if episode_of(&schema, &t).is_some() {
+                n_episode += 1;
+                by_card.entry(str_of(&schema, &t, "card_id").to_string()).or_default().push(t);
+            }
+        }
+        assert!((3600..4400).contains(&n_episode), "fraud-wave: ~20% episodes, got {n_episode}");
+        let channel = |t: &Tx| schema.json_value(t, schema.slot("channel").unwrap());
+        let (mut hops, mut too_long) = (0, 0);
+        for txs in by_card.values() {
+            let name = episode_of(&schema, &txs[0]).unwrap();
+            if txs.iter().any(|t| episode_of(&schema, t).as_deref() != Some(name.as_str())) {
+                too_long += 1; // two kinds drew the same fresh card
+                continue;
+            }
+            let len = match name.as_str() {
+                "card_testing" => 12,
+                "geo_hopping" => 5,
+                "atm_abroad" => 3,
+                _ => 1,
+            };
+            // Two episodes may draw the same fresh card (a birthday collision, rare).
+            too_long += (txs.len() > len) as u32;
+            match name.as_str() {
+                "card_testing" => {
+                    for t in txs {
+                        assert_eq!(channel(t), "ecom");
+                        assert_eq!(t.values[schema.slot("mcc").unwrap()], Value::Int(5999));
+                        assert!(t.values[schema.slot("device_id").unwrap()] != Value::Null);
+                    }
+                }
+                "atm_abroad" => {
+                    for t in txs {
+                        assert_eq!(channel(t), "atm");
+                        assert_eq!(t.values[schema.slot("device_id").unwrap()], Value::Null);
+                        assert_ne!(str_of(&schema, t, "country"), str_of(&schema, t, "card_country"));
+                    }
+                }
+                "geo_hopping" => {
+                    let countries: std::collections::HashSet<&str> = txs.iter().map(|t| str_of(&schema, t, "country")).collect();
+                    hops += (countries.len() > 1) as u32;
+                    // The home country follows the fresh card (`per`), the merchant country hops.
+                    assert!(txs.iter().all(|t| str_of(&schema, t, "card_country") == str_of(&schema, &txs[0], "card_country")));
+                }
+                _ => {}
+            }
+        }
+        assert!(hops > 10, "geo hopping hops: {hops}");
+        assert!(too_long * 100 < by_card.len() as u32, "{too_long} of {} episode cards ran longer than their episode", by_card.len());
+    }
+
+    #[test]
+    fn per_draws_are_stable_for_an_entity() {
+        let (schema, mut g) = fraud("baseline.toml");
+        let mut cards: HashMap<String, (String, Value, String)> = HashMap::new();
+        let mut mccs: HashMap<String, Value> = HashMap::new();
+        let mut countries = std::collections::HashSet::new();
+        let (mut ecom, mut usual_device) = (0, 0);
+        let mut devices: HashMap<String, HashMap<String, u32>> = HashMap::new();
+        let mut cross_border = 0;
+        for i in 0..50_000 {
+            let t = g.next(i, 0);
+            let card = str_of(&schema, &t, "card_id").to_string();
+            let home = str_of(&schema, &t, "card_country").to_string();
+            let this = (home.clone(), t.values[schema.slot("card_age_days").unwrap()].clone(), str_of(&schema, &t, "account_id").to_string());
+            countries.insert(home.clone());
+            if let Some(seen) = cards.insert(card.clone(), this.clone()) {
+                assert_eq!(seen, this, "card {card} keeps its home country, age and account");
+            }
+            let merchant = str_of(&schema, &t, "merchant_id").to_string();
+            let mcc = t.values[schema.slot("mcc").unwrap()].clone();
+            if episode_of(&schema, &t).is_none() {
+                if let Some(seen) = mccs.insert(merchant.clone(), mcc.clone()) {
+                    assert_eq!(seen, mcc, "merchant {merchant} keeps its category");
+                }
+                cross_border += (str_of(&schema, &t, "country") != home) as u32;
+                if let Value::Str(d) = &t.values[schema.slot("device_id").unwrap()] {
+                    ecom += 1;
+                    *devices.entry(card).or_default().entry(d.clone()).or_default() += 1;
+                }
+            }
+        }
+        assert!(countries.len() >= 5, "{countries:?}");
+        // 5% cross-border, of which ~4 in 5 land on another country than home.
+        assert!((1000..2500).contains(&cross_border), "cross-border: {cross_border}");
+        // ~38% ecom; on cards seen several times, one device dominates.
+        assert!((17_000..21_000).contains(&ecom), "ecom: {ecom}");
+        for d in devices.values() {
+            let n: u32 = d.values().sum();
+            usual_device += d.values().max().copied().unwrap_or(0) * (n >= 10) as u32;
+        }
+        let on_busy: u32 = devices.values().map(|d| d.values().sum::<u32>()).filter(|n| *n >= 10).sum();
+        assert!(usual_device as f64 > 0.93 * on_busy as f64, "{usual_device} of {on_busy}");
+    }
+
+    #[test]
+    fn base_entries_are_replaced_by_name() {
+        let (schema, mut g) = fraud("hot-keys.toml");
+        for i in 0..20_000 {
+            let t = g.next(i, 0);
+            let card = card_no(&schema, &t);
+            let merchant: u64 = str_of(&schema, &t, "merchant_id").strip_prefix("m-").unwrap().parse().unwrap();
+            if episode_of(&schema, &t).is_none() {
+                assert!(card <= 10_000 && merchant <= 5_000, "{card} {merchant}");
+            } else {
+                assert!((10_001..=20_000).contains(&card), "fresh keys follow the new population: {card}");
+            }
+        }
+        // In place: the order (and so what `per` sees) is the base's.
+        let hot = Scenario::load(&fraud_dir().join("scenarios/hot-keys.toml")).unwrap();
+        let base = Scenario::load(&fraud_dir().join("scenarios/baseline.toml")).unwrap();
+        let names = |s: &Scenario| s.fields.iter().map(|f| f.name.clone()).collect::<Vec<_>>();
+        assert_eq!(names(&hot), names(&base));
+        assert_eq!(hot.episodes.len(), base.episodes.len());
+        assert!(hot.file().ends_with("hot-keys.toml"));
+
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.toml"), "seed = 1\n[[field]]\nname = \"n\"\ngen = \"const\"\nvalue = 1\n[[field]]\nname = \"kind\"\ngen = \"const\"\nvalue = \"a\"\n").unwrap();
+        let b = dir.path().join("b.toml");
+        std::fs::write(&b, "base = \"a.toml\"\n[[field]]\nname = \"note\"\ngen = \"const\"\nvalue = \"x\"\n[[field]]\nname = \"n\"\ngen = \"const\"\nvalue = 2\n").unwrap();
+        let sc = Scenario::load(&b).unwrap();
+        assert_eq!(names(&sc), ["n", "kind", "note"]);
+        assert_eq!(sc.seed(), 1, "top-level keys the file leaves out come from the base");
+        assert!(matches!(&sc.fields[0].spec.value, Some(toml::Value::Integer(2))));
+    }
+
+    const TEST_SCHEMA: &str = r#"
+[record]
+id = "id"
+time = "at"
+[[field]]
+name = "id"
+type = "string"
+[[field]]
+name = "at"
+type = "timestamp"
+[[field]]
+name = "flag"
+type = "bool"
+[[field]]
+name = "n"
+type = "int"
+min = 0
+max = 100
+[[field]]
+name = "kind"
+type = "enum"
+values = ["a", "b"]
+[[field]]
+name = "note"
+type = "string"
+optional = true
+[[field]]
+name = "extra"
+type = "map"
+[decision]
+outcomes = ["ok"]
+"#;
+
+    const TEST_OK: &str = r#"
+[[field]]
+name = "id"
+gen = "id"
+[[field]]
+name = "at"
+gen = "send_time"
+[[field]]
+name = "kind"
+gen = "choice"
+values = ["a", "b"]
+[[field]]
+name = "flag"
+gen = "choice"
+values = [true, false]
+per = "kind"
+[[field]]
+name = "n"
+gen = "uniform"
+min = 0
+max = 100
+[[field]]
+name = "note"
+gen = "zipf"
+n = 10
+exponent = 1.0
+format = "note-{:x}"
+only_if = { kind = ["b"] }
+null_share = 0.5
+[[field]]
+name = "extra"
+gen = "map"
+entries = { k = { gen = "copy", of = "kind" }, t = { gen = "lognormal", median = 3.0 } }
+"#;
+
+    /// Compiles `scenario` (written to a file) against the test schema.
+    fn compile(scenario: &str) -> Result<Generator, ScenarioError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.toml");
+        std::fs::write(&path, scenario).unwrap();
+        let schema = Arc::new(Schema::from_toml(TEST_SCHEMA, Path::new("schema.toml")).unwrap());
+        let sc = Scenario::load(&path)?;
+        Generator::new(schema, &sc, "run")
+    }
+
+    fn bad(from: &str, to: &str) -> ScenarioError {
+        assert!(TEST_OK.contains(from), "{from}");
+        let e = compile(&TEST_OK.replacen(from, to, 1)).map(|_| ()).unwrap_err();
+        assert!(e.file.ends_with("s.toml"), "{e}");
+        assert!(e.to_string().starts_with(&format!("{}", e.file.display())), "{e}");
+        e
+    }
+
+    #[test]
+    fn a_small_schema_compiles_and_round_trips() {
+        let schema = Schema::from_toml(TEST_SCHEMA, Path::new("schema.toml")).unwrap();
+        let mut g = compile(TEST_OK).unwrap();
+        let (mut notes, mut flags) = (0, HashMap::new());
+        for i in 0..2000 {
+            let t = g.next(i, 10);
+            schema.decode_json(&schema.encode_json(&t)).unwrap_or_else(|e| panic!("{e}"));
+            let kind = t.values[4].clone();
+            if let Value::Str(s) = &t.values[5] {
+                assert!(s.starts_with("note-") && kind == Value::Enum(1), "{t:?}");
+                notes += 1;
+            }
+            let Value::Enum(k) = kind else { panic!("{t:?}") };
+            assert_eq!(flags.entry(k).or_insert(t.values[2].clone()), &t.values[2], "flag per kind");
+            let names = ["a", "b"];
+            assert_eq!(t.values[6].map_get("k"), Some(&Scalar::Str(names[k as usize].into())));
+            assert!(matches!(t.values[6].map_get("t"), Some(Scalar::Float(x)) if *x > 0.0));
+        }
+        assert!((300..700).contains(&notes), "half of the half with kind b: {notes}");
+
+        // A map field the scenario leaves out is an empty map, as JSON ingress has it.
+        let (without, _) = TEST_OK.split_once("[[field]]\nname = \"extra\"").unwrap();
+        let mut g = compile(without).unwrap();
+        let t = g.next(0, 10);
+        assert_eq!(t.values[6], Value::Map(Vec::new()));
+        assert_eq!(schema.decode_json(&schema.encode_json(&t)).unwrap(), t);
+    }
+
+    #[test]
+    fn scenario_errors_name_file_line_and_field() {
+        let e = bad("name = \"n\"\ngen = \"uniform\"", "name = \"nope\"\ngen = \"uniform\"");
+        assert_eq!(e.field, "field \"nope\"", "{e}");
+        assert!(e.message.contains("unknown field"), "{e}");
+        assert_eq!(e.line, Some(17), "the [[field]] header: {e}");
+        assert!(e.to_string().contains("s.toml:17: field \"nope\": unknown field"), "{e}");
+
+        let e = bad("name = \"flag\"\ngen = \"choice\"\nvalues = [true, false]", "name = \"flag\"\ngen = \"zipf\"\nn = 3\nexponent = 1.0");
+        assert_eq!(e.field, "field \"flag\"", "{e}");
+        assert!(e.message.contains("zipf") && e.message.contains("bool"), "{e}");
+
+        let e = bad("[[field]]\nname = \"n\"\ngen = \"uniform\"\nmin = 0\nmax = 100\n", "");
+        assert_eq!(e.field, "field \"n\"", "{e}");
+        assert!(e.message.contains("requires"), "{e}");
+
+        let e = bad("per = \"kind\"", "per = \"n\"");
+        assert_eq!(e.field, "field \"flag\".per", "{e}");
+        assert!(e.message.contains("earlier"), "{e}");
+
+        let e = bad("max = 100\n", "max = 100\nonly_if = { kind = [\"a\"] }\n");
+        assert_eq!(e.field, "field \"n\"", "{e}");
+        assert!(e.message.contains("only_if"), "{e}");
+
+        let e = bad("max = 100\n", "max = 101\n");
+        assert!(e.message.contains("maximum"), "{e}");
+        let e = bad("gen = \"send_time\"", "gen = \"sendtime\"");
+        assert!(e.line == Some(7) && e.message.contains("unknown variant"), "{e}");
+        let e = bad("exponent = 1.0", "exponent = 1.0\nmedian = 2.0");
+        assert!(e.field == "field \"note\"" && e.message.contains("`median` does not apply"), "{e}");
+        let e = bad("only_if = { kind = [\"b\"] }", "only_if = { kind = [\"c\"] }");
+        assert!(e.message.contains("\"c\""), "{e}");
+        let e = bad("of = \"kind\"", "of = \"extra\"");
+        assert_eq!(e.field, "field \"extra\".entries.k.of", "{e}");
+        let e = bad("values = [\"a\", \"b\"]", "values = [\"a\", \"c\"]");
+        assert!(e.field == "field \"kind\"" && e.message.contains("values[1]"), "{e}");
+        let e = bad("exponent = 1.0\nformat = \"note-{:x}\"", "exponent = 1.0\nformat = \"note-{:?}\"");
+        assert!(e.message.contains("format"), "{e}");
+    }
+
+    #[test]
+    fn episode_and_base_errors_name_file_and_field() {
+        let ep = |s: &str| compile(&format!("episode_share = 0.1\n{TEST_OK}\n{s}")).map(|_| ()).unwrap_err();
+        let e = compile(&format!("episode_share = 0.1\n{TEST_OK}")).map(|_| ()).unwrap_err();
+        assert_eq!(e.field, "episode_share", "{e}");
+        let e = ep("[[episode]]\nname = \"x\"\nlength = 2\nkey = \"kind\"\n");
+        assert!(e.field == "episode \"x\".key" && e.message.contains("zipf"), "{e}");
+        let e = ep("[[episode]]\nname = \"x\"\nlength = 2\nkey = \"n\"\n");
+        assert!(e.message.contains("maximum"), "fresh keys 101..=201 exceed n's max 100: {e}");
+        let e = ep("[[episode]]\nname = \"x\"\nlength = 2\nkey = \"note\"\n[[episode.field]]\nname = \"extra.q\"\ngen = \"zipf\"\nn = 1\nexponent = 1\nper = \"nope\"\n");
+        assert!(e.field.starts_with("episode \"x\".field \"extra\".entries.q.per") && e.message.contains("unknown field"), "{e}");
+        let e = ep("[[episode]]\nname = \"x\"\nlength = 2\nkey = \"note\"\n[[episode.field]]\nname = \"flag.q\"\ngen = \"const\"\nvalue = 1\n");
+        assert!(e.message.contains("map field"), "{e}");
+        // Overrides and map entries work.
+        let mut g = compile(&format!(
+            "episode_share = 0.5\n{TEST_OK}\n[[episode]]\nname = \"x\"\nlength = 3\nkey = \"note\"\n[[episode.field]]\nname = \"extra.q\"\ngen = \"const\"\nvalue = \"x\"\n[[episode.field]]\nname = \"n\"\ngen = \"const\"\nvalue = 7\n"
+        ))
+        .unwrap();
+        let mut seen = 0;
+        for i in 0..1000 {
+            let t = g.next(i, 0);
+            if t.values[6].map_get("q").is_some() {
+                seen += 1;
+                assert_eq!(t.values[3], Value::Int(7));
+                let Value::Str(note) = &t.values[5] else { panic!("{t:?}") };
+                let k = i64::from_str_radix(note.strip_prefix("note-").unwrap(), 16).unwrap();
+                assert!((11..=20).contains(&k), "fresh key: {note}");
+            }
+        }
+        assert!((400..600).contains(&seen), "{seen}");
+
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a.toml");
+        std::fs::write(&a, "base = \"b.toml\"\n").unwrap();
+        std::fs::write(dir.path().join("b.toml"), "\n\nbase = \"a.toml\"\n").unwrap();
+        let e = Scenario::load(&a).unwrap_err();
+        assert!(e.file.ends_with("b.toml") && e.line == Some(3) && e.field == "base" && e.message.contains("cycle"), "{e}");
+        std::fs::write(&a, "base = \"missing.toml\"\n").unwrap();
+        let e = Scenario::load(&a).unwrap_err();
+        assert!(e.file.ends_with("a.toml") && e.field == "base", "{e}");
+        std::fs::write(dir.path().join("b.toml"), "[[field]]\nname = \"nope\"\ngen = \"id\"\n").unwrap();
+        std::fs::write(&a, format!("base = \"b.toml\"\n{TEST_OK}")).unwrap();
+        let schema = Arc::new(Schema::from_toml(TEST_SCHEMA, Path::new("schema.toml")).unwrap());
+        let e = Generator::new(schema, &Scenario::load(&a).unwrap(), "r").unwrap_err();
+        assert!(e.file.ends_with("b.toml") && e.line == Some(1) && e.field == "field \"nope\"", "an entry from the base names the base: {e}");
     }
 }

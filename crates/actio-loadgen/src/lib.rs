@@ -1,10 +1,11 @@
 //! actio's load generator: it offers transactions at a fixed rate, checks what comes
 //! out, and reports latency.
 //!
-//! - [`generate`]: seeded synthetic card payments with a realistic shape — Zipf-skewed
-//!   cards and merchants (with all-distinct keys, key ordering costs nothing and a
-//!   benchmark proves nothing), log-normal amounts, and injected fraud episodes so
-//!   rules actually fire.
+//! - [`generate`]: seeded synthetic transactions of any pipeline, drawn as its
+//!   scenario file (`pipelines/<name>/scenarios/*.toml`) says: a distribution per
+//!   schema field — Zipf-skewed keys (with all-distinct keys, key ordering costs
+//!   nothing and a benchmark proves nothing), log-normal amounts, values stable per
+//!   entity — and episodes of correlated traffic so rules actually fire.
 //! - [`schedule`]: open loop. The i-th transaction has an *intended* send time fixed
 //!   by the schedule; a sender that falls behind sends at once and latency still
 //!   counts from the intended time (no coordinated omission).
@@ -19,6 +20,6 @@ pub mod report;
 pub mod schedule;
 
 pub use collect::{Collector, CollectorStats};
-pub use generate::{GenConfig, Generator};
+pub use generate::{Generator, Scenario, ScenarioError};
 pub use report::{LatencySummary, RunReport, StageHistograms};
 pub use schedule::{Schedule, Sender, SenderStats};

@@ -92,15 +92,34 @@ pub struct StageReport {
     pub budget_breached: bool,
 }
 
-/// Decisions by verdict.
-#[derive(Debug, Clone, Copy, Default, Serialize)]
-pub struct DecisionCounts {
-    /// approve.
-    pub approve: u64,
-    /// review.
-    pub review: u64,
-    /// decline.
-    pub decline: u64,
+/// Decisions by outcome, in the order the pipeline's schema declares the outcomes
+/// (an outcome never decided counts 0). JSON: an object of outcome → count.
+#[derive(Debug, Clone, Default)]
+pub struct DecisionCounts(pub Vec<(String, u64)>);
+
+impl DecisionCounts {
+    /// The counts of `declared` outcomes (in that order) from `seen`; names seen but
+    /// not declared follow, so nothing is hidden.
+    pub fn new(declared: &[String], seen: &std::collections::BTreeMap<String, u64>) -> Self {
+        let mut v: Vec<(String, u64)> = declared.iter().map(|o| (o.clone(), seen.get(o).copied().unwrap_or(0))).collect();
+        v.extend(seen.iter().filter(|(k, _)| !declared.contains(k)).map(|(k, n)| (k.clone(), *n)));
+        DecisionCounts(v)
+    }
+
+    fn total(&self) -> u64 {
+        self.0.iter().map(|(_, n)| n).sum()
+    }
+}
+
+impl Serialize for DecisionCounts {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(Some(self.0.len()))?;
+        for (k, v) in &self.0 {
+            m.serialize_entry(k, v)?;
+        }
+        m.end()
+    }
 }
 
 /// A rule and how often it fired.
@@ -248,17 +267,9 @@ impl RunReport {
             let _ = writeln!(o, "retried via a retry topic {}  (of which {} decided after a later tx of their key: expected)", self.retried, self.reordered_by_retry);
         }
         let d = &self.decisions;
-        let total = (d.approve + d.review + d.decline).max(1) as f64;
-        let _ = writeln!(
-            o,
-            "decisions: approve {} ({:.1}%)  review {} ({:.1}%)  decline {} ({:.1}%)",
-            d.approve,
-            100.0 * d.approve as f64 / total,
-            d.review,
-            100.0 * d.review as f64 / total,
-            d.decline,
-            100.0 * d.decline as f64 / total
-        );
+        let total = d.total().max(1) as f64;
+        let parts: Vec<String> = d.0.iter().map(|(k, n)| format!("{k} {n} ({:.1}%)", 100.0 * *n as f64 / total)).collect();
+        let _ = writeln!(o, "decisions: {}", parts.join("  "));
         if !self.top_rule_hits.is_empty() {
             let top: Vec<String> = self.top_rule_hits.iter().take(8).map(|r| format!("{} {}", r.rule, r.count)).collect();
             let _ = writeln!(o, "top rule hits: {}", top.join(", "));
@@ -338,7 +349,9 @@ th{{background:#f3f5f9}} td:first-child,th:first-child,td:nth-child(2){{text-ali
         }
         row(&mut h, "e2e", "", &self.e2e, String::new(), false);
         let d = &self.decisions;
-        let _ = write!(h, "</table><h2>Decisions</h2><table><tr><th>approve</th><th>review</th><th>decline</th></tr><tr><td>{}</td><td>{}</td><td>{}</td></tr></table>", d.approve, d.review, d.decline);
+        let heads: String = d.0.iter().map(|(k, _)| format!("<th>{}</th>", esc(k))).collect();
+        let cells: String = d.0.iter().map(|(_, n)| format!("<td>{n}</td>")).collect();
+        let _ = write!(h, "</table><h2>Decisions</h2><table><tr>{heads}</tr><tr>{cells}</tr></table>");
         if !self.top_rule_hits.is_empty() {
             let max = self.top_rule_hits.iter().map(|r| r.count).max().unwrap_or(1).max(1);
             h.push_str("<h2>Top rule hits</h2><table><tr><th>rule</th><th>decisions</th><th></th></tr>");
@@ -427,7 +440,7 @@ mod tests {
             order_violations: 0,
             retried: 0,
             reordered_by_retry: 0,
-            decisions: DecisionCounts { approve: 8, review: 1, decline: 0 },
+            decisions: DecisionCounts(vec![("approve".into(), 8), ("review".into(), 1), ("decline".into(), 0)]),
             top_rule_hits: vec![RuleHitCount { rule: "small_amount_burst".into(), count: 3 }],
             e2e: LatencySummary::of(&e2e),
             stages: vec![stage],

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use actio_core::bus::Bytes;
-use actio_core::{Codec, Headers, OutRecord, Producer, headers};
+use actio_core::{Headers, OutRecord, Producer, Schema, Tx, headers};
 
 use crate::generate::Generator;
 
@@ -91,17 +91,18 @@ impl Sender {
         Sender { key_seq: (0..n).map(|_| AtomicU32::new(0)).collect(), stats: Arc::new(SenderStats::default()) }
     }
 
-    /// Runs the schedule to the end (or until `stop`), sending JSON transactions to
-    /// `topic`, keyed by `key_of(tx)`. `start_ns` is the wall-clock time of the
-    /// schedule's start (the intended times are `start_ns + due(i)`).
+    /// Runs the schedule to the end (or until `stop`), sending transactions to `topic`
+    /// as `schema`'s ingress JSON, keyed by `key_of(tx)`. `start_ns` is the wall-clock
+    /// time of the schedule's start (the intended times are `start_ns + due(i)`).
     #[allow(clippy::too_many_arguments)]
     pub fn run<P: Producer>(
         &self,
         producer: &P,
         topic: &str,
         generator: &mut Generator,
+        schema: &Schema,
         schedule: &Schedule,
-        key_of: impl Fn(&actio_core::Transaction) -> String,
+        key_of: impl Fn(&Tx) -> String,
         stop: &AtomicBool,
         progress: impl Fn(u64),
     ) {
@@ -132,17 +133,9 @@ impl Sender {
             let ks = per_key.entry(key.clone()).or_insert(0);
             *ks += 1;
             self.key_seq[i as usize].store(*ks, Ordering::Relaxed);
-            let payload = match Codec::Json.encode(&tx) {
-                Ok(p) => p,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot encode a generated transaction");
-                    self.stats.failed.fetch_add(1, Ordering::Relaxed);
-                    i += 1;
-                    continue;
-                }
-            };
+            let payload = schema.encode_json(&tx);
             let mut h = Headers::default();
-            h.set(headers::ID, tx.id.into_bytes());
+            h.set(headers::ID, schema.id_of(&tx).as_bytes().to_vec());
             h.set(headers::CREATED, intended_ns.to_string().into_bytes());
             let stats = self.stats.clone();
             let rec = OutRecord { topic: topic.clone(), partition: None, key: Some(Bytes::from(key.into_bytes())), payload: Bytes::from(payload), headers: h };

@@ -15,8 +15,10 @@ use toml::Spanned;
 pub struct PipelineFile {
     /// Pipeline name; consumer groups are `<name>.<stage>`.
     pub name: Spanned<String>,
-    /// Which transaction field is the message key along the chain.
-    #[serde(default)]
+    /// The schema file (the transaction's fields, derived fields, the decision),
+    /// relative to the pipeline dir.
+    pub schema: Spanned<String>,
+    /// Which transaction field(s) make the message key along the chain.
     pub key: KeyConfig,
     /// Defaults for every stage; a stage may override each.
     #[serde(default)]
@@ -36,19 +38,8 @@ pub struct PipelineFile {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KeyConfig {
-    /// Transaction field: `card_id` (default), `account_id`, `device_id` or `merchant_id`.
-    #[serde(default = "default_key_field")]
-    pub field: Spanned<String>,
-}
-
-impl Default for KeyConfig {
-    fn default() -> Self {
-        KeyConfig { field: default_key_field() }
-    }
-}
-
-fn default_key_field() -> Spanned<String> {
-    Spanned::new(0..0, "card_id".into())
+    /// Declared field(s) whose values, joined by `|`, are the key; required fields only.
+    pub fields: Spanned<Vec<String>>,
 }
 
 /// What a topic is for.

@@ -9,7 +9,9 @@
 //! checked after the input decodes and before the stage's logic runs, so a failed
 //! attempt leaves nothing behind (a velocity window is not updated twice).
 
-use actio_core::TxState;
+use std::sync::Arc;
+
+use actio_core::{Schema, TxState};
 use actio_engine::expr::{self, Node, Scope};
 use actio_runtime::HandlerError;
 
@@ -30,15 +32,16 @@ pub struct Fault {
 /// A stage's faults, in declaration order.
 #[derive(Debug, Clone, Default)]
 pub struct Faults {
-    scope: Scope,
+    /// The features known before the stage, in feature-table order.
+    features: Vec<String>,
     faults: Vec<Fault>,
 }
 
 impl Faults {
     /// Compiles `(when, kind, times)` entries; an error names the entry's index and
     /// says what is wrong with its condition.
-    pub fn compile(entries: &[(String, FaultKind, Option<u32>)], features: &[String]) -> Result<Faults, (usize, String)> {
-        let scope = Scope { features: features.to_vec() };
+    pub fn compile(entries: &[(String, FaultKind, Option<u32>)], schema: &Arc<Schema>, features: &[String]) -> Result<Faults, (usize, String)> {
+        let scope = Scope::new(schema, features);
         let faults = entries
             .iter()
             .enumerate()
@@ -47,7 +50,7 @@ impl Faults {
                 Ok(Fault { when: when.clone(), kind: *kind, times: *times, node })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(Faults { scope, faults })
+        Ok(Faults { features: scope.features, faults })
     }
 
     /// Whether there are none (the default).
@@ -67,7 +70,7 @@ impl Faults {
         if self.faults.is_empty() {
             return Ok(());
         }
-        let table = expr::feature_table(&self.scope, st);
+        let table = expr::feature_table(&self.features, st);
         for (i, f) in self.faults.iter().enumerate() {
             if f.times.is_some_and(|n| attempt > n) || !f.node.eval_bool(st, &table).unwrap_or(false) {
                 continue;
@@ -86,38 +89,29 @@ impl Faults {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use actio_core::tx::{Channel, Transaction};
     use actio_runtime::FailureKind;
 
-    fn tx(merchant: &str) -> TxState {
-        TxState::new(Transaction {
-            id: "t1".into(),
-            card_id: "c1".into(),
-            account_id: "a1".into(),
-            device_id: None,
-            merchant_id: merchant.into(),
-            amount_minor: 4200,
-            currency: "EUR".into(),
-            mcc: 5411,
-            country: "FR".into(),
-            card_country: "FR".into(),
-            ip_country: None,
-            channel: Channel::Pos,
-            card_age_days: 400,
-            created_at: 0,
-            attrs: Default::default(),
-        })
+    fn schema() -> Arc<Schema> {
+        let text = "[record]\nid = \"id\"\ntime = \"at\"\n[[field]]\nname = \"id\"\ntype = \"string\"\n[[field]]\nname = \"shop\"\ntype = \"string\"\n\
+                    [[field]]\nname = \"at\"\ntype = \"timestamp\"\n[[field]]\nname = \"attrs\"\ntype = \"map\"\n[[derived]]\nname = \"amount\"\ntype = \"float\"\ncel = \"1.0\"\n\
+                    [decision]\noutcomes = [\"ok\"]\n";
+        Arc::new(Schema::from_toml(text, std::path::Path::new("schema.toml")).unwrap())
+    }
+
+    fn tx(shop: &str) -> TxState {
+        TxState::new(schema().decode_json(format!(r#"{{"id":"t1","shop":"{shop}","at":0}}"#).as_bytes()).unwrap())
     }
 
     fn faults() -> Faults {
         Faults::compile(
             &[
-                ("tx.merchant_id == 'flaky'".into(), FaultKind::Transient, Some(2)),
-                ("tx.merchant_id == 'flaky'".into(), FaultKind::Permanent, None),
-                ("tx.merchant_id == 'bad'".into(), FaultKind::Permanent, None),
-                ("tx.merchant_id == 'boom'".into(), FaultKind::Panic, None),
+                ("tx.shop == 'flaky'".into(), FaultKind::Transient, Some(2)),
+                ("tx.shop == 'flaky'".into(), FaultKind::Permanent, None),
+                ("tx.shop == 'bad'".into(), FaultKind::Permanent, None),
+                ("tx.shop == 'boom'".into(), FaultKind::Panic, None),
                 ("tx.attrs.missing > 1".into(), FaultKind::Permanent, None),
             ],
+            &schema(),
             &[],
         )
         .unwrap()
@@ -129,7 +123,7 @@ mod tests {
         for attempt in [1, 2] {
             let e = f.check(&tx("flaky"), attempt).unwrap_err();
             assert_eq!(e.kind, FailureKind::Transient);
-            assert_eq!(e.message, format!("injected transient fault (fault[0] `tx.merchant_id == 'flaky'`, attempt {attempt})"));
+            assert_eq!(e.message, format!("injected transient fault (fault[0] `tx.shop == 'flaky'`, attempt {attempt})"));
         }
         // Past `times`, the next matching fault (permanent, every attempt) applies.
         assert_eq!(f.check(&tx("flaky"), 3).unwrap_err().kind, FailureKind::Permanent);
@@ -144,12 +138,12 @@ mod tests {
         let f = faults();
         let p = std::panic::catch_unwind(|| f.check(&tx("boom"), 1)).unwrap_err();
         let msg = p.downcast_ref::<String>().unwrap();
-        assert_eq!(msg, "injected panic (fault[3] `tx.merchant_id == 'boom'`, attempt 1)");
+        assert_eq!(msg, "injected panic (fault[3] `tx.shop == 'boom'`, attempt 1)");
     }
 
     #[test]
     fn a_bad_condition_names_its_entry() {
-        let e = Faults::compile(&[("tx.amount > 1.0".into(), FaultKind::Panic, None), ("tx.nope == 1".into(), FaultKind::Panic, None)], &[]).unwrap_err();
+        let e = Faults::compile(&[("tx.amount > 1.0".into(), FaultKind::Panic, None), ("tx.nope == 1".into(), FaultKind::Panic, None)], &schema(), &[]).unwrap_err();
         assert_eq!(e.0, 1);
         assert!(e.1.contains("nope"), "{}", e.1);
     }

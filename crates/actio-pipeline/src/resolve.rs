@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use actio_core::Codec;
+use actio_core::{Codec, KeyExtractor, Schema, SchemaError};
+use actio_engine::derive::DerivedFields;
 use actio_engine::rules::ReloadableRuleSet;
 use actio_engine::score::Model;
 use actio_engine::velocity::VelocitySpec;
@@ -100,8 +101,14 @@ pub struct Pipeline {
     pub name: String,
     /// Directory it was loaded from.
     pub dir: PathBuf,
-    /// The key field.
-    pub key_field: String,
+    /// The declared records (`schema.toml`).
+    pub schema: Arc<Schema>,
+    /// The schema's derived fields, compiled: computed once at ingress.
+    pub derived: Arc<DerivedFields>,
+    /// The key's fields, as declared.
+    pub key_fields: Vec<String>,
+    /// Builds a transaction's message key.
+    pub key: KeyExtractor,
     /// Topics, as declared.
     pub topics: Vec<Topic>,
     /// Stages, in chain order.
@@ -112,8 +119,6 @@ pub struct Pipeline {
     /// along the chain, so keys change partition index).
     pub warnings: Vec<String>,
 }
-
-const KEY_FIELDS: [&str; 4] = ["card_id", "account_id", "device_id", "merchant_id"];
 
 impl Pipeline {
     /// Loads `<dir>/pipeline.toml` (or the file itself if `path` is a file).
@@ -189,9 +194,29 @@ impl Resolver<'_> {
         if !is_name(raw.name.get_ref()) {
             self.err(&raw.name, "name", "expected a name of [a-z0-9_-] characters");
         }
-        if !KEY_FIELDS.contains(&raw.key.field.get_ref().as_str()) {
-            self.err(&raw.key.field, "key.field", format!("expected one of {KEY_FIELDS:?}"));
-        }
+        // The schema first: every other file names its fields.
+        let schema_path = self.dir.join(raw.schema.get_ref());
+        let loaded = if schema_path.is_file() {
+            Schema::load(&schema_path).map(Arc::new).map_err(|e| self.schema_error(e)).ok()
+        } else {
+            self.err(&raw.schema, "schema", format!("file {} does not exist", schema_path.display()));
+            None
+        };
+        let Some(schema) = loaded else { return Err(ConfigErrors(self.errors)) };
+        let derived = match DerivedFields::compile(&schema) {
+            Ok(d) => Arc::new(d),
+            Err(e) => {
+                self.schema_error(e);
+                return Err(ConfigErrors(self.errors));
+            }
+        };
+        let key = match schema.key(raw.key.fields.get_ref()) {
+            Ok(k) => Some(k),
+            Err(m) => {
+                self.err(&raw.key.fields, "key.fields", m);
+                None
+            }
+        };
         let mut topics: Vec<Topic> = Vec::new();
         for (i, t) in raw.topics.iter().enumerate() {
             let name = t.name.get_ref();
@@ -287,7 +312,7 @@ impl Resolver<'_> {
             let mut limits = self.limits(&raw.defaults, &s.limits, &at);
             let group = format!("{}.{}", raw.name.get_ref(), name);
             limits.retry.topic = self.retry_topic(s, &at, &topics, input.as_ref(), &group, &mut retry_of);
-            let faults = self.faults(s, &at, &features_before);
+            let faults = self.faults(s, &at, &schema, &features_before);
             let replicas = s.replicas.as_ref().map_or(1, |r| *r.get_ref());
             if let (Some(r), Some(t)) = (&s.replicas, &input)
                 && (*r.get_ref() < 1 || *r.get_ref() as i64 > t.partitions as i64)
@@ -314,16 +339,16 @@ impl Resolver<'_> {
                 }
             }
             let logic = match s.kind {
-                StageKind::Rules => s.rules.as_ref().and_then(|f| self.rules(f, &format!("{at}.rules"), &features)).map(StageLogic::Rules),
+                StageKind::Rules => s.rules.as_ref().and_then(|f| self.rules(f, &format!("{at}.rules"), &schema, &features)).map(StageLogic::Rules),
                 StageKind::Velocity => {
                     let spec = s.features.as_ref().and_then(|f| {
                         let path = self.file_at(f, &format!("{at}.features"))?;
-                        VelocitySpec::load(&path).map_err(|e| self.engine_error(&path, e)).ok().map(Arc::new)
+                        VelocitySpec::load(&path, &schema).map_err(|e| self.engine_error(&path, e)).ok().map(Arc::new)
                     });
                     if let Some(spec) = &spec {
                         features.extend(spec.feature_names());
                     }
-                    let rules = s.rules.as_ref().map(|f| self.rules(f, &format!("{at}.rules"), &features));
+                    let rules = s.rules.as_ref().map(|f| self.rules(f, &format!("{at}.rules"), &schema, &features));
                     match (spec, rules) {
                         (Some(spec), None) => Some(StageLogic::Velocity { spec, rules: None }),
                         (Some(spec), Some(Some(r))) => Some(StageLogic::Velocity { spec, rules: Some(r) }),
@@ -332,7 +357,7 @@ impl Resolver<'_> {
                 }
                 StageKind::Score => s.model.as_ref().and_then(|f| {
                     let path = self.file_at(f, &format!("{at}.model"))?;
-                    Model::load(&path, &features, &rule_ids).map_err(|e| self.engine_error(&path, e)).ok().map(Arc::new)
+                    Model::load(&path, &schema, &features, &rule_ids).map_err(|e| self.engine_error(&path, e)).ok().map(Arc::new)
                 }).map(StageLogic::Score),
             };
             let rule_sets: Vec<_> = match &logic {
@@ -390,13 +415,26 @@ impl Resolver<'_> {
                 }
             })
             .collect();
-        if !self.errors.is_empty() {
-            return Err(ConfigErrors(self.errors));
+        for (name, line) in &schema.decision().features {
+            if !features.contains(name) {
+                self.errors.push(ConfigError {
+                    file: schema.file().to_path_buf(),
+                    field: Some("decision.features".into()),
+                    line: *line,
+                    message: format!("unknown feature {name:?}; the stages compute: {}", features.join(", ")),
+                });
+            }
         }
+        let (Some(key), true) = (key, self.errors.is_empty()) else {
+            return Err(ConfigErrors(self.errors));
+        };
         Ok(Pipeline {
             name: raw.name.into_inner(),
             dir: self.dir.to_path_buf(),
-            key_field: raw.key.field.into_inner(),
+            schema,
+            derived,
+            key_fields: raw.key.fields.into_inner(),
+            key,
             topics,
             stages,
             kafka,
@@ -414,14 +452,17 @@ impl Resolver<'_> {
         }
     }
 
-    fn rules(&mut self, f: &Spanned<String>, field: &str, features: &[String]) -> Option<Arc<ReloadableRuleSet>> {
+    fn rules(&mut self, f: &Spanned<String>, field: &str, schema: &Arc<Schema>, features: &[String]) -> Option<Arc<ReloadableRuleSet>> {
         let path = self.file_at(f, field)?;
-        ReloadableRuleSet::load(&path, features).map_err(|e| self.engine_error(&path, e)).ok().map(Arc::new)
+        ReloadableRuleSet::load(&path, schema, features).map_err(|e| self.engine_error(&path, e)).ok().map(Arc::new)
     }
 
-    fn engine_error(&mut self, path: &Path, e: actio_engine::EngineError) {
-        // The engine's message already names its file, field and line.
-        self.errors.push(ConfigError { file: path.to_path_buf(), field: None, line: None, message: e.to_string() });
+    fn schema_error(&mut self, e: SchemaError) {
+        self.errors.push(ConfigError { file: e.file, field: (e.field != "-").then_some(e.field), line: e.line, message: e.message });
+    }
+
+    fn engine_error(&mut self, _path: &Path, e: actio_engine::EngineError) {
+        self.errors.push(ConfigError { file: e.file, field: e.field, line: e.line, message: e.message });
     }
 
     /// The stage's retry topic, checked: declared with role `retry`, this stage's alone
@@ -500,14 +541,14 @@ impl Resolver<'_> {
 
     /// The stage's `[[stage.fault]]` entries, compiled with the features computed
     /// before the stage (faults run before its logic).
-    fn faults(&mut self, s: &StageConfig, at: &str, features: &[String]) -> Faults {
+    fn faults(&mut self, s: &StageConfig, at: &str, schema: &Arc<Schema>, features: &[String]) -> Faults {
         for (j, f) in s.faults.iter().enumerate() {
             if let Some(t) = f.times.as_ref().filter(|t| *t.get_ref() == 0) {
                 self.err(t, format!("{at}.fault[{j}].times"), "expected at least 1 (leave it out to fail every attempt)");
             }
         }
         let entries: Vec<_> = s.faults.iter().map(|f| (f.when.get_ref().clone(), f.fail, f.times.as_ref().map(|t| *t.get_ref()))).collect();
-        match Faults::compile(&entries, features) {
+        match Faults::compile(&entries, schema, features) {
             Ok(f) => f,
             Err((j, message)) => {
                 self.err(&s.faults[j].when, format!("{at}.fault[{j}].when"), message);

@@ -1,9 +1,10 @@
 //! The stage kinds as runtime [`Handler`]s: decode the input, run the stage's logic,
 //! encode the output.
 //!
-//! Ingress topics carry JSON [`Transaction`]s (validated here, once); internal
-//! topics carry [`TxState`] in the topic's codec; the `score` stage writes a
-//! [`actio_core::Decision`]. Anything undecodable or invalid is a permanent failure:
+//! Ingress topics carry JSON transactions of the pipeline's schema (decoded straight
+//! into its slots, every constraint checked and the derived fields computed here,
+//! once); internal topics carry [`TxState`] in the topic's codec, checked against the
+//! schema's slots on arrival; the `score` stage writes a [`actio_core::Decision`]. Anything undecodable or invalid is a permanent failure:
 //! the runtime dead-letters it at once with the reason. Injected faults
 //! ([`crate::faults`]) are checked between decoding and the stage's logic.
 //!
@@ -26,7 +27,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use actio_core::bus::{Bus, BusError, Bytes, ReplayRange};
-use actio_core::{Codec, Record, TopicPartition, Transaction, TxState};
+use actio_core::{Codec, KeyExtractor, Record, Schema, TopicPartition, TxState};
+use actio_engine::derive::DerivedFields;
 use actio_engine::velocity::{VelocitySpec, VelocityState};
 use actio_runtime::{Handler, HandlerCounter, HandlerError, Output, StageSpec};
 use ahash::AHashMap;
@@ -43,7 +45,9 @@ pub struct StageHandler {
     input_codec: Codec,
     output: Arc<str>,
     output_codec: Codec,
-    key_field: String,
+    schema: Arc<Schema>,
+    derived: Arc<DerivedFields>,
+    key: KeyExtractor,
     /// Velocity state per partition: dropped with the partition on revocation.
     velocity: RwLock<AHashMap<i32, Arc<VelocityState>>>,
     /// Rule evaluations of this stage that failed, since start.
@@ -85,7 +89,9 @@ impl StageHandler {
             input_codec: input.map_or(Codec::Json, |t| t.codec),
             output: Arc::from(stage.output.as_str()),
             output_codec: output.map_or(Codec::Json, |t| t.codec),
-            key_field: pipeline.key_field.clone(),
+            schema: pipeline.schema.clone(),
+            derived: pipeline.derived.clone(),
+            key: pipeline.key.clone(),
             velocity: RwLock::new(AHashMap::new()),
             rule_errors: AtomicU64::new(0),
             restore: None,
@@ -147,12 +153,26 @@ impl StageHandler {
 
     fn decode(&self, payload: &[u8]) -> Result<TxState, HandlerError> {
         let bad = |e: &dyn std::fmt::Display| HandlerError::permanent(format!("undecodable payload: {e}"));
+        // Field "-": not even a JSON object (syntax, trailing bytes, size).
+        let invalid = |e: actio_core::InvalidField| {
+            if e.field == "-" { HandlerError::permanent(format!("undecodable payload: {}", e.problem)) } else { HandlerError::permanent(format!("invalid transaction: {e}")) }
+        };
         if self.ingress {
-            let tx: Transaction = self.input_codec.decode(payload).map_err(|e| bad(&e))?;
-            tx.validate().map_err(|e| HandlerError::permanent(format!("invalid transaction: {e}")))?;
-            Ok(TxState::new(tx))
+            let tx = match self.input_codec {
+                Codec::Json => self.schema.decode_json(payload).map_err(invalid)?,
+                Codec::Postcard => {
+                    let tx = self.input_codec.decode(payload).map_err(|e| bad(&e))?;
+                    self.schema.check(&tx).map_err(invalid)?;
+                    tx
+                }
+            };
+            let mut st = TxState::new(tx);
+            self.derived.fill(&mut st).map_err(invalid)?;
+            Ok(st)
         } else {
-            self.input_codec.decode(payload).map_err(|e| bad(&e))
+            let st: TxState = self.input_codec.decode(payload).map_err(|e| bad(&e))?;
+            self.schema.check(&st.tx).map_err(|e| bad(&e))?;
+            Ok(st)
         }
     }
 
@@ -174,16 +194,6 @@ impl StageHandler {
         }
         let held = source_partition(record, &self.stage.input).and_then(|p| self.velocity.read().get(&p).cloned());
         held.unwrap_or_else(|| Arc::new(spec.new_state()))
-    }
-
-    fn key_of(&self, st: &TxState) -> String {
-        let tx = &st.tx;
-        match self.key_field.as_str() {
-            "account_id" => tx.account_id.clone(),
-            "device_id" => tx.device_id.clone().unwrap_or_default(),
-            "merchant_id" => tx.merchant_id.clone(),
-            _ => tx.card_id.clone(),
-        }
     }
 
     /// The runtime spec of this stage.
@@ -240,7 +250,7 @@ impl Handler for StageHandler {
                 self.output_codec.encode(&st).map_err(encode_err)?.into()
             }
             StageLogic::Score(model) => {
-                let key = self.key_of(&st);
+                let key = self.key.key(&st.tx);
                 let decision = model.decide(&st, &key, &self.stage.rules_version);
                 self.output_codec.encode(&decision).map_err(encode_err)?.into()
             }
@@ -311,16 +321,24 @@ mod tests {
         (dir, pipeline)
     }
 
-    fn record(merchant: &str, attrs: &str) -> Record {
-        let json = format!(
-            r#"{{"id":"t-1","card_id":"c-1","account_id":"a-1","device_id":null,"merchant_id":"{merchant}","amount_minor":4200,"currency":"EUR","mcc":5411,"country":"FR","card_country":"FR","ip_country":null,"channel":"pos","card_age_days":400,"created_at":"2026-11-24T12:00:00Z","attrs":{attrs}}}"#
-        );
+    /// An ordinary transaction of the fraud pipeline (a golden case's), with the
+    /// map entries `attrs` and, for `chaos-<fault>`, `attrs.chaos = "<fault>"`.
+    fn record(marker: &str, attrs: &str) -> Record {
+        let case = actio_testkit::fraud().join("golden/approve-grocery-pos.json");
+        let case: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(case).unwrap()).unwrap();
+        let mut tx = case["tx"].clone();
+        let mut entries: serde_json::Map<String, serde_json::Value> = serde_json::from_str(attrs).unwrap();
+        if let Some(fault) = marker.strip_prefix("chaos-") {
+            entries.insert("chaos".into(), fault.into());
+        }
+        tx["attrs"] = entries.into();
+        let json = tx.to_string();
         Record { tp: TopicPartition::new("tx.in", 0), offset: 0, key: Some(Bytes::from_static(b"c-1")), payload: Bytes::from(json), headers: Headers::default(), timestamp_ms: None }
     }
 
-    const FAULTS: &str = "budget_ms = 5.0\n[[stage.fault]]\nwhen = \"tx.merchant_id == 'chaos-transient'\"\nfail = \"transient\"\ntimes = 2\n\
-        [[stage.fault]]\nwhen = \"tx.merchant_id == 'chaos-permanent'\"\nfail = \"permanent\"\n\
-        [[stage.fault]]\nwhen = \"tx.merchant_id == 'chaos-panic'\"\nfail = \"panic\"\n";
+    const FAULTS: &str = "budget_ms = 5.0\n[[stage.fault]]\nwhen = \"tx.attrs.chaos == 'transient'\"\nfail = \"transient\"\ntimes = 2\n\
+        [[stage.fault]]\nwhen = \"tx.attrs.chaos == 'permanent'\"\nfail = \"permanent\"\n\
+        [[stage.fault]]\nwhen = \"tx.attrs.chaos == 'panic'\"\nfail = \"panic\"\n";
 
     #[test]
     fn injected_faults_fail_the_attempts_they_name_and_nothing_else() {

@@ -186,3 +186,67 @@ fn faults_compile_with_the_features_known_before_the_stage() {
     let (_d, e) = broken("pipeline.toml", |t| in_stage(&t, 0, "[[stage.fault]]\nwhen = \"true\"\nfail = \"panic\"\nrate = 0.1\n"));
     assert!(e.contains("unknown field `rate`"), "{e}");
 }
+
+// ── the declared schema: every name the other files use is checked against it ────
+
+/// `e` names `file` with a line and mentions each of `words`.
+fn names(e: &str, file: &str, words: &[&str]) {
+    assert!(e.contains(&format!("{file}:")), "no {file}:<line> in: {e}");
+    for w in words {
+        assert!(e.contains(w), "{w:?} not in: {e}");
+    }
+}
+
+#[test]
+fn an_unknown_field_type_in_the_schema_names_file_line_and_field() {
+    let (_d, e) = broken("schema.toml", |t| t.replacen("type = \"int\"", "type = \"decimal\"", 1));
+    names(&e, "schema.toml", &["field \"amount_minor\".type", "unknown type \"decimal\""]);
+}
+
+#[test]
+fn a_derived_field_that_does_not_compile_or_has_the_wrong_type_is_named() {
+    let (_d, e) = broken("schema.toml", |t| t.replace("cel = \"double(tx.amount_minor) / 100.0\"", "cel = \"double(tx.amount_minor) /\""));
+    names(&e, "schema.toml", &["derived \"amount\".cel", "CEL syntax"]);
+    let (_d, e) = broken("schema.toml", |t| t.replace("cel = \"double(tx.amount_minor) / 100.0\"", "cel = \"tx.amount_minor / 100\""));
+    names(&e, "schema.toml", &["derived \"amount\".cel", "declared float but the expression gives int"]);
+}
+
+#[test]
+fn a_rule_on_an_undeclared_or_mistyped_field_is_named() {
+    let (_d, e) = broken("rules.toml", |t| t.replacen("tx.channel == 'ecom' && tx.amount < 2.0", "tx.chanel == 'ecom'", 1));
+    names(&e, "rules.toml", &["rule \"micro_ecom\".when", "unknown transaction field `tx.chanel`"]);
+    let (_d, e) = broken("rules.toml", |t| t.replacen("tx.channel == 'ecom' && tx.amount < 2.0", "tx.currency > 2.0", 1));
+    names(&e, "rules.toml", &["rule \"micro_ecom\".when", "cannot compare string (field `tx.currency`) with double"]);
+}
+
+#[test]
+fn a_window_on_an_undeclared_field_is_named() {
+    let (_d, e) = broken("velocity.toml", |t| t.replacen("key = \"card_id\"", "key = \"card\"", 1));
+    names(&e, "velocity.toml", &["feature[0].key", "unknown field \"card\""]);
+    let (_d, e) = broken("velocity.toml", |t| t.replacen("field = \"amount\"", "field = \"currency\"", 1));
+    names(&e, "velocity.toml", &[".field", "needs a numeric field"]);
+}
+
+#[test]
+fn an_undeclared_key_is_named() {
+    let (_d, e) = broken("pipeline.toml", |t| t.replace("fields = [\"card_id\"]", "fields = [\"card\"]"));
+    names(&e, "pipeline.toml", &["key.fields", "unknown field \"card\""]);
+    let (_d, e) = broken("pipeline.toml", |t| t.replace("fields = [\"card_id\"]", "fields = [\"device_id\"]"));
+    names(&e, "pipeline.toml", &["key.fields", "must be required"]);
+}
+
+#[test]
+fn a_decision_field_or_feature_that_does_not_exist_is_named() {
+    let (_d, e) = broken("schema.toml", |t| t.replace("outcomes = [\"approve\", \"review\", \"decline\"]", "outcomes = [\"approve\", \"review\", \"decline\"]\nfields = [\"card_id\", \"cvv\"]"));
+    names(&e, "schema.toml", &["decision.fields[1]", "unknown field \"cvv\""]);
+    let (_d, e) = broken("schema.toml", |t| t.replace("outcomes = [\"approve\", \"review\", \"decline\"]", "outcomes = [\"approve\", \"review\", \"decline\"]\nfeatures = [\"card_tx_1y\"]"));
+    names(&e, "schema.toml", &["decision.features", "unknown feature \"card_tx_1y\""]);
+}
+
+#[test]
+fn a_rule_action_or_threshold_naming_an_undeclared_outcome_is_named() {
+    let (_d, e) = broken("rules.toml", |t| t.replacen("action = \"decline\"", "action = \"block\"", 1));
+    names(&e, "rules.toml", &[".action", "unknown outcome \"block\""]);
+    let (_d, e) = broken("model.toml", |t| t.replacen("review = 0.55", "hold = 0.55", 1));
+    names(&e, "model.toml", &["thresholds.hold", "unknown outcome \"hold\""]);
+}

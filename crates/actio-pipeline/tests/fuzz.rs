@@ -1,6 +1,7 @@
 //! Fuzzing on stable Rust, with proptest as the engine: arbitrary bytes and
 //! structure-aware mutations of the seed corpus (`fuzz/corpus/`) against the ingress
-//! JSON decoder, the postcard inter-stage codec, the stage handlers behind them and
+//! JSON decoder (schema-driven: the fraud pipeline's `schema.toml`), the postcard
+//! inter-stage codec, the stage handlers behind them and
 //! the config loader. Properties: nothing panics; what decodes re-encodes to itself;
 //! a valid transaction goes through rules → velocity → score to a decision; every
 //! config error names a file.
@@ -20,8 +21,8 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use actio_core::bus::{Bytes, Headers, Record, TopicPartition};
-use actio_core::tx::AttrValue;
-use actio_core::{Codec, Decision, Transaction, TxState};
+use actio_core::schema::{Scalar, Value};
+use actio_core::{Codec, Decision, TxState};
 use actio_pipeline::Pipeline;
 use actio_pipeline::stages::StageHandler;
 use actio_runtime::Handler;
@@ -237,12 +238,13 @@ fn ingress_seeds() -> &'static Vec<Vec<u8>> {
         let mut files: Vec<PathBuf> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
         files.sort();
         let seeds: Vec<Vec<u8>> = files.iter().map(|f| std::fs::read(f).unwrap()).collect();
-        assert!(seeds.iter().filter(|s| Codec::Json.decode::<Transaction>(s).is_ok()).count() >= 3, "corpus {}: too few valid seeds", dir.display());
+        assert!(seeds.iter().filter(|s| chain().pipeline.schema.decode_json(s).is_ok()).count() >= 3, "corpus {}: too few valid seeds", dir.display());
         seeds
     })
 }
 
 struct Chain {
+    pipeline: Pipeline,
     rules: StageHandler,
     velocity: StageHandler,
     score: StageHandler,
@@ -253,7 +255,7 @@ fn chain() -> &'static Chain {
     CHAIN.get_or_init(|| {
         let p = Pipeline::load(&repo().join("pipelines/fraud")).unwrap();
         let h = |name: &str| StageHandler::new(&p, p.stage(name).unwrap());
-        Chain { rules: h("rules"), velocity: h("velocity"), score: h("score") }
+        Chain { rules: h("rules"), velocity: h("velocity"), score: h("score"), pipeline: p }
     })
 }
 
@@ -308,22 +310,28 @@ fn check_ingress(input: Input) -> Result<(), TestCaseError> {
     let bytes = &input.0;
     let c = chain();
     let handled = c.rules.handle(&record("tx.in", bytes));
-    let tx = match Codec::Json.decode::<Transaction>(bytes) {
+    let schema = &c.pipeline.schema;
+    let tx = match schema.decode_json(bytes) {
         Err(e) => {
             prop_assert!(handled.is_err(), "the rules stage accepted what the decoder rejects: {e}");
+            prop_assert!(!e.field.is_empty(), "an error names its field (or `-`): {e}");
             return Ok(());
         }
         Ok(tx) => tx,
     };
-    let json = Codec::Json.encode(&tx).map_err(fail)?;
-    let mut again: Transaction = Codec::Json.decode(&json).map_err(|e| fail(format!("re-decoding our own JSON: {e}: {}", String::from_utf8_lossy(&json))))?;
+    let json = schema.encode_json(&tx);
+    let mut again = schema.decode_json(&json).map_err(|e| fail(format!("re-decoding our own JSON: {e}: {}", String::from_utf8_lossy(&json))))?;
     // serde_json without its `float_roundtrip` feature may parse a float an ULP or two off
     // (found here: -2.465908466011026e-254): equal within 4 ε, then compare the rest.
-    for (k, v) in again.attrs.iter_mut() {
-        if let (AttrValue::Float(a), Some(AttrValue::Float(b))) = (&*v, tx.attrs.get(k))
-            && (a - b).abs() <= 4.0 * f64::EPSILON * a.abs().max(b.abs())
-        {
-            *v = AttrValue::Float(*b);
+    for (slot, v) in again.values.iter_mut().enumerate() {
+        if let (Value::Map(entries), Value::Map(orig)) = (v, &tx.values[slot]) {
+            for ((_, a), (_, b)) in entries.iter_mut().zip(orig) {
+                if let (Scalar::Float(x), Scalar::Float(y)) = (&*a, b)
+                    && (x - y).abs() <= 4.0 * f64::EPSILON * x.abs().max(y.abs())
+                {
+                    *a = Scalar::Float(*y);
+                }
+            }
         }
     }
     prop_assert_eq!(&again, &tx);
@@ -331,14 +339,15 @@ fn check_ingress(input: Input) -> Result<(), TestCaseError> {
     let bin = Codec::Postcard.encode(&st).map_err(fail)?;
     let back: TxState = Codec::Postcard.decode(&bin).map_err(fail)?;
     prop_assert_eq!(&back, &st);
-    match tx.validate() {
-        Err(e) => prop_assert!(handled.is_err(), "an invalid tx ({e}) passed the rules stage"),
+    let mut filled = st.clone();
+    match c.pipeline.derived.fill(&mut filled) {
+        Err(e) => prop_assert!(handled.is_err(), "a tx whose derived field fails ({e}) passed the rules stage"),
         Ok(()) => {
             let ruled = handled.map_err(|e| fail(format!("rules stage refused a valid tx: {e}")))?;
             let featured = c.velocity.handle(&record("tx.ruled", &ruled[0].payload)).map_err(|e| fail(format!("velocity: {e}")))?;
             let decided = c.score.handle(&record("tx.featured", &featured[0].payload)).map_err(|e| fail(format!("score: {e}")))?;
             let d: Decision = Codec::Json.decode(&decided[0].payload).map_err(|e| fail(format!("decision: {e}")))?;
-            prop_assert_eq!(&d.tx_id, &tx.id);
+            prop_assert_eq!(d.tx_id.as_str(), schema.id_of(&tx));
             prop_assert!((0.0..=1.0).contains(&d.score), "score {}", d.score);
         }
     }
@@ -375,7 +384,7 @@ fn fuzz_postcard_inter_stage_codec_and_internal_stages() {
 
 // ---- the config loader ---------------------------------------------------------------
 
-const CONFIG_FILES: &[&str] = &["pipeline.toml", "rules.toml", "velocity.toml", "velocity_rules.toml", "model.toml"];
+const CONFIG_FILES: &[&str] = &["pipeline.toml", "rules.toml", "velocity.toml", "velocity_rules.toml", "model.toml", "schema.toml"];
 
 #[derive(Debug, Clone)]
 enum TomlOp {

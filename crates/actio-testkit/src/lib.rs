@@ -19,17 +19,24 @@ pub fn fraud() -> PathBuf {
     repo().join("pipelines/fraud")
 }
 
-/// A copy of the fraud pipeline's files (not its subdirectories, such as the golden
-/// cases) in a temporary directory, removed when dropped.
+/// A copy of the fraud pipeline (its files, scenarios and golden cases) in a temporary
+/// directory, removed when dropped.
 pub fn copy_of_fraud() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    for e in std::fs::read_dir(fraud()).unwrap() {
+    copy_dir(&fraud(), dir.path());
+    dir
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
         let e = e.unwrap();
-        if e.file_type().unwrap().is_file() {
-            std::fs::copy(e.path(), dir.path().join(e.file_name())).unwrap();
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &to.join(e.file_name()));
+        } else {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
         }
     }
-    dir
 }
 
 /// A copy of the fraud pipeline with `edit` applied to `file` (created empty if the

@@ -48,6 +48,20 @@ pub enum Command {
     /// Example: actio validate pipelines/fraud
     #[command(verbatim_doc_comment)]
     Validate(ValidateArgs),
+    /// Print the JSON Schemas (2020-12) of a pipeline's ingress and egress records.
+    ///
+    /// Generated from the pipeline's schema.toml: the transaction producers write
+    /// to the ingress topic (tx.schema.json) and the decision consumers read from
+    /// the egress topic (decision.schema.json). Without --write, prints the one
+    /// --record names; with --write, (re)writes both files in the pipeline's
+    /// directory. A test fails when the shipped files drift from schema.toml.
+    ///
+    /// Examples:
+    ///   actio schema pipelines/fraud                     # the ingress record
+    ///   actio schema pipelines/fraud --record decision   # the egress record
+    ///   actio schema pipelines/transfers --write         # regenerate both files
+    #[command(verbatim_doc_comment)]
+    Schema(SchemaArgs),
     /// Run a whole pipeline in one process and drive it with the load generator.
     ///
     /// All stages, the load generator and the collector run together on the
@@ -197,6 +211,27 @@ pub struct ValidateArgs {
     pub pipeline: PathBuf,
 }
 
+#[derive(Debug, Args)]
+pub struct SchemaArgs {
+    /// Pipeline directory (holding pipeline.toml).
+    pub pipeline: PathBuf,
+    /// Which record to print.
+    #[arg(long, value_enum, default_value_t = RecordKind::Tx)]
+    pub record: RecordKind,
+    /// Write tx.schema.json and decision.schema.json into the pipeline's directory.
+    #[arg(long)]
+    pub write: bool,
+}
+
+/// A record of a pipeline's edges.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RecordKind {
+    /// The transaction on the ingress topic.
+    Tx,
+    /// The decision on the egress topic.
+    Decision,
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct LoadArgs {
     /// Transactions per second to offer.
@@ -208,13 +243,13 @@ pub struct LoadArgs {
     /// Ramp linearly from --rate to this rate over --duration (find the maximum).
     #[arg(long)]
     pub ramp_to: Option<u64>,
-    /// Seed of the transaction generator (same seed, same transactions).
-    #[arg(long, default_value_t = 42)]
-    pub seed: u64,
-    /// Distinct cards (keys are Zipf-distributed over them).
+    /// Seed of the transaction generator (same seed, same transactions) [default:
+    /// the scenario's].
     #[arg(long)]
-    pub cards: Option<u64>,
-    /// Scenario file (loadtest/*.toml) with generator settings.
+    pub seed: Option<u64>,
+    /// Scenario file: how each field of the pipeline's schema is generated (key
+    /// popularity, amounts, episodes such as bursts per key) [default: the pipeline's
+    /// scenarios/baseline.toml]. Format: docs/pipeline-model.md.
     #[arg(long)]
     pub scenario: Option<PathBuf>,
     /// Where to write report.json, *.hgrm and report.html [default: results/<run>].

@@ -1,4 +1,4 @@
-//! The `actio` command line: validate a pipeline, run it whole in one process (on
+//! The `actio` command line: validate a pipeline, print its records' JSON Schemas, run it whole in one process (on
 //! the embedded bus or Kafka) with the load generator, run one stage as a Kafka
 //! service, manage the pipeline's topics, drive stages that run elsewhere.
 //!
@@ -14,6 +14,7 @@ use mimalloc::MiMalloc;
 mod cli;
 mod kafka;
 mod run;
+mod schema;
 mod service;
 mod topics;
 mod validate;
@@ -29,6 +30,7 @@ fn main() -> ExitCode {
     init_logging(args.log_json);
     let result = match args.command {
         cli::Command::Validate(a) => validate::main(a),
+        cli::Command::Schema(a) => schema::main(a),
         cli::Command::Run(a) => run::main(a),
         cli::Command::Stage(a) => service::main(a),
         cli::Command::Topics(a) => topics::main(a),

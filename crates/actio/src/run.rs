@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 
 use actio_bus_embedded::{EmbeddedBus, EmbeddedConfig};
 use actio_core::bus::{Offset, RebalanceListener, Record};
-use actio_core::{Bus, Consumer, ConsumerConfig, ProducerConfig, TopicPartition, TopicSpec, Transaction};
+use actio_core::{Bus, Consumer, ConsumerConfig, ProducerConfig, TopicPartition, TopicSpec};
 use actio_loadgen::report::{DecisionCounts, RuleHitCount, StageReport, peak_rss_mib};
-use actio_loadgen::{Collector, GenConfig, Generator, LatencySummary, RunReport, Schedule, Sender, StageHistograms};
+use actio_loadgen::{Collector, Generator, LatencySummary, RunReport, Scenario, Schedule, Sender, StageHistograms};
 use actio_pipeline::Pipeline;
 use actio_pipeline::stages::StageHandler;
 use actio_runtime::{Stage, StageHandle, StopMode};
@@ -90,31 +90,24 @@ pub fn load_pipeline(path: &std::path::Path) -> Result<Pipeline, ExitCode> {
     })
 }
 
-/// Generator settings: defaults, then the scenario file, then flags.
-fn gen_config(load: &LoadArgs) -> anyhow::Result<GenConfig> {
-    let mut cfg = match &load.scenario {
-        Some(p) => {
-            let text = std::fs::read_to_string(p).with_context(|| format!("reading scenario {}", p.display()))?;
-            toml::from_str::<GenConfig>(&text).map_err(|e| anyhow::anyhow!("{}: {}", p.display(), e.message()))?
+/// The scenario the load generator follows: `--scenario`, else the pipeline's own
+/// `scenarios/baseline.toml`; `--seed` overrides its seed.
+fn scenario(load: &LoadArgs, pipeline: &Pipeline) -> anyhow::Result<Scenario> {
+    let path = match &load.scenario {
+        Some(p) => p.clone(),
+        None => {
+            let p = pipeline.dir.join("scenarios/baseline.toml");
+            if !p.is_file() {
+                bail!("{} has no scenarios/baseline.toml: give the load generator a scenario with --scenario FILE (format: docs/pipeline-model.md)", pipeline.dir.display());
+            }
+            p
         }
-        None => GenConfig::default(),
     };
-    cfg.seed = load.seed;
-    if let Some(c) = load.cards {
-        cfg.cards = c;
-    }
-    cfg.validate().map_err(|e| anyhow::anyhow!("generator settings: {e}"))?;
-    Ok(cfg)
-}
-
-fn key_of(field: &str) -> impl Fn(&Transaction) -> String + use<> {
-    let field = field.to_string();
-    move |tx| match field.as_str() {
-        "account_id" => tx.account_id.clone(),
-        "device_id" => tx.device_id.clone().unwrap_or_default(),
-        "merchant_id" => tx.merchant_id.clone(),
-        _ => tx.card_id.clone(),
-    }
+    let s = Scenario::load(&path)?;
+    Ok(match load.seed {
+        Some(seed) => s.with_seed(seed),
+        None => s,
+    })
 }
 
 pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
@@ -314,15 +307,16 @@ pub fn drive<B: Bus>(
         std::thread::sleep(Duration::from_millis(10));
     }
     let producer = bus.producer(&ProducerConfig { client_id: "actio-loadgen".into(), properties: properties.to_vec() }).context("creating the load generator's producer")?;
-    let mut generator = Generator::new(gen_config(load)?, &run_id).map_err(|e| anyhow::anyhow!(e))?;
+    let mut generator = Generator::new(pipeline.schema.clone(), &scenario(load, pipeline)?, &run_id)?;
     let stop_sending = Arc::new(AtomicBool::new(false));
     let sender_thread = {
         let sender = sender.clone();
         let stop = stop_sending.clone();
         let topic = ingress.name.clone();
-        let key = key_of(&pipeline.key_field);
+        let key = pipeline.key.clone();
+        let schema = pipeline.schema.clone();
         std::thread::Builder::new().name("loadgen".into()).spawn(move || {
-            sender.run(&producer, &topic, &mut generator, &schedule, key, &stop, |_| {});
+            sender.run(&producer, &topic, &mut generator, &schema, &schedule, |tx| key.key(tx), &stop, |_| {});
             let _ = actio_core::Producer::flush(&producer, Duration::from_secs(30));
         })?
     };
@@ -468,7 +462,7 @@ pub fn drive<B: Bus>(
         order_violations: c.stats.order_violations,
         retried: c.stats.retried,
         reordered_by_retry: c.stats.reordered_by_retry,
-        decisions: DecisionCounts { approve: c.stats.approve, review: c.stats.review, decline: c.stats.decline },
+        decisions: DecisionCounts::new(&pipeline.schema.decision().outcomes, &c.stats.outcomes),
         top_rule_hits: top,
         e2e: LatencySummary::of(&c.e2e),
         stages: stage_reports,

@@ -18,7 +18,16 @@ pub fn main(args: ValidateArgs) -> anyhow::Result<ExitCode> {
         }
     };
     println!("pipeline {:?} ({}) is valid", pipeline.name, pipeline.dir.display());
-    println!("  key: {}", pipeline.key_field);
+    let sch = &pipeline.schema;
+    println!(
+        "  schema: {} fields + {} derived, id {}, time {}; outcomes {}",
+        sch.raw_fields().len(),
+        sch.fields().len() - sch.raw_fields().len(),
+        sch.field(sch.id_slot()).name,
+        sch.field(sch.time_slot()).name,
+        sch.decision().outcomes.join(" < ")
+    );
+    println!("  key: {}", pipeline.key_fields.join(" + "));
     for t in &pipeline.topics {
         println!("  topic {:<18} {:>3} partitions  {:?}  {:?}", t.name, t.partitions, t.codec, t.role);
     }

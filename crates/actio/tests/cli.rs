@@ -65,26 +65,74 @@ fn bad_flags_teach() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read"));
 }
 
+/// Every shipped pipeline (`pipelines/*` with a pipeline.toml).
+fn pipelines() -> Vec<PathBuf> {
+    let mut all: Vec<PathBuf> = std::fs::read_dir(actio_testkit::repo().join("pipelines"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.join("pipeline.toml").is_file())
+        .collect();
+    all.sort();
+    assert!(all.len() >= 2, "{all:?}");
+    all
+}
+
+#[test]
+fn every_shipped_pipeline_validates() {
+    for p in pipelines() {
+        let out = actio().arg("validate").arg(&p).output().unwrap();
+        assert!(out.status.success(), "{}: {}", p.display(), String::from_utf8_lossy(&out.stderr));
+    }
+}
+
 #[test]
 fn every_shipped_load_scenario_runs_without_loss() {
-    let dir = actio_testkit::repo().join("loadtest");
-    let mut scenarios: Vec<PathBuf> =
-        std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "toml")).collect();
-    scenarios.sort();
-    assert!(scenarios.len() >= 3, "{scenarios:?}");
-    for s in scenarios {
-        let out_dir = tempfile::tempdir().unwrap();
-        let out = actio()
-            .args(["run", fraud().to_str().unwrap(), "--rate", "1000", "--duration", "1s", "--scenario"])
-            .arg(&s)
-            .arg("--out")
-            .arg(out_dir.path())
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{}: {}", s.display(), String::from_utf8_lossy(&out.stderr));
-        let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out_dir.path().join("report.json")).unwrap()).unwrap();
-        assert_eq!(report["lost"], 0, "{}", s.display());
-        assert_eq!(report["order_violations"], 0, "{}", s.display());
+    let mut ran = 0;
+    for p in pipelines() {
+        let mut scenarios: Vec<PathBuf> = std::fs::read_dir(p.join("scenarios"))
+            .unwrap_or_else(|e| panic!("{}/scenarios: {e}", p.display()))
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+            .collect();
+        scenarios.sort();
+        for s in scenarios {
+            let out_dir = tempfile::tempdir().unwrap();
+            let out = actio()
+                .arg("run")
+                .arg(&p)
+                .args(["--rate", "1000", "--duration", "1s", "--scenario"])
+                .arg(&s)
+                .arg("--out")
+                .arg(out_dir.path())
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{}: {}", s.display(), String::from_utf8_lossy(&out.stderr));
+            let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out_dir.path().join("report.json")).unwrap()).unwrap();
+            assert_eq!(report["lost"], 0, "{}", s.display());
+            assert_eq!(report["dlq"], 0, "{}: generated traffic fits the schema", s.display());
+            assert_eq!(report["order_violations"], 0, "{}", s.display());
+            ran += 1;
+        }
+    }
+    assert!(ran >= 4, "{ran} scenarios");
+}
+
+#[test]
+fn the_shipped_json_schemas_are_generated_from_schema_toml() {
+    for p in pipelines() {
+        for (file, record) in [("tx.schema.json", "tx"), ("decision.schema.json", "decision")] {
+            let out = actio().arg("schema").arg(&p).args(["--record", record]).output().unwrap();
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            let shipped = std::fs::read_to_string(p.join(file)).unwrap_or_default();
+            assert!(
+                shipped == String::from_utf8_lossy(&out.stdout),
+                "{}/{file} drifted from schema.toml: run `cargo run --release -- schema {} --write`",
+                p.display(),
+                p.display()
+            );
+            let v: serde_json::Value = serde_json::from_str(&shipped).unwrap();
+            assert_eq!(v["$schema"], "https://json-schema.org/draft/2020-12/schema");
+        }
     }
 }
 
@@ -92,7 +140,7 @@ fn every_shipped_load_scenario_runs_without_loss() {
 fn a_scenario_with_an_unknown_field_names_the_file_and_field() {
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.toml");
-    std::fs::write(&bad, "cards = 10\nzipf = 1.0\n").unwrap();
+    std::fs::write(&bad, "seed = 10\nzipf = 1.0\n").unwrap();
     let out = actio().args(["run", fraud().to_str().unwrap(), "--duration", "1s", "--scenario"]).arg(&bad).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");

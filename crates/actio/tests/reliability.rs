@@ -272,13 +272,13 @@ fn injected_faults_transient_recovered_via_the_retry_topic_permanent_and_panic_d
     let original = ruled.iter().find(|r| format!("{}/{}", r.tp, r.offset) == source).unwrap_or_else(|| panic!("{source} is not a record of {}", p.topic("ruled")));
     assert_eq!(original.payload, stuck.payload, "original bytes");
     let st: actio_core::TxState = actio_core::Codec::Postcard.decode(&stuck.payload).unwrap();
-    assert_eq!(st.tx.id, "stuck");
+    assert_eq!(state_id(&st), "stuck");
 
     // The retry topic holds one copy of the recovered one and two of the stuck one.
     let copies = read_topic(&bus, &p.topic("retry.velocity"), 3, Duration::from_secs(30));
     let mut trips: Vec<(String, String, String)> = copies
         .iter()
-        .map(|c| (actio_core::Codec::Postcard.decode::<actio_core::TxState>(&c.payload).unwrap().tx.id, utf8(c, "actio-retry-count"), utf8(c, "actio-attempts")))
+        .map(|c| (state_id(&actio_core::Codec::Postcard.decode::<actio_core::TxState>(&c.payload).unwrap()), utf8(c, "actio-retry-count"), utf8(c, "actio-attempts")))
         .collect();
     trips.sort();
     let want = [("stuck", "1", "3"), ("stuck", "2", "6"), ("transient", "1", "3")].map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string()));
@@ -330,7 +330,7 @@ fn card_tx_24h(records: &[Record]) -> BTreeMap<String, f64> {
         .map(|r| {
             let st: actio_core::TxState = actio_core::Codec::Postcard.decode(&r.payload).unwrap();
             let f = st.features.iter().find(|f| &*f.name == "card_tx_24h").unwrap().value;
-            (st.tx.id.clone(), f)
+            (state_id(&st), f)
         })
         .collect()
 }
@@ -451,4 +451,11 @@ fn bad_configuration_stops_a_stage_with_exit_code_2_naming_file_and_field_before
         }
         assert!(t0.elapsed() < Duration::from_secs(10), "{class}: took {:?}", t0.elapsed());
     }
+}
+
+/// The transaction id of a state of the fraud pipeline (its schema's `record.id`).
+fn state_id(st: &actio_core::TxState) -> String {
+    static SCHEMA: std::sync::OnceLock<actio_core::Schema> = std::sync::OnceLock::new();
+    let schema = SCHEMA.get_or_init(|| actio_core::Schema::load(&actio_testkit::fraud().join("schema.toml")).unwrap());
+    schema.id_of(&st.tx).to_string()
 }
