@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::hint::black_box;
 use std::path::Path;
 
-use actio_benches::{fraud, states, transactions};
+use actio_benches::{fraud, states};
 use actio_core::schema::Value;
 use actio_core::{Codec, TxState};
 use actio_engine::rules::RuleSet;
