@@ -6,12 +6,30 @@ use actio_pipeline::{Pipeline, StageLogic};
 
 use crate::cli::ValidateArgs;
 
+/// The pipeline's load scenarios (`scenarios/*.toml`), each checked against its
+/// schema: `(file, error)` for those that do not fit.
+fn scenario_errors(pipeline: &Pipeline) -> (usize, Vec<String>) {
+    let Ok(dir) = std::fs::read_dir(pipeline.dir.join("scenarios")) else { return (0, Vec::new()) };
+    let mut files: Vec<_> = dir.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|x| x == "toml")).collect();
+    files.sort();
+    let errors = files
+        .iter()
+        .filter_map(|f| actio_loadgen::Scenario::load(f).and_then(|s| actio_loadgen::Generator::new(pipeline.schema.clone(), &s, "validate")).err())
+        .map(|e| e.to_string())
+        .collect();
+    (files.len(), errors)
+}
+
 pub fn main(args: ValidateArgs) -> anyhow::Result<ExitCode> {
-    let pipeline = match Pipeline::load(&args.pipeline) {
+    let loaded = Pipeline::load(&args.pipeline).map_err(|e| e.0.iter().map(|e| e.to_string()).collect::<Vec<_>>()).and_then(|p| {
+        let (n, errors) = scenario_errors(&p);
+        if errors.is_empty() { Ok((p, n)) } else { Err(errors) }
+    });
+    let (pipeline, scenarios) = match loaded {
         Ok(p) => p,
         Err(errors) => {
-            eprintln!("{} is not valid ({} error{}):", args.pipeline.display(), errors.0.len(), if errors.0.len() == 1 { "" } else { "s" });
-            for e in &errors.0 {
+            eprintln!("{} is not valid ({} error{}):", args.pipeline.display(), errors.len(), if errors.len() == 1 { "" } else { "s" });
+            for e in &errors {
                 eprintln!("  {e}");
             }
             return Ok(ExitCode::from(crate::EXIT_CONFIG));
@@ -28,6 +46,7 @@ pub fn main(args: ValidateArgs) -> anyhow::Result<ExitCode> {
         sch.decision().outcomes.join(" < ")
     );
     println!("  key: {}", pipeline.key_fields.join(" + "));
+    println!("  load scenarios: {scenarios} in scenarios/, each fits the schema");
     for t in &pipeline.topics {
         println!("  topic {:<18} {:>3} partitions  {:?}  {:?}", t.name, t.partitions, t.codec, t.role);
     }

@@ -146,3 +146,12 @@ fn a_scenario_with_an_unknown_field_names_the_file_and_field() {
     assert!(!out.status.success(), "{stderr}");
     assert!(stderr.contains("bad.toml") && stderr.contains("zipf"), "{stderr}");
 }
+
+#[test]
+fn validate_checks_the_load_scenarios_against_the_schema() {
+    let dir = copy_of_fraud_with("scenarios/hot-keys.toml", |t| format!("{t}\n[[field]]\nname = \"card_idx\"\ngen = \"const\"\nvalue = \"x\"\n"));
+    let out = actio().arg("validate").arg(dir.path()).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("hot-keys.toml") && stderr.contains("card_idx"), "{stderr}");
+}

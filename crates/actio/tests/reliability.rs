@@ -113,6 +113,11 @@ fn bad_input_is_dead_lettered_with_its_source_and_bytes_while_the_partition_keep
         (edited(valid_tx("bad-currency", card, 2, serde_json::json!({})), "\"EUR\"", "\"usd\""), Some("invalid transaction: field `currency`")),
         (edited(valid_tx("bad-field", card, 3, serde_json::json!({})), "\"mcc\"", "\"colour\":1,\"mcc\""), Some("colour")),
         (serde_json::to_vec(&oversized).unwrap(), Some("invalid transaction: field `attrs.blob`")),
+        // Against the declared schema (schema.toml): wrong type, over-long, out of range, missing.
+        (edited(valid_tx("bad-type", card, 5, serde_json::json!({})), "\"amount_minor\":4200", "\"amount_minor\":\"lots\""), Some("invalid transaction: field `amount_minor`: expected an integer")),
+        (edited(valid_tx("bad-long", card, 5, serde_json::json!({})), "\"m-1\"", &format!("\"{}\"", "m".repeat(129))), Some("invalid transaction: field `merchant_id`: expected at most 128 bytes")),
+        (edited(valid_tx("bad-range", card, 5, serde_json::json!({})), "\"mcc\":5411", "\"mcc\":10000"), Some("invalid transaction: field `mcc`: 10000 is above the maximum 9999")),
+        (edited(valid_tx("bad-missing", card, 5, serde_json::json!({})), "\"currency\":\"EUR\",", ""), Some("invalid transaction: field `currency`: missing")),
         (valid_tx("ok-2", card, 6, serde_json::json!({"risk_score": 0.9})), None),
         (Vec::new(), Some("undecodable payload")),
         (vec![0xff, 0xfe, 0x00, 0x9f], Some("undecodable payload")),
