@@ -251,6 +251,15 @@ pub fn line_of(text: &str, offset: usize) -> Option<usize> {
     (offset <= text.len()).then(|| text[..offset].bytes().filter(|b| *b == b'\n').count() + 1)
 }
 
+/// A TOML parse error of `text` as (line, message): the message quotes the offending
+/// line, which names the field where the parser's message does not. Every file actio
+/// reads reports its syntax errors through this.
+pub fn toml_error(text: &str, e: &toml::de::Error) -> (Option<usize>, String) {
+    let line = e.span().and_then(|s| line_of(text, s.start));
+    let at = line.and_then(|l| text.lines().nth(l - 1)).map(|l| format!(" (at `{}`)", l.trim())).unwrap_or_default();
+    (line, format!("{}{at}", e.message().trim()))
+}
+
 /// Whether `s` is an identifier rules can name: `[A-Za-z_][A-Za-z0-9_]*`.
 pub fn is_identifier(s: &str) -> bool {
     !s.is_empty() && s.len() <= 64 && !s.starts_with(|c: char| c.is_ascii_digit()) && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
@@ -297,9 +306,8 @@ impl Schema {
     /// Compiles schema text; `file` names it in errors.
     pub fn from_toml(text: &str, file: &Path) -> Result<Schema, SchemaError> {
         let raw: SchemaFile = toml::from_str(text).map_err(|e| {
-            let line = e.span().and_then(|s| line_of(text, s.start));
-            let at = line.and_then(|l| text.lines().nth(l - 1)).map(|l| format!(" (at `{}`)", l.trim())).unwrap_or_default();
-            SchemaError { file: file.to_path_buf(), line, field: "-".into(), message: format!("{}{at}", e.message().trim()) }
+            let (line, message) = toml_error(text, &e);
+            SchemaError { file: file.to_path_buf(), line, field: "-".into(), message }
         })?;
         let l = Loader { file, text };
         let mut fields: Vec<FieldDecl> = Vec::new();
@@ -674,7 +682,9 @@ impl<'de> Visitor<'de> for TxSeed<'_, '_> {
             match map.next_value_seed(ValueSeed { f, problem: &mut problem }) {
                 Ok(v) => tx.values[slot] = v,
                 Err(e) => {
-                    *self.failed = Some(problem.unwrap_or_else(|| InvalidField::new(&f.name, strip_position(&e.to_string()))));
+                    // Without a problem of the value's own, the JSON itself broke off
+                    // (syntax, EOF): undecodable, not a bad field.
+                    *self.failed = Some(problem.unwrap_or_else(|| InvalidField::new("-", format!("not JSON (in the value of `{}`): {e}", f.name))));
                     return Err(e);
                 }
             }
@@ -1180,6 +1190,8 @@ fields = ["who", "twice"]
         assert_eq!(e.field, "extra.a", "{e}");
         let e = bad("[1]".into());
         assert_eq!(e.field, "-", "{e}");
+        let e = bad(r#"{"id": "t", "who": "#.into());
+        assert_eq!(e.field, "-", "a broken-off document is undecodable, not a bad field: {e}");
         assert!(s.decode_json(b"{").is_err());
         assert!(s.decode_json(format!("{{{base}}} x").as_bytes()).is_err(), "trailing bytes");
         s.decode_json(format!("{{{base},\"x\":null,\"extra\":null}}").as_bytes()).unwrap();

@@ -28,10 +28,8 @@ pub use error::{EngineError, ErrorKind};
 /// Parses a TOML file into `T`, mapping parse errors to [`EngineError`] with line.
 pub(crate) fn parse_toml<T: serde::de::DeserializeOwned>(text: &str, origin: &std::path::Path) -> Result<T, EngineError> {
     toml::from_str(text).map_err(|e| {
-        let line = e.span().map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
-        // Quote the offending line: it names the field where the message does not.
-        let at = line.and_then(|l| text.lines().nth(l - 1)).map(|l| format!(" (at `{}`)", l.trim())).unwrap_or_default();
-        EngineError::new(ErrorKind::Syntax, origin, None, line, format!("{}{at}", e.message().trim()))
+        let (line, message) = actio_core::schema::toml_error(text, &e);
+        EngineError::new(ErrorKind::Syntax, origin, None, line, message)
     })
 }
 

@@ -288,9 +288,8 @@ impl Scenario {
 
     fn parse(text: &str, file: &Path, chain: &mut Vec<PathBuf>) -> Result<Scenario, ScenarioError> {
         let raw: ScenarioFile = toml::from_str(text).map_err(|e| {
-            let line = e.span().and_then(|s| line_of(text, s.start));
-            let at = line.and_then(|l| text.lines().nth(l - 1)).map(|l| format!(" (at `{}`)", l.trim())).unwrap_or_default();
-            ScenarioError { file: file.to_path_buf(), line, field: "-".into(), message: format!("{}{at}", e.message().trim()) }
+            let (line, message) = actio_core::schema::toml_error(text, &e);
+            ScenarioError { file: file.to_path_buf(), line, field: "-".into(), message }
         })?;
         let source: Arc<Path> = Arc::from(file);
         let loc = |span: std::ops::Range<usize>| Loc { file: source.clone(), line: line_of(text, span.start) };

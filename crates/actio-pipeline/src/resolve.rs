@@ -132,10 +132,8 @@ impl Pipeline {
             ConfigErrors(vec![ConfigError { file: file.clone(), field: None, line: None, message: format!("cannot read: {e}") }])
         })?;
         let raw: PipelineFile = toml::from_str(&text).map_err(|e| {
-            let line = e.span().and_then(|s| crate::error::line_of(&text, s.start));
-            // Quote the offending line: it names the field where the message does not.
-            let at = line.and_then(|l| text.lines().nth(l - 1)).map(|l| format!(" (at `{}`)", l.trim())).unwrap_or_default();
-            ConfigErrors(vec![ConfigError { file: file.clone(), field: None, line, message: format!("{}{at}", e.message().trim()) }])
+            let (line, message) = actio_core::schema::toml_error(&text, &e);
+            ConfigErrors(vec![ConfigError { file: file.clone(), field: None, line, message }])
         })?;
         Resolver { dir: &dir, file: &file, text: &text, errors: Vec::new() }.resolve(raw)
     }

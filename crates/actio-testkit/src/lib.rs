@@ -19,12 +19,22 @@ pub fn fraud() -> PathBuf {
     repo().join("pipelines/fraud")
 }
 
-/// A copy of the fraud pipeline (its files, scenarios and golden cases) in a temporary
+/// A shipped pipeline's directory (`pipelines/<name>`).
+pub fn pipeline(name: &str) -> PathBuf {
+    repo().join("pipelines").join(name)
+}
+
+/// A copy of a shipped pipeline (its files, scenarios and golden cases) in a temporary
 /// directory, removed when dropped.
-pub fn copy_of_fraud() -> tempfile::TempDir {
+pub fn copy_of(name: &str) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    copy_dir(&fraud(), dir.path());
+    copy_dir(&pipeline(name), dir.path());
     dir
+}
+
+/// A copy of the fraud pipeline.
+pub fn copy_of_fraud() -> tempfile::TempDir {
+    copy_of("fraud")
 }
 
 fn copy_dir(from: &Path, to: &Path) {

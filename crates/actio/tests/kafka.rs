@@ -155,12 +155,23 @@ fn a_sigkilled_replica_hands_its_partitions_to_the_other_without_loss() {
 fn run_with_the_kafka_bus_runs_every_stage_in_one_process() {
     let Some(b) = brokers("run_kafka_bus") else { return };
     let _serial = serial();
-    let p = TestPipeline::new(&b);
+    run_on_kafka(TestPipeline::new(&b), &b);
+}
+
+#[test]
+fn the_transfers_pipeline_runs_on_the_broker() {
+    let Some(b) = brokers("transfers_on_kafka") else { return };
+    let _serial = serial();
+    run_on_kafka(TestPipeline::of("transfers", "transfers", &b), &b);
+}
+
+/// `actio run --bus kafka` of `p`: every transaction decided once, in key order.
+fn run_on_kafka(p: TestPipeline, b: &str) {
     let out = p.path().join("report");
     let run = actio()
         .arg("run")
         .arg(p.path())
-        .args(["--bus", "kafka", "--brokers", &b, "--rate", "300", "--duration", "3s", "--drain", "60s"])
+        .args(["--bus", "kafka", "--brokers", b, "--rate", "300", "--duration", "3s", "--drain", "60s"])
         .arg("--out")
         .arg(&out)
         .output()
@@ -172,6 +183,7 @@ fn run_with_the_kafka_bus_runs_every_stage_in_one_process() {
     assert_eq!(n(&r, "lost"), 0, "{r}");
     assert_eq!(n(&r, "order_violations"), 0, "{r}");
     assert_eq!(n(&r, "decided") + n(&r, "dlq"), n(&r, "sent"), "{r}");
+    assert_eq!(n(&r, "dlq"), 0, "generated traffic fits the schema: {r}");
 }
 
 #[test]

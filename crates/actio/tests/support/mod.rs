@@ -48,14 +48,24 @@ pub struct TestPipeline {
 
 impl TestPipeline {
     pub fn new(brokers: &str) -> Self {
+        Self::of("fraud", "tx", brokers)
+    }
+
+    /// A private copy of the shipped pipeline `pipeline`, whose topics are named
+    /// `<topic_prefix>.<suffix>`.
+    pub fn of(pipeline: &str, topic_prefix: &str, brokers: &str) -> Self {
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let seq = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let name = format!("t{:x}-{}-{seq}", nanos(), std::process::id());
-        let dir = copy_of_fraud_with("pipeline.toml", |t| {
-            t.replace("name = \"fraud\"", &format!("name = \"{name}\""))
-                .replace("\"tx.", &format!("\"{name}."))
-                .replace("partitions = 3", "partitions = 4")
-        });
+        let dir = actio_testkit::copy_of(pipeline);
+        let p = dir.path().join("pipeline.toml");
+        let text = std::fs::read_to_string(&p).unwrap();
+        let edited = text
+            .replace(&format!("name = \"{pipeline}\""), &format!("name = \"{name}\""))
+            .replace(&format!("\"{topic_prefix}."), &format!("\"{name}."))
+            .replace("partitions = 3", "partitions = 4");
+        assert_ne!(edited, text);
+        std::fs::write(&p, edited).unwrap();
         TestPipeline { dir, name, brokers: brokers.to_string() }
     }
 
