@@ -81,8 +81,9 @@ impl Collector {
         Collector {
             prefix: format!("{run_id}-"),
             seen: vec![0; key_seq.len()],
+            // Sized up front, as the sender's: a rehash of ~10^5 keys stalls the collector.
+            last_of_key: AHashMap::with_capacity(key_seq.len().min(crate::schedule::MAX_PRESIZED_KEYS)),
             key_seq,
-            last_of_key: AHashMap::new(),
             read_upto: AHashMap::new(),
             history_end: AHashMap::new(),
             stats: CollectorStats::default(),

@@ -84,6 +84,9 @@ pub struct Sender {
     pub stats: Arc<SenderStats>,
 }
 
+/// Most keys the sender's and the collector's per-key maps are sized for up front.
+pub(crate) const MAX_PRESIZED_KEYS: usize = 4_000_000;
+
 impl Sender {
     /// A sender for `schedule`.
     pub fn new(schedule: &Schedule) -> Self {
@@ -109,7 +112,10 @@ impl Sender {
         let topic: Arc<str> = Arc::from(topic);
         let start = Instant::now();
         let start_ns = actio_core::time::now_ns();
-        let mut per_key: ahash::AHashMap<String, u32> = ahash::AHashMap::new();
+        // Sized for the run up front: growing a map of ~10^5 keys rehashes it at once,
+        // a pause of milliseconds in the sender that every later send carries in its
+        // e2e (seen as 2-4 ms per-second p99 spikes with mostly distinct keys).
+        let mut per_key: ahash::AHashMap<String, u32> = ahash::AHashMap::with_capacity(self.key_seq.len().min(MAX_PRESIZED_KEYS));
         let mut i: u64 = 0;
         while let Some(due) = schedule.due(i) {
             if stop.load(Ordering::Relaxed) || i as usize >= self.key_seq.len() {
