@@ -45,7 +45,9 @@ pub enum Command {
     /// Exit code 0 when valid (prints a summary), 2 with every error found, each
     /// naming the file, the field and the line.
     ///
-    /// Example: actio validate pipelines/fraud
+    /// Examples:
+    ///   actio validate pipelines/fraud
+    ///   actio validate --json pipelines/fraud     # the resolved pipeline, for tools
     #[command(verbatim_doc_comment)]
     Validate(ValidateArgs),
     /// Print the JSON Schemas (2020-12) of a pipeline's ingress and egress records.
@@ -209,6 +211,13 @@ pub struct LoadgenArgs {
 pub struct ValidateArgs {
     /// Pipeline directory (holding pipeline.toml) or the file itself.
     pub pipeline: PathBuf,
+    /// Print the pipeline as actio resolves it, defaults applied, as one JSON object
+    /// instead of the summary: topics, and per stage its topics, consumer groups,
+    /// replicas and limits. For tools such as scripts/k8s-gen, so they need no TOML
+    /// parser and no copy of the defaults. Nothing else goes to stdout; errors go to
+    /// stderr, exit code 2, as without --json.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]

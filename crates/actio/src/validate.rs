@@ -2,7 +2,10 @@
 
 use std::process::ExitCode;
 
-use actio_pipeline::{Pipeline, StageLogic};
+use std::time::Duration;
+
+use actio_pipeline::{Pipeline, StageKind, StageLogic, TopicRole};
+use serde_json::{json, Value};
 
 use crate::cli::ValidateArgs;
 
@@ -35,6 +38,10 @@ pub fn main(args: ValidateArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(crate::EXIT_CONFIG));
         }
     };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&resolved(&pipeline))?);
+        return Ok(ExitCode::SUCCESS);
+    }
     println!("pipeline {:?} ({}) is valid", pipeline.name, pipeline.dir.display());
     let sch = &pipeline.schema;
     println!(
@@ -87,4 +94,67 @@ pub fn main(args: ValidateArgs) -> anyhow::Result<ExitCode> {
         println!("  warning: {w}");
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `validate --json`: the pipeline as resolved, defaults applied, so that tools
+/// (scripts/k8s-gen) read these values instead of parsing pipeline.toml again with
+/// their own copy of the defaults.
+fn resolved(pipeline: &Pipeline) -> Value {
+    let topics: Vec<Value> = pipeline
+        .topics
+        .iter()
+        .map(|t| {
+            let role = match t.role {
+                TopicRole::Ingress => "ingress",
+                TopicRole::Internal => "internal",
+                TopicRole::Egress => "egress",
+                TopicRole::DeadLetter => "dead_letter",
+                TopicRole::Retry => "retry",
+            };
+            json!({ "name": t.name, "partitions": t.partitions, "codec": t.codec, "role": role })
+        })
+        .collect();
+    let stages: Vec<Value> = pipeline
+        .stages
+        .iter()
+        .map(|s| {
+            let kind = match s.kind {
+                StageKind::Rules => "rules",
+                StageKind::Velocity => "velocity",
+                StageKind::Score => "score",
+            };
+            let l = &s.limits;
+            let retry = l.retry.topic.as_ref();
+            json!({
+                "name": s.name,
+                "kind": kind,
+                "input": s.input,
+                "output": s.output,
+                "dlq": s.dlq,
+                "group": s.group,
+                "replicas": s.replicas,
+                "drain_timeout_ms": millis(l.drain_timeout),
+                "max_in_flight_per_partition": l.max_in_flight_per_partition,
+                "max_in_flight": l.max_in_flight,
+                "commit_interval_ms": millis(l.commit_interval),
+                "threads": l.threads,
+                "budget_ms": l.budget_ms,
+                "retry_topic": retry.map(|t| &*t.topic),
+                "retry_group": retry.map(|t| &t.group),
+            })
+        })
+        .collect();
+    json!({
+        "name": pipeline.name,
+        "dir": pipeline.dir,
+        "key_fields": pipeline.key_fields,
+        "topics": topics,
+        "stages": stages,
+        "outcomes": pipeline.schema.decision().outcomes,
+        "warnings": pipeline.warnings.iter().cloned().chain(pipeline.fault_warnings()).collect::<Vec<_>>(),
+    })
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }

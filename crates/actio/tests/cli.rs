@@ -28,6 +28,41 @@ fn validate_rejects_a_broken_copy_with_exit_code_2() {
 }
 
 #[test]
+fn validate_json_prints_the_pipeline_with_defaults_applied() {
+    let out = actio().args(["validate", "--json"]).arg(fraud()).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let p: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(p["name"], "fraud");
+    let stages = p["stages"].as_array().unwrap();
+    let names: Vec<&str> = stages.iter().map(|s| s["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["rules", "velocity", "score"]);
+    for s in stages {
+        let name = s["name"].as_str().unwrap();
+        assert_eq!(s["group"], format!("fraud.{name}"), "{s}");
+        assert_eq!(s["retry_group"], format!("fraud.{name}.retry"), "{s}");
+        assert_eq!(s["retry_topic"], format!("tx.retry.{name}"), "{s}");
+        assert_eq!(s["replicas"], 2, "{s}");
+        // Not in [[stage]]: from [defaults].
+        assert_eq!(s["drain_timeout_ms"], 10000, "{s}");
+        assert_eq!(s["max_in_flight_per_partition"], 10000, "{s}");
+        assert_eq!(s["budget_ms"], 5.0, "{s}");
+    }
+    assert_eq!(stages[0]["kind"], "rules");
+    assert_eq!(stages[0]["input"], "tx.in");
+    let ingress = &p["topics"][0];
+    assert_eq!(ingress, &serde_json::json!({"name": "tx.in", "partitions": 3, "codec": "json", "role": "ingress"}));
+    assert_eq!(p["outcomes"], serde_json::json!(["approve", "review", "decline"]));
+
+    let dir = copy_of_fraud_with("pipeline.toml", |t| t.replace("input = \"tx.ruled\"", "input = \"tx.nowhere\""));
+    let out = actio().args(["validate", "--json"]).arg(dir.path()).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(out.stdout.is_empty(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(stderr.contains("tx.nowhere"), "{stderr}");
+}
+
+#[test]
 fn run_drives_the_pipeline_and_writes_the_report() {
     let out_dir = tempfile::tempdir().unwrap();
     let out = actio()
