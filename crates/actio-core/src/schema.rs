@@ -32,8 +32,7 @@ pub const DEFAULT_MAX_ENTRIES: usize = 64;
 pub const DEFAULT_MAX_KEY_LEN: usize = 128;
 
 /// The type of a declared field.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FieldType {
     /// UTF-8 text.
     String,
@@ -115,6 +114,8 @@ pub struct FieldDecl {
     pub description: Option<String>,
     /// Strings: longest value in bytes; maps: longest string value.
     pub max_len: usize,
+    /// Strings: shortest value in bytes (default 0).
+    pub min_len: usize,
     /// int / float: inclusive lower bound.
     pub min: Option<f64>,
     /// int / float: inclusive upper bound.
@@ -216,6 +217,7 @@ struct FieldConfig {
     optional: bool,
     description: Option<String>,
     max_len: Option<Spanned<usize>>,
+    min_len: Option<Spanned<usize>>,
     min: Option<Spanned<f64>>,
     max: Option<Spanned<f64>>,
     pattern: Option<Spanned<String>>,
@@ -331,6 +333,12 @@ impl Schema {
             if let Some(v) = &f.max_len {
                 only(!is(&[FieldType::String, FieldType::Map]), "max_len", "string and map", v.span())?;
             }
+            if let Some(v) = &f.min_len {
+                only(!is(&[FieldType::String]), "min_len", "string", v.span())?;
+                if *v.get_ref() > f.max_len.as_ref().map_or(DEFAULT_MAX_LEN, |m| *m.get_ref()) {
+                    return Err(l.err(v, format!("field \"{name}\".min_len"), "expected min_len ≤ max_len"));
+                }
+            }
             for (key, v) in [("min", &f.min), ("max", &f.max)] {
                 if let Some(v) = v {
                     only(!is(&[FieldType::Int, FieldType::Float]), key, "int and float", v.span())?;
@@ -389,6 +397,7 @@ impl Schema {
                 optional: f.optional || ty == FieldType::Map,
                 description: f.description.clone(),
                 max_len: f.max_len.as_ref().map_or(DEFAULT_MAX_LEN, |v| *v.get_ref()),
+                min_len: f.min_len.as_ref().map_or(0, |v| *v.get_ref()),
                 min: f.min.as_ref().map(|v| *v.get_ref()),
                 max: f.max.as_ref().map(|v| *v.get_ref()),
                 pattern,
@@ -413,6 +422,7 @@ impl Schema {
                 optional: d.optional,
                 description: d.description.clone(),
                 max_len: usize::MAX,
+                min_len: 0,
                 min: None,
                 max: None,
                 pattern: None,
@@ -595,6 +605,9 @@ impl Schema {
         for n in names {
             let slot = self.slot(n).ok_or_else(|| format!("unknown field {n:?}; declared: {}", self.names()))?;
             let f = &self.fields[slot];
+            if slot >= self.raw {
+                return Err(format!("field {n:?} is derived: a key is made of fields the producer sends (the load generator and producers key records before any derived field exists)"));
+            }
             if f.optional || f.ty == FieldType::Map {
                 return Err(format!("field {n:?} cannot be a key: a key field must be required and not a map"));
             }
@@ -805,6 +818,9 @@ impl ValueSeed<'_> {
                 if v.len() > self.f.max_len {
                     return Err(self.fail(format!("expected at most {} bytes, got {}", self.f.max_len, v.len())));
                 }
+                if v.len() < self.f.min_len {
+                    return Err(self.fail(format!("expected at least {} byte(s), got {}", self.f.min_len, v.len())));
+                }
                 if let Some(p) = &self.f.pattern
                     && !p.is_match(v)
                 {
@@ -984,7 +1000,15 @@ impl Schema {
         use serde_json::json;
         let mut p = match f.ty {
             FieldType::String => {
-                let mut p = json!({"type": "string", "minLength": 0, "maxLength": f.max_len});
+                // Lengths are bytes at run time; JSON Schema counts characters, so the
+                // bounds here are exact for ASCII and looser otherwise.
+                let mut p = json!({"type": "string"});
+                if f.derived.is_none() {
+                    p["maxLength"] = json!(f.max_len);
+                }
+                if f.min_len > 0 {
+                    p["minLength"] = json!(f.min_len);
+                }
                 if let Some(r) = &f.pattern {
                     let src = r.as_str();
                     p["pattern"] = json!(src);
@@ -1009,9 +1033,6 @@ impl Schema {
                 ]}
             }),
         };
-        if f.ty == FieldType::String {
-            p.as_object_mut().map(|o| o.remove("minLength"));
-        }
         if let Some(lo) = f.min {
             p["minimum"] = json_number(lo, f.ty);
         }
@@ -1091,6 +1112,7 @@ time = "at"
 [[field]]
 name = "id"
 type = "string"
+min_len = 1
 max_len = 8
 
 [[field]]
@@ -1152,6 +1174,7 @@ fields = ["who", "twice"]
         let again = s.decode_json(&s.encode_json(&tx)).unwrap();
         assert_eq!(again, tx);
         assert_eq!(s.key(&["who".into(), "kind".into()]).unwrap().key(&tx), "ann|b");
+        assert!(s.key(&["twice".into()]).unwrap_err().contains("derived"), "keys are raw fields");
     }
 
     #[test]
@@ -1169,6 +1192,8 @@ fields = ["who", "twice"]
         assert!(e.problem.contains("maximum 100"), "{e}");
         let e = bad(r#"{"id":"t1","who":"ann","n":1.5,"kind":"a","at":5}"#.into());
         assert_eq!(e.field, "n", "{e}");
+        let e = bad(r#"{"id":"","who":"ann","n":1,"kind":"a","at":5}"#.into());
+        assert!(e.field == "id" && e.problem.contains("at least 1 byte"), "{e}");
         let e = bad(r#"{"id":"toolongid","who":"ann","n":1,"kind":"a","at":5}"#.into());
         assert_eq!(e.field, "id", "{e}");
         assert!(e.problem.contains("at most 8 bytes"), "{e}");
@@ -1206,7 +1231,7 @@ fields = ["who", "twice"]
         };
         let e = bad("type = \"float\"", "type = \"decimal\"");
         assert_eq!(e.field, "field \"x\".type", "{e}");
-        assert!(e.to_string().starts_with("schema.toml:24:"), "{e}");
+        assert!(e.to_string().starts_with("schema.toml:25:"), "{e}");
         let e = bad("time = \"at\"", "time = \"when\"");
         assert_eq!((e.field.as_str(), e.line), ("record.time", Some(4)), "{e}");
         let e = bad("time = \"at\"", "time = \"n\"");

@@ -79,21 +79,29 @@ impl Model {
         for (name, v) in &m.thresholds {
             let field = format!("thresholds.{name}");
             match outcomes.iter().position(|o| o == name) {
-                Some(0) => return Err(err(ErrorKind::Invalid, field, name, format!("{name:?} is the default outcome (the first of {}): it needs no threshold", schema.file().display()))),
+                Some(0) => return Err(err(ErrorKind::Invalid, field, &format!("{name} ="), format!("{name:?} is the default outcome (the first of {}): it needs no threshold", schema.file().display()))),
                 Some(i) => thresholds.push((i as u8, *v)),
-                None => return Err(err(ErrorKind::UnknownName, field, name, format!("unknown outcome {name:?}; {} declares: {}", schema.file().display(), outcomes.join(", ")))),
+                None => return Err(err(ErrorKind::UnknownName, field, &format!("{name} ="), format!("unknown outcome {name:?}; {} declares: {}", schema.file().display(), outcomes.join(", ")))),
             }
             if !(0.0..=1.0).contains(v) {
-                return Err(err(ErrorKind::Invalid, format!("thresholds.{name}"), name, format!("expected a score in 0..=1, got {v}")));
+                return Err(err(ErrorKind::Invalid, format!("thresholds.{name}"), &format!("{name} ="), format!("expected a score in 0..=1, got {v}")));
             }
         }
         thresholds.sort_by_key(|(i, _)| *i);
+        if let Some(missing) = outcomes.iter().skip(1).find(|o| !m.thresholds.contains_key(*o)) {
+            return Err(err(
+                ErrorKind::Invalid,
+                format!("thresholds.{missing}"),
+                "[thresholds]",
+                format!("expected a threshold for every outcome but the first ({}): {missing:?} has none", outcomes[1..].join(", ")),
+            ));
+        }
         if let Some(w) = thresholds.windows(2).find(|w| w[0].1 > w[1].1) {
             let (lo, hi) = (&outcomes[w[0].0 as usize], &outcomes[w[1].0 as usize]);
             return Err(err(
                 ErrorKind::Invalid,
                 "thresholds".into(),
-                lo,
+                &format!("{lo} ="),
                 format!("expected thresholds rising with severity: {lo} = {} is above {hi} = {}", w[0].1, w[1].1),
             ));
         }
@@ -155,7 +163,10 @@ impl Model {
     pub fn decide(&self, st: &TxState, key: &str, rules_version: &str) -> Decision {
         let score = self.score(st);
         let mut outcome = self.thresholds.iter().rev().find(|(_, t)| score >= *t).map_or(0, |(i, _)| *i);
-        let strongest = st.hits.iter().filter(|h| !h.shadow).filter_map(|h| h.action.map(|a| (a, h))).max_by_key(|(a, _)| *a);
+        let outcomes = self.schema.decision().outcomes.len();
+        // An action index this schema does not have (a payload of another outcome list)
+        // forces nothing.
+        let strongest = st.hits.iter().filter(|h| !h.shadow).filter_map(|h| h.action.filter(|a| (*a as usize) < outcomes).map(|a| (a, h))).max_by_key(|(a, _)| *a);
         let mut override_rule = None;
         if let Some((action, hit)) = strongest
             && action > outcome
@@ -263,6 +274,9 @@ ip_mismatch = 2.0
         let e = load(&MODEL.replace("review = 0.5", "escalate = 0.5"), &["user_tx_1m".into()], &["ip_mismatch".into()]).unwrap_err();
         assert_eq!(e.field.as_deref(), Some("thresholds.escalate"), "{e}");
         assert!(e.to_string().contains("unknown outcome"), "{e}");
+        assert!(e.to_string().starts_with("model.toml:5:"), "the line of the threshold: {e}");
+        let e = load(&MODEL.replace("review = 0.5\n", ""), &["user_tx_1m".into()], &["ip_mismatch".into()]).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("thresholds.review"), "every outcome but the first needs one: {e}");
         let e = Model::from_toml(MODEL, Path::new("model.toml"), &schema, &[], &["ip_mismatch".into()]).unwrap_err();
         assert_eq!(e.field.as_deref(), Some("feature[0].name"), "{e}");
         assert!(e.to_string().starts_with("model.toml:8"), "{e}");

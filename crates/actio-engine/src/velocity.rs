@@ -270,11 +270,11 @@ fn finite_or_zero(x: f64) -> f64 {
     if x.is_finite() { x } else { 0.0 }
 }
 
-/// The min or max of numeric field `n` over `events` (0 when none has a value).
-fn extreme<'a>(kind: Kind, n: usize, events: impl Iterator<Item = &'a Event>) -> f64 {
+/// The min or max of numeric field `n` over `events` (`None` when none has a value).
+fn extreme<'a>(kind: Kind, n: usize, events: impl Iterator<Item = &'a Event>) -> Option<f64> {
     let vals = events.map(|e| e.nums[n]).filter(|x| x.is_finite());
     let v = if kind == Kind::Min { vals.fold(f64::INFINITY, f64::min) } else { vals.fold(f64::NEG_INFINITY, f64::max) };
-    if v.is_finite() { v } else { 0.0 }
+    v.is_finite().then_some(v)
 }
 
 /// Keys with fewer events are scanned rather than aggregated.
@@ -307,6 +307,13 @@ pub struct VelocityState {
     updates: AtomicU64,
 }
 
+/// The line of the first `needle` at or after the `i`-th `[[feature]]` of `text`.
+fn feature_line(text: &str, i: usize, needle: &str) -> Option<usize> {
+    let start = text.match_indices("[[feature]]").nth(i).map_or(0, |(o, _)| o);
+    let rel = text[start..].lines().position(|l| l.contains(needle))?;
+    Some(text[..start].matches('\n').count() + 1 + rel)
+}
+
 fn parse_window(s: &str) -> Result<i64, String> {
     let d: Duration = humantime::parse_duration(s).map_err(|e| format!("expected a duration like \"1m\", \"1h\", \"24h\": {e}"))?;
     if d.is_zero() || d > Duration::from_secs(31 * 24 * 3600) {
@@ -329,38 +336,40 @@ impl VelocitySpec {
         let mut groups: Vec<Group> = Vec::new();
         let mut names: Vec<String> = Vec::new();
         let mut longest = 0;
+        // Errors inside a feature point at its own lines, not the first match in the file.
+        let ferr = |i: usize, field: String, needle: &str, msg: String| EngineError::new(ErrorKind::Invalid, origin, Some(field), feature_line(text, i, needle), msg);
         for (i, c) in f.features.iter().enumerate() {
             let at = format!("feature[{i}]");
             if c.name.is_empty() || !c.name.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '_') || c.name.starts_with(|ch: char| ch.is_ascii_digit()) {
-                return Err(err(format!("{at}.name"), &c.name, format!("expected an identifier of [A-Za-z0-9_], got {:?}", c.name)));
+                return Err(ferr(i, format!("{at}.name"), &c.name, format!("expected an identifier of [A-Za-z0-9_], got {:?}", c.name)));
             }
             if names.contains(&c.name) {
-                return Err(err(format!("{at}.name"), &c.name, format!("feature {:?} is defined twice", c.name)));
+                return Err(ferr(i, format!("{at}.name"), &c.name, format!("feature {:?} is defined twice", c.name)));
             }
-            let window_ns = parse_window(&c.window).map_err(|m| err(format!("{at}.window"), &format!("\"{}\"", c.window), m))?;
+            let window_ns = parse_window(&c.window).map_err(|m| ferr(i, format!("{at}.window"), &format!("\"{}\"", c.window), m))?;
             longest = longest.max(window_ns);
             let slot_of = |field: String, name: &str| -> Result<usize, EngineError> {
                 let s = schema.slot(name).ok_or_else(|| {
-                    EngineError::new(ErrorKind::UnknownName, origin, Some(field.clone()), line_containing(text, &format!("\"{name}\"")), format!("unknown field {name:?}; {} declares: {}", schema.file().display(), schema.names()))
+                    EngineError::new(ErrorKind::UnknownName, origin, Some(field.clone()), feature_line(text, i, &format!("\"{name}\"")), format!("unknown field {name:?}; {} declares: {}", schema.file().display(), schema.names()))
                 })?;
                 if schema.field(s).ty == FieldType::Map {
-                    return Err(EngineError::new(ErrorKind::Invalid, origin, Some(field), line_containing(text, &format!("\"{name}\"")), format!("{name:?} is a map field: windows key on and count scalar fields")));
+                    return Err(EngineError::new(ErrorKind::Invalid, origin, Some(field), feature_line(text, i, &format!("\"{name}\"")), format!("{name:?} is a map field: windows key on and count scalar fields")));
                 }
                 Ok(s)
             };
             let key_names = c.key.list();
             if key_names.is_empty() {
-                return Err(err(format!("{at}.key"), &c.name, "expected a field name or a list of them".into()));
+                return Err(ferr(i, format!("{at}.key"), &c.name, "expected a field name or a list of them".into()));
             }
             let key = key_names.iter().map(|n| slot_of(format!("{at}.key"), n)).collect::<Result<Vec<_>, _>>()?;
             let field = match (c.kind, &c.field) {
-                (Kind::Count, Some(_)) => return Err(err(format!("{at}.field"), &c.name, "a `count` feature counts events: it takes no `field`".into())),
+                (Kind::Count, Some(_)) => return Err(ferr(i, format!("{at}.field"), &c.name, "a `count` feature counts events: it takes no `field`".into())),
                 (Kind::Count, None) => None,
-                (k, None) => return Err(err(format!("{at}.field"), &c.name, format!("a `{}` feature needs `field` (the field it {})", format!("{k:?}").to_lowercase(), if k == Kind::Distinct { "counts distinct values of" } else { "aggregates" }))),
+                (k, None) => return Err(ferr(i, format!("{at}.field"), &c.name, format!("a `{}` feature needs `field` (the field it {})", format!("{k:?}").to_lowercase(), if k == Kind::Distinct { "counts distinct values of" } else { "aggregates" }))),
                 (k, Some(name)) => {
                     let s = slot_of(format!("{at}.field"), name)?;
                     if k.numeric() && !matches!(schema.field(s).ty, FieldType::Int | FieldType::Float) {
-                        return Err(err(format!("{at}.field"), &format!("\"{name}\""), format!("a `{}` feature needs a numeric field (int or float); {name:?} is a {} field", format!("{k:?}").to_lowercase(), schema.field(s).ty.as_str())));
+                        return Err(ferr(i, format!("{at}.field"), &format!("\"{name}\""), format!("a `{}` feature needs a numeric field (int or float); {name:?} is a {} field", format!("{k:?}").to_lowercase(), schema.field(s).ty.as_str())));
                     }
                     Some(s)
                 }
@@ -554,7 +563,18 @@ impl VelocitySpec {
                 let mut value = match f.kind {
                     Kind::Count => (hi - lo) as f64,
                     Kind::Sum => window.map(|e| f.num.map_or(0.0, |n| finite_or_zero(e.nums[n]))).sum(),
-                    Kind::Min | Kind::Max => extreme(f.kind, f.num.unwrap_or(0), window),
+                    Kind::Min | Kind::Max => {
+                        let own = if late { f.num.map_or(f64::NAN, |n| nums[n]) } else { f64::NAN };
+                        // A late event is not stored: it takes part in its own window.
+                        let stored = extreme(f.kind, f.num.unwrap_or(0), window);
+                        match (stored, own.is_finite()) {
+                            (Some(v), true) if f.kind == Kind::Min => v.min(own),
+                            (Some(v), true) => v.max(own),
+                            (Some(v), false) => v,
+                            (None, true) => own,
+                            (None, false) => 0.0,
+                        }
+                    }
                     Kind::Distinct => {
                         let d = f.distinct.unwrap_or(0);
                         seen.clear();
@@ -570,9 +590,7 @@ impl VelocitySpec {
                     value = match f.kind {
                         Kind::Count => value + 1.0,
                         Kind::Sum => value + finite_or_zero(own),
-                        Kind::Min if own.is_finite() && (hi == lo || own < value) => own,
-                        Kind::Max if own.is_finite() && (hi == lo || own > value) => own,
-                        Kind::Min | Kind::Max => value,
+                        Kind::Min | Kind::Max => value, // with its own value above
                         Kind::Distinct => value.max(1.0),
                     };
                 }
@@ -695,6 +713,18 @@ window = "1h"
     }
 
     #[test]
+    fn a_late_event_takes_part_in_its_own_min_and_max() {
+        let s = spec("");
+        let state = s.new_state();
+        let base = 10 * 3600 * S;
+        run(&s, &state, tx("c", "m", base, 500));
+        let late = run(&s, &state, tx("c", "m", base - 2 * 3600 * S, 20));
+        assert_eq!(state.stats().late, 2);
+        assert_eq!(late.feature("user_max_1h"), Some(20.0), "its window holds only itself");
+        assert_eq!(late.feature("user_min_1h"), Some(0.2));
+    }
+
+    #[test]
     fn events_expire_out_of_the_window() {
         let s = spec("");
         let state = s.new_state();
@@ -775,6 +805,8 @@ window = "1h"
         assert!(e.to_string().contains("velocity.toml:4") && e.to_string().contains("unknown field \"nobody\"") && e.field.as_deref() == Some("feature[0].key"), "{e}");
         let e = bad("[[feature]]\nname = \"x\"\nkind = \"sum\"\nkey = \"user\"\nfield = \"shop\"\nwindow = \"1m\"\n");
         assert!(e.to_string().contains("needs a numeric field") && e.field.as_deref() == Some("feature[0].field"), "{e}");
+        let e = bad("[[feature]]\nname = \"a\"\nkind = \"sum\"\nkey = \"user\"\nfield = \"amount\"\nwindow = \"1m\"\n[[feature]]\nname = \"b\"\nkind = \"sum\"\nkey = \"user\"\nfield = \"shop\"\nwindow = \"1m\"\n");
+        assert!(e.to_string().contains("velocity.toml:11:") && e.field.as_deref() == Some("feature[1].field"), "the second feature's own line: {e}");
         let e = bad("[[feature]]\nname = \"x\"\nkind = \"max\"\nkey = \"user\"\nwindow = \"1m\"\n");
         assert_eq!(e.field.as_deref(), Some("feature[0].field"), "{e}");
         let e = bad("[[feature]]\nname = \"x\"\nkind = \"count\"\nkey = \"attrs\"\nwindow = \"1m\"\n");

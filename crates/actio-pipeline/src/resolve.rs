@@ -227,6 +227,9 @@ impl Resolver<'_> {
             if *t.partitions.get_ref() < 1 {
                 self.err(&t.partitions, format!("topic \"{name}\".partitions"), "expected at least 1 partition");
             }
+            if t.role == TopicRole::Ingress && t.codec != Codec::Json {
+                self.err(&t.name, format!("topic \"{name}\".codec"), "an ingress topic carries what producers write: JSON, checked against schema.toml (postcard is for topics between stages)");
+            }
             topics.push(Topic { name: name.clone(), partitions: *t.partitions.get_ref(), codec: t.codec, role: t.role });
         }
         for role in [TopicRole::Ingress, TopicRole::Egress, TopicRole::DeadLetter] {
@@ -341,7 +344,7 @@ impl Resolver<'_> {
                 StageKind::Velocity => {
                     let spec = s.features.as_ref().and_then(|f| {
                         let path = self.file_at(f, &format!("{at}.features"))?;
-                        VelocitySpec::load(&path, &schema).map_err(|e| self.engine_error(&path, e)).ok().map(Arc::new)
+                        VelocitySpec::load(&path, &schema).map_err(|e| self.engine_error(e)).ok().map(Arc::new)
                     });
                     if let Some(spec) = &spec {
                         features.extend(spec.feature_names());
@@ -355,7 +358,7 @@ impl Resolver<'_> {
                 }
                 StageKind::Score => s.model.as_ref().and_then(|f| {
                     let path = self.file_at(f, &format!("{at}.model"))?;
-                    Model::load(&path, &schema, &features, &rule_ids).map_err(|e| self.engine_error(&path, e)).ok().map(Arc::new)
+                    Model::load(&path, &schema, &features, &rule_ids).map_err(|e| self.engine_error(e)).ok().map(Arc::new)
                 }).map(StageLogic::Score),
             };
             let rule_sets: Vec<_> = match &logic {
@@ -452,14 +455,14 @@ impl Resolver<'_> {
 
     fn rules(&mut self, f: &Spanned<String>, field: &str, schema: &Arc<Schema>, features: &[String]) -> Option<Arc<ReloadableRuleSet>> {
         let path = self.file_at(f, field)?;
-        ReloadableRuleSet::load(&path, schema, features).map_err(|e| self.engine_error(&path, e)).ok().map(Arc::new)
+        ReloadableRuleSet::load(&path, schema, features).map_err(|e| self.engine_error(e)).ok().map(Arc::new)
     }
 
     fn schema_error(&mut self, e: SchemaError) {
         self.errors.push(ConfigError { file: e.file, field: (e.field != "-").then_some(e.field), line: e.line, message: e.message });
     }
 
-    fn engine_error(&mut self, _path: &Path, e: actio_engine::EngineError) {
+    fn engine_error(&mut self, e: actio_engine::EngineError) {
         self.errors.push(ConfigError { file: e.file, field: e.field, line: e.line, message: e.message });
     }
 

@@ -250,3 +250,9 @@ fn a_rule_action_or_threshold_naming_an_undeclared_outcome_is_named() {
     let (_d, e) = broken("model.toml", |t| t.replacen("review = 0.55", "hold = 0.55", 1));
     names(&e, "model.toml", &["thresholds.hold", "unknown outcome \"hold\""]);
 }
+
+#[test]
+fn an_ingress_topic_must_be_json() {
+    let (_d, e) = broken("pipeline.toml", |t| t.replacen("codec = \"json\"          # any Kafka client can produce it", "codec = \"postcard\"", 1));
+    names(&e, "pipeline.toml", &["topic \"tx.in\".codec", "JSON, checked against schema.toml"]);
+}
