@@ -40,10 +40,10 @@ struct VelocityFile {
     /// Evict a key this long (event time) after its last event; default: the longest window.
     #[serde(default)]
     key_ttl: Option<String>,
-    /// Most keys held per state (per partition); default 1,000,000.
+    /// Most keys held per state (per partition); default [`DEFAULT_MAX_KEYS`].
     #[serde(default = "default_max_keys")]
     max_keys: usize,
-    /// Most events kept per key; default 1024.
+    /// Most events kept per key; default [`DEFAULT_MAX_EVENTS_PER_KEY`].
     #[serde(default = "default_max_events")]
     max_events_per_key: usize,
     /// How much of an assigned partition's input to replay to rebuild its windows
@@ -57,16 +57,23 @@ struct VelocityFile {
     features: Vec<FeatureConfig>,
 }
 
+/// Default: most keys held per state (per partition).
+pub const DEFAULT_MAX_KEYS: usize = 1_000_000;
+/// Default: most records (the newest) replayed per partition to rebuild its windows.
+pub const DEFAULT_RESTORE_MAX_RECORDS: u64 = 10_000_000;
+/// Default: most events kept per key.
+pub const DEFAULT_MAX_EVENTS_PER_KEY: usize = 1024;
+
 fn default_max_keys() -> usize {
-    1_000_000
+    DEFAULT_MAX_KEYS
 }
 
 fn default_restore_max_records() -> u64 {
-    10_000_000
+    DEFAULT_RESTORE_MAX_RECORDS
 }
 
 fn default_max_events() -> usize {
-    1024
+    DEFAULT_MAX_EVENTS_PER_KEY
 }
 
 /// What a feature computes over its window.
@@ -425,7 +432,7 @@ impl VelocitySpec {
     }
 
     /// The most records (the newest) replayed per partition to rebuild its windows
-    /// (`restore_max_records`, default 10,000,000): a bound on how long a replica
+    /// (`restore_max_records`, default [`DEFAULT_RESTORE_MAX_RECORDS`]): a bound on how long a replica
     /// takes to start on a partition, which must stay under the consumer's
     /// `max.poll.interval.ms` (the replay runs inside the rebalance callback).
     pub fn restore_max_records(&self) -> u64 {

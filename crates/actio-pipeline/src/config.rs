@@ -1,7 +1,11 @@
 //! `pipeline.toml` as written: parsed without I/O beyond reading the file, every
 //! unknown field an error. [`crate::Pipeline::load`] resolves it.
 //!
-//! Defaults live here, in one place, as named functions.
+//! Defaults live here, in one place, as `DEFAULT_*` constants with their unit in the
+//! name; the doc comments link them rather than repeat their values, and a test holds
+//! the README's figures to them. (Velocity files' own defaults sit beside their parser,
+//! `actio_engine::velocity::DEFAULT_*`; the worker-thread default is the machine's
+//! cores.)
 
 use std::collections::BTreeMap;
 
@@ -89,21 +93,24 @@ pub enum OrderingConfig {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StageLimits {
-    /// Ordering mode (default `key`).
+    /// Ordering mode (default [`DEFAULT_ORDERING`]).
     pub ordering: Option<OrderingConfig>,
-    /// Most messages held per partition between watermark and consumed head (default 1000).
+    /// Most messages held per partition between watermark and consumed head (default
+    /// [`DEFAULT_MAX_IN_FLIGHT_PER_PARTITION`]).
     pub max_in_flight_per_partition: Option<Spanned<usize>>,
-    /// Most messages held by one stage instance (default 10000).
+    /// Most messages held by one stage instance (default [`DEFAULT_MAX_IN_FLIGHT`]).
     pub max_in_flight: Option<Spanned<usize>>,
-    /// Watermark commit interval, ms (default 5).
+    /// Watermark commit interval, ms (default [`DEFAULT_COMMIT_INTERVAL_MS`]).
     pub commit_interval_ms: Option<Spanned<u64>>,
-    /// Time allowed to drain in-flight work on revocation and shutdown, ms (default 10000).
+    /// Time allowed to drain in-flight work on revocation and shutdown, ms (default
+    /// [`DEFAULT_DRAIN_TIMEOUT_MS`]).
     pub drain_timeout_ms: Option<Spanned<u64>>,
     /// Worker threads per stage instance (default: the machine's cores).
     pub threads: Option<Spanned<usize>>,
-    /// In-place attempts for transient failures (default 3).
+    /// In-place attempts for transient failures (default [`DEFAULT_RETRY_ATTEMPTS`]).
     pub retry_attempts: Option<Spanned<u32>>,
-    /// First retry backoff, ms (default 1; doubles each attempt, up to 50).
+    /// First retry backoff, ms (default [`DEFAULT_RETRY_BACKOFF_MS`]; doubles each attempt,
+    /// up to [`DEFAULT_RETRY_MAX_BACKOFF_MS`]).
     pub retry_backoff_ms: Option<Spanned<u64>>,
     /// The stage's latency budget, ms: reports flag a p99 above it.
     pub budget_ms: Option<Spanned<f64>>,
@@ -123,6 +130,10 @@ pub const DEFAULT_DRAIN_TIMEOUT_MS: u64 = 10_000;
 pub const DEFAULT_RETRY_ATTEMPTS: u32 = 3;
 /// Default: first retry backoff, ms.
 pub const DEFAULT_RETRY_BACKOFF_MS: u64 = 1;
+/// Largest in-place retry backoff, ms (the backoff doubles up to it).
+pub const DEFAULT_RETRY_MAX_BACKOFF_MS: u64 = 50;
+/// Default: replicas of a stage to deploy.
+pub const DEFAULT_REPLICAS: u32 = 1;
 /// Default: trips through a stage's retry topic before the DLQ.
 pub const DEFAULT_RETRY_TOPIC_ATTEMPTS: u32 = 3;
 /// Most trips through a retry topic.
@@ -164,7 +175,7 @@ pub struct StageConfig {
     pub features: Option<Spanned<String>>,
     /// Model file (kind `score`).
     pub model: Option<Spanned<String>>,
-    /// Replicas to deploy (≤ the input topic's partitions; default 1).
+    /// Replicas to deploy (≤ the input topic's partitions; default [`DEFAULT_REPLICAS`]).
     pub replicas: Option<Spanned<u32>>,
     /// Overrides of `[defaults]` for this stage (`[stage.limits]`).
     #[serde(default)]
@@ -173,11 +184,12 @@ pub struct StageConfig {
     /// failure that outlasts the in-place attempts goes there and comes back to this
     /// stage after `retry_delay_ms`. Without it, such a failure is dead-lettered.
     pub retry_topic: Option<Spanned<String>>,
-    /// Trips through the retry topic before the DLQ (default 3; each trip gets the
+    /// Trips through the retry topic before the DLQ (default
+    /// [`DEFAULT_RETRY_TOPIC_ATTEMPTS`]; each trip gets the
     /// in-place attempts again). Only with `retry_topic`.
     pub retry_topic_attempts: Option<Spanned<u32>>,
     /// Delay between sending a message to the retry topic and running it again, ms
-    /// (default 1000). Only with `retry_topic`.
+    /// (default [`DEFAULT_RETRY_DELAY_MS`]). Only with `retry_topic`.
     pub retry_delay_ms: Option<Spanned<u64>>,
     /// With it, the delay doubles with each trip after the first, up to this, ms
     /// (≥ `retry_delay_ms`); without it every trip waits `retry_delay_ms`.

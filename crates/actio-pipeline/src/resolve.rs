@@ -314,7 +314,7 @@ impl Resolver<'_> {
             let group = format!("{}.{}", raw.name.get_ref(), name);
             limits.retry.topic = self.retry_topic(s, &at, &topics, input.as_ref(), &group, &mut retry_of);
             let faults = self.faults(s, &at, &schema, &features_before);
-            let replicas = s.replicas.as_ref().map_or(1, |r| *r.get_ref());
+            let replicas = s.replicas.as_ref().map_or(DEFAULT_REPLICAS, |r| *r.get_ref());
             if let (Some(r), Some(t)) = (&s.replicas, &input)
                 && (*r.get_ref() < 1 || *r.get_ref() as i64 > t.partitions as i64)
             {
@@ -594,7 +594,8 @@ impl Resolver<'_> {
             retry: actio_runtime::RetryPolicy {
                 attempts,
                 backoff: Duration::from_millis(pick(&s.retry_backoff_ms, &d.retry_backoff_ms).map_or(DEFAULT_RETRY_BACKOFF_MS, |v| *v.get_ref())),
-                ..Default::default()
+                max_backoff: Duration::from_millis(DEFAULT_RETRY_MAX_BACKOFF_MS),
+                topic: None,
             },
             budget_ms: budget.map(|b| *b.get_ref()),
         }

@@ -256,3 +256,30 @@ fn an_ingress_topic_must_be_json() {
     let (_d, e) = broken("pipeline.toml", |t| t.replacen("codec = \"json\"          # any Kafka client can produce it", "codec = \"postcard\"", 1));
     names(&e, "pipeline.toml", &["topic \"tx.in\".codec", "JSON, checked against schema.toml"]);
 }
+
+/// The README states some defaults in words; they are the constants' values.
+#[test]
+fn the_readme_states_the_defaults_the_code_has() {
+    use actio_pipeline::config::*;
+    let readme = std::fs::read_to_string(actio_testkit::repo().join("README.md")).unwrap();
+    let thousands = |n: u64| {
+        let s = n.to_string();
+        let mut out = String::new();
+        for (i, c) in s.chars().enumerate() {
+            if i > 0 && (s.len() - i) % 3 == 0 {
+                out.push(',');
+            }
+            out.push(c);
+        }
+        out
+    };
+    let want = [
+        format!("`retry_delay_ms` ({}", DEFAULT_RETRY_DELAY_MS),
+        format!("`retry_topic_attempts` ({})", DEFAULT_RETRY_TOPIC_ATTEMPTS),
+        format!("`max_in_flight_per_partition` ({})", thousands(DEFAULT_MAX_IN_FLIGHT_PER_PARTITION as u64)),
+        format!("`restore_max_records` ({} M)", actio_engine::velocity::DEFAULT_RESTORE_MAX_RECORDS / 1_000_000),
+    ];
+    for w in want {
+        assert!(readme.contains(&w), "README.md should say {w:?} (the default in the code)");
+    }
+}
