@@ -24,10 +24,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use actio_core::bus::{Bytes, Delivered, kafka_partition};
+use actio_core::bus::{Bytes, Delivered, ReplayRange, kafka_partition};
 use actio_core::{
     AckFn, Bus, BusError, BusErrorKind, ConsumerConfig, Offset, OutRecord, Producer, ProducerConfig,
-    RebalanceListener, TopicSpec,
+    RebalanceListener, Record, TopicPartition, TopicSpec,
 };
 use parking_lot::{Mutex, RwLock};
 
@@ -175,6 +175,14 @@ impl Bus for EmbeddedBus {
 
     fn end_offsets(&self, topic: &str) -> Result<Vec<Offset>, BusError> {
         Ok(self.inner.topic(topic)?.partitions.iter().map(|p| p.end()).collect())
+    }
+
+    /// Unsupported, on purpose: a partition drops its records once every group has
+    /// committed past them (see the crate docs), so a replay could only return the
+    /// last few hundred records before a commit and would pass for a full restore.
+    /// Its stages live in one process, so a partition's state never has to move.
+    fn replay(&self, tp: &TopicPartition, _range: ReplayRange, _f: &mut dyn FnMut(&Record)) -> Result<u64, BusError> {
+        Err(BusError::new(BusErrorKind::Unsupported, format!("replaying {tp}: the embedded bus keeps no history past what its groups committed")))
     }
 }
 

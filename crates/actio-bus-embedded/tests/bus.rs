@@ -302,3 +302,14 @@ fn concurrent_producers_and_a_stable_group_lose_and_duplicate_nothing() {
     assert_eq!(all.len(), 20_000);
     assert_eq!(unique.len(), 20_000);
 }
+
+#[test]
+fn replay_is_unsupported_not_an_empty_history() {
+    let bus = bus_with(EmbeddedConfig::default(), 1);
+    send(&bus, "k", "v").unwrap();
+    let range = actio_core::bus::ReplayRange { from_ms: 0, until: 1, max_records: 10 };
+    let mut read = 0;
+    let e = bus.replay(&TopicPartition::new("t", 0), range, &mut |_| read += 1).unwrap_err();
+    assert_eq!(e.kind, BusErrorKind::Unsupported);
+    assert_eq!(read, 0);
+}

@@ -62,6 +62,16 @@ impl Headers {
         self.0.push((key.to_string(), value.into()));
     }
 
+    /// Removes every value of a header.
+    pub fn remove(&mut self, key: &str) {
+        self.0.retain(|(k, _)| k != key);
+    }
+
+    /// Keeps only the headers for which `keep(key, value)` holds, in order.
+    pub fn retain(&mut self, mut keep: impl FnMut(&str, &[u8]) -> bool) {
+        self.0.retain(|(k, v)| keep(k, v));
+    }
+
     /// Iterates over (key, value) pairs.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &[u8])> {
         self.0.iter().map(|(k, v)| (k.as_str(), v.as_ref()))
@@ -128,6 +138,9 @@ pub enum BusErrorKind {
     Transient,
     /// The consumer or producer is unusable (fenced, closed, fatal librdkafka error).
     Fatal,
+    /// This bus does not offer the operation (an optional capability such as
+    /// [`Bus::replay`]); the caller decides what doing without it means.
+    Unsupported,
 }
 
 /// A bus failure.
@@ -279,12 +292,12 @@ pub trait Bus: Send + Sync + 'static {
     /// outside any group, so nothing is committed. Returns how many were read. For a
     /// stage that rebuilds per-partition state when it is assigned a partition.
     ///
-    /// The default reads nothing: a bus that keeps no history (the embedded bus drops
-    /// what every group has committed; its stages live in one process, so their
-    /// partitions never move).
+    /// Optional: a bus that keeps no history returns [`BusErrorKind::Unsupported`],
+    /// which is also the default, so a new bus says it restores nothing rather than
+    /// reading nothing in silence.
     fn replay(&self, tp: &TopicPartition, range: ReplayRange, f: &mut dyn FnMut(&Record)) -> Result<u64, BusError> {
-        let _ = (tp, range, f);
-        Ok(0)
+        let _ = (range, f);
+        Err(BusError::new(BusErrorKind::Unsupported, format!("replaying {tp}: this bus keeps no history to replay")))
     }
 }
 
@@ -330,6 +343,76 @@ pub fn murmur2(data: &[u8]) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn headers_remove_and_retain_keep_the_order_of_the_rest() {
+        let mut h = Headers::default();
+        for (k, v) in [("a", "1"), ("b", "2"), ("a", "3"), ("c", "4")] {
+            h.0.push((k.to_string(), Bytes::from(v)));
+        }
+        h.remove("a");
+        assert_eq!(h.iter().map(|(k, _)| k).collect::<Vec<_>>(), ["b", "c"]);
+        h.retain(|k, v| k != "c" && v == b"2");
+        assert_eq!(h.iter().collect::<Vec<_>>(), [("b", &b"2"[..])]);
+    }
+
+    #[test]
+    fn a_bus_without_replay_says_so() {
+        struct NoHistory;
+        impl Bus for NoHistory {
+            type Consumer = NoConsumer;
+            type Producer = NoProducer;
+            fn consumer(&self, _: &ConsumerConfig, _: Arc<dyn RebalanceListener>) -> Result<NoConsumer, BusError> {
+                Ok(NoConsumer)
+            }
+            fn producer(&self, _: &ProducerConfig) -> Result<NoProducer, BusError> {
+                Ok(NoProducer)
+            }
+            fn create_topics(&self, _: &[TopicSpec]) -> Result<(), BusError> {
+                Ok(())
+            }
+            fn committed_offsets(&self, _: &str, _: &str) -> Result<Vec<Option<Offset>>, BusError> {
+                Ok(vec![])
+            }
+            fn end_offsets(&self, _: &str) -> Result<Vec<Offset>, BusError> {
+                Ok(vec![])
+            }
+        }
+        struct NoConsumer;
+        impl Consumer for NoConsumer {
+            fn poll(&mut self, _: Duration) -> Result<Option<Record>, BusError> {
+                Ok(None)
+            }
+            fn pause(&mut self, _: &[TopicPartition]) -> Result<(), BusError> {
+                Ok(())
+            }
+            fn resume(&mut self, _: &[TopicPartition]) -> Result<(), BusError> {
+                Ok(())
+            }
+            fn commit(&mut self, _: &[(TopicPartition, Offset)]) -> Result<(), BusError> {
+                Ok(())
+            }
+            fn assignment(&self) -> Vec<TopicPartition> {
+                vec![]
+            }
+            fn close(self) -> Result<(), BusError> {
+                Ok(())
+            }
+        }
+        #[derive(Clone)]
+        struct NoProducer;
+        impl Producer for NoProducer {
+            fn send(&self, _: OutRecord, _: AckFn) -> Result<(), BusError> {
+                Ok(())
+            }
+            fn flush(&self, _: Duration) -> Result<(), BusError> {
+                Ok(())
+            }
+        }
+        let range = ReplayRange { from_ms: 0, until: 10, max_records: 10 };
+        let e = NoHistory.replay(&TopicPartition::new("t", 0), range, &mut |_| {}).err();
+        assert_eq!(e.map(|e| e.kind), Some(BusErrorKind::Unsupported));
+    }
 
     #[test]
     fn murmur2_matches_kafka() {

@@ -18,7 +18,9 @@ pub const TRACEPARENT: &str = "traceparent";
 pub const ERROR: &str = "actio-error";
 /// On DLQ messages: the stage that gave up.
 pub const STAGE: &str = "actio-stage";
-/// On DLQ messages: `topic/partition/offset` of the original message.
+/// On retry-topic and DLQ copies: `topic/partition/offset` of the input message it
+/// was first consumed as (the topic may itself contain `/`). Written and read by the
+/// stage runtime only; handlers get it parsed, in their `Context`.
 pub const SOURCE: &str = "actio-source";
 /// On retry-topic and DLQ copies: handler attempts made so far at the stage named by
 /// [`STAGE`], in place and through its retry topic (decimal).
@@ -67,20 +69,6 @@ pub fn parse_trail(value: &[u8]) -> Vec<Hop> {
         .collect()
 }
 
-/// A [`SOURCE`] value: `topic/partition/offset`.
-pub fn source(topic: &str, partition: i32, offset: i64) -> Vec<u8> {
-    format!("{topic}/{partition}/{offset}").into_bytes()
-}
-
-/// Parses a [`SOURCE`] value into topic, partition and offset (the topic may itself
-/// contain `/`).
-pub fn parse_source(value: &[u8]) -> Option<(&str, i32, i64)> {
-    let mut it = std::str::from_utf8(value).ok()?.rsplitn(3, '/');
-    let offset = it.next()?.parse().ok()?;
-    let partition = it.next()?.parse().ok()?;
-    Some((it.next()?, partition, offset))
-}
-
 /// Parses a decimal integer header value (e.g. [`CREATED`]).
 pub fn parse_i64(value: &[u8]) -> Option<i64> {
     std::str::from_utf8(value).ok()?.trim().parse().ok()
@@ -89,14 +77,6 @@ pub fn parse_i64(value: &[u8]) -> Option<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn source_round_trips_also_with_slashes_in_the_topic() {
-        assert_eq!(parse_source(&source("tx.in", 3, 42)), Some(("tx.in", 3, 42)));
-        assert_eq!(parse_source(&source("a/b", 0, 7)), Some(("a/b", 0, 7)));
-        assert_eq!(parse_source(b"tx.in/x/1"), None);
-        assert_eq!(parse_source(b"nothing"), None);
-    }
 
     #[test]
     fn trail_round_trips_and_tolerates_garbage() {

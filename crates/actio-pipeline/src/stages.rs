@@ -26,11 +26,11 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use actio_core::bus::{Bus, BusError, Bytes, ReplayRange};
+use actio_core::bus::{Bus, BusError, BusErrorKind, Bytes, ReplayRange};
 use actio_core::{Codec, KeyExtractor, Record, Schema, TopicPartition, TxState};
 use actio_engine::derive::DerivedFields;
 use actio_engine::velocity::{VelocitySpec, VelocityState};
-use actio_runtime::{Handler, HandlerCounter, HandlerError, Output, StageSpec};
+use actio_runtime::{Context, Handler, HandlerCounter, HandlerError, Output, StageSpec};
 use ahash::AHashMap;
 use parking_lot::RwLock;
 
@@ -143,6 +143,10 @@ impl StageHandler {
         let ms = t0.elapsed().as_millis() as u64;
         match result {
             Ok(_) => tracing::info!(stage = %self.stage.name, partition = %tp, records = applied, undecodable, ms, "velocity windows restored"),
+            // A bus without history (the embedded one): there is nothing to rebuild from.
+            Err(e) if e.kind == BusErrorKind::Unsupported => {
+                tracing::debug!(stage = %self.stage.name, partition = %tp, error = %e, "no history to rebuild velocity windows from");
+            }
             Err(e) => tracing::warn!(
                 stage = %self.stage.name, partition = %tp, records = applied, ms, error = %e,
                 "velocity windows only partly restored: features of this partition's cards under-count until their windows refill"
@@ -183,16 +187,18 @@ impl StageHandler {
         self.velocity.write().entry(partition).or_insert_with(|| Arc::new(spec.new_state())).clone()
     }
 
-    /// The velocity state for `record`: its input partition's. A retry copy comes from
-    /// the retry topic, whose partitions are not the input's: its `actio-source` names
-    /// the input partition. If this replica does not hold that partition (the retry
-    /// group assigns retry partitions on its own), the copy is run against an empty,
-    /// throw-away state: its features see no history, and it is not remembered.
-    fn velocity_state_of(&self, spec: &VelocitySpec, record: &Record) -> Arc<VelocityState> {
-        if *record.tp.topic == *self.stage.input {
-            return self.velocity_state(spec, record.tp.partition);
+    /// The velocity state of the message `ctx` describes: its input partition's. A copy
+    /// back from the retry topic was consumed from a retry partition, not an input one;
+    /// `ctx.source` names the input partition it was first consumed from. If this
+    /// replica does not hold that partition (the retry group assigns retry partitions on
+    /// its own), the copy is run against an empty, throw-away state: its features see no
+    /// history, and it is not remembered.
+    fn velocity_state_of(&self, spec: &VelocitySpec, ctx: &Context) -> Arc<VelocityState> {
+        let on_input = *ctx.source.topic == *self.stage.input;
+        if on_input && !ctx.from_retry_topic {
+            return self.velocity_state(spec, ctx.source.partition);
         }
-        let held = source_partition(record, &self.stage.input).and_then(|p| self.velocity.read().get(&p).cloned());
+        let held = on_input.then(|| self.velocity.read().get(&ctx.source.partition).cloned()).flatten();
         held.unwrap_or_else(|| Arc::new(spec.new_state()))
     }
 
@@ -229,13 +235,9 @@ impl StageHandler {
 }
 
 impl Handler for StageHandler {
-    fn handle(&self, record: &Record) -> Result<Vec<Output>, HandlerError> {
-        self.handle_attempt(record, 1)
-    }
-
-    fn handle_attempt(&self, record: &Record, attempt: u32) -> Result<Vec<Output>, HandlerError> {
+    fn handle(&self, record: &Record, ctx: &Context) -> Result<Vec<Output>, HandlerError> {
         let mut st = self.decode(&record.payload)?;
-        self.stage.faults.check(&st, attempt)?;
+        self.stage.faults.check(&st, ctx.attempt)?;
         let encode_err = |e: actio_core::CodecError| HandlerError::permanent(format!("cannot encode output: {e}"));
         let payload: Bytes = match &self.stage.logic {
             StageLogic::Rules(rules) => {
@@ -243,7 +245,7 @@ impl Handler for StageHandler {
                 self.output_codec.encode(&st).map_err(encode_err)?.into()
             }
             StageLogic::Velocity { spec, rules } => {
-                spec.update(&self.velocity_state_of(spec, record), &mut st);
+                spec.update(&self.velocity_state_of(spec, ctx), &mut st);
                 if let Some(rules) = rules {
                     self.eval_rules(rules, &mut st);
                 }
@@ -255,7 +257,7 @@ impl Handler for StageHandler {
                 self.output_codec.encode(&decision).map_err(encode_err)?.into()
             }
         };
-        Ok(vec![Output { topic: self.output.clone(), payload }])
+        Ok(vec![Output::new(self.output.clone(), payload)])
     }
 
     fn counters(&self) -> Vec<HandlerCounter> {
@@ -299,12 +301,6 @@ impl Handler for StageHandler {
     }
 }
 
-/// The partition of `input` that `actio-source` (`topic/partition/offset`) names.
-fn source_partition(record: &Record, input: &str) -> Option<i32> {
-    let (topic, partition, _offset) = actio_core::headers::parse_source(record.headers.get(actio_core::headers::SOURCE)?)?;
-    (topic == input).then_some(partition)
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 mod tests {
@@ -336,6 +332,17 @@ mod tests {
         Record { tp: TopicPartition::new("tx.in", 0), offset: 0, key: Some(Bytes::from_static(b"c-1")), payload: Bytes::from(json), headers: Headers::default(), timestamp_ms: None }
     }
 
+    /// `h` on `r` as the runtime runs a message first consumed from its input, at
+    /// attempt `attempt`.
+    fn on_attempt(h: &StageHandler, r: &Record, attempt: u32) -> Result<Vec<Output>, HandlerError> {
+        h.handle(r, &Context::first(r).with_attempt(attempt))
+    }
+
+    /// `h` on `r`, a first attempt.
+    fn first(h: &StageHandler, r: &Record) -> Result<Vec<Output>, HandlerError> {
+        h.handle(r, &Context::first(r))
+    }
+
     const FAULTS: &str = "budget_ms = 5.0\n[[stage.fault]]\nwhen = \"tx.attrs.chaos == 'transient'\"\nfail = \"transient\"\ntimes = 2\n\
         [[stage.fault]]\nwhen = \"tx.attrs.chaos == 'permanent'\"\nfail = \"permanent\"\n\
         [[stage.fault]]\nwhen = \"tx.attrs.chaos == 'panic'\"\nfail = \"panic\"\n";
@@ -345,25 +352,25 @@ mod tests {
         let (_d, p) = fraud_with(|t| t.replacen("budget_ms = 5.0\n", FAULTS, 1));
         let h = StageHandler::new(&p, &p.stages[0]);
         for attempt in [1, 2] {
-            let e = h.handle_attempt(&record("chaos-transient", "{}"), attempt).unwrap_err();
+            let e = on_attempt(&h, &record("chaos-transient", "{}"), attempt).unwrap_err();
             assert_eq!(e.kind, FailureKind::Transient, "attempt {attempt}");
         }
-        assert_eq!(h.handle_attempt(&record("chaos-transient", "{}"), 3).unwrap().len(), 1, "the third attempt succeeds");
-        assert_eq!(h.handle_attempt(&record("chaos-permanent", "{}"), 7).unwrap_err().kind, FailureKind::Permanent);
-        let panic = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| h.handle_attempt(&record("chaos-panic", "{}"), 1))).unwrap_err();
+        assert_eq!(on_attempt(&h, &record("chaos-transient", "{}"), 3).unwrap().len(), 1, "the third attempt succeeds");
+        assert_eq!(on_attempt(&h, &record("chaos-permanent", "{}"), 7).unwrap_err().kind, FailureKind::Permanent);
+        let panic = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| on_attempt(&h, &record("chaos-panic", "{}"), 1))).unwrap_err();
         assert!(panic.downcast_ref::<String>().unwrap().contains("injected panic"));
-        assert_eq!(h.handle(&record("m-1", "{}")).unwrap().len(), 1, "other transactions are untouched");
+        assert_eq!(first(&h, &record("m-1", "{}")).unwrap().len(), 1, "other transactions are untouched");
         // Undecodable input is still a permanent failure, before any fault.
         let mut bad = record("chaos-transient", "{}");
         bad.payload = Bytes::from_static(b"{");
-        assert!(h.handle_attempt(&bad, 1).unwrap_err().message.contains("undecodable"));
+        assert!(on_attempt(&h, &bad, 1).unwrap_err().message.contains("undecodable"));
         // Faults only where configured.
         let v = StageHandler::new(&p, &p.stages[1]);
         assert!(p.stages[1].faults.is_empty());
-        let ruled = h.handle_attempt(&record("chaos-transient", "{}"), 3).unwrap();
+        let ruled = on_attempt(&h, &record("chaos-transient", "{}"), 3).unwrap();
         let mut r = record("x", "{}");
         r.payload = ruled[0].payload.clone();
-        assert!(v.handle_attempt(&r, 1).is_ok());
+        assert!(on_attempt(&v, &r, 1).is_ok());
     }
 
     #[test]
@@ -371,32 +378,37 @@ mod tests {
         let (_d, p) = fraud_with(|t| t);
         let rules = StageHandler::new(&p, &p.stages[0]);
         let velocity = StageHandler::new(&p, &p.stages[1]);
-        let ruled = rules.handle(&record("m-1", "{}")).unwrap()[0].payload.clone();
-        let on = |topic: &str, partition: i32, source: Option<&str>| {
-            let mut headers = Headers::default();
-            if let Some(s) = source {
-                headers.set(actio_core::headers::SOURCE, s.as_bytes().to_vec());
-            }
-            Record { tp: TopicPartition::new(topic, partition), offset: 0, key: Some(Bytes::from_static(b"c-1")), payload: ruled.clone(), headers, timestamp_ms: None }
+        let ruled = first(&rules, &record("m-1", "{}")).unwrap()[0].payload.clone();
+        // A record consumed from `topic`/`partition` and the context the runtime gives
+        // it; `retried_from`: it came back from the retry topic, first consumed from
+        // that partition (the runtime's `actio-source`).
+        let on = |topic: &str, partition: i32, retried_from: Option<(&str, i32)>| {
+            let r = Record { tp: TopicPartition::new(topic, partition), offset: 0, key: Some(Bytes::from_static(b"c-1")), payload: ruled.clone(), headers: Headers::default(), timestamp_ms: None };
+            let ctx = match retried_from {
+                None => Context::first(&r),
+                Some((t, p)) => Context::first(&r).retried_from(TopicPartition::new(t, p), 0),
+            };
+            (r, ctx)
         };
-        let card_tx_1m = |r: &Record| {
-            let out = velocity.handle(r).unwrap();
+        let card_tx_1m = |(r, ctx): (Record, Context)| {
+            let out = velocity.handle(&r, &ctx).unwrap();
             let st: TxState = Codec::Postcard.decode(&out[0].payload).unwrap();
             st.features.iter().find(|f| &*f.name == "card_tx_1m").unwrap().value
         };
         velocity.partitions_assigned(&[TopicPartition::new("tx.ruled", 5), TopicPartition::new("tx.retry.velocity", 1)]);
-        assert_eq!(card_tx_1m(&on("tx.ruled", 5, None)), 1.0);
+        assert_eq!(card_tx_1m(on("tx.ruled", 5, None)), 1.0);
         // From the retry topic's partition 1, first consumed from tx.ruled/5: partition 5's windows.
-        assert_eq!(card_tx_1m(&on("tx.retry.velocity", 1, Some("tx.ruled/5/0"))), 2.0);
+        assert_eq!(card_tx_1m(on("tx.retry.velocity", 1, Some(("tx.ruled", 5)))), 2.0);
         // Losing a retry partition drops no input partition's state...
         velocity.partitions_revoked(&[TopicPartition::new("tx.retry.velocity", 5)]);
-        assert_eq!(card_tx_1m(&on("tx.ruled", 5, None)), 3.0);
+        assert_eq!(card_tx_1m(on("tx.ruled", 5, None)), 3.0);
         // ...and a copy of an input partition this replica does not hold sees no history.
-        assert_eq!(card_tx_1m(&on("tx.retry.velocity", 1, Some("tx.ruled/7/0"))), 1.0);
-        assert_eq!(card_tx_1m(&on("tx.retry.velocity", 1, None)), 1.0);
-        assert_eq!(card_tx_1m(&on("tx.ruled", 5, None)), 4.0, "throw-away states are not remembered");
+        assert_eq!(card_tx_1m(on("tx.retry.velocity", 1, Some(("tx.ruled", 7)))), 1.0);
+        // A copy without a readable `actio-source`: the runtime names the retry partition.
+        assert_eq!(card_tx_1m(on("tx.retry.velocity", 1, Some(("tx.retry.velocity", 1)))), 1.0);
+        assert_eq!(card_tx_1m(on("tx.ruled", 5, None)), 4.0, "throw-away states are not remembered");
         velocity.partitions_revoked(&[TopicPartition::new("tx.ruled", 5)]);
-        assert_eq!(card_tx_1m(&on("tx.ruled", 5, None)), 1.0, "revoking the input partition drops its state");
+        assert_eq!(card_tx_1m(on("tx.ruled", 5, None)), 1.0, "revoking the input partition drops its state");
     }
 
     #[test]
@@ -404,7 +416,7 @@ mod tests {
         let (_d, p) = fraud_with(|t| t);
         let rules = StageHandler::new(&p, &p.stages[0]);
         let mut velocity = StageHandler::new(&p, &p.stages[1]);
-        let ruled = rules.handle(&record("m-1", "{}")).unwrap()[0].payload.clone();
+        let ruled = first(&rules, &record("m-1", "{}")).unwrap()[0].payload.clone();
         let history: Vec<Record> = (0..3)
             .map(|i| Record { tp: TopicPartition::new("tx.ruled", 5), offset: i, key: None, payload: ruled.clone(), headers: Headers::default(), timestamp_ms: None })
             .chain([Record { tp: TopicPartition::new("tx.ruled", 5), offset: 3, key: None, payload: Bytes::from_static(b"garbage"), headers: Headers::default(), timestamp_ms: None }])
@@ -420,7 +432,7 @@ mod tests {
         })));
         let card_tx_24h = |partition: i32| {
             let r = Record { tp: TopicPartition::new("tx.ruled", partition), offset: 9, key: None, payload: ruled.clone(), headers: Headers::default(), timestamp_ms: None };
-            let st: TxState = Codec::Postcard.decode(&velocity.handle(&r).unwrap()[0].payload).unwrap();
+            let st: TxState = Codec::Postcard.decode(&first(&velocity, &r).unwrap()[0].payload).unwrap();
             st.features.iter().find(|f| &*f.name == "card_tx_24h").unwrap().value
         };
         velocity.partitions_assigned(&[TopicPartition::new("tx.ruled", 5), TopicPartition::new("tx.retry.velocity", 5)]);
@@ -449,13 +461,13 @@ mod tests {
         let h = StageHandler::new(&p2, &p2.stages[0]);
         let errors = || h.counters().into_iter().find(|c| c.name == RULE_ERRORS).unwrap().value;
         assert_eq!(errors(), 0);
-        h.handle(&record("m-1", "{}")).unwrap();
-        h.handle(&record("m-1", "{}")).unwrap();
-        h.handle(&record("m-1", r#"{"risk_score": 0.9}"#)).unwrap();
+        first(&h, &record("m-1", "{}")).unwrap();
+        first(&h, &record("m-1", "{}")).unwrap();
+        first(&h, &record("m-1", r#"{"risk_score": 0.9}"#)).unwrap();
         assert_eq!(errors(), 2, "the rule fails on the transactions without the attribute, and only it");
         // The shipped rules evaluate cleanly on an ordinary transaction.
         let shipped = StageHandler::new(&p, &p.stages[0]);
-        shipped.handle(&record("m-1", "{}")).unwrap();
+        first(&shipped, &record("m-1", "{}")).unwrap();
         assert_eq!(shipped.counters()[0].value, 0);
     }
 }

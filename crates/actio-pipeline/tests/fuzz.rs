@@ -25,11 +25,16 @@ use actio_core::schema::{Scalar, Value};
 use actio_core::{Codec, Decision, TxState};
 use actio_pipeline::Pipeline;
 use actio_pipeline::stages::StageHandler;
-use actio_runtime::Handler;
+use actio_runtime::{Context, Handler, HandlerError, Output};
 use actio_testkit::repo;
 use proptest::collection::{btree_map, vec};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestRng, TestRunner};
+
+/// `h` on `r` as the runtime runs a message on its first attempt, from its input.
+fn first_attempt(h: &dyn Handler, r: &Record) -> Result<Vec<Output>, HandlerError> {
+    h.handle(r, &Context::first(r))
+}
 
 /// Runs `test` on values of `strategy`: one round of ACTIO_FUZZ_CASES cases (default
 /// `quick`), or rounds of 2,000 with fresh seeds until ACTIO_FUZZ_SECS have passed.
@@ -278,9 +283,9 @@ fn state_seeds() -> &'static Vec<Vec<u8>> {
         let c = chain();
         let mut out = Vec::new();
         for s in ingress_seeds() {
-            if let Ok(ruled) = c.rules.handle(&record("tx.in", s)) {
+            if let Ok(ruled) = first_attempt(&c.rules, &record("tx.in", s)) {
                 out.push(ruled[0].payload.to_vec());
-                if let Ok(featured) = c.velocity.handle(&record("tx.ruled", &ruled[0].payload)) {
+                if let Ok(featured) = first_attempt(&c.velocity, &record("tx.ruled", &ruled[0].payload)) {
                     out.push(featured[0].payload.to_vec());
                 }
             }
@@ -309,7 +314,7 @@ fn fail(what: impl fmt::Display) -> TestCaseError {
 fn check_ingress(input: Input) -> Result<(), TestCaseError> {
     let bytes = &input.0;
     let c = chain();
-    let handled = c.rules.handle(&record("tx.in", bytes));
+    let handled = first_attempt(&c.rules, &record("tx.in", bytes));
     let schema = &c.pipeline.schema;
     let tx = match schema.decode_json(bytes) {
         Err(e) => {
@@ -344,8 +349,8 @@ fn check_ingress(input: Input) -> Result<(), TestCaseError> {
         Err(e) => prop_assert!(handled.is_err(), "a tx whose derived field fails ({e}) passed the rules stage"),
         Ok(()) => {
             let ruled = handled.map_err(|e| fail(format!("rules stage refused a valid tx: {e}")))?;
-            let featured = c.velocity.handle(&record("tx.ruled", &ruled[0].payload)).map_err(|e| fail(format!("velocity: {e}")))?;
-            let decided = c.score.handle(&record("tx.featured", &featured[0].payload)).map_err(|e| fail(format!("score: {e}")))?;
+            let featured = first_attempt(&c.velocity, &record("tx.ruled", &ruled[0].payload)).map_err(|e| fail(format!("velocity: {e}")))?;
+            let decided = first_attempt(&c.score, &record("tx.featured", &featured[0].payload)).map_err(|e| fail(format!("score: {e}")))?;
             let d: Decision = Codec::Json.decode(&decided[0].payload).map_err(|e| fail(format!("decision: {e}")))?;
             prop_assert_eq!(d.tx_id.as_str(), schema.id_of(&tx));
             prop_assert!((0.0..=1.0).contains(&d.score), "score {}", d.score);
@@ -376,8 +381,8 @@ fn fuzz_postcard_inter_stage_codec_and_internal_stages() {
             let b2 = Codec::Postcard.encode(&st2).map_err(fail)?;
             prop_assert_eq!(b1, b2);
         }
-        let _ = c.velocity.handle(&record("tx.ruled", &input.0));
-        let _ = c.score.handle(&record("tx.featured", &input.0));
+        let _ = first_attempt(&c.velocity, &record("tx.ruled", &input.0));
+        let _ = first_attempt(&c.score, &record("tx.featured", &input.0));
         Ok(())
     });
 }
@@ -495,7 +500,7 @@ fn fuzz_config_loader() {
                 for seed in ingress_seeds() {
                     let mut payload = Bytes::copy_from_slice(seed);
                     for (h, s) in handlers.iter().zip(&p.stages) {
-                        match h.handle(&record(&s.input, &payload)) {
+                        match first_attempt(h, &record(&s.input, &payload)) {
                             Ok(out) if !out.is_empty() => payload = out[0].payload.clone(),
                             _ => break,
                         }

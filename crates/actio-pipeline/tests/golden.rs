@@ -32,9 +32,14 @@ use actio_core::bus::Bytes;
 use actio_core::{Decision, Headers, Record, TopicPartition, TxState};
 use actio_pipeline::stages::StageHandler;
 use actio_pipeline::{Pipeline, StageKind, StageLogic};
-use actio_runtime::Handler;
+use actio_runtime::{Context, Handler, HandlerError, Output};
 use serde::{Deserialize, Deserializer};
 use serde_json::Value;
+
+/// `h` on `r` as the runtime runs a message on its first attempt, from its input.
+fn first_attempt(h: &dyn Handler, r: &Record) -> Result<Vec<Output>, HandlerError> {
+    h.handle(r, &Context::first(r))
+}
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -104,7 +109,7 @@ impl<'p> Chain<'p> {
                 headers: Headers::default(),
                 timestamp_ms: None,
             };
-            let outputs = handler.handle(&record).map_err(|e| format!("stage {:?} failed on tx {id:?}: {e}", stage.name))?;
+            let outputs = first_attempt(handler, &record).map_err(|e| format!("stage {:?} failed on tx {id:?}: {e}", stage.name))?;
             let [out] = outputs.as_slice() else {
                 return Err(format!("stage {:?} produced {} outputs for tx {id:?}; expected 1", stage.name, outputs.len()));
             };

@@ -59,7 +59,7 @@ pub mod watermark;
 pub use lanes::{KeyLanes, Ordering};
 pub use metrics::{HandlerCounter, StageMetrics};
 pub use stage::{
-    FailureKind, Handler, HandlerError, Output, RetryPolicy, RetryTopic, Stage, StageError, StageHandle, StageSpec,
+    Context, FailureKind, Handler, HandlerError, Output, RetryPolicy, RetryTopic, Stage, StageError, StageHandle, StageSpec,
     StopMode,
 };
 pub use watermark::Watermark;

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use actio_bus_embedded::{EmbeddedBus, EmbeddedConfig};
 use actio_core::bus::{Bytes, NoRebalanceListener};
-use actio_core::{Bus, Consumer, ConsumerConfig, Headers, OutRecord, Producer, ProducerConfig, Record, TopicSpec, headers};
-use actio_runtime::{Handler, HandlerError, Ordering, Output, RetryPolicy, RetryTopic, Stage, StageSpec, StopMode};
+use actio_core::{Bus, Consumer, ConsumerConfig, Headers, OutRecord, Producer, ProducerConfig, Record, TopicPartition, TopicSpec, headers};
+use actio_runtime::{Context, Handler, HandlerError, Ordering, Output, RetryPolicy, RetryTopic, Stage, StageSpec, StopMode};
 use rand::{Rng, SeedableRng};
 
 const IN: &str = "in";
@@ -54,7 +54,7 @@ struct Echo {
 }
 
 impl Handler for Echo {
-    fn handle(&self, rec: &Record) -> Result<Vec<Output>, HandlerError> {
+    fn handle(&self, rec: &Record, _ctx: &Context) -> Result<Vec<Output>, HandlerError> {
         while !self.gate.load(AtomicOrdering::Acquire) {
             std::thread::sleep(Duration::from_micros(200));
         }
@@ -65,7 +65,7 @@ impl Handler for Echo {
         match &rec.payload[..] {
             b"poison" => Err(HandlerError::permanent("poison pill")),
             b"panic" => panic!("handler exploded"),
-            _ => Ok(vec![Output { topic: Arc::from(OUT), payload: rec.payload.clone() }]),
+            _ => Ok(vec![Output::new(OUT, rec.payload.clone())]),
         }
     }
 }
@@ -289,19 +289,22 @@ const RETRY: &str = "retry";
 
 /// `flaky<N>` fails transiently on its first N attempts (as the runtime counts them,
 /// across in-place and retry-topic runs), `poison` fails permanently; anything else is
-/// echoed. Every attempt number is recorded per payload.
+/// echoed. Every attempt number, and the partition it was consumed from with its
+/// context, is recorded per payload.
 #[derive(Default)]
 struct Flaky {
     attempts: parking_lot::Mutex<HashMap<Vec<u8>, Vec<u32>>>,
+    contexts: parking_lot::Mutex<HashMap<Vec<u8>, Vec<Seen>>>,
 }
 
-impl Handler for Flaky {
-    fn handle(&self, rec: &Record) -> Result<Vec<Output>, HandlerError> {
-        self.handle_attempt(rec, 1)
-    }
+/// Where an attempt's record was consumed from, and what the runtime told the handler.
+type Seen = (TopicPartition, Context);
 
-    fn handle_attempt(&self, rec: &Record, attempt: u32) -> Result<Vec<Output>, HandlerError> {
+impl Handler for Flaky {
+    fn handle(&self, rec: &Record, ctx: &Context) -> Result<Vec<Output>, HandlerError> {
+        let attempt = ctx.attempt;
         self.attempts.lock().entry(rec.payload.to_vec()).or_default().push(attempt);
+        self.contexts.lock().entry(rec.payload.to_vec()).or_default().push((rec.tp.clone(), ctx.clone()));
         let text = std::str::from_utf8(&rec.payload).unwrap();
         if text == "poison" {
             return Err(HandlerError::permanent("poison pill"));
@@ -311,7 +314,7 @@ impl Handler for Flaky {
         {
             return Err(HandlerError::transient(format!("lookup timed out (attempt {attempt})")));
         }
-        Ok(vec![Output { topic: Arc::from(OUT), payload: rec.payload.clone() }])
+        Ok(vec![Output::new(OUT, rec.payload.clone())])
     }
 }
 
@@ -386,6 +389,56 @@ fn a_transient_failure_outlasting_its_in_place_attempts_succeeds_via_the_retry_t
     assert_eq!(bus.committed_offsets("retry-ok", IN).unwrap(), vec![Some(5)]);
     let retry_committed: i64 = bus.committed_offsets("retry-ok.retry", RETRY).unwrap().into_iter().flatten().sum();
     assert_eq!(retry_committed, 1);
+}
+
+#[test]
+fn a_copy_back_from_the_retry_topic_is_told_the_input_it_was_first_consumed_from() {
+    let (bus, spec) = retry_setup("retry-ctx", 1, 2, Duration::from_millis(20));
+    let p = bus.producer(&ProducerConfig::default()).unwrap();
+    send(&p, "a", b"a1");
+    send(&p, "a", b"flaky2");
+    let flaky = Arc::new(Flaky::default());
+    let stage = Stage::spawn(&bus, spec, flaky.clone()).unwrap();
+    let _ = read_all(&bus, OUT, 2, Duration::from_secs(20));
+    stage.stop(StopMode::Graceful);
+    stage.join().unwrap();
+    let input = TopicPartition::new(IN, 0);
+    let seen = flaky.contexts.lock()[&b"flaky2"[..]].clone();
+    let told: Vec<_> = seen.iter().map(|(_, c)| (c.source.clone(), c.source_offset, c.attempt, c.from_retry_topic)).collect();
+    assert_eq!(told, [(input.clone(), 1, 1, false), (input.clone(), 1, 2, true), (input, 1, 3, true)]);
+    assert!(seen[1..].iter().all(|(tp, _)| *tp.topic == *RETRY), "the copies were consumed from the retry topic: {seen:?}");
+    let first = &flaky.contexts.lock()[&b"a1"[..]][0].1;
+    assert_eq!((first.source_offset, first.attempt, first.from_retry_topic), (0, 1, false));
+}
+
+/// Writes each payload under the key `re-<payload>` instead of the input's.
+struct Rekey;
+
+impl Handler for Rekey {
+    fn handle(&self, rec: &Record, _ctx: &Context) -> Result<Vec<Output>, HandlerError> {
+        let key = [&b"re-"[..], &rec.payload].concat();
+        let keep = Output::new(OUT, rec.payload.clone());
+        Ok(if &rec.payload[..] == b"keep" { vec![keep] } else { vec![keep.with_key(key)] })
+    }
+}
+
+#[test]
+fn an_output_with_a_key_of_its_own_is_produced_under_it_and_partitioned_by_it() {
+    let bus = bus(4);
+    let p = bus.producer(&ProducerConfig::default()).unwrap();
+    for payload in ["x1", "x2", "x3", "keep"] {
+        send(&p, "k", payload.as_bytes());
+    }
+    let stage = Stage::spawn(&bus, spec("rekey"), Arc::new(Rekey)).unwrap();
+    let out = read_all(&bus, OUT, 4, Duration::from_secs(20));
+    stage.stop(StopMode::Graceful);
+    stage.join().unwrap();
+    assert_eq!(out.len(), 4);
+    for r in &out {
+        let want: &[u8] = if &r.payload[..] == b"keep" { b"k" } else { &[&b"re-"[..], &r.payload].concat() };
+        assert_eq!(r.key.as_deref(), Some(want), "{:?}", r.payload);
+        assert_eq!(r.tp.partition, actio_core::bus::kafka_partition(want, 4), "partitioned by the output's key");
+    }
 }
 
 #[test]

@@ -10,8 +10,13 @@ use actio_core::{Codec, Decision, Headers, Record, TopicPartition};
 use actio_loadgen::{Generator, Scenario};
 use actio_pipeline::Pipeline;
 use actio_pipeline::stages::StageHandler;
-use actio_runtime::Handler;
+use actio_runtime::{Context, Handler, HandlerError, Output};
 use serde_json::Value;
+
+/// `h` on `r` as the runtime runs a message on its first attempt, from its input.
+fn first_attempt(h: &dyn Handler, r: &Record) -> Result<Vec<Output>, HandlerError> {
+    h.handle(r, &Context::first(r))
+}
 
 /// The new name of a field.
 fn renamed(name: &str) -> String {
@@ -65,7 +70,7 @@ impl Chain {
         self.offset += 1;
         for (stage, h) in self.pipeline.stages.iter().zip(&self.handlers) {
             let r = Record { tp: TopicPartition::new(stage.input.as_str(), 0), offset: self.offset, key: Some(key.clone()), payload, headers: Headers::default(), timestamp_ms: None };
-            payload = h.handle(&r).unwrap_or_else(|e| panic!("stage {}: {e}", stage.name))[0].payload.clone();
+            payload = first_attempt(h, &r).unwrap_or_else(|e| panic!("stage {}: {e}", stage.name))[0].payload.clone();
         }
         Codec::Json.decode(&payload).unwrap()
     }

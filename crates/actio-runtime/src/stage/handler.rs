@@ -1,0 +1,131 @@
+//! The contract between a stage's logic and the runtime: the [`Handler`] trait, the
+//! [`Context`] it is told, the [`Output`]s it returns and the [`HandlerError`] that
+//! decides between a retry and the DLQ.
+
+use std::sync::Arc;
+
+use actio_core::bus::Bytes;
+use actio_core::{Offset, Record, TopicPartition};
+
+use crate::metrics::HandlerCounter;
+
+/// One output of a handler. The runtime adds the headers (the input's, plus this
+/// stage's trail hop) and the key, unless set here.
+#[derive(Debug, Clone)]
+pub struct Output {
+    /// Target topic.
+    pub topic: Arc<str>,
+    /// Message key; `None` keeps the input's. The bus partitions by it, so a stage
+    /// that re-keys moves the message to the new key's partition (and order).
+    pub key: Option<Bytes>,
+    /// Payload.
+    pub payload: Bytes,
+}
+
+impl Output {
+    /// An output to `topic` under the input's key.
+    pub fn new(topic: impl Into<Arc<str>>, payload: impl Into<Bytes>) -> Self {
+        Output { topic: topic.into(), key: None, payload: payload.into() }
+    }
+
+    /// The same output under `key` instead of the input's.
+    pub fn with_key(mut self, key: impl Into<Bytes>) -> Self {
+        self.key = Some(key.into());
+        self
+    }
+}
+
+/// Whether a failed message may succeed if tried again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// Bad input or a bug: dead-letter at once.
+    Permanent,
+    /// Something outside may recover (a lookup timed out): retry per policy.
+    Transient,
+}
+
+/// Why a handler could not process a message.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct HandlerError {
+    /// Retry or dead-letter.
+    pub kind: FailureKind,
+    /// What went wrong; becomes the `actio-error` header of the DLQ copy.
+    pub message: String,
+}
+
+impl HandlerError {
+    /// A failure that retrying cannot fix.
+    pub fn permanent(message: impl Into<String>) -> Self {
+        HandlerError { kind: FailureKind::Permanent, message: message.into() }
+    }
+
+    /// A failure that a retry may fix.
+    pub fn transient(message: impl Into<String>) -> Self {
+        HandlerError { kind: FailureKind::Transient, message: message.into() }
+    }
+}
+
+/// What the runtime knows about a message beyond its bytes, handed to
+/// [`Handler::handle`] with it.
+///
+/// The runtime builds it once per consumed message. For a copy back from the stage's
+/// retry topic it reads the bookkeeping it wrote on that copy itself (`actio-source`,
+/// `actio-attempts`), so no handler parses runtime headers. Tests build one with
+/// [`Context::first`] and the `with_`/`retried_from` methods.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Context {
+    /// The input partition the message was first consumed from: the record's own, or
+    /// for a retry copy the one its `actio-source` names (the retry partition itself
+    /// if the copy carries none, as a copy the runtime did not write may not).
+    pub source: TopicPartition,
+    /// The message's offset in [`Context::source`].
+    pub source_offset: Offset,
+    /// Which attempt at this stage this is, from 1, counting every earlier attempt in
+    /// place and through the retry topic.
+    pub attempt: u32,
+    /// Whether the message came back from the stage's retry topic (it then left its
+    /// key's order, and `record.tp` is a retry partition, not an input one).
+    pub from_retry_topic: bool,
+}
+
+impl Context {
+    /// The first attempt at `record`, consumed from its input: its own partition and
+    /// offset.
+    pub fn first(record: &Record) -> Self {
+        Context { source: record.tp.clone(), source_offset: record.offset, attempt: 1, from_retry_topic: false }
+    }
+
+    /// The same context at attempt `attempt` (1-based).
+    pub fn with_attempt(mut self, attempt: u32) -> Self {
+        self.attempt = attempt;
+        self
+    }
+
+    /// The same context for a copy back from the retry topic, first consumed from
+    /// `source` at `offset`.
+    pub fn retried_from(mut self, source: TopicPartition, offset: Offset) -> Self {
+        self.source = source;
+        self.source_offset = offset;
+        self.from_retry_topic = true;
+        self
+    }
+}
+
+/// The per-message work of a stage. Called on pool threads, concurrently for
+/// different keys, never concurrently for one key (unless ordering is unordered).
+pub trait Handler: Send + Sync + 'static {
+    /// Processes one message into zero or more outputs; `ctx` says where it was first
+    /// consumed from and which attempt this is.
+    fn handle(&self, record: &Record, ctx: &Context) -> Result<Vec<Output>, HandlerError>;
+    /// Counters of the handler's own (e.g. rule evaluation errors), read with every
+    /// metrics snapshot and exposed beside the stage's.
+    fn counters(&self) -> Vec<HandlerCounter> {
+        Vec::new()
+    }
+    /// Partitions were assigned to this stage instance.
+    fn partitions_assigned(&self, _partitions: &[TopicPartition]) {}
+    /// Partitions were revoked or lost: drop their state.
+    fn partitions_revoked(&self, _partitions: &[TopicPartition]) {}
+}

@@ -1,0 +1,135 @@
+//! What the driver, the workers and the rebalance listener share: each assigned
+//! partition's lanes, held retry copies and watermark, and the rule by which a done
+//! message advances its watermark. Kept apart so each of the three reads the same
+//! definitions.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use actio_core::{Offset, Producer, Record, TopicPartition};
+use ahash::AHashMap;
+use crossbeam_channel::{Receiver, Sender};
+use parking_lot::Mutex;
+
+use super::{Handler, StageError, StageSpec};
+use crate::lanes::KeyLanes;
+use crate::metrics::{StageMetrics, record_ns};
+use crate::pool::WorkerPool;
+use crate::watermark::Watermark;
+
+/// One message on its way through a worker.
+pub(super) struct Work {
+    pub(super) rec: Record,
+    pub(super) lane: Option<u64>,
+    pub(super) consumed_ns: i64,
+    pub(super) queue_ns: i64,
+    /// Consumed from the stage's retry topic (its partition's [`Part::retry`]).
+    pub(super) from_retry: bool,
+}
+
+/// A message whose outputs were all acknowledged (or failed).
+pub(super) struct Done {
+    pub(super) tp: TopicPartition,
+    pub(super) epoch: u64,
+    pub(super) offset: Offset,
+    pub(super) consumed_ns: i64,
+    pub(super) queue_ns: i64,
+    pub(super) service_ns: i64,
+    pub(super) acked_ns: i64,
+    pub(super) dead_lettered: bool,
+    pub(super) sent_to_retry: bool,
+    pub(super) retried: u32,
+    pub(super) error: Option<String>,
+}
+
+pub(super) struct Part {
+    pub(super) epoch: u64,
+    pub(super) lanes: KeyLanes<Work>,
+    /// A partition of the stage's retry topic (not its input): decided once, at
+    /// assignment, and carried by each of its records as [`Work::from_retry`].
+    pub(super) retry: bool,
+    /// Retry partitions only: consumed messages not due yet, in offset order, with
+    /// their due time (ns). While any wait the partition stays paused.
+    pub(super) held: VecDeque<(i64, Work)>,
+    pub(super) wm: Watermark,
+    /// Waiting messages dropped at revocation: not done, never will be here.
+    pub(super) dropped: usize,
+    pub(super) paused: bool,
+    pub(super) revoking: bool,
+    pub(super) last_committed: Option<Offset>,
+}
+
+pub(super) struct State {
+    pub(super) parts: AHashMap<TopicPartition, Part>,
+    pub(super) epoch: u64,
+    pub(super) metrics: StageMetrics,
+    pub(super) fatal: Option<StageError>,
+}
+
+impl State {
+    pub(super) fn in_flight(&self) -> usize {
+        self.parts.values().map(|p| p.wm.len()).sum()
+    }
+
+    /// Messages from the retry topic waiting for their due time.
+    pub(super) fn held(&self) -> usize {
+        self.parts.values().map(|p| p.held.len()).sum()
+    }
+
+    pub(super) fn apply(&mut self, done: Done, stage: &str) {
+        let Some(part) = self.parts.get_mut(&done.tp).filter(|p| p.epoch == done.epoch) else {
+            return; // the partition was revoked or lost meanwhile
+        };
+        if let Some(message) = done.error {
+            // Not marked done: the watermark stays before it, and the stage stops.
+            if self.fatal.is_none() {
+                self.fatal = Some(StageError::Delivery { stage: stage.to_string(), tp: done.tp, offset: done.offset, message });
+            }
+            return;
+        }
+        if part.wm.done(done.offset) {
+            let m = &mut self.metrics;
+            record_ns(&mut m.queue, done.queue_ns);
+            record_ns(&mut m.service, done.service_ns);
+            record_ns(&mut m.stage_latency, done.acked_ns - done.consumed_ns);
+            m.processed += 1;
+            m.dead_lettered += done.dead_lettered as u64;
+            m.sent_to_retry += done.sent_to_retry as u64;
+            m.retried += done.retried as u64;
+        }
+    }
+}
+
+pub(super) struct Shared<P: Producer> {
+    pub(super) spec: StageSpec,
+    pub(super) handler: Arc<dyn Handler>,
+    pub(super) producer: P,
+    pub(super) pool: WorkerPool,
+    pub(super) state: Mutex<State>,
+    pub(super) done_tx: Sender<Done>,
+    pub(super) done_rx: Receiver<Done>,
+    /// Lane heads admitted in the driver's current poll round, not yet running
+    /// (see [`Shared::dispatch_ready`]).
+    pub(super) ready: Mutex<Vec<(TopicPartition, u64, Work)>>,
+}
+
+impl<P: Producer> Shared<P> {
+    pub(super) fn snapshot(&self) -> StageMetrics {
+        let st = self.state.lock();
+        let mut m = st.metrics.clone();
+        m.in_flight = st.in_flight() as u64;
+        m.retry_waiting = st.held() as u64;
+        m.retry_partitions = st.parts.values().filter(|p| p.retry).count() as u64;
+        m.partitions = st.parts.len() as u64 - m.retry_partitions;
+        drop(st);
+        m.handler = self.handler.counters();
+        m
+    }
+
+    pub(super) fn apply_pending_done(&self) {
+        let mut st = self.state.lock();
+        while let Ok(done) = self.done_rx.try_recv() {
+            st.apply(done, &self.spec.name);
+        }
+    }
+}

@@ -1,0 +1,143 @@
+//! Running lanes: a message's attempts in place (its lane waits between them), then
+//! its outputs, retry copy or DLQ copy handed to the producer, on whichever thread
+//! runs the lane — so one key's outputs are produced in order.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
+use std::time::Instant;
+
+use actio_core::time::now_ns;
+use actio_core::{OutRecord, Producer, Record, TopicPartition, headers};
+use parking_lot::Mutex;
+
+use super::acks::AckGroup;
+use super::failures;
+use super::retry_topic::{self, RetryMarks};
+use super::state::{Done, Shared, Work};
+use super::{Context, FailureKind, HandlerError, Output};
+
+impl<P: Producer> Shared<P> {
+    /// Runs the lane heads admitted in this round: all but one on the workers and,
+    /// with `inline_last`, the last on the calling (driver) thread. At moderate rates
+    /// a round admits one record, which then runs without waking a worker — a futex
+    /// wake and two context switches per message saved, thousands per second per
+    /// stage, on cores the broker shares. When a round admits several, they run in
+    /// parallel on the workers and the driver. A rebalance callback calls this too
+    /// (without `inline_last`) before it waits for in-flight work, since heads
+    /// admitted in the round it interrupted would otherwise never start.
+    pub(super) fn dispatch_ready(self: &Arc<Self>, inline_last: bool) {
+        let mut ready = std::mem::take(&mut *self.ready.lock());
+        let last = if inline_last { ready.pop() } else { None };
+        for (tp, epoch, work) in ready {
+            let shared = self.clone();
+            self.pool.spawn(move || shared.run_lane(tp, epoch, work));
+        }
+        if let Some((tp, epoch, work)) = last {
+            self.run_lane(tp, epoch, work);
+        }
+    }
+
+    /// Runs a lane: `work`, then the lane's next messages, until the lane is idle.
+    fn run_lane(self: &Arc<Self>, tp: TopicPartition, epoch: u64, mut work: Work) {
+        loop {
+            let lane = work.lane;
+            self.process(&tp, epoch, work);
+            let next = {
+                let mut st = self.state.lock();
+                match st.parts.get_mut(&tp) {
+                    Some(p) if p.epoch == epoch => p.lanes.next(lane),
+                    _ => None,
+                }
+            };
+            match next {
+                Some(w) => work = w,
+                None => return,
+            }
+        }
+    }
+
+    fn process(&self, tp: &TopicPartition, epoch: u64, work: Work) {
+        let Work { rec, consumed_ns, queue_ns, from_retry, .. } = work;
+        let started = Instant::now();
+        // A message from the retry topic carries the attempts and trips made before,
+        // and the input it was first consumed from: read once, here.
+        let marks = if from_retry { RetryMarks::of(&rec) } else { RetryMarks::default() };
+        let mut ctx = Context::first(&rec);
+        if from_retry {
+            let (source, offset) = failures::source_of(&rec).unwrap_or_else(|| (rec.tp.clone(), rec.offset));
+            ctx = ctx.retried_from(source, offset);
+        }
+        let mut retried = 0;
+        let mut backoff = self.spec.retry.backoff;
+        let result = loop {
+            ctx.attempt = marks.attempts.saturating_add(retried + 1);
+            let r = std::panic::catch_unwind(AssertUnwindSafe(|| self.handler.handle(&rec, &ctx))).unwrap_or_else(|panic| {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".into());
+                Err(HandlerError::permanent(format!("handler panicked: {what}")))
+            });
+            match r {
+                Err(e) if e.kind == FailureKind::Transient && retried + 1 < self.spec.retry.attempts => {
+                    retried += 1;
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(self.spec.retry.max_backoff);
+                }
+                r => break r,
+            }
+        };
+        let service_ns = started.elapsed().as_nanos() as i64;
+        let (records, dead_lettered, sent_to_retry) = match result {
+            Ok(outputs) => {
+                let retried_as = from_retry.then_some(marks.trips);
+                (outputs.into_iter().map(|o| self.output(&rec, consumed_ns, o, retried_as)).collect::<Vec<_>>(), false, false)
+            }
+            Err(e) if e.kind == FailureKind::Transient && let Some(t) = self.spec.retry.topic.as_ref().filter(|t| marks.trips < t.attempts) => {
+                (vec![self.retry_copy(&rec, &e, t, &ctx, marks.trips + 1)], false, true)
+            }
+            Err(e) => (vec![self.dead_letter(&rec, &e, &ctx)], true, false),
+        };
+        let done = Done {
+            tp: tp.clone(),
+            epoch,
+            offset: rec.offset,
+            consumed_ns,
+            queue_ns,
+            service_ns,
+            acked_ns: 0,
+            dead_lettered,
+            sent_to_retry,
+            retried,
+            error: None,
+        };
+        if records.is_empty() {
+            let _ = self.done_tx.send(Done { acked_ns: now_ns(), ..done });
+            return;
+        }
+        let acks = Arc::new(AckGroup { remaining: AtomicUsize::new(records.len()), failed: AtomicBool::new(false), done: Mutex::new(Some(done)), tx: self.done_tx.clone() });
+        for r in records {
+            let acks2 = acks.clone();
+            if let Err(e) = self.producer.send(r, Box::new(move |res| acks2.ack(res))) {
+                acks.ack(Err(e));
+            }
+        }
+    }
+
+    /// An output keeps the input's headers and appends this stage's trail hop, and the
+    /// input's key unless the handler set one. Of a message from the retry topic
+    /// (`retried_as`: its trips), the retry bookkeeping is dropped and `actio-retried`
+    /// says it left its key's order here.
+    fn output(&self, rec: &Record, consumed_ns: i64, out: Output, retried_as: Option<u32>) -> OutRecord {
+        let mut hdrs = rec.headers.clone();
+        if let Some(trips) = retried_as {
+            retry_topic::mark_retried(&mut hdrs, &self.spec.name, trips);
+        }
+        let mut trail = hdrs.get(headers::TRAIL).map(<[u8]>::to_vec).unwrap_or_default();
+        headers::append_hop(&mut trail, &self.spec.name, consumed_ns, now_ns());
+        hdrs.set(headers::TRAIL, trail);
+        OutRecord { topic: out.topic, partition: None, key: out.key.or_else(|| rec.key.clone()), payload: out.payload, headers: hdrs }
+    }
+}
