@@ -9,6 +9,7 @@
 pub mod bus;
 pub mod codec;
 pub mod headers;
+pub mod latency;
 pub mod schema;
 pub mod time;
 pub mod tx;

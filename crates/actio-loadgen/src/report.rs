@@ -7,18 +7,7 @@ use std::path::Path;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
-/// Highest latency tracked: one hour in µs (larger values are clamped).
-const MAX_US: u64 = 3_600_000_000;
-
-/// A µs histogram with 3 significant digits.
-pub fn latency_histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, MAX_US, 3).unwrap_or_else(|_| unreachable!("constant bounds"))
-}
-
-/// Records ns into a µs histogram, clamped.
-pub fn record_ns(h: &mut Histogram<u64>, ns: i64) {
-    h.saturating_record((ns.max(0) as u64 / 1_000).clamp(1, MAX_US));
-}
+pub use actio_core::latency::{latency_histogram, record_ns};
 
 /// Percentiles of one histogram, in µs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]

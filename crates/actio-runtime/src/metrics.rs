@@ -8,20 +8,7 @@
 
 use hdrhistogram::Histogram;
 
-/// Highest latency a histogram tracks: one hour in µs (larger values are clamped).
-const MAX_US: u64 = 3_600_000_000;
-
-/// A µs latency histogram with 3 significant digits.
-pub fn latency_histogram() -> Histogram<u64> {
-    // Cannot fail: the bounds are constants within hdrhistogram's limits.
-    Histogram::new_with_bounds(1, MAX_US, 3).unwrap_or_else(|_| unreachable!("constant bounds"))
-}
-
-/// Records a duration in ns into a µs histogram, clamped into range.
-pub fn record_ns(h: &mut Histogram<u64>, ns: i64) {
-    let us = (ns.max(0) as u64 / 1_000).clamp(1, MAX_US);
-    h.saturating_record(us);
-}
+pub use actio_core::latency::{latency_histogram, record_ns};
 
 /// A counter a handler keeps of its own (see [`crate::Handler::counters`]), exposed
 /// with the stage's label. Names are constants of the handler's crate.
