@@ -11,10 +11,13 @@
 //!   counts from the intended time (no coordinated omission).
 //! - [`collect`]: reads decisions and dead letters; every sent id must come out
 //!   exactly once and per-key order must hold.
+//! - [`drive`]: the collector on its own thread over any bus, ready once it has
+//!   joined and read past the topics' old records; when the drain after the load ends.
 //! - [`report`]: HdrHistogram summaries, `report.json`, `.hgrm` files, `report.html`.
 #![deny(missing_docs)]
 
 pub mod collect;
+pub mod drive;
 pub mod generate;
 pub mod report;
 pub mod schedule;

@@ -16,8 +16,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
-use actio_pipeline::stages::StageHandler;
-use actio_runtime::{Stage, StageMetrics, StopMode};
+use actio_bus_kafka::KafkaBus;
+use actio_pipeline::launch::{LaunchOptions, StagePlan};
+use actio_runtime::{StageMetrics, StopMode};
 use anyhow::Context;
 use axum::Router;
 use axum::extract::State;
@@ -109,6 +110,38 @@ fn serve_http(addr: SocketAddr, health: Arc<Health>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Measures the lag of the stage's `group` on `input` every 500 ms (and of its retry
+/// group on its retry topic, if it has one) and sets readiness from it: caught up
+/// within `cap`, the stage's in-flight cap. Its own thread, as admin calls may block.
+/// Group lag is a Kafka capability; the other buses have none.
+fn watch_lag(bus: Arc<KafkaBus>, health: Arc<Health>, group: String, input: String, cap: usize, retry: Option<(String, String)>) -> std::io::Result<()> {
+    std::thread::Builder::new().name("lag".into()).spawn(move || {
+        while !health.stopping.load(Ordering::Relaxed) {
+            match bus.group_lag_total(&group, &input) {
+                Ok(lag) => {
+                    health.lag.store(lag, Ordering::Relaxed);
+                    let assigned = (health.metrics)().partitions > 0;
+                    if assigned && lag <= cap as i64 {
+                        health.ready.store(true, Ordering::Relaxed);
+                    } else if !assigned {
+                        health.ready.store(false, Ordering::Relaxed);
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "measuring the group's lag"),
+            }
+            // Watched, not part of readiness: retry copies wait there on purpose.
+            if let Some((g, t)) = &retry {
+                match bus.group_lag_total(g, t) {
+                    Ok(lag) => health.retry_lag.store(lag, Ordering::Relaxed),
+                    Err(e) => tracing::debug!(error = %e, "measuring the retry group's lag"),
+                }
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    })?;
+    Ok(())
+}
+
 pub fn main(args: StageArgs) -> anyhow::Result<ExitCode> {
     let pipeline = match crate::run::load_pipeline(&args.pipeline) {
         Ok(p) => p,
@@ -124,16 +157,13 @@ pub fn main(args: StageArgs) -> anyhow::Result<ExitCode> {
         );
         return Ok(ExitCode::from(crate::EXIT_CONFIG));
     };
-    for w in pipeline.fault_warnings().into_iter().filter(|w| w.starts_with(&format!("stage {}:", stage.name))) {
-        tracing::warn!("{w}");
-    }
-    let handler = StageHandler::new(&pipeline, stage);
-    let properties = crate::kafka::properties(&pipeline, &args.kafka);
-    let mut spec = handler.spec(&properties);
-    crate::kafka::tune_retry_consumer(&mut spec);
-    if let Some(t) = args.threads {
-        spec.threads = t.max(1);
-    }
+    let options = LaunchOptions {
+        properties: crate::kafka::properties(&pipeline, &args.kafka),
+        threads: args.threads,
+        tune: Some(crate::kafka::tune_retry_consumer),
+    };
+    let plan = StagePlan::new(&pipeline, stage, &options);
+    let spec = &plan.spec;
     let (group, input, cap) = (spec.group.clone(), spec.input.clone(), spec.max_in_flight);
     let retry_group = spec.retry.topic.as_ref().map(|t| (t.group.clone(), t.topic.to_string()));
     let retry = match &spec.retry.topic {
@@ -141,7 +171,7 @@ pub fn main(args: StageArgs) -> anyhow::Result<ExitCode> {
         Some(t) => format!(", then {} × {:?} via {}", t.attempts, t.delay, t.topic),
         None => String::new(),
     };
-    let plan = format!(
+    let summary = format!(
         "stage {} of {}: {} → {} in group {group}, {} threads, in flight ≤ {}/partition and {cap}/stage; retries {} in place{retry}; brokers {}; http {}; grace {:?}",
         stage.name,
         pipeline.name,
@@ -155,7 +185,7 @@ pub fn main(args: StageArgs) -> anyhow::Result<ExitCode> {
         args.grace
     );
     if args.dry_run {
-        println!("{plan}");
+        println!("{summary}");
         println!("dry run: configuration is valid; not connecting");
         return Ok(ExitCode::SUCCESS);
     }
@@ -163,16 +193,14 @@ pub fn main(args: StageArgs) -> anyhow::Result<ExitCode> {
         Ok(b) => Arc::new(b),
         Err(code) => return Ok(code),
     };
-    // The velocity stage rebuilds an assigned partition's windows from its input.
-    let handler = handler.with_restore(bus.clone());
     let term = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGTERM, term.clone())
         .context("installing the SIGTERM handler")?;
     signal_hook::flag::register(signal_hook::consts::SIGINT, term.clone())
         .context("installing the SIGINT handler")?;
 
-    let handle = Stage::spawn(&*bus, spec, Arc::new(handler))
-        .with_context(|| format!("starting stage {}", args.stage))?;
+    // The velocity stage rebuilds an assigned partition's windows from its input.
+    let handle = plan.start(&bus)?;
     let health = Arc::new(Health {
         metrics: handle.metrics_source(),
         lag: AtomicI64::new(LAG_UNKNOWN),
@@ -181,38 +209,9 @@ pub fn main(args: StageArgs) -> anyhow::Result<ExitCode> {
         stopping: AtomicBool::new(false),
     });
     serve_http(args.http, health.clone())?;
-    tracing::info!("{plan}");
+    tracing::info!("{summary}");
 
-    // Lag comes from the broker (admin calls may block): its own thread.
-    {
-        let health = health.clone();
-        std::thread::Builder::new()
-            .name("lag".into())
-            .spawn(move || {
-                while !health.stopping.load(Ordering::Relaxed) {
-                    match bus.group_lag_total(&group, &input) {
-                        Ok(lag) => {
-                            health.lag.store(lag, Ordering::Relaxed);
-                            let assigned = (health.metrics)().partitions > 0;
-                            if assigned && lag <= cap as i64 {
-                                health.ready.store(true, Ordering::Relaxed);
-                            } else if !assigned {
-                                health.ready.store(false, Ordering::Relaxed);
-                            }
-                        }
-                        Err(e) => tracing::debug!(error = %e, "measuring the group's lag"),
-                    }
-                    // Watched, not part of readiness: retry copies wait there on purpose.
-                    if let Some((g, t)) = &retry_group {
-                        match bus.group_lag_total(g, t) {
-                            Ok(lag) => health.retry_lag.store(lag, Ordering::Relaxed),
-                            Err(e) => tracing::debug!(error = %e, "measuring the retry group's lag"),
-                        }
-                    }
-                    std::thread::sleep(Duration::from_millis(500));
-                }
-            })?;
-    }
+    watch_lag(bus, health.clone(), group, input, cap, retry_group)?;
 
     while !term.load(Ordering::Relaxed) && !handle.is_finished() {
         std::thread::sleep(Duration::from_millis(50));

@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use actio_bus_kafka::KafkaBus;
-use actio_core::{Bus, TopicSpec};
+use actio_core::Bus;
 use actio_pipeline::Pipeline;
 use anyhow::Context;
 
@@ -28,15 +28,7 @@ pub fn main(args: TopicsArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn create(bus: &KafkaBus, pipeline: &Pipeline) -> anyhow::Result<ExitCode> {
-    let specs: Vec<TopicSpec> = pipeline
-        .topics
-        .iter()
-        .map(|t| TopicSpec {
-            name: t.name.clone(),
-            partitions: t.partitions,
-        })
-        .collect();
-    bus.create_topics(&specs)
+    actio_pipeline::launch::create_topics(bus, pipeline)
         .context("creating the pipeline's topics")?;
     let mut mismatched = 0;
     for t in &pipeline.topics {

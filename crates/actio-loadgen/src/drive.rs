@@ -1,0 +1,444 @@
+//! Driving a run from the outside: the [`Collector`] reading a pipeline's decisions and
+//! dead letters off any [`Bus`] on its own thread, and when to stop waiting for them.
+//!
+//! [`RunningCollector::spawn`] joins a fresh group on the egress and dead-letter
+//! topics from their earliest offsets (nothing the run produces can be skipped) and
+//! tells the collector to skip, undecoded, what they held before the run. It is
+//! [ready](RunningCollector::is_ready) once it holds every partition of both topics
+//! and has read past those old records: load offered before that would be measured
+//! against a collector still joining its group, and the run's first decisions would
+//! carry that wait in their e2e. It commits what it read every 100 ms so a bus may
+//! drop it (the embedded bus keeps records until every group has committed them).
+//!
+//! [`Drain`] decides when the wait for the last decisions after the load is over, and
+//! [`run_report`] puts what the collector and the sender counted into the report.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use actio_core::bus::{BusError, Offset, RebalanceListener, Record};
+use actio_core::{Bus, Consumer, ConsumerConfig, TopicPartition};
+use parking_lot::{Mutex, MutexGuard};
+
+use hdrhistogram::Histogram;
+
+use crate::report::{DecisionCounts, RuleHitCount, StageReport, peak_rss_mib};
+use crate::{Collector, LatencySummary, RunReport, Schedule, SenderStats, StageHistograms};
+
+/// Most records the collector reads before it takes the lock and observes them.
+const BATCH: usize = 512;
+
+/// How often the collector commits what it read.
+const COMMIT_INTERVAL: Duration = Duration::from_millis(100);
+
+/// How long the collector waits for the first record of a batch (then none for the rest).
+const POLL_TIMEOUT: Duration = Duration::from_millis(5);
+
+/// How long the collector waits after a retriable poll failure.
+const RETRY_PAUSE: Duration = Duration::from_millis(50);
+
+/// The collector's start-up: which partitions of the egress and DLQ topics it must
+/// still be assigned or read up to their end offsets from before the run.
+struct CollectorStart {
+    ready: AtomicBool,
+    /// Per partition: its end offset before the run, and whether it is assigned.
+    pending: Mutex<HashMap<TopicPartition, (Offset, bool)>>,
+}
+
+impl CollectorStart {
+    fn new(ends: Vec<(TopicPartition, Offset)>) -> Self {
+        let pending = ends.into_iter().map(|(tp, end)| (tp, (end, false))).collect();
+        CollectorStart { ready: AtomicBool::new(false), pending: Mutex::new(pending) }
+    }
+
+    fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    /// Notes what the collector read; sets `ready` once nothing is pending.
+    fn read(&self, batch: &[Record]) {
+        let mut p = self.pending.lock();
+        for r in batch {
+            if let Some((end, _)) = p.get(&r.tp)
+                && r.offset + 1 >= *end
+            {
+                p.remove(&r.tp);
+            }
+        }
+        self.check(&mut p);
+    }
+
+    fn check(&self, p: &mut HashMap<TopicPartition, (Offset, bool)>) {
+        // An assigned partition that held nothing has nothing to read.
+        p.retain(|_, (end, assigned)| !(*assigned && *end == 0));
+        if p.is_empty() {
+            self.ready.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+impl RebalanceListener for CollectorStart {
+    fn assigned(&self, partitions: &[TopicPartition]) {
+        let mut p = self.pending.lock();
+        for tp in partitions {
+            if let Some(e) = p.get_mut(tp) {
+                e.1 = true;
+            }
+        }
+        self.check(&mut p);
+    }
+
+    fn revoking(&self, _: &[TopicPartition]) -> Vec<(TopicPartition, Offset)> {
+        Vec::new()
+    }
+
+    fn lost(&self, _: &[TopicPartition]) {}
+}
+
+/// Where the collector reads and how it joins.
+#[derive(Debug, Clone)]
+pub struct CollectorConfig {
+    /// Names its group, `actio-collector-<run_id>`: a fresh group per run.
+    pub run_id: String,
+    /// The decisions topic.
+    pub egress: String,
+    /// The dead-letter topic.
+    pub dlq: String,
+    /// Transport properties of its consumer, passed through unchanged.
+    pub properties: Vec<(String, String)>,
+}
+
+/// The collector could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CollectorError {
+    /// The end offsets of a topic it reads could not be had.
+    #[error("end offsets of {topic}")]
+    EndOffsets {
+        /// The topic.
+        topic: String,
+        /// What the bus said.
+        #[source]
+        source: BusError,
+    },
+    /// Its consumer could not join its group.
+    #[error("joining the collector group")]
+    Join(#[source] BusError),
+    /// Its thread could not be started.
+    #[error("starting the collector thread")]
+    Thread(#[source] std::io::Error),
+}
+
+/// Why the collector's thread ended before it was stopped.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CollectorFailure {
+    /// A poll failed in a way retrying will not fix.
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    /// The thread panicked.
+    #[error("the collector thread panicked")]
+    Panicked,
+}
+
+/// A [`Collector`] reading a pipeline's decisions and dead letters on its own thread.
+#[derive(Debug)]
+pub struct RunningCollector {
+    collector: Arc<Mutex<Collector>>,
+    start: Arc<CollectorStart>,
+    stop: Arc<AtomicBool>,
+    /// `None` once stopped.
+    thread: Option<JoinHandle<Result<(), BusError>>>,
+}
+
+impl std::fmt::Debug for CollectorStart {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CollectorStart").field("ready", &self.is_ready()).finish_non_exhaustive()
+    }
+}
+
+impl RunningCollector {
+    /// Starts `collector` on `bus` as `config` says (see the module docs).
+    pub fn spawn<B: Bus>(bus: &B, mut collector: Collector, config: &CollectorConfig) -> Result<Self, CollectorError> {
+        let mut ends = Vec::new();
+        for topic in [&config.egress, &config.dlq] {
+            let e = bus.end_offsets(topic).map_err(|source| CollectorError::EndOffsets { topic: topic.clone(), source })?;
+            ends.extend(e.into_iter().enumerate().map(|(p, end)| (TopicPartition::new(topic.as_str(), p as i32), end)));
+        }
+        // What the topics held before this run is never this run's: not even decoded.
+        collector.skip_before(&ends);
+        let start = Arc::new(CollectorStart::new(ends));
+        let consumer = bus
+            .consumer(
+                &ConsumerConfig {
+                    group: format!("actio-collector-{}", config.run_id),
+                    topics: vec![config.egress.clone(), config.dlq.clone()],
+                    client_id: "actio-collector".into(),
+                    from_earliest: true,
+                    properties: config.properties.clone(),
+                },
+                start.clone(),
+            )
+            .map_err(CollectorError::Join)?;
+        let collector = Arc::new(Mutex::new(collector));
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (collector, start, stop) = (collector.clone(), start.clone(), stop.clone());
+            let (egress, dlq) = (config.egress.clone(), config.dlq.clone());
+            std::thread::Builder::new()
+                .name("collector".into())
+                .spawn(move || collect(consumer, &collector, &start, &stop, &egress, &dlq))
+                .map_err(CollectorError::Thread)?
+        };
+        Ok(RunningCollector { collector, start, stop, thread: Some(thread) })
+    }
+
+    /// Whether it holds every partition it reads and has read past the records from
+    /// before the run.
+    pub fn is_ready(&self) -> bool {
+        self.start.is_ready()
+    }
+
+    /// Waits until it [is ready](Self::is_ready), at most `timeout`; returns whether it is.
+    pub fn wait_ready(&self, timeout: Duration) -> bool {
+        let waiting = Instant::now();
+        while !self.is_ready() {
+            if waiting.elapsed() > timeout {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        true
+    }
+
+    /// The collector, locked (its thread waits meanwhile).
+    pub fn lock(&self) -> MutexGuard<'_, Collector> {
+        self.collector.lock()
+    }
+
+    /// Stops reading and waits for its thread; says why it ended early if it did.
+    /// The collector stays readable through [`Self::lock`].
+    pub fn stop(&mut self) -> Result<(), CollectorFailure> {
+        self.stop.store(true, Ordering::Relaxed);
+        match self.thread.take().map(JoinHandle::join) {
+            Some(Ok(r)) => r.map_err(CollectorFailure::from),
+            Some(Err(_)) => Err(CollectorFailure::Panicked),
+            None => Ok(()),
+        }
+    }
+}
+
+/// The collector's thread: reads batches, notes the start-up, observes, commits.
+fn collect<C: Consumer>(mut consumer: C, collector: &Mutex<Collector>, start: &CollectorStart, stop: &AtomicBool, egress: &str, dlq: &str) -> Result<(), BusError> {
+    let mut batch = Vec::with_capacity(BATCH);
+    let mut positions: HashMap<TopicPartition, Offset> = HashMap::new();
+    let mut last_commit = Instant::now();
+    while !stop.load(Ordering::Relaxed) {
+        if last_commit.elapsed() >= COMMIT_INTERVAL && !positions.is_empty() {
+            let offsets: Vec<_> = positions.drain().collect();
+            if let Err(e) = consumer.commit(&offsets) {
+                tracing::warn!(error = %e, "collector commit failed");
+            }
+            last_commit = Instant::now();
+        }
+        batch.clear();
+        let mut timeout = POLL_TIMEOUT;
+        while batch.len() < BATCH {
+            match consumer.poll(timeout) {
+                Ok(Some(r)) => batch.push(r),
+                Ok(None) => break,
+                // A broker restart or a network blip: librdkafka reconnects on its
+                // own (ending here reported every later decision as lost).
+                Err(e) if e.is_retriable() => {
+                    tracing::warn!(error = %e, "collector poll failed; retrying");
+                    std::thread::sleep(RETRY_PAUSE);
+                    break;
+                }
+                Err(e) => return Err(e),
+            }
+            timeout = Duration::ZERO;
+        }
+        if !start.is_ready() {
+            start.read(&batch);
+        }
+        if batch.is_empty() {
+            continue;
+        }
+        let now = actio_core::time::now_ns();
+        for r in &batch {
+            positions.insert(r.tp.clone(), r.offset + 1);
+        }
+        let mut c = collector.lock();
+        for r in &batch {
+            if *r.tp.topic == *egress {
+                c.observe_decision(r, now);
+            } else if *r.tp.topic == *dlq {
+                c.observe_dead_letter(r, now);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Why the wait for the last decisions ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DrainEnd {
+    /// Every transaction sent was decided.
+    AllDecided,
+    /// `--drain` passed without a new decision.
+    Idle,
+    /// Interrupted, and `--drain` passed since the load ended.
+    Interrupted,
+}
+
+/// Whether the wait for the last decisions is over, `draining` after the load ended
+/// and `idle` since the last new decision (or the end of the load, if later).
+pub fn drain_end(seen: u64, sent: u64, draining: Duration, idle: Duration, interrupted: bool, drain: Duration) -> Option<DrainEnd> {
+    if seen >= sent {
+        Some(DrainEnd::AllDecided)
+    } else if idle >= drain {
+        Some(DrainEnd::Idle)
+    } else if interrupted && draining >= drain {
+        Some(DrainEnd::Interrupted)
+    } else {
+        None
+    }
+}
+
+/// The wait for a run's last decisions. It ends when everything sent is decided, or
+/// when `drain` has passed without a new decision (a pipeline still working through a
+/// backlog is waited for; what is missing then counts as lost). An interrupt caps the
+/// wait at `drain` from the end of the load.
+#[derive(Debug, Clone)]
+pub struct Drain {
+    drain: Duration,
+    /// When the load ended (first seen ended).
+    from: Option<Instant>,
+    last_seen: u64,
+    last_progress: Instant,
+}
+
+impl Drain {
+    /// A wait of at most `drain` without a new decision.
+    pub fn new(drain: Duration) -> Self {
+        Drain { drain, from: None, last_seen: 0, last_progress: Instant::now() }
+    }
+
+    /// Notes that `seen` transactions are out so far; once `load_done` (and `sent` is
+    /// final), whether the wait is over.
+    pub fn check(&mut self, seen: u64, sent: u64, load_done: bool, interrupted: bool) -> Option<DrainEnd> {
+        if seen > self.last_seen {
+            self.last_seen = seen;
+            self.last_progress = Instant::now();
+        }
+        if !load_done {
+            return None;
+        }
+        let since = *self.from.get_or_insert_with(Instant::now);
+        drain_end(seen, sent, since.elapsed(), self.last_progress.max(since).elapsed(), interrupted, self.drain)
+    }
+}
+
+/// Rule ids the report lists, most hits first.
+const TOP_RULE_HITS: usize = 15;
+
+/// What a run's report says beyond what the collector and the sender counted.
+#[derive(Debug, Clone, Copy)]
+pub struct RunFacts<'a> {
+    /// The pipeline's name.
+    pub pipeline: &'a str,
+    /// The bus's name (`embedded`, `kafka`).
+    pub bus: &'a str,
+    /// The run's id.
+    pub run_id: &'a str,
+    /// The decision outcomes the schema declares, in its order.
+    pub outcomes: &'a [String],
+    /// The pipeline's stages in order, each with its p99 budget in ms if declared.
+    pub stages: &'a [(&'a str, Option<f64>)],
+    /// The load offered.
+    pub schedule: &'a Schedule,
+    /// How long the load ran, s (shorter than the schedule when interrupted).
+    pub load_secs: f64,
+}
+
+/// The run's report, and the histograms written beside it (`e2e`, then per stage its
+/// runtime `queue`, `service`, `stage` when measured in-process, else the trail's
+/// `queue`; then the trail's `process`). `runtime` holds the stages that ran
+/// in-process and stopped cleanly.
+pub fn run_report(facts: &RunFacts<'_>, c: &Collector, sender: &SenderStats, runtime: &[StageHistograms]) -> (RunReport, Vec<(String, Histogram<u64>)>) {
+    let sent = sender.sent.load(Ordering::Relaxed);
+    let mut histograms = vec![("e2e".to_string(), c.e2e.clone())];
+    let mut stage_reports = Vec::new();
+    for &(name, budget_ms) in facts.stages {
+        let rt = runtime.iter().find(|h| h.name == name);
+        let trail = c.stages.get(name);
+        stage_reports.push(StageReport::new(name, rt, trail.map(|t| (&t.queue, &t.process)), budget_ms));
+        if let Some(rt) = rt {
+            histograms.push((format!("{name}.queue"), rt.queue.clone()));
+            histograms.push((format!("{name}.service"), rt.service.clone()));
+            histograms.push((format!("{name}.stage"), rt.stage.clone()));
+        } else if let Some(t) = trail {
+            histograms.push((format!("{name}.queue"), t.queue.clone()));
+        }
+        if let Some(t) = trail {
+            histograms.push((format!("{name}.process"), t.process.clone()));
+        }
+    }
+    let mut top: Vec<RuleHitCount> = c.rule_hits.iter().map(|(k, v)| RuleHitCount { rule: k.clone(), count: *v }).collect();
+    top.sort_by(|a, b| b.count.cmp(&a.count).then(a.rule.cmp(&b.rule)));
+    top.truncate(TOP_RULE_HITS);
+    let report = RunReport {
+        pipeline: facts.pipeline.to_string(),
+        bus: facts.bus.to_string(),
+        run_id: facts.run_id.to_string(),
+        rate_target: facts.schedule.total() as f64 / facts.schedule.duration.as_secs_f64(),
+        rate_achieved: c.seen() as f64 / facts.load_secs.max(1e-3),
+        duration_s: facts.load_secs,
+        sent,
+        decided: c.stats.decided,
+        dlq: c.stats.dlq,
+        lost: c.lost(sent),
+        duplicates: c.stats.duplicates,
+        order_violations: c.stats.order_violations,
+        retried: c.stats.retried,
+        reordered_by_retry: c.stats.reordered_by_retry,
+        decisions: DecisionCounts::new(facts.outcomes, &c.stats.outcomes),
+        top_rule_hits: top,
+        e2e: LatencySummary::of(&c.e2e),
+        stages: stage_reports,
+        sender_max_behind_ms: sender.max_behind_us.load(Ordering::Relaxed) as f64 / 1000.0,
+        peak_rss_mib: peak_rss_mib(),
+        send_failures: sender.failed.load(Ordering::Relaxed),
+    };
+    (report, histograms)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: Duration = Duration::from_secs(1);
+
+    #[test]
+    fn the_drain_waits_while_decisions_arrive_and_ends_when_they_stop() {
+        let drain = 10 * S;
+        assert_eq!(drain_end(100, 100, Duration::ZERO, Duration::ZERO, false, drain), Some(DrainEnd::AllDecided));
+        // A backlog still being worked through, long after --drain: keep waiting.
+        assert_eq!(drain_end(50, 100, 300 * S, S, false, drain), None);
+        assert_eq!(drain_end(50, 100, 300 * S, 10 * S, false, drain), Some(DrainEnd::Idle));
+        // Interrupted: at most --drain from the end of the load, progress or not.
+        assert_eq!(drain_end(50, 100, 9 * S, Duration::ZERO, true, drain), None);
+        assert_eq!(drain_end(50, 100, 10 * S, Duration::ZERO, true, drain), Some(DrainEnd::Interrupted));
+    }
+
+    #[test]
+    fn the_drain_starts_when_the_load_ends() {
+        let mut d = Drain::new(Duration::ZERO);
+        assert_eq!(d.check(5, 10, false, false), None, "still sending");
+        assert_eq!(d.check(5, 10, true, false), Some(DrainEnd::Idle));
+        assert_eq!(Drain::new(S).check(10, 10, true, false), Some(DrainEnd::AllDecided));
+    }
+}

@@ -1,0 +1,174 @@
+//! Starting a pipeline's stages on a bus: the one start sequence that `actio run`
+//! (every stage, in one process) and `actio stage` (one stage, as a service) share.
+//!
+//! Two steps, so a caller can show what it will run before it connects: [`plan`]
+//! builds each stage's [`StageHandler`] and runtime [`StageSpec`] from the resolved
+//! pipeline and logs its fault-injection warnings; [`StagePlan::start`] (or [`start`],
+//! both steps at once) gives the handler the bus to restore state from and spawns the
+//! stage on the runtime. [`create_topics`] creates the topics they read and write.
+
+use std::sync::Arc;
+
+use actio_core::bus::BusError;
+use actio_core::{Bus, TopicSpec};
+use actio_runtime::{StageError, StageHandle, StageSpec};
+
+use crate::resolve::{Pipeline, Stage};
+use crate::stages::StageHandler;
+
+/// Which stages of a pipeline to start.
+#[derive(Debug, Clone, Copy)]
+pub enum Selection<'a> {
+    /// Every stage, in pipeline order.
+    All,
+    /// These stages, by name, in the order given.
+    Named(&'a [&'a str]),
+}
+
+/// How the stages are started, beyond what `pipeline.toml` says.
+#[derive(Debug, Clone, Default)]
+pub struct LaunchOptions {
+    /// Transport properties of every stage's consumers and producer (Kafka:
+    /// librdkafka's), passed through unchanged.
+    pub properties: Vec<(String, String)>,
+    /// Worker threads per stage, over the pipeline's `threads` (at least 1).
+    pub threads: Option<usize>,
+    /// A bus's own adjustment of each spec, applied before `threads` (the Kafka
+    /// bus's retry-consumer fetch wait; other buses ignore such properties).
+    pub tune: Option<fn(&mut StageSpec)>,
+}
+
+/// A stage that cannot start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LaunchError {
+    /// No stage of the pipeline has this name.
+    #[error("no stage named {name:?}; the stages are: {}", known.join(", "))]
+    UnknownStage {
+        /// The name asked for.
+        name: String,
+        /// The pipeline's stage names.
+        known: Vec<String>,
+    },
+    /// The runtime could not start the stage (its group, its producer, its pool).
+    #[error("starting stage {stage}")]
+    Start {
+        /// Stage name.
+        stage: String,
+        /// What the runtime said.
+        #[source]
+        source: StageError,
+    },
+}
+
+/// A stage ready to start: its handler and its runtime spec, not yet on a bus.
+#[derive(Debug)]
+pub struct StagePlan {
+    /// The stage's logic.
+    pub handler: StageHandler,
+    /// What the runtime runs it with.
+    pub spec: StageSpec,
+}
+
+impl StagePlan {
+    /// Plans `stage` of `pipeline` and logs its fault-injection warning, if it has one
+    /// (a stage with `[[stage.fault]]` fails on purpose).
+    pub fn new(pipeline: &Pipeline, stage: &Stage, options: &LaunchOptions) -> Self {
+        let prefix = format!("stage {}:", stage.name);
+        for w in pipeline.fault_warnings().iter().filter(|w| w.starts_with(&prefix)) {
+            tracing::warn!("{w}");
+        }
+        let handler = StageHandler::new(pipeline, stage);
+        let mut spec = handler.spec(&options.properties);
+        if let Some(tune) = options.tune {
+            tune(&mut spec);
+        }
+        if let Some(t) = options.threads {
+            spec.threads = t.max(1);
+        }
+        StagePlan { handler, spec }
+    }
+
+    /// Starts the stage on `bus`; a velocity stage restores its windows from it.
+    pub fn start<B: Bus>(self, bus: &Arc<B>) -> Result<StageHandle, LaunchError> {
+        let name = self.spec.name.clone();
+        let handler = self.handler.with_restore(bus.clone());
+        actio_runtime::Stage::spawn(&**bus, self.spec, Arc::new(handler)).map_err(|source| LaunchError::Start { stage: name, source })
+    }
+}
+
+/// Plans the `selection` of `pipeline`'s stages ([`StagePlan::new`] each).
+pub fn plan(pipeline: &Pipeline, selection: Selection<'_>, options: &LaunchOptions) -> Result<Vec<StagePlan>, LaunchError> {
+    let stages = match selection {
+        Selection::All => pipeline.stages.iter().collect(),
+        Selection::Named(names) => names
+            .iter()
+            .map(|n| {
+                pipeline.stage(n).ok_or_else(|| LaunchError::UnknownStage {
+                    name: n.to_string(),
+                    known: pipeline.stages.iter().map(|s| s.name.clone()).collect(),
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+    };
+    Ok(stages.into_iter().map(|stage| StagePlan::new(pipeline, stage, options)).collect())
+}
+
+/// Plans the `selection` of `pipeline`'s stages and starts them on `bus`, in order.
+/// If one fails to start, those already started are stopped (gracefully) before the
+/// error is returned.
+pub fn start<B: Bus>(bus: &Arc<B>, pipeline: &Pipeline, selection: Selection<'_>, options: &LaunchOptions) -> Result<Vec<StageHandle>, LaunchError> {
+    let plans = plan(pipeline, selection, options)?;
+    let mut handles = Vec::with_capacity(plans.len());
+    for p in plans {
+        match p.start(bus) {
+            Ok(h) => handles.push(h),
+            Err(e) => {
+                for h in handles {
+                    h.stop(actio_runtime::StopMode::Graceful);
+                    let _ = h.join();
+                }
+                return Err(e);
+            }
+        }
+    }
+    Ok(handles)
+}
+
+/// Creates the pipeline's topics that do not exist yet, with their declared
+/// partition counts; existing ones are left alone.
+pub fn create_topics<B: Bus>(bus: &B, pipeline: &Pipeline) -> Result<(), BusError> {
+    let specs: Vec<TopicSpec> = pipeline.topics.iter().map(|t| TopicSpec { name: t.name.clone(), partitions: t.partitions }).collect();
+    bus.create_topics(&specs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fraud() -> Pipeline {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../pipelines/fraud");
+        Pipeline::load(&dir).unwrap_or_else(|e| panic!("{e:?}"))
+    }
+
+    #[test]
+    fn a_plan_applies_the_options_to_every_spec() {
+        let p = fraud();
+        let opts = LaunchOptions { properties: vec![("a".into(), "b".into())], threads: Some(0), tune: Some(|s| s.max_in_flight = 7) };
+        let plans = plan(&p, Selection::All, &opts).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(plans.len(), p.stages.len());
+        for (plan, stage) in plans.iter().zip(&p.stages) {
+            assert_eq!(plan.spec.name, stage.name);
+            assert_eq!((plan.spec.threads, plan.spec.max_in_flight), (1, 7));
+            assert_eq!(plan.spec.properties, opts.properties);
+        }
+    }
+
+    #[test]
+    fn an_unknown_stage_is_named_with_the_known_ones() {
+        let p = fraud();
+        let Err(e) = plan(&p, Selection::Named(&["nope"]), &LaunchOptions::default()) else { panic!("planned an unknown stage") };
+        let known: Vec<&str> = p.stages.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(e.to_string(), format!("no stage named \"nope\"; the stages are: {}", known.join(", ")));
+    }
+}
