@@ -19,5 +19,5 @@ pub use bus::{
     Producer, ProducerConfig, RebalanceListener, Record, TopicPartition, TopicSpec,
 };
 pub use codec::{Codec, CodecError};
-pub use schema::{InvalidField, KeyExtractor, Schema, SchemaError, Tx};
+pub use schema::{FileError, InvalidField, KeyExtractor, Schema, Tx};
 pub use tx::{Decision, RuleHit, TxState};

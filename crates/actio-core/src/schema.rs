@@ -157,10 +157,12 @@ pub struct Schema {
     decision: DecisionDecl,
 }
 
-/// An error in `schema.toml` or in a file that names its fields: file, line, field.
+/// An error in a file actio reads whose entries name declared fields (`schema.toml`, a
+/// load scenario): file, line, the entry at fault (`-` for the file as a whole), what was
+/// expected.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("{}{}: {field}: {message}", file.display(), line.map(|l| format!(":{l}")).unwrap_or_default())]
-pub struct SchemaError {
+pub struct FileError {
     /// The file at fault.
     pub file: PathBuf,
     /// Its line, when known.
@@ -273,8 +275,8 @@ struct Loader<'a> {
 }
 
 impl Loader<'_> {
-    fn err<T>(&self, at: &Spanned<T>, field: impl Into<String>, message: impl Into<String>) -> SchemaError {
-        SchemaError { file: self.file.to_path_buf(), line: line_of(self.text, at.span().start), field: field.into(), message: message.into() }
+    fn err<T>(&self, at: &Spanned<T>, field: impl Into<String>, message: impl Into<String>) -> FileError {
+        FileError { file: self.file.to_path_buf(), line: line_of(self.text, at.span().start), field: field.into(), message: message.into() }
     }
 
     fn line<T>(&self, at: &Spanned<T>) -> Option<usize> {
@@ -299,17 +301,17 @@ const TYPES: &str = "string, int, float, bool, timestamp, enum, map";
 
 impl Schema {
     /// Loads and compiles a `schema.toml`.
-    pub fn load(path: &Path) -> Result<Schema, SchemaError> {
+    pub fn load(path: &Path) -> Result<Schema, FileError> {
         let text = std::fs::read_to_string(path)
-            .map_err(|e| SchemaError { file: path.to_path_buf(), line: None, field: "-".into(), message: format!("cannot read: {e}") })?;
+            .map_err(|e| FileError { file: path.to_path_buf(), line: None, field: "-".into(), message: format!("cannot read: {e}") })?;
         Self::from_toml(&text, path)
     }
 
     /// Compiles schema text; `file` names it in errors.
-    pub fn from_toml(text: &str, file: &Path) -> Result<Schema, SchemaError> {
+    pub fn from_toml(text: &str, file: &Path) -> Result<Schema, FileError> {
         let raw: SchemaFile = toml::from_str(text).map_err(|e| {
             let (line, message) = toml_error(text, &e);
-            SchemaError { file: file.to_path_buf(), line, field: "-".into(), message }
+            FileError { file: file.to_path_buf(), line, field: "-".into(), message }
         })?;
         let l = Loader { file, text };
         let mut fields: Vec<FieldDecl> = Vec::new();
@@ -318,9 +320,9 @@ impl Schema {
             let name = f.name.get_ref();
             Self::check_name(&l, &fields, &f.name, &at)?;
             let ty = parse_type(f.ty.get_ref()).ok_or_else(|| l.err(&f.ty, format!("field \"{name}\".type"), format!("unknown type {:?}; expected one of {TYPES}", f.ty.get_ref())))?;
-            let only = |opt: bool, key: &str, for_types: &str, span: std::ops::Range<usize>| -> Result<(), SchemaError> {
+            let only = |opt: bool, key: &str, for_types: &str, span: std::ops::Range<usize>| -> Result<(), FileError> {
                 if opt {
-                    return Err(SchemaError {
+                    return Err(FileError {
                         file: file.to_path_buf(),
                         line: line_of(text, span.start),
                         field: format!("field \"{name}\".{key}"),
@@ -434,9 +436,9 @@ impl Schema {
             });
         }
         if fields.len() > MAX_FIELDS {
-            return Err(SchemaError { file: file.to_path_buf(), line: None, field: "field".into(), message: format!("at most {MAX_FIELDS} fields and derived fields") });
+            return Err(FileError { file: file.to_path_buf(), line: None, field: "field".into(), message: format!("at most {MAX_FIELDS} fields and derived fields") });
         }
-        let find = |s: &Spanned<String>, key: &str, want: FieldType| -> Result<usize, SchemaError> {
+        let find = |s: &Spanned<String>, key: &str, want: FieldType| -> Result<usize, FileError> {
             let i = fields.iter().take(raw_len).position(|f| f.name == *s.get_ref()).ok_or_else(|| l.err(s, key, format!("unknown field {:?}; declare it in a [[field]]", s.get_ref())))?;
             if fields[i].ty != want || fields[i].optional {
                 return Err(l.err(s, key, format!("field {:?} must be a required {} field", s.get_ref(), want.as_str())));
@@ -471,7 +473,7 @@ impl Schema {
         Ok(Schema { file: file.to_path_buf(), fields, raw: raw_len, id, time, decision: DecisionDecl { outcomes, fields: echo, features } })
     }
 
-    fn check_name(l: &Loader<'_>, fields: &[FieldDecl], name: &Spanned<String>, at: &str) -> Result<(), SchemaError> {
+    fn check_name(l: &Loader<'_>, fields: &[FieldDecl], name: &Spanned<String>, at: &str) -> Result<(), FileError> {
         let n = name.get_ref();
         if !is_identifier(n) {
             return Err(l.err(name, format!("{at}.name"), format!("expected an identifier of [A-Za-z0-9_] (not starting with a digit, ≤ 64), got {n:?}")));

@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use actio_core::schema::{FieldType, InvalidField, Schema, SchemaError, Value as Slot};
+use actio_core::schema::{FieldType, InvalidField, Schema, FileError, Value as Slot};
 use actio_core::tx::TxState;
 
 use crate::expr::{self, Node, Scope, Ty, Value};
@@ -29,11 +29,11 @@ impl DerivedFields {
     /// Compiles every derived field of `schema`; an expression that does not compile,
     /// reads a field declared after it, or whose type is not the declared one is an
     /// error naming `schema.toml`, the line and the field.
-    pub fn compile(schema: &Arc<Schema>) -> Result<DerivedFields, SchemaError> {
+    pub fn compile(schema: &Arc<Schema>) -> Result<DerivedFields, FileError> {
         let mut fields = Vec::new();
         for (slot, f) in schema.fields().iter().enumerate() {
             let Some((cel, line)) = &f.derived else { continue };
-            let err = |message: String| SchemaError { file: schema.file().to_path_buf(), line: *line, field: format!("derived \"{}\".cel", f.name), message };
+            let err = |message: String| FileError { file: schema.file().to_path_buf(), line: *line, field: format!("derived \"{}\".cel", f.name), message };
             let scope = Scope { schema: schema.clone(), visible: slot, features: Vec::new() };
             let (node, ty) = expr::compile_typed(cel, &scope).map_err(err)?;
             let want = Ty::of_field(f.ty);
@@ -92,7 +92,7 @@ mod tests {
     use super::*;
     use std::path::Path;
 
-    fn with(derived: &str) -> Result<(Arc<Schema>, DerivedFields), SchemaError> {
+    fn with(derived: &str) -> Result<(Arc<Schema>, DerivedFields), FileError> {
         let text = format!("{}\n{derived}{}", crate::tests::SCHEMA_FIELDS, crate::tests::DECISION);
         let schema = Arc::new(Schema::from_toml(&text, Path::new("schema.toml"))?);
         let d = DerivedFields::compile(&schema)?;

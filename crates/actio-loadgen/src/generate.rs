@@ -253,20 +253,10 @@ pub struct Scenario {
     episodes: Vec<EpisodeEntry>,
 }
 
-/// An error in a scenario file: file, line (when known), the entry at fault, what was
-/// expected.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-#[error("{}{}: {field}: {message}", file.display(), line.map(|l| format!(":{l}")).unwrap_or_default())]
-pub struct ScenarioError {
-    /// The file at fault (a base file when the entry came from it).
-    pub file: PathBuf,
-    /// Its line, when known.
-    pub line: Option<usize>,
-    /// The entry at fault (`field "user_id"`, `episode "card_testing".key`, …).
-    pub field: String,
-    /// What was expected.
-    pub message: String,
-}
+/// An error in a scenario file: file (a base file when the entry came from it), line
+/// (when known), the entry at fault (`field "user_id"`, `episode "burst".key`, …), what
+/// was expected. The same type as the schema's errors.
+pub type ScenarioError = actio_core::FileError;
 
 fn canonical(p: &Path) -> PathBuf {
     std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf())

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use actio_core::{Codec, KeyExtractor, Schema, SchemaError};
+use actio_core::{Codec, KeyExtractor, Schema, FileError};
 use actio_engine::derive::DerivedFields;
 use actio_engine::rules::ReloadableRuleSet;
 use actio_engine::score::Model;
@@ -458,7 +458,7 @@ impl Resolver<'_> {
         ReloadableRuleSet::load(&path, schema, features).map_err(|e| self.engine_error(e)).ok().map(Arc::new)
     }
 
-    fn schema_error(&mut self, e: SchemaError) {
+    fn schema_error(&mut self, e: FileError) {
         self.errors.push(ConfigError { file: e.file, field: (e.field != "-").then_some(e.field), line: e.line, message: e.message });
     }
 
