@@ -161,16 +161,29 @@ pub struct Schema {
 /// load scenario): file, line, the entry at fault (`-` for the file as a whole), what was
 /// expected.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
-#[error("{}{}: {field}: {message}", file.display(), line.map(|l| format!(":{l}")).unwrap_or_default())]
+#[error("{}{}{}: {message}", file.display(), line.map(|l| format!(":{l}")).unwrap_or_default(), if field == "-" { String::new() } else { format!(": field `{field}`") })]
 pub struct FileError {
     /// The file at fault.
     pub file: PathBuf,
     /// Its line, when known.
     pub line: Option<usize>,
-    /// The field of the file at fault (`field[3].max_len`, `record.time`, …).
+    /// The entry at fault (`field[3].max_len`, `stage[1].input`, `record.time`, …); `-`
+    /// for the file as a whole.
     pub field: String,
     /// What was expected.
     pub message: String,
+}
+
+impl FileError {
+    /// An error at a byte span of a file's text.
+    pub fn at(file: &Path, text: &str, span: std::ops::Range<usize>, field: impl Into<String>, message: impl Into<String>) -> Self {
+        FileError { file: file.to_path_buf(), line: line_of(text, span.start), field: field.into(), message: message.into() }
+    }
+
+    /// An error of the file as a whole (no line, no entry).
+    pub fn whole(file: &Path, message: impl Into<String>) -> Self {
+        FileError { file: file.to_path_buf(), line: None, field: "-".into(), message: message.into() }
+    }
 }
 
 /// A transaction that does not fit its schema: which field, and what was wrong.

@@ -1511,7 +1511,7 @@ entries = { k = { gen = "copy", of = "kind" }, t = { gen = "lognormal", median =
         assert_eq!(e.field, "field \"nope\"", "{e}");
         assert!(e.message.contains("unknown field"), "{e}");
         assert_eq!(e.line, Some(17), "the [[field]] header: {e}");
-        assert!(e.to_string().contains("s.toml:17: field \"nope\": unknown field"), "{e}");
+        assert!(e.to_string().contains("s.toml:17: field `field \"nope\"`: unknown field"), "{e}");
 
         let e = bad("name = \"flag\"\ngen = \"choice\"\nvalues = [true, false]", "name = \"flag\"\ngen = \"zipf\"\nn = 3\nexponent = 1.0");
         assert_eq!(e.field, "field \"flag\"", "{e}");

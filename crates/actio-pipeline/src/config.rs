@@ -134,6 +134,9 @@ pub const DEFAULT_RETRY_BACKOFF_MS: u64 = 1;
 pub const DEFAULT_RETRY_MAX_BACKOFF_MS: u64 = 50;
 /// Default: replicas of a stage to deploy.
 pub const DEFAULT_REPLICAS: u32 = 1;
+/// The velocity file's defaults (`max_keys`, `max_events_per_key`,
+/// `restore_max_records`), defined beside its parser, listed here with the rest.
+pub use actio_engine::velocity::{DEFAULT_MAX_EVENTS_PER_KEY, DEFAULT_MAX_KEYS, DEFAULT_RESTORE_MAX_RECORDS};
 /// Default: trips through a stage's retry topic before the DLQ.
 pub const DEFAULT_RETRY_TOPIC_ATTEMPTS: u32 = 3;
 /// Most trips through a retry topic.

@@ -129,11 +129,11 @@ impl Pipeline {
             (path.parent().map(Path::to_path_buf).unwrap_or_default(), path.to_path_buf())
         };
         let text = std::fs::read_to_string(&file).map_err(|e| {
-            ConfigErrors(vec![ConfigError { file: file.clone(), field: None, line: None, message: format!("cannot read: {e}") }])
+            ConfigErrors(vec![ConfigError { file: file.clone(), field: "-".into(), line: None, message: format!("cannot read: {e}") }])
         })?;
         let raw: PipelineFile = toml::from_str(&text).map_err(|e| {
             let (line, message) = actio_core::schema::toml_error(&text, &e);
-            ConfigErrors(vec![ConfigError { file: file.clone(), field: None, line, message }])
+            ConfigErrors(vec![ConfigError { file: file.clone(), field: "-".into(), line, message }])
         })?;
         Resolver { dir: &dir, file: &file, text: &text, errors: Vec::new() }.resolve(raw)
     }
@@ -236,14 +236,14 @@ impl Resolver<'_> {
             if !topics.iter().any(|t| t.role == role) {
                 self.errors.push(ConfigError {
                     file: self.file.to_path_buf(),
-                    field: Some("topic".into()),
+                    field: "topic".into(),
                     line: None,
                     message: format!("expected a topic with role {role:?}"),
                 });
             }
         }
         if raw.stages.is_empty() {
-            self.errors.push(ConfigError { file: self.file.to_path_buf(), field: Some("stage".into()), line: None, message: "expected at least one [[stage]]".into() });
+            self.errors.push(ConfigError { file: self.file.to_path_buf(), field: "stage".into(), line: None, message: "expected at least one [[stage]]".into() });
         }
 
         let mut stages: Vec<Stage> = Vec::new();
@@ -392,7 +392,7 @@ impl Resolver<'_> {
         if !dup.is_empty() {
             self.errors.push(ConfigError {
                 file: self.file.to_path_buf(),
-                field: Some("stage.rules".into()),
+                field: "stage.rules".into(),
                 line: None,
                 message: format!("rule ids must be unique across the pipeline; repeated: {dup:?}"),
             });
@@ -408,7 +408,7 @@ impl Resolver<'_> {
                 _ => {
                     self.errors.push(ConfigError {
                         file: self.file.to_path_buf(),
-                        field: Some(format!("kafka.\"{k}\"")),
+                        field: format!("kafka.\"{k}\""),
                         line: None,
                         message: "expected a string, number or boolean (librdkafka properties are scalars)".into(),
                     });
@@ -420,7 +420,7 @@ impl Resolver<'_> {
             if !features.contains(name) {
                 self.errors.push(ConfigError {
                     file: schema.file().to_path_buf(),
-                    field: Some("decision.features".into()),
+                    field: "decision.features".into(),
                     line: *line,
                     message: format!("unknown feature {name:?}; the stages compute: {}", features.join(", ")),
                 });
@@ -459,11 +459,11 @@ impl Resolver<'_> {
     }
 
     fn schema_error(&mut self, e: FileError) {
-        self.errors.push(ConfigError { file: e.file, field: (e.field != "-").then_some(e.field), line: e.line, message: e.message });
+        self.errors.push(e);
     }
 
     fn engine_error(&mut self, e: actio_engine::EngineError) {
-        self.errors.push(ConfigError { file: e.file, field: e.field, line: e.line, message: e.message });
+        self.errors.push(ConfigError { file: e.file, field: e.field.unwrap_or_else(|| "-".into()), line: e.line, message: e.message });
     }
 
     /// The stage's retry topic, checked: declared with role `retry`, this stage's alone

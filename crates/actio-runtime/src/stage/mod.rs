@@ -62,6 +62,8 @@ pub struct RetryPolicy {
     pub topic: Option<RetryTopic>,
 }
 
+/// For tests and embedders of the runtime alone: a pipeline's stages take every value
+/// from `actio_pipeline::config`'s `DEFAULT_*` constants instead.
 impl Default for RetryPolicy {
     fn default() -> Self {
         RetryPolicy { attempts: 3, backoff: Duration::from_millis(1), max_backoff: Duration::from_millis(50), topic: None }
