@@ -184,6 +184,11 @@ impl FileError {
     pub fn whole(file: &Path, message: impl Into<String>) -> Self {
         FileError { file: file.to_path_buf(), line: None, field: "-".into(), message: message.into() }
     }
+
+    /// Reads a file actio was told to load; failing, an error naming it.
+    pub fn read(path: &Path) -> Result<String, FileError> {
+        std::fs::read_to_string(path).map_err(|e| FileError::whole(path, format!("cannot read: {e}")))
+    }
 }
 
 /// A transaction that does not fit its schema: which field, and what was wrong.
@@ -315,9 +320,7 @@ const TYPES: &str = "string, int, float, bool, timestamp, enum, map";
 impl Schema {
     /// Loads and compiles a `schema.toml`.
     pub fn load(path: &Path) -> Result<Schema, FileError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| FileError { file: path.to_path_buf(), line: None, field: "-".into(), message: format!("cannot read: {e}") })?;
-        Self::from_toml(&text, path)
+        Self::from_toml(&FileError::read(path)?, path)
     }
 
     /// Compiles schema text; `file` names it in errors.

@@ -266,9 +266,7 @@ impl Scenario {
     /// Loads a scenario TOML (resolving `base`); errors name file, line (when known)
     /// and field.
     pub fn load(path: &Path) -> Result<Scenario, ScenarioError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ScenarioError { file: path.to_path_buf(), line: None, field: "-".into(), message: format!("cannot read: {e}") })?;
-        Self::from_toml(&text, path)
+        Self::from_toml(&ScenarioError::read(path)?, path)
     }
 
     /// Parses scenario text; `file` names it in errors and anchors a relative `base`.
