@@ -19,6 +19,9 @@
 #   start_stage NAME           start one more instance (waits until /readyz)
 #   scale NAME N               start or gracefully stop instances until N run
 #   broker_restart             scripts/kafka restart (own broker only: keeps its data)
+#   broker_pause SECONDS       freeze the broker's JVM that long (own broker only), noting
+#                              each stage log's rebalance lines before it in
+#                              $OUT/rebalance-before.txt
 #   mark TEXT                  note an event (time-stamped) in events.log
 #
 # Output in $OUT (default results/reliability-<scenario>-<time>): report.json etc.
@@ -208,6 +211,21 @@ broker_restart() {
     mark "broker restart: stopping"
     scripts/kafka restart >/dev/null
     mark "broker restart: ready"
+}
+
+broker_pause() {
+    ((OWN_BROKER)) || { mark "FAIL broker_pause needs BROKER=own"; FAILED+=("broker_pause on a shared broker"); return 1; }
+    rebalance_lines >"$OUT/rebalance-before.txt"
+    mark "broker pause: SIGSTOP for $1 s"
+    scripts/kafka pause "$1" >/dev/null
+    mark "broker pause: SIGCONT"
+}
+
+# Per stage log: how many times it was assigned partitions and how many it lost.
+rebalance_lines() {
+    for f in "$OUT"/*-[0-9]*.log; do
+        printf '%s assigned=%s lost=%s\n' "$(basename "$f")" "$(grep -c '"assigned"\|assigned ' "$f" || true)" "$(grep -c 'partitions lost' "$f" || true)"
+    done
 }
 
 at() {
