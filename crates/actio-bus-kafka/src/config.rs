@@ -50,6 +50,18 @@ pub const CONSUMER_DEFAULTS: &[(&str, &str)] = &[
     ("enable.partition.eof", "false"),
 ];
 
+/// Consumer defaults that belong to the classic group protocol: with
+/// `group.protocol=consumer` (KIP-848) the broker owns assignment, session and
+/// heartbeat, and librdkafka refuses these properties, so they are left out.
+pub const CLASSIC_PROTOCOL_ONLY: &[&str] = &["partition.assignment.strategy", "session.timeout.ms", "heartbeat.interval.ms"];
+
+/// The consumer defaults for the group protocol the user's `layers` choose.
+pub(crate) fn consumer_defaults(layers: &[&[(String, String)]]) -> Vec<(&'static str, &'static str)> {
+    let protocol = layers.iter().flat_map(|l| l.iter()).filter(|(k, _)| k == "group.protocol").map(|(_, v)| v.trim().to_ascii_lowercase()).next_back();
+    let kip848 = protocol.as_deref() == Some("consumer");
+    CONSUMER_DEFAULTS.iter().copied().filter(|(k, _)| !(kip848 && CLASSIC_PROTOCOL_ONLY.contains(k))).collect()
+}
+
 /// Producer defaults, overridable.
 ///
 /// - `partitioner=murmur2_random`: Java's default partitioner for keyed messages
@@ -122,6 +134,17 @@ mod tests {
         assert_eq!(c.get("partitioner"), Some("murmur2_random"));
         assert_eq!(c.get("bootstrap.servers"), Some("h:1"));
         assert_eq!(c.get("enable.auto.offset.store"), Some("false"));
+    }
+
+    #[test]
+    fn the_kip_848_protocol_drops_the_classic_group_settings() {
+        let classic = consumer_defaults(&[&[kv("linger.ms", "1")]]);
+        assert!(classic.iter().any(|(k, _)| *k == "session.timeout.ms"));
+        let kip848 = consumer_defaults(&[&[], &[kv("group.protocol", "consumer")]]);
+        assert!(kip848.iter().all(|(k, _)| !CLASSIC_PROTOCOL_ONLY.contains(k)), "{kip848:?}");
+        assert!(kip848.iter().any(|(k, _)| *k == "fetch.wait.max.ms"));
+        let back = consumer_defaults(&[&[kv("group.protocol", "consumer")], &[kv("group.protocol", "classic")]]);
+        assert!(back.iter().any(|(k, _)| *k == "session.timeout.ms"), "the later layer wins");
     }
 
     #[test]

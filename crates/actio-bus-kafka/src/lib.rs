@@ -87,7 +87,7 @@ impl Bus for KafkaBus {
         listener: Arc<dyn RebalanceListener>,
     ) -> Result<KafkaConsumer, BusError> {
         let reset = if config.from_earliest { "earliest" } else { "latest" };
-        let mut defaults: Vec<(&str, &str)> = config::CONSUMER_DEFAULTS.to_vec();
+        let mut defaults: Vec<(&str, &str)> = config::consumer_defaults(&[&self.config.properties, &config.properties]);
         defaults.push(("auto.offset.reset", reset));
         if !config.client_id.is_empty() {
             defaults.push(("client.id", &config.client_id));
