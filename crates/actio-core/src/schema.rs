@@ -302,20 +302,13 @@ impl Loader<'_> {
     }
 }
 
-fn parse_type(s: &str) -> Option<FieldType> {
-    Some(match s {
-        "string" => FieldType::String,
-        "int" => FieldType::Int,
-        "float" => FieldType::Float,
-        "bool" => FieldType::Bool,
-        "timestamp" => FieldType::Timestamp,
-        "enum" => FieldType::Enum,
-        "map" => FieldType::Map,
-        _ => return None,
-    })
-}
+/// Every field type, in the order error messages list them.
+const ALL_TYPES: [FieldType; 7] = [FieldType::String, FieldType::Int, FieldType::Float, FieldType::Bool, FieldType::Timestamp, FieldType::Enum, FieldType::Map];
 
-const TYPES: &str = "string, int, float, bool, timestamp, enum, map";
+/// A type by the name `schema.toml` spells it ([`FieldType::as_str`]).
+fn parse_type(s: &str) -> Option<FieldType> {
+    ALL_TYPES.into_iter().find(|t| t.as_str() == s)
+}
 
 impl Schema {
     /// Loads and compiles a `schema.toml`.
@@ -335,7 +328,7 @@ impl Schema {
             let at = format!("field[{i}]");
             let name = f.name.get_ref();
             Self::check_name(&l, &fields, &f.name, &at)?;
-            let ty = parse_type(f.ty.get_ref()).ok_or_else(|| l.err(&f.ty, format!("field \"{name}\".type"), format!("unknown type {:?}; expected one of {TYPES}", f.ty.get_ref())))?;
+            let ty = parse_type(f.ty.get_ref()).ok_or_else(|| l.err(&f.ty, format!("field \"{name}\".type"), format!("unknown type {:?}; expected one of {}", f.ty.get_ref(), ALL_TYPES.map(FieldType::as_str).join(", "))))?;
             let only = |opt: bool, key: &str, for_types: &str, span: std::ops::Range<usize>| -> Result<(), FileError> {
                 if opt {
                     return Err(FileError {

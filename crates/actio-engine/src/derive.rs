@@ -66,11 +66,6 @@ impl DerivedFields {
         }
         Ok(())
     }
-
-    /// Whether there are none.
-    pub fn is_empty(&self) -> bool {
-        self.fields.is_empty()
-    }
 }
 
 fn to_slot(v: Value<'_>, ty: FieldType) -> Result<Slot, String> {

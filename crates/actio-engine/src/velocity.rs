@@ -484,7 +484,7 @@ impl VelocitySpec {
                 continue;
             };
             let distinct: SmallVec<[u64; 4]> = g.distinct_fields.iter().map(|f| hash_of(std::slice::from_ref(f), tx, &state.hasher).unwrap_or(ABSENT)).collect();
-            let nums: SmallVec<[f64; 2]> = g.numeric_fields.iter().map(|f| number(tx, *f)).collect();
+            let mut nums: SmallVec<[f64; 2]> = g.numeric_fields.iter().map(|f| number(tx, *f)).collect();
             let shard = &state.maps[gi][(key as usize) % SHARDS];
             let mut map = shard.lock();
             // Over the cap: expire idle keys, then the least recently seen eighth.
@@ -511,7 +511,7 @@ impl VelocitySpec {
             } else {
                 let at = ks.events.partition_point(|e| e.t <= t);
                 let in_order = at == ks.events.len();
-                ks.events.insert(at, Event { t, nums: nums.clone(), distinct });
+                ks.events.insert(at, Event { t, nums: std::mem::take(&mut nums), distinct });
                 ks.latest = ks.latest.max(t);
                 if !in_order {
                     ks.aggs = None;

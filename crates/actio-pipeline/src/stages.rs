@@ -162,15 +162,8 @@ impl StageHandler {
             if e.field == "-" { HandlerError::permanent(format!("undecodable payload: {}", e.problem)) } else { HandlerError::permanent(format!("invalid transaction: {e}")) }
         };
         if self.ingress {
-            let tx = match self.input_codec {
-                Codec::Json => self.schema.decode_json(payload).map_err(invalid)?,
-                Codec::Postcard => {
-                    let tx = self.input_codec.decode(payload).map_err(|e| bad(&e))?;
-                    self.schema.check(&tx).map_err(invalid)?;
-                    tx
-                }
-            };
-            let mut st = TxState::new(tx);
+            // Ingress topics are JSON: the pipeline refuses any other codec at load.
+            let mut st = TxState::new(self.schema.decode_json(payload).map_err(invalid)?);
             self.derived.fill(&mut st).map_err(invalid)?;
             Ok(st)
         } else {
