@@ -3,9 +3,20 @@
 # build), then `actio loadgen`; prints the report and each stage's CPU and peak RSS.
 #
 #   loadtest/kafka-chain.sh [--rate 3000 --duration 60s ...]   (flags go to loadgen)
+#   PIN=1 loadtest/kafka-chain.sh ...    the broker on CPU 1, stages and loadgen on CPU 0
 #
 # Needs a broker: scripts/kafka start (or ACTIO_KAFKA_BROKERS). Stages are stopped
 # with SIGTERM at the end (graceful drain), and their exit codes are checked.
+#
+# The broker's GC log (ACTIO_BROKER_GC_LOG, else `scripts/kafka gc-log` for a broker on
+# 127.0.0.1) goes to loadgen as --broker-gc-log: the report gives each second's p99,
+# marks the seconds the broker was stopped for 10 ms or more, and the p99 outside them
+# beside the overall p99.
+#
+# PIN=1 pins every thread of the broker's JVM to CPU 1 (taskset -a) and this script,
+# so the stages and the loadgen it starts, to CPU 0: the figure of actio when the
+# broker has a core of its own. The broker's affinity goes back to all online CPUs on
+# exit. Needs the broker of scripts/kafka (its pid file) and two CPUs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BROKERS="${ACTIO_KAFKA_BROKERS:-127.0.0.1:9092}"
@@ -16,9 +27,43 @@ cargo build --release -q
 B=target/release/actio
 $B topics create "$PIPELINE" --brokers "$BROKERS" >/dev/null
 
+# The broker of scripts/kafka, when BROKERS is one on this machine.
+KAFKA_PORT=""
+if [[ "$BROKERS" =~ ^(127\.0\.0\.1|localhost):([0-9]+)$ ]]; then
+    KAFKA_PORT="${BASH_REMATCH[2]}"
+fi
+local_gc_log() { [[ -n "$KAFKA_PORT" ]] && ACTIO_KAFKA_PORT="$KAFKA_PORT" scripts/kafka gc-log 2>/dev/null; }
+loadgen_args=()
+if [[ " $* " != *" --broker-gc-log"* ]]; then
+    gc_log="${ACTIO_BROKER_GC_LOG:-$(local_gc_log || true)}"
+    if [[ -n "$gc_log" ]]; then
+        loadgen_args+=(--broker-gc-log "$gc_log")
+    else
+        echo "kafka-chain: no broker GC log (scripts/kafka gc-log, ACTIO_BROKER_GC_LOG): no second is marked as a broker pause" >&2
+    fi
+fi
+
+unpin() { :; }
+if [[ "${PIN:-0}" == 1 ]]; then
+    state_logs="$(local_gc_log)" || { echo "kafka-chain: PIN=1 needs the broker of scripts/kafka on 127.0.0.1" >&2; exit 2; }
+    broker_pid="$(cat "$(dirname "$(dirname "$state_logs")")/broker.pid" 2>/dev/null || true)"
+    [[ "$broker_pid" =~ ^[0-9]+$ ]] && tr '\0' ' ' <"/proc/$broker_pid/cmdline" 2>/dev/null | grep -q kafka.Kafka \
+        || { echo "kafka-chain: PIN=1: no running broker behind its pid file (pid '$broker_pid')" >&2; exit 2; }
+    all_cpus="$(cat /sys/devices/system/cpu/online)"
+    [[ "$all_cpus" != 0 ]] || { echo "kafka-chain: PIN=1 needs two CPUs (online: $all_cpus)" >&2; exit 2; }
+    unpin() {
+        taskset -a -pc "$all_cpus" "$broker_pid" >/dev/null 2>&1 \
+            || echo "kafka-chain: could not give the broker its CPUs back: taskset -a -pc $all_cpus $broker_pid" >&2
+    }
+    taskset -a -pc 1 "$broker_pid" >/dev/null
+    # Everything started from here on (stages, curl, loadgen) inherits CPU 0.
+    taskset -pc 0 $$ >/dev/null
+    echo "PIN=1: broker (pid $broker_pid, every thread) on CPU 1; stages and loadgen on CPU 0 (online CPUs: $all_cpus)" | tee "$OUT/pin.txt"
+fi
+
 pids=()
 stop() { for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done; }
-trap stop EXIT
+trap 'stop; unpin' EXIT
 port=9471
 for s in rules velocity score; do
     $B stage --pipeline "$PIPELINE" --stage "$s" --brokers "$BROKERS" --http "127.0.0.1:$port" \
@@ -36,8 +81,11 @@ ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 declare -A t0
 for p in "${pids[@]}"; do t0[$p]=$(ticks "$p"); done
 s0=$(date +%s.%N)
-$B loadgen --pipeline "$PIPELINE" --brokers "$BROKERS" --out "$OUT" "$@" | tee "$OUT/report.txt"
+$B loadgen --pipeline "$PIPELINE" --brokers "$BROKERS" --out "$OUT" ${loadgen_args[@]+"${loadgen_args[@]}"} "$@" | tee "$OUT/report.txt"
 s1=$(date +%s.%N)
+if [[ "${PIN:-0}" == 1 ]]; then
+    cat "$OUT/pin.txt" >>"$OUT/report.txt"
+fi
 hz=$(getconf CLK_TCK)
 i=0
 for s in rules velocity score; do
@@ -47,6 +95,6 @@ for s in rules velocity score; do
     printf 'stage %-9s cpu %5.1f%%  peak RSS %6.1f MiB\n' "$s" "$cpu" "$rss" | tee -a "$OUT/report.txt"
     i=$((i + 1))
 done
-trap - EXIT
+trap unpin EXIT
 stop
 for p in "${pids[@]}"; do wait "$p" || { echo "a stage exited with $?" >&2; exit 1; }; done

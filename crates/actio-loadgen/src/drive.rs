@@ -11,7 +11,9 @@
 //! drop it (the embedded bus keeps records until every group has committed them).
 //!
 //! [`Drain`] decides when the wait for the last decisions after the load is over, and
-//! [`run_report`] puts what the collector and the sender counted into the report.
+//! [`run_report`] puts what the collector and the sender counted into the report, with
+//! the e2e per second and, given the broker's GC log, the seconds it stood still
+//! ([`per_second`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -25,7 +27,9 @@ use parking_lot::{Mutex, MutexGuard};
 
 use hdrhistogram::Histogram;
 
-use crate::report::{DecisionCounts, RuleHitCount, StageReport, peak_rss_mib};
+use crate::broker_pauses::{BrokerPauses, DEFAULT_MARK_THRESHOLD, is_marked};
+use crate::collect::{E2eBySecond, MAX_SECONDS};
+use crate::report::{BrokerPauseReport, DecisionCounts, E2E_OUTSIDE_BROKER_PAUSES, RuleHitCount, SecondReport, StageReport, latency_histogram, peak_rss_mib};
 use crate::{Collector, LatencySummary, RunReport, Schedule, SenderStats, StageHistograms};
 
 /// Most records the collector reads before it takes the lock and observes them.
@@ -362,15 +366,95 @@ pub struct RunFacts<'a> {
     pub schedule: &'a Schedule,
     /// How long the load ran, s (shorter than the schedule when interrupted).
     pub load_secs: f64,
+    /// When the load started, ns since the epoch: the per-second series starts in
+    /// its second.
+    pub load_started_ns: i64,
+    /// The broker's pauses, from its GC log read after the run (Kafka runs given one).
+    pub broker_pauses: Option<&'a BrokerPauses>,
 }
 
-/// The run's report, and the histograms written beside it (`e2e`, then per stage its
+const NS_PER_S: i64 = 1_000_000_000;
+
+/// The per-second part of a report.
+#[derive(Debug, Clone)]
+pub struct PerSecond {
+    /// Every second, in order.
+    pub seconds: Vec<SecondReport>,
+    /// The e2e of the seconds not marked, merged (`None` without the broker's pauses).
+    pub outside: Option<Histogram<u64>>,
+    /// The broker's pauses within those seconds.
+    pub broker: Option<BrokerPauseReport>,
+    /// Median of the p99s of the seconds with a sample, µs.
+    pub median_p99_us: Option<u64>,
+}
+
+fn ms_of_ns(ns: i64) -> f64 {
+    (ns as f64 / 1000.0).round() / 1000.0
+}
+
+/// The per-second series: from the second the load started in (or the first seen, if
+/// earlier) to the last second seen (or the load's last, if later), seconds without a
+/// sample included. With `broker`, each second gets the time the broker was stopped in
+/// it, is marked from `threshold` up, and the unmarked seconds' e2e is merged.
+pub fn per_second(by: &E2eBySecond, load_started_ns: i64, load_secs: f64, broker: Option<&BrokerPauses>, threshold: Duration) -> PerSecond {
+    let load_s = load_started_ns.div_euclid(NS_PER_S);
+    let load_end_s = load_started_ns.saturating_add((load_secs.max(0.0) * 1e9) as i64).div_euclid(NS_PER_S);
+    let (first, last) = by.span().unwrap_or((load_s, load_end_s));
+    let to = last.max(load_end_s);
+    let from = first.min(load_s).max(to - MAX_SECONDS as i64 + 1);
+    let n = (to - from + 1) as usize;
+    let stopped = broker.map(|b| b.stopped_ns_by_second(from, n));
+    let mut outside = broker.map(|_| latency_histogram());
+    let mut seen = by.seconds().skip_while(|s| s.unix_s < from).peekable();
+    let mut seconds = Vec::with_capacity(n);
+    for (i, unix_s) in (from..=to).enumerate() {
+        let stopped_ns = stopped.as_ref().map(|v| v[i]);
+        let marked = stopped_ns.is_some_and(|ns| is_marked(ns, threshold));
+        let mut sec = SecondReport { unix_s, t_s: unix_s - load_s, decided: 0, p50_us: 0, p99_us: 0, max_us: 0, broker_paused_ms: stopped_ns.map(|ns| ms_of_ns(ns as i64)), broker_paused: marked };
+        if let Some(s) = seen.next_if(|s| s.unix_s == unix_s) {
+            sec.decided = s.decided;
+            if !s.e2e.is_empty() {
+                (sec.p50_us, sec.p99_us, sec.max_us) = (s.e2e.value_at_quantile(0.5), s.e2e.value_at_quantile(0.99), s.e2e.max());
+            }
+            if let Some(out) = outside.as_mut().filter(|_| !marked)
+                && out.add(&s.e2e).is_err()
+            {
+                tracing::warn!(second = unix_s, "a second's e2e could not be merged");
+            }
+        }
+        seconds.push(sec);
+    }
+    let broker = broker.map(|b| {
+        let (lo, hi) = (from.saturating_mul(NS_PER_S), (to + 1).saturating_mul(NS_PER_S));
+        let within: Vec<_> = b.pauses.iter().filter(|p| p.end_ns > lo && p.start_ns < hi).collect();
+        BrokerPauseReport {
+            gc_log: b.files.first().map(|f| f.display().to_string()).unwrap_or_default(),
+            log_covers_load_start: b.span_ns.is_some_and(|(a, z)| a <= load_started_ns && load_started_ns <= z),
+            mark_threshold_ms: threshold.as_secs_f64() * 1000.0,
+            pauses: within.len() as u64,
+            paused_ms: ms_of_ns(stopped.iter().flatten().sum::<u64>() as i64),
+            longest_ms: ms_of_ns(within.iter().map(|p| p.end_ns - p.start_ns).max().unwrap_or(0)),
+            marked_seconds: seconds.iter().filter(|s| s.broker_paused).count() as u64,
+        }
+    });
+    let mut p99s: Vec<u64> = seconds.iter().map(|s| s.p99_us).filter(|p| *p > 0).collect();
+    p99s.sort_unstable();
+    let median_p99_us = p99s.get(p99s.len() / 2).copied();
+    PerSecond { seconds, outside, broker, median_p99_us }
+}
+
+/// The run's report, and the histograms written beside it (`e2e`, then the e2e
+/// outside broker pauses when the broker's GC log was read, then per stage its
 /// runtime `queue`, `service`, `stage` when measured in-process, else the trail's
 /// `queue`; then the trail's `process`). `runtime` holds the stages that ran
 /// in-process and stopped cleanly.
 pub fn run_report(facts: &RunFacts<'_>, c: &Collector, sender: &SenderStats, runtime: &[StageHistograms]) -> (RunReport, Vec<(String, Histogram<u64>)>) {
     let sent = sender.sent.load(Ordering::Relaxed);
     let mut histograms = vec![("e2e".to_string(), c.e2e.clone())];
+    let seconds = per_second(&c.e2e_by_second, facts.load_started_ns, facts.load_secs, facts.broker_pauses, DEFAULT_MARK_THRESHOLD);
+    if let Some(h) = &seconds.outside {
+        histograms.push((E2E_OUTSIDE_BROKER_PAUSES.to_string(), h.clone()));
+    }
     let mut stage_reports = Vec::new();
     for &(name, budget_ms) in facts.stages {
         let rt = runtime.iter().find(|h| h.name == name);
@@ -412,6 +496,10 @@ pub fn run_report(facts: &RunFacts<'_>, c: &Collector, sender: &SenderStats, run
         sender_max_behind_ms: sender.max_behind_us.load(Ordering::Relaxed) as f64 / 1000.0,
         peak_rss_mib: peak_rss_mib(),
         send_failures: sender.failed.load(Ordering::Relaxed),
+        e2e_outside_broker_pauses: seconds.outside.as_ref().map(LatencySummary::of),
+        second_p99_median_us: seconds.median_p99_us,
+        broker_pauses: seconds.broker,
+        seconds: seconds.seconds,
     };
     (report, histograms)
 }
@@ -432,6 +520,64 @@ mod tests {
         // Interrupted: at most --drain from the end of the load, progress or not.
         assert_eq!(drain_end(50, 100, 9 * S, Duration::ZERO, true, drain), None);
         assert_eq!(drain_end(50, 100, 10 * S, Duration::ZERO, true, drain), Some(DrainEnd::Interrupted));
+    }
+
+    const NS: i64 = 1_000_000_000;
+    const T0: i64 = 1_796_000_000;
+
+    /// Seconds T0..T0+2 with 100 e2e samples each (5, 80, 6 ms), none in T0+3.
+    fn three_seconds() -> E2eBySecond {
+        let mut by = E2eBySecond::default();
+        for (s, e2e_ms) in [(0, 5), (1, 80), (2, 6)] {
+            for i in 0..100 {
+                by.observe((T0 + s) * NS + i * 1_000_000, true, Some(e2e_ms * 1_000_000));
+            }
+        }
+        by
+    }
+
+    fn pauses(p: &[(i64, i64)]) -> BrokerPauses {
+        let pauses = p.iter().map(|&(start_ns, end_ns)| crate::broker_pauses::Pause { start_ns, end_ns }).collect();
+        BrokerPauses { files: vec!["gc.log".into()], pauses, span_ns: Some((T0 * NS - NS, (T0 + 9) * NS)), unreadable: 0 }
+    }
+
+    #[test]
+    fn the_seconds_span_the_load_and_marked_ones_are_kept_out_of_the_unpaused_e2e() {
+        let by = three_seconds();
+        // 60 ms stopped in T0+1, 5 ms in T0+2 (under the threshold).
+        let broker = pauses(&[((T0 + 1) * NS + 500_000_000, (T0 + 1) * NS + 560_000_000), ((T0 + 2) * NS, (T0 + 2) * NS + 5_000_000)]);
+        let p = per_second(&by, T0 * NS + NS / 2, 3.0, Some(&broker), DEFAULT_MARK_THRESHOLD);
+        let rows: Vec<(i64, u64, bool, Option<f64>)> = p.seconds.iter().map(|s| (s.t_s, s.decided, s.broker_paused, s.broker_paused_ms)).collect();
+        assert_eq!(rows, [(0, 100, false, Some(0.0)), (1, 100, true, Some(60.0)), (2, 100, false, Some(5.0)), (3, 0, false, Some(0.0))], "T0+3: in the load, nothing seen");
+        let outside = p.outside.as_ref().unwrap();
+        assert_eq!(outside.len(), 200);
+        assert!(outside.max() < 6_100, "the 80 ms second is out: {}", outside.max());
+        assert!(p.seconds[1].p99_us >= 79_000 && p.seconds[0].p99_us < 5_100, "{:?}", p.seconds);
+        assert_eq!(p.median_p99_us, Some(p.seconds[2].p99_us), "median of 5, 6, 80 ms");
+        let b = p.broker.unwrap();
+        assert_eq!((b.pauses, b.paused_ms, b.longest_ms, b.marked_seconds, b.log_covers_load_start), (2, 65.0, 60.0, 1, true));
+        // A higher threshold marks nothing: the unpaused e2e is then all of it.
+        let p = per_second(&by, T0 * NS + NS / 2, 3.0, Some(&broker), Duration::from_millis(61));
+        assert_eq!((p.outside.unwrap().len(), p.broker.unwrap().marked_seconds), (300, 0));
+    }
+
+    #[test]
+    fn without_a_gc_log_the_series_is_there_and_nothing_is_marked() {
+        let p = per_second(&three_seconds(), T0 * NS, 1.0, None, DEFAULT_MARK_THRESHOLD);
+        assert_eq!(p.seconds.len(), 3, "to the last second seen, past the load's end");
+        assert!(p.seconds.iter().all(|s| !s.broker_paused && s.broker_paused_ms.is_none()));
+        assert!(p.outside.is_none() && p.broker.is_none());
+        // Nothing seen at all: the load's seconds, empty.
+        let p = per_second(&E2eBySecond::default(), T0 * NS, 2.0, None, DEFAULT_MARK_THRESHOLD);
+        assert_eq!((p.seconds.len(), p.median_p99_us), (3, None));
+    }
+
+    #[test]
+    fn a_log_of_another_broker_run_is_flagged() {
+        let mut broker = pauses(&[]);
+        broker.span_ns = Some(((T0 - 100) * NS, (T0 - 50) * NS));
+        let p = per_second(&three_seconds(), T0 * NS, 3.0, Some(&broker), DEFAULT_MARK_THRESHOLD);
+        assert!(!p.broker.unwrap().log_covers_load_start);
     }
 
     #[test]

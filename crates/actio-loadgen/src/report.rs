@@ -120,6 +120,57 @@ pub struct RuleHitCount {
     pub count: u64,
 }
 
+/// One wall-clock second of the run: what the collector first saw in it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SecondReport {
+    /// Unix second.
+    pub unix_s: i64,
+    /// Seconds after the second in which the load started (0: that second).
+    pub t_s: i64,
+    /// Decisions first seen in it.
+    pub decided: u64,
+    /// e2e median of the decisions and dead letters first seen in it, µs (0: none).
+    pub p50_us: u64,
+    /// e2e 99th percentile, µs.
+    pub p99_us: u64,
+    /// e2e largest, µs.
+    pub max_us: u64,
+    /// How long the broker was stopped in it, ms, from its GC log (null: no log read).
+    pub broker_paused_ms: Option<f64>,
+    /// Marked: the broker was stopped in it for at least
+    /// [`BrokerPauseReport::mark_threshold_ms`].
+    pub broker_paused: bool,
+}
+
+/// The broker's stop-the-world pauses during the run's seconds, from its GC log.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BrokerPauseReport {
+    /// The log read (rotated copies beside it were read too).
+    pub gc_log: String,
+    /// Whether the log has lines from before and after the load started; if not it is
+    /// not the log of the broker that served this run, and pauses are missing.
+    pub log_covers_load_start: bool,
+    /// A second is marked when the broker was stopped this long in it, ms.
+    pub mark_threshold_ms: f64,
+    /// Pauses within the run's seconds.
+    pub pauses: u64,
+    /// Their total within the run's seconds, ms.
+    pub paused_ms: f64,
+    /// The longest of them, ms.
+    pub longest_ms: f64,
+    /// Seconds marked.
+    pub marked_seconds: u64,
+}
+
+/// A second's e2e p99 above this is listed in the terminal report, marked or not, µs.
+pub const SLOW_SECOND_P99_US: u64 = 35_000;
+
+/// Most seconds the terminal report (and the HTML table) lists.
+const LISTED_SECONDS: usize = 20;
+
+/// The `.hgrm` stem of the e2e outside marked seconds.
+pub const E2E_OUTSIDE_BROKER_PAUSES: &str = "e2e.outside-broker-pauses";
+
 /// Everything a run measured.
 #[derive(Debug, Clone, Serialize)]
 pub struct RunReport {
@@ -167,6 +218,15 @@ pub struct RunReport {
     pub peak_rss_mib: Option<f64>,
     /// Sends the bus failed.
     pub send_failures: u64,
+    /// e2e of every second not marked as a broker pause, merged (null without the
+    /// broker's GC log). Beside `e2e`, never instead of it: `e2e` is the run's figure.
+    pub e2e_outside_broker_pauses: Option<LatencySummary>,
+    /// Median of the per-second e2e p99s, over the seconds with a sample, µs.
+    pub second_p99_median_us: Option<u64>,
+    /// The broker's pauses (null without its GC log).
+    pub broker_pauses: Option<BrokerPauseReport>,
+    /// Every second of the run, from the one the load started in to the last decision.
+    pub seconds: Vec<SecondReport>,
 }
 
 fn stages_as_map<S: serde::Serializer>(stages: &[StageReport], s: S) -> Result<S::Ok, S::Error> {
@@ -247,6 +307,10 @@ impl RunReport {
             }
         }
         row(&mut o, "e2e", "", &self.e2e, "");
+        if let Some(out) = &self.e2e_outside_broker_pauses {
+            row(&mut o, "", "unpaused", out, "  (seconds not marked as broker pauses)");
+        }
+        self.render_seconds_text(&mut o);
         let _ = writeln!(
             o,
             "\nsent {}  decided {}  dlq {}  lost {}  duplicates {}  order violations {}",
@@ -267,6 +331,57 @@ impl RunReport {
             let _ = writeln!(o, "peak RSS {rss} MiB; sender max behind schedule {:.3} ms", self.sender_max_behind_ms);
         }
         o
+    }
+
+    /// The seconds the terminal report lists, in time order: marked ones, those with a
+    /// p99 over [`SLOW_SECOND_P99_US`], and those in which nothing came out (a stall,
+    /// whoever caused it: the series runs from the load's start to the last decision).
+    fn notable_seconds(&self) -> impl Iterator<Item = &SecondReport> {
+        self.seconds.iter().filter(|s| s.broker_paused || s.p99_us > SLOW_SECOND_P99_US || s.p99_us == 0)
+    }
+
+    /// Per-second figures: p99 overall, outside marked seconds, the median of the
+    /// seconds' p99s, then the marked and slow seconds.
+    fn render_seconds_text(&self, o: &mut String) {
+        let median = self.second_p99_median_us.map_or("-".into(), ms);
+        let _ = write!(o, "\ne2e p99 {} ms", ms(self.e2e.p99_us));
+        match (&self.broker_pauses, &self.e2e_outside_broker_pauses) {
+            (Some(b), Some(out)) => {
+                let _ = write!(o, "; outside the {} s marked as broker pauses {} ms", b.marked_seconds, ms(out.p99_us));
+            }
+            _ if self.bus != "embedded" => o.push_str("; broker pauses unknown (no --broker-gc-log)"),
+            _ => {}
+        }
+        let _ = writeln!(o, "; median of the {} per-second p99s {median} ms", self.seconds.iter().filter(|s| s.p99_us > 0).count());
+        if let Some(b) = &self.broker_pauses {
+            let _ = writeln!(
+                o,
+                "broker: {} pauses, {:.1} ms stopped in all, longest {:.1} ms; a second is marked at >= {} ms stopped (GC log {})",
+                b.pauses, b.paused_ms, b.longest_ms, b.mark_threshold_ms, b.gc_log
+            );
+            if !b.log_covers_load_start {
+                o.push_str("broker: WARNING the GC log does not cover the start of the load: it is not this run's broker, or was cut; pauses are missing\n");
+            }
+        }
+        let notable = self.notable_seconds().count();
+        if notable == 0 {
+            return;
+        }
+        let _ = writeln!(o, "seconds marked, with p99 over {} ms, or with nothing seen ({notable} of {}):", ms(SLOW_SECOND_P99_US), self.seconds.len());
+        let broker_column = if self.broker_pauses.is_some() { format!(" {:>10}", "broker ms") } else { String::new() };
+        let _ = writeln!(o, "{:>6}  {:<8}  {:>8} {:>9} {:>9} {:>9}{broker_column}", "t s", "UTC", "decided", "p50 ms", "p99 ms", "max ms");
+        for s in self.notable_seconds().take(LISTED_SECONDS) {
+            let paused = s.broker_paused_ms.map_or(String::new(), |p| format!(" {p:>10.1}"));
+            let mark = match (s.broker_paused, s.p99_us == 0) {
+                (true, _) => "  ← broker paused",
+                (false, true) => "  ← nothing seen",
+                _ => "",
+            };
+            let _ = writeln!(o, "{:>6}  {:<8}  {:>8} {:>9} {:>9} {:>9}{paused}{mark}", s.t_s, clock(s.unix_s), s.decided, ms(s.p50_us), ms(s.p99_us), ms(s.max_us));
+        }
+        if notable > LISTED_SECONDS {
+            let _ = writeln!(o, "  … and {} more (report.json \"seconds\")", notable - LISTED_SECONDS);
+        }
     }
 
     /// Writes `report.json`, the `.hgrm` files and `report.html` into `dir`.
@@ -309,6 +424,15 @@ th{{background:#f3f5f9}} td:first-child,th:first-child,td:nth-child(2){{text-ali
         h.push_str("<div class=cards>");
         card(&mut h, "e2e p99 (ms)", ms(self.e2e.p99_us), "");
         card(&mut h, "e2e p50 (ms)", ms(self.e2e.p50_us), "");
+        if let Some(out) = &self.e2e_outside_broker_pauses {
+            card(&mut h, "e2e p99 outside broker pauses (ms)", ms(out.p99_us), "");
+        }
+        if let Some(m) = self.second_p99_median_us {
+            card(&mut h, "median per-second p99 (ms)", ms(m), "");
+        }
+        if let Some(b) = &self.broker_pauses {
+            card(&mut h, "seconds marked as broker pauses", b.marked_seconds.to_string(), "");
+        }
         card(&mut h, "sent", self.sent.to_string(), "");
         card(&mut h, "decided", self.decided.to_string(), "");
         card(&mut h, "dlq", self.dlq.to_string(), "");
@@ -316,7 +440,7 @@ th{{background:#f3f5f9}} td:first-child,th:first-child,td:nth-child(2){{text-ali
             card(&mut h, label, v.to_string(), if v == 0 { "ok" } else { "bad" });
         }
         h.push_str("</div><h2>Latency by percentile</h2><div class=plots>");
-        let e2e: Vec<_> = histograms.iter().filter(|(n, _)| n == "e2e" || n.ends_with(".stage") || (n.ends_with(".process") && !histograms.iter().any(|(m, _)| m == &n.replace(".process", ".stage")))).collect();
+        let e2e: Vec<_> = histograms.iter().filter(|(n, _)| n == "e2e" || n == E2E_OUTSIDE_BROKER_PAUSES || n.ends_with(".stage") || (n.ends_with(".process") && !histograms.iter().any(|(m, _)| m == &n.replace(".process", ".stage")))).collect();
         h.push_str(&plot("End to end and per stage", &e2e));
         for st in &self.stages {
             let own: Vec<_> = histograms.iter().filter(|(n, _)| n.starts_with(&format!("{}.", st.name))).collect();
@@ -341,6 +465,7 @@ th{{background:#f3f5f9}} td:first-child,th:first-child,td:nth-child(2){{text-ali
         let heads: String = d.0.iter().map(|(k, _)| format!("<th>{}</th>", esc(k))).collect();
         let cells: String = d.0.iter().map(|(_, n)| format!("<td>{n}</td>")).collect();
         let _ = write!(h, "</table><h2>Decisions</h2><table><tr>{heads}</tr><tr>{cells}</tr></table>");
+        self.render_seconds_html(&mut h);
         if !self.top_rule_hits.is_empty() {
             let max = self.top_rule_hits.iter().map(|r| r.count).max().unwrap_or(1).max(1);
             h.push_str("<h2>Top rule hits</h2><table><tr><th>rule</th><th>decisions</th><th></th></tr>");
@@ -353,6 +478,55 @@ th{{background:#f3f5f9}} td:first-child,th:first-child,td:nth-child(2){{text-ali
         let _ = write!(h, "<p class=sub>peak RSS {} MiB · sender max behind schedule {:.3} ms · files: report.json, *.hgrm</p></body></html>", self.peak_rss_mib.map(|r| r.to_string()).unwrap_or("?".into()), self.sender_max_behind_ms);
         h
     }
+}
+
+impl RunReport {
+    /// The per-second p99 as a line over the run (marked seconds shaded), then the
+    /// seconds the terminal report lists.
+    fn render_seconds_html(&self, h: &mut String) {
+        if self.seconds.is_empty() {
+            return;
+        }
+        let (w, hgt, l, t, b) = (1060.0, 160.0, 56.0, 10.0, 24.0);
+        let n = self.seconds.len() as f64;
+        let ymax = self.seconds.iter().map(|s| s.p99_us).max().unwrap_or(1).max(1) as f64 / 1000.0 * 1.08;
+        let x = |i: usize| l + (w - l - 8.0) * i as f64 / n;
+        let y = |us: u64| t + (hgt - t - b) * (1.0 - (us as f64 / 1000.0 / ymax).min(1.0));
+        let _ = write!(h, "<h2>e2e p99 per second (ms)</h2><div class=plot><svg viewBox='0 0 {w} {hgt}' width='100%' role=img aria-label='e2e p99 per second'>");
+        for (i, s) in self.seconds.iter().enumerate().filter(|(_, s)| s.broker_paused || s.p99_us == 0) {
+            let (fill, what) = if s.broker_paused { ("#f5c6c0", format!("broker stopped {:.1} ms", s.broker_paused_ms.unwrap_or_default())) } else { ("#dfe3ea", "nothing seen".to_string()) };
+            let _ = write!(h, "<rect x={:.1} y={t} width={:.1} height={} fill='{fill}'><title>t {} s: {what}</title></rect>", x(i), (x(i + 1) - x(i)).max(1.0), hgt - t - b, s.t_s);
+        }
+        // Seconds with nothing seen have no p99: left out of the line, not drawn as 0.
+        let pts: String = self.seconds.iter().enumerate().filter(|(_, s)| s.p99_us > 0).map(|(i, s)| format!("{:.1},{:.1} ", (x(i) + x(i + 1)) / 2.0, y(s.p99_us))).collect();
+        let _ = write!(h, "<polyline fill=none stroke='#1d2330' stroke-width=1.4 points='{pts}'/>");
+        for i in 0..=3 {
+            let v = ymax * i as f64 / 3.0;
+            let yy = y((v * 1000.0) as u64);
+            let _ = write!(h, "<text x={} y={} font-size=10 text-anchor=end fill='#5b6475'>{v:.1}</text>", l - 6.0, yy + 3.0);
+        }
+        let _ = write!(h, "<text x={l} y={} font-size=10 fill='#5b6475'>t = 0 … {} s; shaded: seconds marked as broker pauses (red), with nothing seen (grey)</text></svg></div>", hgt - 6.0, self.seconds.last().map_or(0, |s| s.t_s));
+        if self.notable_seconds().next().is_none() {
+            return;
+        }
+        let _ = write!(h, "<h2>Seconds marked, with p99 over {} ms, or with nothing seen</h2><table><tr><th>t s</th><th>UTC</th><th>decided</th><th>p50</th><th>p99</th><th>max</th><th>broker stopped ms</th></tr>", ms(SLOW_SECOND_P99_US));
+        for s in self.notable_seconds().take(LISTED_SECONDS) {
+            let cls = if s.broker_paused { " class=breach" } else { "" };
+            let paused = s.broker_paused_ms.map_or("-".into(), |p| format!("{p:.1}"));
+            let _ = write!(h, "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td{cls}>{paused}</td></tr>", s.t_s, clock(s.unix_s), s.decided, ms(s.p50_us), ms(s.p99_us), ms(s.max_us));
+        }
+        let more = self.notable_seconds().count().saturating_sub(LISTED_SECONDS);
+        if more > 0 {
+            let _ = write!(h, "<tr><td colspan=7>… and {more} more in report.json</td></tr>");
+        }
+        h.push_str("</table>");
+    }
+}
+
+/// `13:03:18`: the UTC time of day of a unix second.
+fn clock(unix_s: i64) -> String {
+    let t = actio_core::time::format_rfc3339_ns(unix_s.saturating_mul(1_000_000_000));
+    t.get(11..19).unwrap_or(&t).to_string()
 }
 
 fn esc(s: &str) -> String {
@@ -436,8 +610,63 @@ mod tests {
             sender_max_behind_ms: 0.0,
             peak_rss_mib: peak_rss_mib(),
             send_failures: 0,
+            e2e_outside_broker_pauses: None,
+            second_p99_median_us: None,
+            broker_pauses: None,
+            seconds: Vec::new(),
         };
         (r, vec![("e2e".into(), e2e), ("rules.queue".into(), st.queue), ("rules.service".into(), st.service), ("rules.stage".into(), st.stage)])
+    }
+
+    /// `report()` with 30 seconds: t 1 empty, 3 and 4 marked, 5..=29 over 35 ms.
+    fn report_with_seconds() -> RunReport {
+        let (mut r, _) = report();
+        r.bus = "kafka".into();
+        r.seconds = (0..30)
+            .map(|t| SecondReport { unix_s: 1_796_000_000 + t, t_s: t, decided: 100, p50_us: 2_000, p99_us: if t >= 5 { 40_000 } else { 9_000 }, max_us: 50_000, broker_paused_ms: Some(if (3..5).contains(&t) { 25.0 } else { 0.1 }), broker_paused: (3..5).contains(&t) })
+            .collect();
+        // Nothing came out in t 1.
+        (r.seconds[1].decided, r.seconds[1].p50_us, r.seconds[1].p99_us, r.seconds[1].max_us) = (0, 0, 0, 0);
+        r.e2e_outside_broker_pauses = Some(LatencySummary { p99_us: 8_000, ..r.e2e });
+        r.second_p99_median_us = Some(40_000);
+        r.broker_pauses = Some(BrokerPauseReport { gc_log: "/x/gc.log".into(), log_covers_load_start: true, mark_threshold_ms: 10.0, pauses: 7, paused_ms: 53.0, longest_ms: 25.0, marked_seconds: 2 });
+        r
+    }
+
+    #[test]
+    fn marked_and_slow_seconds_are_listed_capped_beside_the_overall_p99() {
+        let r = report_with_seconds();
+        let text = r.render_text();
+        assert!(text.contains("e2e p99 9.903 ms; outside the 2 s marked as broker pauses 8.000 ms; median of the 29 per-second p99s 40.000 ms"), "{text}");
+        assert!(text.lines().any(|l| l.starts_with("e2e ")), "the overall e2e row stays: {text}");
+        assert!(text.contains("seconds marked, with p99 over 35.000 ms, or with nothing seen (28 of 30):"), "{text}");
+        assert!(text.contains("     1  00:53:21         0     0.000     0.000     0.000        0.1  ← nothing seen"), "{text}");
+        assert_eq!(text.matches("← broker paused").count(), 2, "{text}");
+        let listed = text.lines().skip_while(|l| !l.starts_with("seconds marked")).skip(2).take_while(|l| !l.trim().is_empty() && !l.starts_with("  …")).count();
+        assert_eq!(listed, 20, "{text}");
+        assert!(text.contains("… and 8 more"), "{text}");
+        assert!(text.contains("     3  00:53:23       100     2.000     9.000    50.000       25.0  ← broker paused"), "{text}");
+        let html = r.render_html(&[]);
+        assert_eq!(html.matches("fill='#f5c6c0'").count(), 2, "marked seconds shaded");
+        assert!(html.contains("… and 8 more in report.json"));
+        assert_eq!(html.matches("fill='#dfe3ea'").count(), 1, "the second with nothing seen shaded");
+        let v = serde_json::to_value(&r).unwrap();
+        assert_eq!((v["seconds"].as_array().unwrap().len(), &v["seconds"][3]["broker_paused"], &v["broker_pauses"]["marked_seconds"]), (30, &serde_json::json!(true), &serde_json::json!(2)));
+        assert_eq!(v["e2e_outside_broker_pauses"]["p99_us"], 8_000);
+    }
+
+    #[test]
+    fn without_a_gc_log_the_text_says_pauses_are_unknown() {
+        let mut r = report_with_seconds();
+        (r.broker_pauses, r.e2e_outside_broker_pauses) = (None, None);
+        for s in &mut r.seconds {
+            (s.broker_paused, s.broker_paused_ms) = (false, None);
+        }
+        let text = r.render_text();
+        assert!(text.contains("broker pauses unknown (no --broker-gc-log)"), "{text}");
+        assert!(!text.contains("unpaused") && !text.contains("← broker paused"), "{text}");
+        r.bus = "embedded".into();
+        assert!(!r.render_text().contains("broker"), "no broker to speak of");
     }
 
     #[test]

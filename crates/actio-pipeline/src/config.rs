@@ -33,6 +33,10 @@ pub struct PipelineFile {
     /// The stages, in chain order.
     #[serde(rename = "stage")]
     pub stages: Vec<StageConfig>,
+    /// Consecutive stages deployed as one service (`[[service]]`); a stage in none
+    /// is a service of its own.
+    #[serde(default, rename = "service")]
+    pub services: Vec<ServiceConfig>,
     /// librdkafka properties, passed through unchanged to every Kafka client.
     #[serde(default)]
     pub kafka: BTreeMap<String, toml::Value>,
@@ -200,6 +204,22 @@ pub struct StageConfig {
     /// Fault injection for resilience drills (`[[stage.fault]]`); none by default.
     #[serde(default, rename = "fault")]
     pub faults: Vec<FaultConfig>,
+}
+
+/// Consecutive stages run as one service (`[[service]]`): one process, one consumer
+/// group on the first stage's input, each message handed from stage to stage in
+/// memory (no topic and no broker hop between them). The service commits an input
+/// offset once the last stage's outputs are acknowledged, as a single stage does.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    /// Service name (`[a-z0-9_-]`, unlike any stage's): its consumer group is
+    /// `<pipeline>.<name>`, its Kubernetes Deployment `<pipeline>-<name>`.
+    pub name: Spanned<String>,
+    /// Two or more stage names, consecutive in the chain, in chain order.
+    pub stages: Spanned<Vec<String>>,
+    /// Replicas to deploy (default: the most any of its stages asks for).
+    pub replicas: Option<Spanned<u32>>,
 }
 
 /// What an injected fault does.

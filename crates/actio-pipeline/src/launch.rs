@@ -1,11 +1,13 @@
-//! Starting a pipeline's stages on a bus: the one start sequence that `actio run`
-//! (every stage, in one process) and `actio stage` (one stage, as a service) share.
+//! Starting a pipeline's services on a bus: the one start sequence that `actio run`
+//! (every service, in one process) and `actio stage` (one service) share. A service
+//! is one stage or consecutive stages fused ([`crate::services`]); the runtime runs
+//! each as one `Stage`.
 //!
 //! Two steps, so a caller can show what it will run before it connects: [`plan`]
-//! builds each stage's [`StageHandler`] and runtime [`StageSpec`] from the resolved
+//! builds each service's [`StageHandler`] and runtime [`StageSpec`] from the resolved
 //! pipeline and logs its fault-injection warnings; [`StagePlan::start`] (or [`start`],
 //! both steps at once) gives the handler the bus to restore state from and spawns the
-//! stage on the runtime. [`create_topics`] creates the topics they read and write.
+//! service on the runtime. [`create_topics`] creates the topics they read and write.
 
 use std::sync::Arc;
 
@@ -13,15 +15,22 @@ use actio_core::bus::BusError;
 use actio_core::{Bus, TopicSpec};
 use actio_runtime::{StageError, StageHandle, StageSpec};
 
-use crate::resolve::{Pipeline, Stage};
+use crate::resolve::Pipeline;
+use crate::services::Service;
 use crate::stages::StageHandler;
 
-/// Which stages of a pipeline to start.
+/// Which services of a pipeline to start.
 #[derive(Debug, Clone, Copy)]
 pub enum Selection<'a> {
-    /// Every stage, in pipeline order.
+    /// Every service ([`Pipeline::services`]: the `[[service]]`s, and every other
+    /// stage alone), in chain order.
     All,
-    /// These stages, by name, in the order given.
+    /// Each stage alone, in chain order, whatever `[[service]]`s say.
+    EachStage,
+    /// Every stage fused into one service (consecutive stages only).
+    Fused,
+    /// These services, in the order given: each a `[[service]]`'s name, a stage's
+    /// name, or consecutive stage names joined by commas ([`Pipeline::service`]).
     Named(&'a [&'a str]),
 }
 
@@ -42,14 +51,9 @@ pub struct LaunchOptions {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum LaunchError {
-    /// No stage of the pipeline has this name.
-    #[error("no stage named {name:?}; the stages are: {}", known.join(", "))]
-    UnknownStage {
-        /// The name asked for.
-        name: String,
-        /// The pipeline's stage names.
-        known: Vec<String>,
-    },
+    /// No service of the pipeline has this name, or the stages named cannot be one.
+    #[error("{0}")]
+    UnknownService(String),
     /// The runtime could not start the stage (its group, its producer, its pool).
     #[error("starting stage {stage}")]
     Start {
@@ -61,24 +65,26 @@ pub enum LaunchError {
     },
 }
 
-/// A stage ready to start: its handler and its runtime spec, not yet on a bus.
+/// A service ready to start: its handler and its runtime spec, not yet on a bus.
 #[derive(Debug)]
 pub struct StagePlan {
-    /// The stage's logic.
+    /// The service's logic.
     pub handler: StageHandler,
     /// What the runtime runs it with.
     pub spec: StageSpec,
 }
 
 impl StagePlan {
-    /// Plans `stage` of `pipeline` and logs its fault-injection warning, if it has one
-    /// (a stage with `[[stage.fault]]` fails on purpose).
-    pub fn new(pipeline: &Pipeline, stage: &Stage, options: &LaunchOptions) -> Self {
-        let prefix = format!("stage {}:", stage.name);
-        for w in pipeline.fault_warnings().iter().filter(|w| w.starts_with(&prefix)) {
-            tracing::warn!("{w}");
+    /// Plans `service` of `pipeline` and logs the fault-injection warnings of its
+    /// stages, if they have any (a stage with `[[stage.fault]]` fails on purpose).
+    pub fn new(pipeline: &Pipeline, service: &Service, options: &LaunchOptions) -> Self {
+        for stage in service.stages(pipeline) {
+            let prefix = format!("stage {}:", stage.name);
+            for w in pipeline.fault_warnings().iter().filter(|w| w.starts_with(&prefix)) {
+                tracing::warn!("{w}");
+            }
         }
-        let handler = StageHandler::new(pipeline, stage);
+        let handler = StageHandler::of_service(pipeline, service);
         let mut spec = handler.spec(&options.properties);
         if let Some(tune) = options.tune {
             tune(&mut spec);
@@ -89,7 +95,7 @@ impl StagePlan {
         StagePlan { handler, spec }
     }
 
-    /// Starts the stage on `bus`; a velocity stage restores its windows from it.
+    /// Starts the service on `bus`; a velocity stage restores its windows from it.
     pub fn start<B: Bus>(self, bus: &Arc<B>) -> Result<StageHandle, LaunchError> {
         let name = self.spec.name.clone();
         let handler = self.handler.with_restore(bus.clone());
@@ -97,24 +103,23 @@ impl StagePlan {
     }
 }
 
-/// Plans the `selection` of `pipeline`'s stages ([`StagePlan::new`] each).
-pub fn plan(pipeline: &Pipeline, selection: Selection<'_>, options: &LaunchOptions) -> Result<Vec<StagePlan>, LaunchError> {
-    let stages = match selection {
-        Selection::All => pipeline.stages.iter().collect(),
-        Selection::Named(names) => names
-            .iter()
-            .map(|n| {
-                pipeline.stage(n).ok_or_else(|| LaunchError::UnknownStage {
-                    name: n.to_string(),
-                    known: pipeline.stages.iter().map(|s| s.name.clone()).collect(),
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?,
-    };
-    Ok(stages.into_iter().map(|stage| StagePlan::new(pipeline, stage, options)).collect())
+/// The services `selection` picks.
+pub fn services(pipeline: &Pipeline, selection: Selection<'_>) -> Result<Vec<Service>, LaunchError> {
+    let one = |spec: &str| pipeline.service(spec).map_err(LaunchError::UnknownService);
+    match selection {
+        Selection::All => Ok(pipeline.services()),
+        Selection::EachStage => pipeline.stages.iter().map(|s| one(&s.name)).collect(),
+        Selection::Fused => one(&pipeline.stages.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(",")).map(|s| vec![s]),
+        Selection::Named(names) => names.iter().map(|n| one(n)).collect(),
+    }
 }
 
-/// Plans the `selection` of `pipeline`'s stages and starts them on `bus`, in order.
+/// Plans the `selection` of `pipeline`'s services ([`StagePlan::new`] each).
+pub fn plan(pipeline: &Pipeline, selection: Selection<'_>, options: &LaunchOptions) -> Result<Vec<StagePlan>, LaunchError> {
+    Ok(services(pipeline, selection)?.iter().map(|s| StagePlan::new(pipeline, s, options)).collect())
+}
+
+/// Plans the `selection` of `pipeline`'s services and starts them on `bus`, in order.
 /// If one fails to start, those already started are stopped (gracefully) before the
 /// error is returned.
 pub fn start<B: Bus>(bus: &Arc<B>, pipeline: &Pipeline, selection: Selection<'_>, options: &LaunchOptions) -> Result<Vec<StageHandle>, LaunchError> {
@@ -159,6 +164,7 @@ mod tests {
         assert_eq!(plans.len(), p.stages.len());
         for (plan, stage) in plans.iter().zip(&p.stages) {
             assert_eq!(plan.spec.name, stage.name);
+            assert_eq!(plan.spec.group, stage.group);
             assert_eq!((plan.spec.threads, plan.spec.max_in_flight), (1, 7));
             assert_eq!(plan.spec.properties, opts.properties);
         }
@@ -170,5 +176,19 @@ mod tests {
         let Err(e) = plan(&p, Selection::Named(&["nope"]), &LaunchOptions::default()) else { panic!("planned an unknown stage") };
         let known: Vec<&str> = p.stages.iter().map(|s| s.name.as_str()).collect();
         assert_eq!(e.to_string(), format!("no stage named \"nope\"; the stages are: {}", known.join(", ")));
+    }
+
+    #[test]
+    fn fused_is_one_service_over_the_chain_with_its_own_groups() {
+        let p = fraud();
+        let plans = plan(&p, Selection::Fused, &LaunchOptions::default()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(plans.len(), 1);
+        let spec = &plans[0].spec;
+        assert_eq!((spec.name.as_str(), spec.group.as_str(), spec.input.as_str()), ("rules+velocity+score", "fraud.rules+velocity+score", "tx.in"));
+        let retry = spec.retry.topic.as_ref().unwrap_or_else(|| panic!("the first stage's retry topic"));
+        assert_eq!((&*retry.topic, retry.group.as_str()), ("tx.retry.rules", "fraud.rules+velocity+score.retry"));
+        let each = plan(&p, Selection::EachStage, &LaunchOptions::default()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(each.iter().map(|p| p.spec.group.as_str()).collect::<Vec<_>>(), ["fraud.rules", "fraud.velocity", "fraud.score"]);
+        assert_eq!(each[1].spec.retry.topic.as_ref().map(|t| t.group.as_str()), Some("fraud.velocity.retry"), "a lone stage's retry group is unchanged");
     }
 }

@@ -13,8 +13,10 @@ pub mod error;
 pub mod faults;
 pub mod launch;
 mod resolve;
+pub mod services;
 pub mod stages;
 
 pub use config::{FaultKind, StageKind, TopicRole};
 pub use error::{ConfigError, ConfigErrors};
 pub use resolve::{Limits, Pipeline, Stage, StageLogic, Topic};
+pub use services::Service;

@@ -16,6 +16,7 @@ use toml::Spanned;
 use crate::config::*;
 use crate::error::{ConfigError, ConfigErrors};
 use crate::faults::Faults;
+use crate::services::Service;
 
 /// A topic of the pipeline.
 #[derive(Debug, Clone, PartialEq)]
@@ -113,6 +114,9 @@ pub struct Pipeline {
     pub topics: Vec<Topic>,
     /// Stages, in chain order.
     pub stages: Vec<Stage>,
+    /// The `[[service]]`s: consecutive stages deployed as one ([`Pipeline::services`]
+    /// lists every deployment unit).
+    pub fused: Vec<Service>,
     /// librdkafka properties from `[kafka]`, unchanged (values as strings).
     pub kafka: Vec<(String, String)>,
     /// Things that work but are probably not meant (e.g. partition counts that differ
@@ -429,7 +433,7 @@ impl Resolver<'_> {
         let (Some(key), true) = (key, self.errors.is_empty()) else {
             return Err(ConfigErrors(self.errors));
         };
-        Ok(Pipeline {
+        let mut pipeline = Pipeline {
             name: raw.name.into_inner(),
             dir: self.dir.to_path_buf(),
             schema,
@@ -438,9 +442,58 @@ impl Resolver<'_> {
             key,
             topics,
             stages,
+            fused: Vec::new(),
             kafka,
             warnings,
-        })
+        };
+        pipeline.fused = self.services(&raw.services, &pipeline);
+        if !self.errors.is_empty() {
+            return Err(ConfigErrors(self.errors));
+        }
+        Ok(pipeline)
+    }
+
+    /// The `[[service]]`s, checked against the resolved stages: named unlike any
+    /// stage or other service, two or more consecutive stages each in one service.
+    fn services(&mut self, raw: &[ServiceConfig], pipeline: &Pipeline) -> Vec<Service> {
+        let mut out: Vec<Service> = Vec::new();
+        for (i, s) in raw.iter().enumerate() {
+            let at = format!("service[{i}]");
+            let name = s.name.get_ref();
+            if !is_name(name) {
+                self.err(&s.name, format!("{at}.name"), "expected a name of [a-z0-9_-] characters");
+            }
+            if pipeline.stage(name).is_some() || out.iter().any(|o| &o.name == name) {
+                self.err(&s.name, format!("{at}.name"), format!("{name:?} already names a stage or a service: a service's consumer group and Deployment are named after it"));
+            }
+            let names: Vec<&str> = s.stages.get_ref().iter().map(String::as_str).collect();
+            if names.len() < 2 {
+                self.err(&s.stages, format!("{at}.stages"), "expected two or more stages: a stage alone is already a service");
+                continue;
+            }
+            let range = match pipeline.consecutive(&names) {
+                Ok(r) => r,
+                Err(m) => {
+                    self.err(&s.stages, format!("{at}.stages"), m);
+                    continue;
+                }
+            };
+            if let Some(o) = out.iter().find(|o| o.stages.start < range.end && range.start < o.stages.end) {
+                self.err(&s.stages, format!("{at}.stages"), format!("a stage can be in one service only; service {:?} already runs some of these", o.name));
+                continue;
+            }
+            let first_input = pipeline.topic(&pipeline.stages[range.start].input).map_or(1, |t| t.partitions);
+            let replicas = match &s.replicas {
+                Some(r) if !(1..=first_input as i64).contains(&(*r.get_ref() as i64)) => {
+                    self.err(r, format!("{at}.replicas"), format!("expected 1..={first_input} (the partitions of the service's input): more replicas than partitions sit idle"));
+                    1
+                }
+                Some(r) => *r.get_ref(),
+                None => pipeline.stages[range.clone()].iter().map(|s| s.replicas).max().unwrap_or(DEFAULT_REPLICAS),
+            };
+            out.push(Service { name: name.clone(), group: format!("{}.{name}", pipeline.name), stages: range, replicas });
+        }
+        out
     }
 
     fn file_at(&mut self, f: &Spanned<String>, field: &str) -> Option<PathBuf> {

@@ -1,46 +1,69 @@
-//! The stage kinds as runtime [`Handler`]s: decode the input, run the stage's logic,
+//! The stage kinds as runtime [`Handler`]s: decode the input, run the stages' logic,
 //! encode the output.
+//!
+//! One handler runs one [`Service`]: a stage, or consecutive stages fused into one
+//! (see [`crate::services`]). A fused handler decodes the first stage's input once,
+//! runs each stage's logic on the same transaction in memory, and encodes the last
+//! stage's output; it times each stage (the trail gets one hop per stage, `/metrics`
+//! one service histogram per stage), so reports read the same either way.
 //!
 //! Ingress topics carry JSON transactions of the pipeline's schema (decoded straight
 //! into its slots, every constraint checked and the derived fields computed here,
 //! once); internal topics carry [`TxState`] in the topic's codec, checked against the
-//! schema's slots on arrival; the `score` stage writes a [`actio_core::Decision`]. Anything undecodable or invalid is a permanent failure:
-//! the runtime dead-letters it at once with the reason. Injected faults
-//! ([`crate::faults`]) are checked between decoding and the stage's logic.
+//! schema's slots on arrival; the `score` stage writes a [`actio_core::Decision`].
+//! Anything undecodable or invalid is a permanent failure: the runtime dead-letters it
+//! at once with the reason. Injected faults ([`crate::faults`]) are checked before
+//! each stage's logic.
 //!
-//! The velocity stage's windows live per input partition. When it is assigned a
-//! partition (a start, a restart, a hand-over from another replica) and the handler was
-//! given the bus ([`StageHandler::with_restore`]), it rebuilds that partition's windows
-//! by replaying the input from `restore` in `velocity.toml` (default: the longest
-//! window) plus a minute before now, up to the group's committed offset — the records
-//! the partition's previous owner had finished — before it processes anything of the
-//! partition. The input topic is the changelog:
-//! nothing is written on the hot path, and the state after the replay is the one the
-//! previous owner had (the events are the same, in the same per-key order). The cost is
-//! read at assignment, partitions in parallel: that span of each partition's input
-//! (logged with its duration, and every 5 s while it runs).
+//! The velocity stage's windows live per input partition (of the service's input).
+//! When it is assigned a partition (a start, a restart, a hand-over from another
+//! replica) and the handler was given the bus ([`StageHandler::with_restore`]), it
+//! rebuilds that partition's windows by replaying the service's input from `restore`
+//! in `velocity.toml` (default: the longest window) plus a minute before now, up to
+//! the group's committed offset — the records the partition's previous owner had
+//! finished — before it processes anything of the partition. The input topic is the
+//! changelog: nothing is written on the hot path, and the state after the replay is
+//! the one the previous owner had (the events are the same, in the same per-key
+//! order; the windows read only the transaction's fields, so the stages before
+//! velocity in a fused service need not run again). The cost is read at assignment,
+//! partitions in parallel: that span of each partition's input (logged with its
+//! duration, and every 5 s while it runs).
 //!
 //! Rule evaluation errors (a rule whose `when` fails on a transaction: it does not
-//! fire, the transaction goes on) are counted per stage as `actio_rule_errors_total`.
+//! fire, the transaction goes on) are counted per service as `actio_rule_errors_total`.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use actio_core::bus::{Bus, BusError, BusErrorKind, Bytes, ReplayRange};
+use actio_core::latency::{latency_histogram, record_ns};
+use actio_core::time::now_ns;
 use actio_core::{Codec, KeyExtractor, Record, Schema, TopicPartition, TxState};
 use actio_engine::derive::DerivedFields;
 use actio_engine::velocity::{VelocitySpec, VelocityState};
-use actio_runtime::{Context, Handler, HandlerCounter, HandlerError, Output, StageSpec};
+use actio_runtime::{Context, Handler, HandlerCounter, HandlerError, HandlerHistogram, Output, StageSpec, StepTime};
 use ahash::AHashMap;
-use parking_lot::RwLock;
+use hdrhistogram::Histogram;
+use parking_lot::{Mutex, RwLock};
 
-use crate::resolve::{Pipeline, Stage, StageLogic};
 use crate::TopicRole;
+use crate::resolve::{Pipeline, Stage, StageLogic};
+use crate::services::Service;
 
-/// A pipeline stage, ready to hand to [`actio_runtime::Stage::spawn`].
+/// A pipeline service (one stage, or several fused), ready to hand to
+/// [`actio_runtime::Stage::spawn`].
 #[derive(Debug)]
 pub struct StageHandler {
-    stage: Stage,
+    /// The service's name (its trail hop when it runs one stage, its metrics label).
+    name: String,
+    /// Its consumer group.
+    group: String,
+    /// Its input: the first stage's.
+    input: String,
+    /// Its replicas.
+    replicas: u32,
+    /// Its stages, in chain order.
+    steps: Vec<Step>,
     ingress: bool,
     input_codec: Codec,
     output: Arc<str>,
@@ -48,16 +71,27 @@ pub struct StageHandler {
     schema: Arc<Schema>,
     derived: Arc<DerivedFields>,
     key: KeyExtractor,
-    /// Velocity state per partition: dropped with the partition on revocation.
-    velocity: RwLock<AHashMap<i32, Arc<VelocityState>>>,
-    /// Rule evaluations of this stage that failed, since start.
+    /// Rule evaluations of this service that failed, since start.
     rule_errors: AtomicU64,
     /// Reads back an input partition's history (see the module docs).
     restore: Option<Restore>,
 }
 
+/// One stage of a service.
+#[derive(Debug)]
+struct Step {
+    stage: Stage,
+    /// Its name, shared by every trail hop written for it.
+    name: Arc<str>,
+    /// Velocity state per input partition: dropped with the partition on revocation.
+    velocity: RwLock<AHashMap<i32, Arc<VelocityState>>>,
+    /// Time in its logic per message (µs); kept only in a fused service, where the
+    /// runtime's service histogram covers all the steps.
+    service: Option<Mutex<Histogram<u64>>>,
+}
+
 /// `(partition, from_ms, max_records, f)`: calls `f` on the partition's records from
-/// `from_ms` up to the stage group's committed offset, at most the newest
+/// `from_ms` up to the service group's committed offset, at most the newest
 /// `max_records`; returns how many.
 struct Restore(Box<RestoreFn>);
 
@@ -79,31 +113,73 @@ impl std::fmt::Debug for Restore {
 /// Rule evaluations that failed (the rule did not fire; the transaction went on).
 pub const RULE_ERRORS: &str = "actio_rule_errors_total";
 
+/// What a service's last stage produced.
+enum Produced {
+    Tx(TxState),
+    Decision(actio_core::Decision),
+}
+
 impl StageHandler {
-    /// The handler of a stage of `pipeline`.
+    /// The handler of one stage of `pipeline`, alone.
     pub fn new(pipeline: &Pipeline, stage: &Stage) -> Self {
-        let input = pipeline.topic(&stage.input);
-        let output = pipeline.topic(&stage.output);
+        let i = pipeline.stages.iter().position(|s| s.name == stage.name).unwrap_or(0);
+        let service = Service { name: stage.name.clone(), stages: i..i + 1, group: stage.group.clone(), replicas: stage.replicas };
+        Self::of_service(pipeline, &service)
+    }
+
+    /// The handler of `service` of `pipeline` (one stage, or several fused).
+    pub fn of_service(pipeline: &Pipeline, service: &Service) -> Self {
+        let stages = service.stages(pipeline);
+        let (first, last) = (&stages[0], &stages[stages.len() - 1]);
+        let input = pipeline.topic(&first.input);
+        let output = pipeline.topic(&last.output);
+        let fused = stages.len() > 1;
         StageHandler {
+            name: service.name.clone(),
+            group: service.group.clone(),
+            input: first.input.clone(),
+            replicas: service.replicas,
+            steps: stages
+                .iter()
+                .map(|s| Step {
+                    name: Arc::from(s.name.as_str()),
+                    stage: s.clone(),
+                    velocity: RwLock::new(AHashMap::new()),
+                    service: fused.then(|| Mutex::new(latency_histogram())),
+                })
+                .collect(),
             ingress: input.is_some_and(|t| t.role == TopicRole::Ingress),
             input_codec: input.map_or(Codec::Json, |t| t.codec),
-            output: Arc::from(stage.output.as_str()),
+            output: Arc::from(last.output.as_str()),
             output_codec: output.map_or(Codec::Json, |t| t.codec),
             schema: pipeline.schema.clone(),
             derived: pipeline.derived.clone(),
             key: pipeline.key.clone(),
-            velocity: RwLock::new(AHashMap::new()),
             rule_errors: AtomicU64::new(0),
             restore: None,
-            stage: stage.clone(),
         }
     }
 
-    /// Lets the velocity stage rebuild a partition's windows from `bus` when it is
+    /// The service's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Replicas to deploy.
+    pub fn replicas(&self) -> u32 {
+        self.replicas
+    }
+
+    /// Its stages, in chain order.
+    pub fn stages(&self) -> impl Iterator<Item = &Stage> {
+        self.steps.iter().map(|s| &s.stage)
+    }
+
+    /// Lets a velocity stage rebuild a partition's windows from `bus` when it is
     /// assigned one (see the module docs). Other stages keep no state; for them this
     /// changes nothing.
     pub fn with_restore<B: Bus>(mut self, bus: Arc<B>) -> Self {
-        let group = self.stage.group.clone();
+        let group = self.group.clone();
         self.restore = Some(Restore(Box::new(move |tp: &TopicPartition, from_ms: i64, max_records: u64, f: &mut dyn FnMut(&Record)| {
             let committed = bus.committed_offsets(&group, &tp.topic)?;
             match committed.get(tp.partition as usize).copied().flatten() {
@@ -123,7 +199,7 @@ impl StageHandler {
             return state;
         }
         let t0 = std::time::Instant::now();
-        let now_ms = actio_core::time::now_ns() / 1_000_000;
+        let now_ms = now_ns() / 1_000_000;
         let from_ms = now_ms - spec.restore_window().as_millis() as i64 - RESTORE_MARGIN_MS;
         let (mut applied, mut undecodable) = (0u64, 0u64);
         let mut last_said = t0;
@@ -137,18 +213,18 @@ impl StageHandler {
             }
             if applied % 65_536 == 0 && last_said.elapsed() >= RESTORE_PROGRESS_EVERY {
                 last_said = std::time::Instant::now();
-                tracing::info!(stage = %self.stage.name, partition = %tp, records = applied, s = t0.elapsed().as_secs(), "restoring velocity windows");
+                tracing::info!(stage = %self.name, partition = %tp, records = applied, s = t0.elapsed().as_secs(), "restoring velocity windows");
             }
         });
         let ms = t0.elapsed().as_millis() as u64;
         match result {
-            Ok(_) => tracing::info!(stage = %self.stage.name, partition = %tp, records = applied, undecodable, ms, "velocity windows restored"),
+            Ok(_) => tracing::info!(stage = %self.name, partition = %tp, records = applied, undecodable, ms, "velocity windows restored"),
             // A bus without history (the embedded one): there is nothing to rebuild from.
             Err(e) if e.kind == BusErrorKind::Unsupported => {
-                tracing::debug!(stage = %self.stage.name, partition = %tp, error = %e, "no history to rebuild velocity windows from");
+                tracing::debug!(stage = %self.name, partition = %tp, error = %e, "no history to rebuild velocity windows from");
             }
             Err(e) => tracing::warn!(
-                stage = %self.stage.name, partition = %tp, records = applied, ms, error = %e,
+                stage = %self.name, partition = %tp, records = applied, ms, error = %e,
                 "velocity windows only partly restored: features of this partition's cards under-count until their windows refill"
             ),
         }
@@ -173,11 +249,11 @@ impl StageHandler {
         }
     }
 
-    fn velocity_state(&self, spec: &VelocitySpec, partition: i32) -> Arc<VelocityState> {
-        if let Some(s) = self.velocity.read().get(&partition) {
+    fn velocity_state(step: &Step, spec: &VelocitySpec, partition: i32) -> Arc<VelocityState> {
+        if let Some(s) = step.velocity.read().get(&partition) {
             return s.clone();
         }
-        self.velocity.write().entry(partition).or_insert_with(|| Arc::new(spec.new_state())).clone()
+        step.velocity.write().entry(partition).or_insert_with(|| Arc::new(spec.new_state())).clone()
     }
 
     /// The velocity state of the message `ctx` describes: its input partition's. A copy
@@ -186,37 +262,50 @@ impl StageHandler {
     /// replica does not hold that partition (the retry group assigns retry partitions on
     /// its own), the copy is run against an empty, throw-away state: its features see no
     /// history, and it is not remembered.
-    fn velocity_state_of(&self, spec: &VelocitySpec, ctx: &Context) -> Arc<VelocityState> {
-        let on_input = *ctx.source.topic == *self.stage.input;
+    fn velocity_state_of(&self, step: &Step, spec: &VelocitySpec, ctx: &Context) -> Arc<VelocityState> {
+        let on_input = *ctx.source.topic == *self.input;
         if on_input && !ctx.from_retry_topic {
-            return self.velocity_state(spec, ctx.source.partition);
+            return Self::velocity_state(step, spec, ctx.source.partition);
         }
-        let held = on_input.then(|| self.velocity.read().get(&ctx.source.partition).cloned()).flatten();
+        let held = on_input.then(|| step.velocity.read().get(&ctx.source.partition).cloned()).flatten();
         held.unwrap_or_else(|| Arc::new(spec.new_state()))
     }
 
-    /// The runtime spec of this stage.
+    /// The runtime spec of this service: its first stage's limits, but the strictest
+    /// ordering and the most worker threads any of its stages asks for. A fused
+    /// service uses its first stage's retry topic (which carries the service's input
+    /// bytes), read by a group of its own.
     pub fn spec(&self, properties: &[(String, String)]) -> StageSpec {
-        let l = &self.stage.limits;
+        let first = &self.steps[0].stage;
+        let l = &first.limits;
+        let strictness = |o: actio_runtime::Ordering| match o {
+            actio_runtime::Ordering::Unordered => 0,
+            actio_runtime::Ordering::Key => 1,
+            actio_runtime::Ordering::Partition => 2,
+        };
+        let ordering = self.stages().map(|s| s.limits.ordering).max_by_key(|o| strictness(*o)).unwrap_or(l.ordering);
+        let threads = self.stages().map(|s| s.limits.threads).max().unwrap_or(l.threads);
+        let mut retry = l.retry.clone();
+        if let Some(t) = retry.topic.as_mut() {
+            t.group = format!("{}.retry", self.group);
+        }
         StageSpec {
-            name: self.stage.name.clone(),
-            group: self.stage.group.clone(),
-            input: self.stage.input.clone(),
-            dlq: Arc::from(self.stage.dlq.as_str()),
-            ordering: l.ordering,
+            name: self.name.clone(),
+            group: self.group.clone(),
+            input: self.input.clone(),
+            dlq: Arc::from(first.dlq.as_str()),
+            ordering,
             max_in_flight_per_partition: l.max_in_flight_per_partition,
             max_in_flight: l.max_in_flight,
             commit_interval: l.commit_interval,
             drain_timeout: l.drain_timeout,
-            retry: l.retry.clone(),
-            threads: l.threads,
+            retry,
+            threads,
             from_earliest: true,
             properties: properties.to_vec(),
         }
     }
-}
 
-impl StageHandler {
     fn eval_rules(&self, rules: &actio_engine::rules::ReloadableRuleSet, st: &mut TxState) {
         let before = st.rule_errors;
         rules.current().eval(st);
@@ -225,32 +314,49 @@ impl StageHandler {
             self.rule_errors.fetch_add(failed as u64, Ordering::Relaxed);
         }
     }
+
+    /// Runs `step`'s logic on `st`: what it produced (a decision ends the service).
+    fn run_step(&self, step: &Step, mut st: TxState, ctx: &Context) -> Result<Produced, HandlerError> {
+        step.stage.faults.check(&st, ctx.attempt)?;
+        match &step.stage.logic {
+            StageLogic::Rules(rules) => self.eval_rules(rules, &mut st),
+            StageLogic::Velocity { spec, rules } => {
+                spec.update(&self.velocity_state_of(step, spec, ctx), &mut st);
+                if let Some(rules) = rules {
+                    self.eval_rules(rules, &mut st);
+                }
+            }
+            StageLogic::Score(model) => {
+                let key = self.key.key(&st.tx);
+                return Ok(Produced::Decision(model.decide(&st, &key, &step.stage.rules_version)));
+            }
+        }
+        Ok(Produced::Tx(st))
+    }
 }
 
 impl Handler for StageHandler {
     fn handle(&self, record: &Record, ctx: &Context) -> Result<Vec<Output>, HandlerError> {
-        let mut st = self.decode(&record.payload)?;
-        self.stage.faults.check(&st, ctx.attempt)?;
-        let encode_err = |e: actio_core::CodecError| HandlerError::permanent(format!("cannot encode output: {e}"));
-        let payload: Bytes = match &self.stage.logic {
-            StageLogic::Rules(rules) => {
-                self.eval_rules(rules, &mut st);
-                self.output_codec.encode(&st).map_err(encode_err)?.into()
+        let mut produced = Produced::Tx(self.decode(&record.payload)?);
+        let fused = self.steps.len() > 1;
+        let mut times = Vec::with_capacity(if fused { self.steps.len() } else { 0 });
+        for step in &self.steps {
+            // A score stage is a service's last (checked when the service is made).
+            let Produced::Tx(st) = produced else { break };
+            let started_ns = if fused { now_ns() } else { 0 };
+            produced = self.run_step(step, st, ctx)?;
+            if let Some(h) = &step.service {
+                let ended_ns = now_ns();
+                record_ns(&mut h.lock(), ended_ns - started_ns);
+                times.push(StepTime { stage: step.name.clone(), started_ns, ended_ns });
             }
-            StageLogic::Velocity { spec, rules } => {
-                spec.update(&self.velocity_state_of(spec, ctx), &mut st);
-                if let Some(rules) = rules {
-                    self.eval_rules(rules, &mut st);
-                }
-                self.output_codec.encode(&st).map_err(encode_err)?.into()
-            }
-            StageLogic::Score(model) => {
-                let key = self.key.key(&st.tx);
-                let decision = model.decide(&st, &key, &self.stage.rules_version);
-                self.output_codec.encode(&decision).map_err(encode_err)?.into()
-            }
+        }
+        let encoded = match &produced {
+            Produced::Tx(st) => self.output_codec.encode(st),
+            Produced::Decision(d) => self.output_codec.encode(d),
         };
-        Ok(vec![Output::new(self.output.clone(), payload)])
+        let payload: Bytes = encoded.map_err(|e| HandlerError::permanent(format!("cannot encode output: {e}")))?.into();
+        Ok(vec![Output::new(self.output.clone(), payload).with_steps(times)])
     }
 
     fn counters(&self) -> Vec<HandlerCounter> {
@@ -261,21 +367,27 @@ impl Handler for StageHandler {
         }]
     }
 
+    fn histograms(&self) -> Vec<HandlerHistogram> {
+        self.steps
+            .iter()
+            .filter_map(|s| s.service.as_ref().map(|h| HandlerHistogram { stage: s.stage.name.clone(), service: h.lock().clone() }))
+            .collect()
+    }
+
     fn partitions_assigned(&self, partitions: &[TopicPartition]) {
         // Velocity state exists for exactly the input partitions held (see
         // `velocity_state_of`); the retry topic's partitions have none.
-        if let StageLogic::Velocity { spec, .. } = &self.stage.logic {
-            let new: Vec<&TopicPartition> = partitions
-                .iter()
-                .filter(|tp| *tp.topic == *self.stage.input && !self.velocity.read().contains_key(&tp.partition))
-                .collect();
+        for step in &self.steps {
+            let StageLogic::Velocity { spec, .. } = &step.stage.logic else { continue };
+            let new: Vec<&TopicPartition> =
+                partitions.iter().filter(|tp| *tp.topic == *self.input && !step.velocity.read().contains_key(&tp.partition)).collect();
             // One thread per partition: a restore is a fetch-and-update loop, and the
             // partitions' states are independent.
             let states: Vec<(i32, VelocityState)> = std::thread::scope(|scope| {
                 let running: Vec<_> = new.iter().map(|tp| scope.spawn(|| (tp.partition, self.restored_state(spec, tp)))).collect();
                 running.into_iter().filter_map(|h| h.join().ok()).collect()
             });
-            let mut held = self.velocity.write();
+            let mut held = step.velocity.write();
             for (partition, state) in states {
                 held.entry(partition).or_insert_with(|| Arc::new(state));
             }
@@ -287,9 +399,11 @@ impl Handler for StageHandler {
     }
 
     fn partitions_revoked(&self, partitions: &[TopicPartition]) {
-        let mut v = self.velocity.write();
-        for tp in partitions.iter().filter(|tp| *tp.topic == *self.stage.input) {
-            v.remove(&tp.partition);
+        for step in &self.steps {
+            let mut v = step.velocity.write();
+            for tp in partitions.iter().filter(|tp| *tp.topic == *self.input) {
+                v.remove(&tp.partition);
+            }
         }
     }
 }
@@ -442,6 +556,46 @@ mod tests {
         velocity.partitions_assigned(&[TopicPartition::new("tx.ruled", 5)]);
         assert_eq!(calls.lock().len(), 1);
         assert_eq!(card_tx_24h(5), 5.0);
+    }
+
+    #[test]
+    fn a_fused_service_decides_as_the_chain_of_its_stages_and_times_each() {
+        let (_d, p) = fraud_with(|t| t);
+        let chain: Vec<StageHandler> = p.stages.iter().map(|s| StageHandler::new(&p, s)).collect();
+        let fused = StageHandler::of_service(&p, &p.service("rules,velocity,score").unwrap());
+        assert_eq!(fused.name(), "rules+velocity+score");
+        for s in &chain {
+            s.partitions_assigned(&[TopicPartition::new(s.input.as_str(), 0)]);
+            assert!(s.histograms().is_empty(), "a lone stage's service time is the runtime's");
+        }
+        fused.partitions_assigned(&[TopicPartition::new("tx.in", 0)]);
+        // The same card again and again: velocity windows grow, and so the decisions
+        // can only agree if the fused service keeps the same windows.
+        for (i, attrs) in ["{}", "{}", r#"{"risk_score": 0.9}"#, "{}", "{}"].into_iter().enumerate() {
+            let input = record("m-1", attrs);
+            let mut payload = input.payload.clone();
+            for h in &chain {
+                let r = Record { tp: TopicPartition::new(h.input.as_str(), 0), payload, ..input.clone() };
+                let out = first(h, &r).unwrap();
+                assert!(out[0].steps.is_empty());
+                payload = out[0].payload.clone();
+            }
+            let out = first(&fused, &input).unwrap();
+            assert_eq!(out.len(), 1);
+            assert_eq!(&*out[0].topic, "tx.decisions");
+            assert_eq!(out[0].payload, payload, "transaction {i}: fused and chained decisions differ");
+            let steps: Vec<&str> = out[0].steps.iter().map(|s| &*s.stage).collect();
+            assert_eq!(steps, ["rules", "velocity", "score"]);
+            for w in out[0].steps.windows(2) {
+                assert!(w[0].started_ns <= w[0].ended_ns && w[0].ended_ns <= w[1].started_ns, "{:?}", out[0].steps);
+            }
+        }
+        let h = fused.histograms();
+        assert_eq!(h.iter().map(|h| (h.stage.as_str(), h.service.len())).collect::<Vec<_>>(), [("rules", 5), ("velocity", 5), ("score", 5)]);
+        // Bad input is refused once, by the first stage's decoding.
+        let mut bad = record("m-1", "{}");
+        bad.payload = Bytes::from_static(b"{");
+        assert!(first(&fused, &bad).unwrap_err().message.contains("undecodable"));
     }
 
     #[test]

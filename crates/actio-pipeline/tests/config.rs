@@ -283,3 +283,34 @@ fn the_readme_states_the_defaults_the_code_has() {
         assert!(readme.contains(&w), "README.md should say {w:?} (the default in the code)");
     }
 }
+
+#[test]
+fn a_declared_service_fuses_consecutive_stages_and_bad_ones_are_named() {
+    fn service(body: &str) -> impl Fn(String) -> String + '_ {
+        move |t: String| format!("{t}\n[[service]]\n{body}\n")
+    }
+    let dir = copy_of_fraud_with("pipeline.toml", service("name = \"decide\"\nstages = [\"rules\", \"velocity\", \"score\"]"));
+    let p = Pipeline::load(dir.path()).unwrap();
+    let services = p.services();
+    assert_eq!(services.len(), 1);
+    assert_eq!((services[0].name.as_str(), services[0].group.as_str(), services[0].replicas), ("decide", "fraud.decide", 2));
+    assert_eq!(p.service("decide").unwrap(), services[0]);
+    assert_eq!(p.service("velocity").unwrap().stages, 1..2, "a stage can still run alone");
+
+    let dir = copy_of_fraud_with("pipeline.toml", service("name = \"tail\"\nstages = [\"velocity\", \"score\"]\nreplicas = 1"));
+    let p = Pipeline::load(dir.path()).unwrap();
+    assert_eq!(p.services().iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), ["rules", "tail"]);
+
+    for (body, field, says) in [
+        ("name = \"decide\"\nstages = [\"rules\", \"score\"]", "service[0].stages", "not consecutive"),
+        ("name = \"decide\"\nstages = [\"rules\"]", "service[0].stages", "two or more stages"),
+        ("name = \"decide\"\nstages = [\"rules\", \"nope\"]", "service[0].stages", "no stage named \"nope\""),
+        ("name = \"rules\"\nstages = [\"rules\", \"velocity\"]", "service[0].name", "already names a stage"),
+        ("name = \"decide\"\nstages = [\"rules\", \"velocity\"]\nreplicas = 9", "service[0].replicas", "expected 1..=3"),
+        ("name = \"a\"\nstages = [\"rules\", \"velocity\"]\n[[service]]\nname = \"b\"\nstages = [\"velocity\", \"score\"]", "service[1].stages", "one service only"),
+        ("name = \"decide\"\nstages = [\"rules\", \"velocity\"]\nthreads = 2", "threads = 2", "unknown field `threads`"),
+    ] {
+        let (_d, e) = broken("pipeline.toml", service(body));
+        assert!(e.contains("pipeline.toml:") && e.contains(field) && e.contains(says), "{body}: {e}");
+    }
+}

@@ -8,6 +8,8 @@
 
 use hdrhistogram::Histogram;
 
+use crate::stage::HandlerHistogram;
+
 pub use actio_core::latency::{latency_histogram, record_ns};
 
 /// A counter a handler keeps of its own (see [`crate::Handler::counters`]), exposed
@@ -59,6 +61,9 @@ pub struct StageMetrics {
     pub rebalances: u64,
     /// The handler's own counters.
     pub handler: Vec<HandlerCounter>,
+    /// Per-stage service times of a handler that runs several stages (a fused
+    /// service); empty otherwise.
+    pub steps: Vec<HandlerHistogram>,
 }
 
 impl StageMetrics {
@@ -82,6 +87,7 @@ impl StageMetrics {
             retry_partitions: 0,
             rebalances: 0,
             handler: Vec::new(),
+            steps: Vec::new(),
         }
     }
 }
@@ -96,9 +102,16 @@ impl StageMetrics {
         use std::fmt::Write;
         let mut out = String::with_capacity(4096);
         let s = &self.stage;
+        // The stage's own series, then (a fused service) each of its stages' service
+        // time under that stage's name.
+        let series: Vec<(&str, &str, &Histogram<u64>)> = [("queue", &self.queue), ("service", &self.service), ("stage", &self.stage_latency)]
+            .into_iter()
+            .map(|(kind, h)| (s.as_str(), kind, h))
+            .chain(self.steps.iter().map(|st| (st.stage.as_str(), "service", &st.service)))
+            .collect();
         let _ = writeln!(out, "# HELP actio_stage_latency_seconds Per-message latency: queue (since the previous hop), service (handler), stage (consumed to outputs acknowledged).");
         let _ = writeln!(out, "# TYPE actio_stage_latency_seconds summary");
-        for (kind, h) in [("queue", &self.queue), ("service", &self.service), ("stage", &self.stage_latency)] {
+        for &(s, kind, h) in &series {
             for q in [0.5, 0.9, 0.99, 0.999] {
                 let _ = writeln!(out, "actio_stage_latency_seconds{{stage=\"{s}\",kind=\"{kind}\",quantile=\"{q}\"}} {}", h.value_at_quantile(q) as f64 / 1e6);
             }
@@ -107,7 +120,7 @@ impl StageMetrics {
         }
         let _ = writeln!(out, "# HELP actio_stage_latency_max_seconds Largest latency seen.");
         let _ = writeln!(out, "# TYPE actio_stage_latency_max_seconds gauge");
-        for (kind, h) in [("queue", &self.queue), ("service", &self.service), ("stage", &self.stage_latency)] {
+        for &(s, kind, h) in &series {
             let _ = writeln!(out, "actio_stage_latency_max_seconds{{stage=\"{s}\",kind=\"{kind}\"}} {}", h.max() as f64 / 1e6);
         }
         let counters = [
@@ -163,6 +176,13 @@ mod tests {
         assert!(text.contains("actio_stage_lag{stage=\"rules\"} 3"));
         assert!(text.contains("actio_stage_retry_lag{stage=\"rules\"} 5"));
         assert!(!m.prometheus_text(None, None).contains("_lag{"), "no lag series before it is measured");
+        // A fused service's stages appear under their own names.
+        let mut step = latency_histogram();
+        record_ns(&mut step, 3_000_000);
+        m.steps.push(HandlerHistogram { stage: "velocity".into(), service: step });
+        let text = m.prometheus_text(None, None);
+        assert!(text.contains("actio_stage_latency_seconds{stage=\"velocity\",kind=\"service\",quantile=\"0.5\"} 0.003"), "{text}");
+        assert!(text.contains("actio_stage_latency_max_seconds{stage=\"velocity\",kind=\"service\"} 0.003"), "{text}");
         for line in text.lines().filter(|l| l.starts_with("# TYPE")) {
             let name = line.split_whitespace().nth(2).unwrap();
             assert_eq!(text.matches(&format!("# TYPE {name} ")).count(), 1, "{name} typed twice");

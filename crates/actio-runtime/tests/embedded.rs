@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use actio_bus_embedded::{EmbeddedBus, EmbeddedConfig};
 use actio_core::bus::{Bytes, NoRebalanceListener};
 use actio_core::{Bus, Consumer, ConsumerConfig, Headers, OutRecord, Producer, ProducerConfig, Record, TopicPartition, TopicSpec, headers};
-use actio_runtime::{Context, Handler, HandlerError, Ordering, Output, RetryPolicy, RetryTopic, Stage, StageSpec, StopMode};
+use actio_runtime::{Context, Handler, HandlerError, Ordering, Output, RetryPolicy, RetryTopic, Stage, StageSpec, StepTime, StopMode};
 use rand::{Rng, SeedableRng};
 
 const IN: &str = "in";
@@ -282,6 +282,38 @@ fn the_trail_records_this_stage() {
         assert_eq!(hops[0].stage, "echo");
         assert!(hops[0].produced_ns >= hops[0].consumed_ns);
         assert!(r.headers.get(headers::CREATED).is_some(), "input headers kept");
+    }
+}
+
+/// Runs two steps, `a` then `b`, and says so on its output (as a fused service does).
+struct TwoSteps;
+
+impl Handler for TwoSteps {
+    fn handle(&self, rec: &Record, _ctx: &Context) -> Result<Vec<Output>, HandlerError> {
+        let t0 = actio_core::time::now_ns();
+        let steps = vec![
+            StepTime { stage: "a".into(), started_ns: t0, ended_ns: t0 + 10 },
+            StepTime { stage: "b".into(), started_ns: t0 + 20, ended_ns: t0 + 30 },
+        ];
+        Ok(vec![Output::new(OUT, rec.payload.clone()).with_steps(steps)])
+    }
+}
+
+#[test]
+fn a_handler_of_several_steps_gets_a_trail_hop_per_step_tiling_the_stage() {
+    let bus = bus(1);
+    produce(&bus, 5, 2, 5, 0);
+    let stage = Stage::spawn(&bus, spec("steps"), Arc::new(TwoSteps)).unwrap();
+    let out = read_all(&bus, OUT, 5, Duration::from_secs(10));
+    stage.stop(StopMode::Graceful);
+    stage.join().unwrap();
+    for r in &out {
+        let hops = headers::parse_trail(r.headers.get(headers::TRAIL).unwrap());
+        assert_eq!(hops.iter().map(|h| h.stage.as_str()).collect::<Vec<_>>(), ["a", "b"], "no hop of the stage's own name");
+        // The first starts when the stage consumed, the last ends when it produced.
+        assert!(hops[0].consumed_ns < hops[0].produced_ns, "from the consume, before the handler started: {hops:?}");
+        assert_eq!(hops[1].consumed_ns, hops[0].produced_ns + 10, "the steps' own times between: {hops:?}");
+        assert!(hops[1].produced_ns >= hops[1].consumed_ns + 10, "to the produce, after the handler ended: {hops:?}");
     }
 }
 

@@ -79,7 +79,7 @@ pub enum Command {
     ///   actio run pipelines/fraud --rate 10000 --ramp-to 400000 --duration 60s
     #[command(verbatim_doc_comment)]
     Run(RunArgs),
-    /// Run one stage as a long-running service on Kafka.
+    /// Run one stage, or consecutive stages fused, as a long-running service on Kafka.
     ///
     /// Joins the consumer group <pipeline>.<stage>, shares the input topic's
     /// partitions with the other replicas, and commits only watermarks (offsets
@@ -94,6 +94,13 @@ pub enum Command {
     /// table and from ACTIO_KAFKA_PROPERTY_<NAME> environment variables, NAME being
     /// the property upper-cased with dots as underscores:
     ///   ACTIO_KAFKA_PROPERTY_SASL_PASSWORD=...  →  sasl.password=...
+    ///
+    /// Fused (one service instead of three, no broker hop between the stages; an
+    /// input offset is committed once the last stage's output is acknowledged;
+    /// /metrics has each stage's service time; velocity windows restore from the
+    /// service's input):
+    ///   actio stage --pipeline pipelines/fraud --stage rules,velocity,score
+    /// A [[service]] in pipeline.toml names such a group for `actio run` and k8s/.
     ///
     /// Example:
     ///   actio stage --pipeline pipelines/fraud --stage rules --brokers 127.0.0.1:9092
@@ -153,8 +160,11 @@ pub struct StageArgs {
     /// Pipeline directory.
     #[arg(long, env = "ACTIO_PIPELINE")]
     pub pipeline: PathBuf,
-    /// Stage to run (a [[stage]] name in pipeline.toml).
-    #[arg(long, env = "ACTIO_STAGE")]
+    /// What to run: a [[stage]] name, a [[service]] name, or consecutive stages
+    /// separated by commas (e.g. rules,velocity,score), fused into one service that
+    /// hands each message from stage to stage in memory (group
+    /// <pipeline>.rules+velocity+score).
+    #[arg(long, env = "ACTIO_STAGE", value_name = "STAGE|SERVICE|A,B,..")]
     pub stage: String,
     #[command(flatten)]
     pub kafka: KafkaArgs,
@@ -205,6 +215,14 @@ pub struct LoadgenArgs {
     pub kafka: KafkaArgs,
     #[command(flatten)]
     pub load: LoadArgs,
+    /// The broker JVM's GC log (unified logging with `safepoint` lines and the `time`
+    /// decorator, as scripts/kafka writes it; `scripts/kafka gc-log` prints its path),
+    /// read after the run with its rotated copies. Each second of the report then shows
+    /// how long the broker was stopped in it; seconds with 10 ms or more are marked, and
+    /// the e2e outside them is reported beside the overall e2e. The broker must share
+    /// this machine's clock. Without it the per-second series has no marks.
+    #[arg(long, env = "ACTIO_BROKER_GC_LOG", value_name = "PATH")]
+    pub broker_gc_log: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -283,6 +301,25 @@ pub struct RunArgs {
     /// Where the stages run: in-process log, or Kafka (all stages in this process).
     #[arg(long, value_enum, default_value_t = BusKind::Embedded)]
     pub bus: BusKind,
+    /// Run every stage as one fused service (no topic between the stages), whatever
+    /// the pipeline's [[service]]s say.
+    #[arg(long, conflicts_with = "each_stage")]
+    pub fuse: bool,
+    /// Run every stage as its own service, ignoring the pipeline's [[service]]s.
+    #[arg(long)]
+    pub each_stage: bool,
     #[command(flatten)]
     pub kafka: KafkaArgs,
+}
+
+impl RunArgs {
+    /// The services to start: as `pipeline.toml` groups them, unless a flag says.
+    pub fn services(&self) -> actio_pipeline::launch::Selection<'static> {
+        use actio_pipeline::launch::Selection;
+        match (self.fuse, self.each_stage) {
+            (true, _) => Selection::Fused,
+            (_, true) => Selection::EachStage,
+            _ => Selection::All,
+        }
+    }
 }

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use actio_bus_embedded::{EmbeddedBus, EmbeddedConfig};
 use actio_core::{Bus, ProducerConfig};
+use actio_loadgen::broker_pauses::BrokerPauses;
 use actio_loadgen::drive::{CollectorConfig, CollectorFailure, Drain, DrainEnd, RunFacts, RunningCollector, run_report};
 use actio_loadgen::{Collector, Generator, Scenario, Schedule, Sender, StageHistograms};
 use actio_pipeline::Pipeline;
@@ -60,14 +61,14 @@ pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
     match args.bus {
         BusKind::Embedded => {
             let bus = Arc::new(EmbeddedBus::new(EmbeddedConfig::default()));
-            drive(&bus, "embedded", &pipeline, &args.load, true, args.threads, &[])
+            drive(&bus, "embedded", &pipeline, &args.load, Some(args.services()), args.threads, &[], None)
         }
         BusKind::Kafka => {
             let bus = match crate::kafka::bus_or_exit(&pipeline, &args.kafka) {
                 Ok(b) => Arc::new(b),
                 Err(code) => return Ok(code),
             };
-            drive(&bus, "kafka", &pipeline, &args.load, true, args.threads, &[])
+            drive(&bus, "kafka", &pipeline, &args.load, Some(args.services()), args.threads, &[], None)
         }
     }
 }
@@ -82,19 +83,22 @@ pub fn loadgen(args: LoadgenArgs) -> anyhow::Result<ExitCode> {
         Ok(b) => Arc::new(b),
         Err(code) => return Ok(code),
     };
-    drive(&bus, "kafka", &pipeline, &args.load, false, None, &[])
+    drive(&bus, "kafka", &pipeline, &args.load, None, None, &[], args.broker_gc_log.as_deref())
 }
 
 /// Offers load to `pipeline` on `bus`, running its stages in-process when
-/// `in_process`, and reports. Exit code 1 if anything was lost.
+/// `in_process`, and reports; with `broker_gc_log`, the seconds the broker stood still
+/// are marked. Exit code 1 if anything was lost.
+#[allow(clippy::too_many_arguments)]
 pub fn drive<B: Bus>(
     bus: &Arc<B>,
     bus_name: &str,
     pipeline: &Pipeline,
     load: &LoadArgs,
-    in_process: bool,
+    in_process: Option<Selection<'_>>,
     threads: Option<usize>,
     properties: &[(String, String)],
+    broker_gc_log: Option<&std::path::Path>,
 ) -> anyhow::Result<ExitCode> {
     let (ingress, egress, dlq) = match (pipeline.ingress(), pipeline.egress(), pipeline.dead_letter()) {
         (Some(i), Some(e), Some(d)) => (i.clone(), e.clone(), d.clone()),
@@ -109,9 +113,9 @@ pub fn drive<B: Bus>(
     let out = load.out.clone().unwrap_or_else(|| PathBuf::from("results").join(&run_id));
 
     // Stages first, so they are consuming when load starts.
-    let stages = if in_process {
+    let stages = if let Some(selection) = in_process {
         let options = LaunchOptions { properties: properties.to_vec(), threads, tune: Some(crate::kafka::tune_retry_consumer) };
-        launch::start(bus, pipeline, Selection::All, &options)?
+        launch::start(bus, pipeline, selection, &options)?
     } else {
         Vec::new()
     };
@@ -148,14 +152,19 @@ pub fn drive<B: Bus>(
 
     let tty = std::io::stderr().is_terminal();
     eprintln!(
-        "actio: {} → {} stage(s) on the {bus_name} bus; offering {} tx/s{} for {:?}; run {run_id}",
+        "actio: {} → {} stage(s){} on the {bus_name} bus; offering {} tx/s{} for {:?}; run {run_id}",
         pipeline.name,
         pipeline.stages.len(),
+        match stages.len() {
+            n if n > 0 && n < pipeline.stages.len() => format!(" as {n} service(s): {}", stages.iter().map(|s| s.name()).collect::<Vec<_>>().join(", ")),
+            _ => String::new(),
+        },
         load.rate,
         load.ramp_to.map(|r| format!(" ramping to {r}")).unwrap_or_default(),
         load.duration
     );
     let t0 = Instant::now();
+    let load_started_ns = actio_core::time::now_ns();
     let mut last = (Instant::now(), 0u64);
     let mut drain = Drain::new(load.drain);
     loop {
@@ -231,6 +240,10 @@ pub fn drive<B: Bus>(
         Err(e) => eprintln!("actio: collector failed: {e}"),
         Ok(()) => {}
     }
+    // Read after the drain: the broker has logged every pause of the run by now.
+    let broker_pauses = broker_gc_log.and_then(|path| {
+        BrokerPauses::read(path).map_err(|e| eprintln!("actio: {e}: {}; no second is marked as a broker pause", e.source)).ok()
+    });
 
     let c = collector.lock();
     if c.stats.reread > 0 {
@@ -245,6 +258,8 @@ pub fn drive<B: Bus>(
         stages: &stage_budgets,
         schedule: &schedule,
         load_secs,
+        load_started_ns,
+        broker_pauses: broker_pauses.as_ref(),
     };
     let (report, histograms) = run_report(&facts, &c, &sender.stats, &runtime_hists);
     report.write(&out, &histograms).with_context(|| format!("writing the report under {}", out.display()))?;

@@ -1,4 +1,5 @@
-//! `actio stage`: one stage of a pipeline as a long-running Kafka service.
+//! `actio stage`: one stage of a pipeline, or several consecutive ones fused, as a
+//! long-running Kafka service.
 //!
 //! The stage runtime does the work (key lanes, watermark commits, back-pressure,
 //! drain on revocation); this module adds what a service needs around it: an HTTP
@@ -147,22 +148,26 @@ pub fn main(args: StageArgs) -> anyhow::Result<ExitCode> {
         Ok(p) => p,
         Err(code) => return Ok(code),
     };
-    let Some(stage) = pipeline.stage(&args.stage) else {
-        let names: Vec<&str> = pipeline.stages.iter().map(|s| s.name.as_str()).collect();
-        eprintln!(
-            "error: {}: no stage named {:?} (--stage); the stages are: {}",
-            args.pipeline.display(),
-            args.stage,
-            names.join(", ")
-        );
-        return Ok(ExitCode::from(crate::EXIT_CONFIG));
+    let service = match pipeline.service(&args.stage) {
+        Ok(s) => s,
+        Err(why) => {
+            eprintln!("error: {}: --stage {:?}: {why}", args.pipeline.display(), args.stage);
+            return Ok(ExitCode::from(crate::EXIT_CONFIG));
+        }
     };
     let options = LaunchOptions {
         properties: crate::kafka::properties(&pipeline, &args.kafka),
         threads: args.threads,
         tune: Some(crate::kafka::tune_retry_consumer),
     };
-    let plan = StagePlan::new(&pipeline, stage, &options);
+    let plan = StagePlan::new(&pipeline, &service, &options);
+    let stages = service.stages(&pipeline);
+    let (first, last) = (&stages[0], &stages[stages.len() - 1]);
+    let what = if service.is_fused() {
+        format!("service {} ({} stages fused: {})", service.name, stages.len(), stages.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(" → "))
+    } else {
+        format!("stage {}", service.name)
+    };
     let spec = &plan.spec;
     let (group, input, cap) = (spec.group.clone(), spec.input.clone(), spec.max_in_flight);
     let retry_group = spec.retry.topic.as_ref().map(|t| (t.group.clone(), t.topic.to_string()));
@@ -172,11 +177,10 @@ pub fn main(args: StageArgs) -> anyhow::Result<ExitCode> {
         None => String::new(),
     };
     let summary = format!(
-        "stage {} of {}: {} → {} in group {group}, {} threads, in flight ≤ {}/partition and {cap}/stage; retries {} in place{retry}; brokers {}; http {}; grace {:?}",
-        stage.name,
+        "{what} of {}: {} → {} in group {group}, {} threads, in flight ≤ {}/partition and {cap}/stage; retries {} in place{retry}; brokers {}; http {}; grace {:?}",
         pipeline.name,
-        stage.input,
-        stage.output,
+        first.input,
+        last.output,
         spec.threads,
         spec.max_in_flight_per_partition,
         spec.retry.attempts,

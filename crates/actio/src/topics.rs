@@ -54,6 +54,7 @@ fn create(bus: &KafkaBus, pipeline: &Pipeline) -> anyhow::Result<ExitCode> {
 }
 
 fn describe(bus: &KafkaBus, pipeline: &Pipeline) -> anyhow::Result<ExitCode> {
+    let plans = actio_pipeline::launch::plan(pipeline, actio_pipeline::launch::Selection::All, &Default::default())?;
     for t in &pipeline.topics {
         let info = match bus.describe_topic(&t.name) {
             Ok(i) => i,
@@ -74,7 +75,8 @@ fn describe(bus: &KafkaBus, pipeline: &Pipeline) -> anyhow::Result<ExitCode> {
             info.partitions.iter().map(|p| p.leader).collect::<Vec<_>>()
         );
         // The groups reading it: a stage's on its input, its retry group on its retry topic.
-        let groups = pipeline.stages.iter().filter_map(|s| match &s.limits.retry.topic {
+        // Per service: a stage alone, or a [[service]] of fused stages.
+        let groups = plans.iter().map(|p| &p.spec).filter_map(|s| match &s.retry.topic {
             _ if s.input == t.name => Some(&s.group),
             Some(r) if *r.topic == *t.name => Some(&r.group),
             _ => None,

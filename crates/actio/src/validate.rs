@@ -90,6 +90,10 @@ pub fn main(args: ValidateArgs) -> anyhow::Result<ExitCode> {
             println!("    retries: {} in place, then up to {} trips through {} ({wait}), then {}", s.limits.retry.attempts, t.attempts, t.topic, s.dlq);
         }
     }
+    for f in &pipeline.fused {
+        let names: Vec<&str> = f.stages(&pipeline).iter().map(|s| s.name.as_str()).collect();
+        println!("  service {:<9} {} fused in one process, no topic between them  group {}  replicas {}", f.name, names.join(" → "), f.group, f.replicas);
+    }
     for w in pipeline.warnings.iter().chain(&pipeline.fault_warnings()) {
         println!("  warning: {w}");
     }
@@ -144,12 +148,37 @@ fn resolved(pipeline: &Pipeline) -> Value {
             })
         })
         .collect();
+    // What is deployed: each `[[service]]` and every other stage alone, with the
+    // runtime spec it runs with (a fused service's group, input and limits).
+    let plans = actio_pipeline::launch::plan(pipeline, actio_pipeline::launch::Selection::All, &Default::default()).unwrap_or_default();
+    let services: Vec<Value> = plans
+        .iter()
+        .map(|p| {
+            let s = &p.spec;
+            let retry = s.retry.topic.as_ref();
+            json!({
+                "name": s.name,
+                "stages": p.handler.stages().map(|st| st.name.as_str()).collect::<Vec<_>>(),
+                "input": s.input,
+                "output": p.handler.stages().last().map(|st| st.output.as_str()),
+                "group": s.group,
+                "replicas": p.handler.replicas(),
+                "drain_timeout_ms": millis(s.drain_timeout),
+                "max_in_flight_per_partition": s.max_in_flight_per_partition,
+                "max_in_flight": s.max_in_flight,
+                "threads": s.threads,
+                "retry_topic": retry.map(|t| &*t.topic),
+                "retry_group": retry.map(|t| &t.group),
+            })
+        })
+        .collect();
     json!({
         "name": pipeline.name,
         "dir": pipeline.dir,
         "key_fields": pipeline.key_fields,
         "topics": topics,
         "stages": stages,
+        "services": services,
         "outcomes": pipeline.schema.decision().outcomes,
         "warnings": pipeline.warnings.iter().cloned().chain(pipeline.fault_warnings()).collect::<Vec<_>>(),
     })

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use actio_core::bus::Bytes;
 use actio_core::{Offset, Record, TopicPartition};
+use hdrhistogram::Histogram;
 
 use crate::metrics::HandlerCounter;
 
@@ -20,12 +21,29 @@ pub struct Output {
     pub key: Option<Bytes>,
     /// Payload.
     pub payload: Bytes,
+    /// The steps the handler ran, when it runs several stages in one (a fused
+    /// service): the runtime writes one trail hop per step instead of one for itself,
+    /// so readers of the trail see every stage. Empty for a handler of one stage.
+    pub steps: Vec<StepTime>,
+}
+
+/// When one step of a multi-stage handler ran (ns since the Unix epoch). The runtime
+/// stretches the first step back to when the message was consumed and the last one
+/// forward to when the output is handed to the producer, so the hops tile the stage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepTime {
+    /// The step's stage name (its trail hop).
+    pub stage: Arc<str>,
+    /// When the step started.
+    pub started_ns: i64,
+    /// When it ended.
+    pub ended_ns: i64,
 }
 
 impl Output {
     /// An output to `topic` under the input's key.
     pub fn new(topic: impl Into<Arc<str>>, payload: impl Into<Bytes>) -> Self {
-        Output { topic: topic.into(), key: None, payload: payload.into() }
+        Output { topic: topic.into(), key: None, payload: payload.into(), steps: Vec::new() }
     }
 
     /// The same output under `key` instead of the input's.
@@ -33,6 +51,22 @@ impl Output {
         self.key = Some(key.into());
         self
     }
+
+    /// The same output, made by these steps (see [`Output::steps`]).
+    pub fn with_steps(mut self, steps: Vec<StepTime>) -> Self {
+        self.steps = steps;
+        self
+    }
+}
+
+/// A latency histogram a handler keeps of its own (see [`Handler::histograms`]): a
+/// fused service's per-stage service times.
+#[derive(Debug, Clone)]
+pub struct HandlerHistogram {
+    /// The stage it measures (the `stage` label on `/metrics`).
+    pub stage: String,
+    /// Time in that stage's logic per message (µs).
+    pub service: Histogram<u64>,
 }
 
 /// Whether a failed message may succeed if tried again.
@@ -122,6 +156,11 @@ pub trait Handler: Send + Sync + 'static {
     /// Counters of the handler's own (e.g. rule evaluation errors), read with every
     /// metrics snapshot and exposed beside the stage's.
     fn counters(&self) -> Vec<HandlerCounter> {
+        Vec::new()
+    }
+    /// Histograms of the handler's own, read with every metrics snapshot: a handler
+    /// that runs several stages reports each one's service time here.
+    fn histograms(&self) -> Vec<HandlerHistogram> {
         Vec::new()
     }
     /// Partitions were assigned to this stage instance.

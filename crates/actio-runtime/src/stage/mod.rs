@@ -40,7 +40,7 @@ use crate::lanes::Ordering;
 use crate::metrics::StageMetrics;
 use crate::pool::WorkerPool;
 
-pub use handler::{Context, FailureKind, Handler, HandlerError, Output};
+pub use handler::{Context, FailureKind, Handler, HandlerError, HandlerHistogram, Output, StepTime};
 pub use retry_topic::RetryTopic;
 
 use driver::Driver;

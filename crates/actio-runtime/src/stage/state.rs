@@ -123,6 +123,7 @@ impl<P: Producer> Shared<P> {
         m.partitions = st.parts.len() as u64 - m.retry_partitions;
         drop(st);
         m.handler = self.handler.counters();
+        m.steps = self.handler.histograms();
         m
     }
 

@@ -136,7 +136,18 @@ impl<P: Producer> Shared<P> {
             retry_topic::mark_retried(&mut hdrs, &self.spec.name, trips);
         }
         let mut trail = hdrs.get(headers::TRAIL).map(<[u8]>::to_vec).unwrap_or_default();
-        headers::append_hop(&mut trail, &self.spec.name, consumed_ns, now_ns());
+        let produced_ns = now_ns();
+        if out.steps.is_empty() {
+            headers::append_hop(&mut trail, &self.spec.name, consumed_ns, produced_ns);
+        } else {
+            // One hop per step of a multi-stage handler, tiling consumed → produced.
+            let last = out.steps.len() - 1;
+            for (i, step) in out.steps.iter().enumerate() {
+                let from = if i == 0 { consumed_ns } else { step.started_ns };
+                let to = if i == last { produced_ns } else { step.ended_ns };
+                headers::append_hop(&mut trail, &step.stage, from, to);
+            }
+        }
         hdrs.set(headers::TRAIL, trail);
         OutRecord { topic: out.topic, partition: None, key: out.key.or_else(|| rec.key.clone()), payload: out.payload, headers: hdrs }
     }
