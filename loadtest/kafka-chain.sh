@@ -4,6 +4,8 @@
 #
 #   loadtest/kafka-chain.sh [--rate 3000 --duration 60s ...]   (flags go to loadgen)
 #   PIN=1 loadtest/kafka-chain.sh ...    the broker on CPU 1, stages and loadgen on CPU 0
+#   FUSE=1 loadtest/kafka-chain.sh ...   the three stages as one fused service
+#                                        (actio stage --stage rules,velocity,score)
 #
 # Needs a broker: scripts/kafka start (or ACTIO_KAFKA_BROKERS). Stages are stopped
 # with SIGTERM at the end (graceful drain), and their exit codes are checked.
@@ -65,7 +67,12 @@ pids=()
 stop() { for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done; }
 trap 'stop; unpin' EXIT
 port=9471
-for s in rules velocity score; do
+if [[ "${FUSE:-0}" == 1 ]]; then
+    services=(rules,velocity,score)
+else
+    services=(rules velocity score)
+fi
+for s in "${services[@]}"; do
     $B stage --pipeline "$PIPELINE" --stage "$s" --brokers "$BROKERS" --http "127.0.0.1:$port" \
         >"$OUT/$s.log" 2>&1 &
     pids+=($!)
@@ -87,12 +94,16 @@ if [[ "${PIN:-0}" == 1 ]]; then
     cat "$OUT/pin.txt" >>"$OUT/report.txt"
 fi
 hz=$(getconf CLK_TCK)
+# CPU per message: the process's CPU over the load (and drain) divided by what it
+# decided in that time.
+decided=$(grep -o '"decided": *[0-9]*' "$OUT/report.json" | head -1 | grep -o '[0-9]*$')
 i=0
-for s in rules velocity score; do
+for s in "${services[@]}"; do
     p=${pids[$i]}
     cpu=$(echo "(${t0[$p]} $(ticks "$p")) $hz $s0 $s1" | awk '{gsub(/[()]/,""); print 100 * ($2 - $1) / $3 / ($5 - $4)}')
+    us=$(echo "(${t0[$p]} $(ticks "$p")) $hz ${decided:-0}" | awk '{gsub(/[()]/,""); if ($4 > 0) print 1e6 * ($2 - $1) / $3 / $4; else print 0}')
     rss=$(awk '/VmHWM/ {print $2 / 1024}' "/proc/$p/status")
-    printf 'stage %-9s cpu %5.1f%%  peak RSS %6.1f MiB\n' "$s" "$cpu" "$rss" | tee -a "$OUT/report.txt"
+    printf 'stage %-20s cpu %5.1f%%  %6.1f µs/message  peak RSS %6.1f MiB\n' "$s" "$cpu" "$us" "$rss" | tee -a "$OUT/report.txt"
     i=$((i + 1))
 done
 trap unpin EXIT
