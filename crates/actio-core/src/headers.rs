@@ -69,6 +69,17 @@ pub fn parse_trail(value: &[u8]) -> Vec<Hop> {
         .collect()
 }
 
+/// When the trail's last hop produced (ns since epoch), read without allocating: the
+/// stage runtime asks this of every message it consumes, to measure its queue time.
+pub fn last_produced_ns(value: &[u8]) -> Option<i64> {
+    let last = value.rsplit(|b| *b == b';').next()?;
+    let at = last.iter().rposition(|b| *b == b'@')?;
+    let digits = std::str::from_utf8(&last[at + 1..]).ok()?;
+    // The entry must have all three parts, as `parse_trail` requires.
+    last[..at].contains(&b'@').then_some(())?;
+    digits.parse().ok()
+}
+
 /// Parses a decimal integer header value (e.g. [`CREATED`]).
 pub fn parse_i64(value: &[u8]) -> Option<i64> {
     std::str::from_utf8(value).ok()?.trim().parse().ok()
@@ -90,5 +101,17 @@ mod tests {
         bad.extend_from_slice(b";nonsense;x@y@z");
         assert_eq!(parse_trail(&bad).len(), 2);
         assert!(parse_trail(&[0xff, 0xfe]).is_empty());
+    }
+
+    #[test]
+    fn the_last_hops_produce_time_is_the_parsers() {
+        let mut t = Vec::new();
+        assert_eq!(last_produced_ns(&t), None);
+        append_hop(&mut t, "rules", 10, 20);
+        assert_eq!(last_produced_ns(&t), Some(20));
+        append_hop(&mut t, "a@b", 30, 45);
+        assert_eq!(last_produced_ns(&t), parse_trail(&t).last().map(|h| h.produced_ns));
+        assert_eq!(last_produced_ns(b"rules@10@x"), None);
+        assert_eq!(last_produced_ns(b"10@20"), None, "two parts are not a hop");
     }
 }

@@ -52,7 +52,7 @@
 
 pub mod lanes;
 pub mod metrics;
-mod pool;
+#[doc(hidden)] pub mod pool;
 mod stage;
 pub mod watermark;
 

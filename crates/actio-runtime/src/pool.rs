@@ -2,11 +2,20 @@
 //! one channel.
 //!
 //! Why not rayon's pool: a stage's jobs are short (a few µs of rules, windows and
-//! scoring) and arrive one per message. rayon's idle workers spin and `sched_yield`
-//! before they sleep; at 3,000 tx/s through three stages on two cores that spinning
-//! was about a quarter of every stage's CPU (`perf`: `__sched_yield` 28 % of the rules
-//! stage) — CPU the Kafka broker on the same machine needed. Here an idle worker
-//! blocks on the channel (a futex), and work stealing is not needed: lanes are
+//! scoring) and arrive at moderate rates, so between poll batches the workers are idle,
+//! and idling is what rayon makes expensive: an idle rayon worker calls `sched_yield`
+//! for 32 rounds before it sleeps. BENCHMARKS.md, "Worker pool: channel vs rayon"
+//! (`benches/pool.rs`, jobs of 5 µs, 2 threads, on the project's 2-core machine): at
+//! 3,000 batches/s of one job the process used 33 % of a core with rayon (65
+//! `sched_yield` per batch) against 10.5 % with this pool (one job per message) and
+//! 6.6 % when the calling thread runs the batch's last chunk itself; at 300 batches/s of
+//! 16 jobs, 5.7 % against 4.0 / 3.2 %. rayon was not faster at those rates either (its
+//! workers are asleep again by the next batch); it won only back to back on a quiet
+//! machine, by 14 % with batches of 64 (within noise at 16). When the stages still ran
+//! on rayon's pool, `perf` had `__sched_yield` at 28 % of the rules stage's CPU at
+//! 3,000 tx/s through three stages on two cores — CPU the Kafka broker on the same
+//! machine needed. Here an idle worker yields 4 times (crossbeam's receive backoff),
+//! then blocks on the channel (a futex). Work stealing is not needed: lanes are
 //! independent jobs of similar size.
 
 use std::thread::JoinHandle;
@@ -16,7 +25,8 @@ use crossbeam_channel::{Receiver, Sender};
 type Job = Box<dyn FnOnce() + Send + 'static>;
 
 /// A fixed pool of named worker threads.
-pub(crate) struct WorkerPool {
+#[doc(hidden)]
+pub struct WorkerPool {
     jobs: Option<Sender<Job>>,
     threads: Vec<JoinHandle<()>>,
 }
@@ -29,7 +39,8 @@ impl std::fmt::Debug for WorkerPool {
 
 impl WorkerPool {
     /// Starts `n` (≥ 1) threads named `<name>-worker-<i>`.
-    pub(crate) fn new(name: &str, n: usize) -> std::io::Result<Self> {
+    #[doc(hidden)]
+    pub fn new(name: &str, n: usize) -> std::io::Result<Self> {
         let (tx, rx): (Sender<Job>, Receiver<Job>) = crossbeam_channel::unbounded();
         let mut threads = Vec::with_capacity(n.max(1));
         for i in 0..n.max(1) {
@@ -44,7 +55,8 @@ impl WorkerPool {
     }
 
     /// Runs `job` on a free worker (queued until one is).
-    pub(crate) fn spawn(&self, job: impl FnOnce() + Send + 'static) {
+    #[doc(hidden)]
+    pub fn spawn(&self, job: impl FnOnce() + Send + 'static) {
         if let Some(tx) = &self.jobs {
             // Cannot fail: the receivers live as long as the threads, which outlive
             // `jobs` (dropped first in `drop`).

@@ -105,9 +105,10 @@ impl<B: Bus> Driver<B> {
     pub(super) fn admit(&mut self, rec: Record) -> Result<(), StageError> {
         let s = &self.shared;
         let consumed_ns = now_ns();
-        let prev = headers::parse_trail(rec.headers.get(headers::TRAIL).unwrap_or_default())
-            .last()
-            .map(|h| h.produced_ns)
+        let prev = rec
+            .headers
+            .get(headers::TRAIL)
+            .and_then(headers::last_produced_ns)
             .or_else(|| rec.headers.get(headers::CREATED).and_then(headers::parse_i64))
             .or_else(|| rec.timestamp_ms.map(|ms| ms * 1_000_000));
         let queue_ns = prev.map_or(0, |p| consumed_ns - p);
