@@ -404,3 +404,34 @@ fn the_image_holds_the_binary_and_the_pipelines_where_the_manifests_expect_them(
         "the image does not hold the pipelines under {pipelines_root}"
     );
 }
+
+#[test]
+fn a_declared_service_of_fused_stages_is_one_deployment_that_runs() {
+    // A copy of the fraud pipeline whose three stages are one [[service]].
+    let dir = actio_testkit::copy_of_fraud_with("pipeline.toml", |t| format!("{t}\n[[service]]\nname = \"decide\"\nstages = [\"rules\", \"velocity\", \"score\"]\n"));
+    let out = tempfile::tempdir().unwrap();
+    let generated = Command::new("python3")
+        .arg(repo().join("scripts/k8s-gen"))
+        .arg("--pipeline")
+        .arg(dir.path())
+        .arg("--out")
+        .arg(out.path())
+        .env("ACTIO_BIN", env!("CARGO_BIN_EXE_actio"))
+        .output()
+        .unwrap();
+    assert!(generated.status.success(), "k8s-gen: {}", text(&generated));
+    let sc: Value = serde_json::from_str(&std::fs::read_to_string(out.path().join("k8s/base/stages.json")).unwrap()).unwrap();
+    let stages = sc["stages"].as_array().unwrap();
+    assert_eq!(stages.len(), 1, "one Deployment for the service: {sc}");
+    let s = &stages[0];
+    assert_eq!((s["name"].as_str(), s["deployment"].as_str(), s["group"].as_str()), (Some("decide"), Some("fraud-decide"), Some("fraud.decide")), "{s}");
+    let args = strs(&s["container"]["args"]);
+    assert_eq!(flag_value(&args, "--stage"), Some("decide"), "{args:?}");
+    let run = actio_with_env(&s["container"]["env"])
+        .args(local_args(&args, sc["mount_path"].as_str().unwrap(), dir.path()))
+        .arg("--dry-run")
+        .output()
+        .unwrap();
+    let all = text(&run);
+    assert!(run.status.success() && all.contains("service decide (3 stages fused: rules → velocity → score)") && all.contains("fraud.decide"), "{all}");
+}
