@@ -124,7 +124,8 @@ impl Pipeline {
 }
 
 impl Service {
-    fn alone(stage: &Stage, i: usize) -> Self {
+    /// `stage`, the `i`th of its pipeline, as a service of its own.
+    pub(crate) fn alone(stage: &Stage, i: usize) -> Self {
         Service { name: stage.name.clone(), stages: i..i + 1, group: stage.group.clone(), replicas: stage.replicas }
     }
 }

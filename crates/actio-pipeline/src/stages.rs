@@ -123,8 +123,7 @@ impl StageHandler {
     /// The handler of one stage of `pipeline`, alone.
     pub fn new(pipeline: &Pipeline, stage: &Stage) -> Self {
         let i = pipeline.stages.iter().position(|s| s.name == stage.name).unwrap_or(0);
-        let service = Service { name: stage.name.clone(), stages: i..i + 1, group: stage.group.clone(), replicas: stage.replicas };
-        Self::of_service(pipeline, &service)
+        Self::of_service(pipeline, &Service::alone(stage, i))
     }
 
     /// The handler of `service` of `pipeline` (one stage, or several fused).
