@@ -3,6 +3,9 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+/// Nanoseconds in a second: the unit of every timestamp here, per wall-clock second.
+pub const NS_PER_S: i64 = 1_000_000_000;
+
 /// Nanoseconds since the Unix epoch, now.
 pub fn now_ns() -> i64 {
     SystemTime::now()

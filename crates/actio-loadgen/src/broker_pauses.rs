@@ -17,11 +17,11 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use actio_core::time::NS_PER_S;
+
 /// A second is marked as a broker pause when the broker was stopped for at least this
 /// long within it.
 pub const DEFAULT_MARK_THRESHOLD: Duration = Duration::from_millis(10);
-
-const NS_PER_S: i64 = 1_000_000_000;
 
 /// One stop-the-world pause, in ns since the Unix epoch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]

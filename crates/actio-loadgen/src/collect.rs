@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use actio_core::{Codec, Decision, Record, TopicPartition, headers};
+use actio_core::time::NS_PER_S;
 use ahash::AHashMap;
 use hdrhistogram::Histogram;
 use hdrhistogram::serialization::{Deserializer, Serializer, V2Serializer};
@@ -57,7 +58,6 @@ pub struct TrailStage {
 /// samples still count in the run's e2e, not per second.
 pub const MAX_SECONDS: usize = 86_400;
 
-const NS_PER_S: i64 = 1_000_000_000;
 
 /// The run's e2e per wall-clock second in which the collector saw the message (unix
 /// second of its `now_ns`), from the first second seen: slot `i` is second

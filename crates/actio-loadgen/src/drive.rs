@@ -22,6 +22,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use actio_core::bus::{BusError, Offset, RebalanceListener, Record};
+use actio_core::time::NS_PER_S;
 use actio_core::{Bus, Consumer, ConsumerConfig, TopicPartition};
 use parking_lot::{Mutex, MutexGuard};
 
@@ -373,7 +374,6 @@ pub struct RunFacts<'a> {
     pub broker_pauses: Option<&'a BrokerPauses>,
 }
 
-const NS_PER_S: i64 = 1_000_000_000;
 
 /// The per-second part of a report.
 #[derive(Debug, Clone)]

@@ -525,7 +525,7 @@ impl RunReport {
 
 /// `13:03:18`: the UTC time of day of a unix second.
 fn clock(unix_s: i64) -> String {
-    let t = actio_core::time::format_rfc3339_ns(unix_s.saturating_mul(1_000_000_000));
+    let t = actio_core::time::format_rfc3339_ns(unix_s.saturating_mul(actio_core::time::NS_PER_S));
     t.get(11..19).unwrap_or(&t).to_string()
 }
 
