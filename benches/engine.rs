@@ -13,7 +13,7 @@ use actio_benches::{fraud, states};
 use actio_core::schema::Value;
 use actio_core::{Codec, TxState};
 use actio_engine::rules::RuleSet;
-use actio_pipeline::StageLogic;
+use actio_pipeline::kinds::{rules::Rules, score::Score, velocity::Velocity};
 use mimalloc::MiMalloc;
 
 // As in the `actio` binary: allocation costs are measured as they are in production.
@@ -26,18 +26,11 @@ const N: usize = 4096;
 
 fn engine(c: &mut Criterion) {
     let p = fraud();
-    let rules = match &p.stages[0].logic {
-        StageLogic::Rules(r) => r.current(),
-        _ => unreachable!("stage 0 of the fraud pipeline is rules"),
-    };
-    let (vspec, vrules) = match &p.stages[1].logic {
-        StageLogic::Velocity { spec, rules } => (spec.clone(), rules.as_ref().map(|r| r.current())),
-        _ => unreachable!("stage 1 of the fraud pipeline is velocity"),
-    };
-    let model = match &p.stages[2].logic {
-        StageLogic::Score(m) => m.clone(),
-        _ => unreachable!("stage 2 of the fraud pipeline is score"),
-    };
+    let kind = |i: usize| p.stages[i].logic.as_any();
+    let rules = kind(0).downcast_ref::<Rules>().expect("stage 0 of the fraud pipeline is rules").rules.current();
+    let velocity = kind(1).downcast_ref::<Velocity>().expect("stage 1 of the fraud pipeline is velocity");
+    let (vspec, vrules) = (velocity.spec.clone(), velocity.rules.as_ref().map(|r| r.current()));
+    let model = kind(2).downcast_ref::<Score>().expect("stage 2 of the fraud pipeline is score").model.clone();
     let input = states(&p, N);
     let time = p.schema.time_slot();
     let time_of = |st: &TxState| p.schema.time_of(&st.tx);

@@ -141,6 +141,9 @@ pub const DEFAULT_REPLICAS: u32 = 1;
 /// The velocity file's defaults (`max_keys`, `max_events_per_key`,
 /// `restore_max_records`), defined beside its parser, listed here with the rest.
 pub use actio_engine::velocity::{DEFAULT_MAX_EVENTS_PER_KEY, DEFAULT_MAX_KEYS, DEFAULT_RESTORE_MAX_RECORDS};
+/// The `latest` kind's defaults (`emit`, `restore`, `restore_max_records`), defined
+/// beside it, listed here with the rest.
+pub use crate::kinds::latest::{DEFAULT_EMIT as DEFAULT_LATEST_EMIT, DEFAULT_RESTORE as DEFAULT_LATEST_RESTORE, DEFAULT_RESTORE_MAX_RECORDS as DEFAULT_LATEST_RESTORE_MAX_RECORDS};
 /// Default: trips through a stage's retry topic before the DLQ.
 pub const DEFAULT_RETRY_TOPIC_ATTEMPTS: u32 = 3;
 /// Most trips through a retry topic.
@@ -150,42 +153,29 @@ pub const DEFAULT_RETRY_DELAY_MS: u64 = 1000;
 /// Longest retry delay, ms (one hour: longer waits belong to a scheduler).
 pub const MAX_RETRY_DELAY_MS: u64 = 3_600_000;
 
-/// The kinds of stage actio ships.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum StageKind {
-    /// CEL rules over the transaction and the features so far.
-    Rules,
-    /// Velocity features over sliding event-time windows (optionally followed by rules over them).
-    Velocity,
-    /// The model: features and rule hits → score → decision.
-    Score,
-}
-
-/// One stage.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// One stage: the fields every stage has, and the fields of its kind.
+///
+/// `kind` names one of [`crate::kinds::KINDS`]; the fields this struct does not
+/// know are the kind's own (a `rules` file, a `features` file, a `timestamp` field
+/// …): they are kept as written, with their place in the file, and the kind reads
+/// them into its own config struct at resolve, where an unknown one is an error that
+/// names the kind. (Deserialized by hand for that reason: `#[serde(flatten)]` would
+/// lose the places.)
+#[derive(Debug, Clone)]
 pub struct StageConfig {
     /// Stage name (unique; `[a-z0-9_-]`).
     pub name: Spanned<String>,
-    /// What it does.
-    pub kind: StageKind,
+    /// What it does: a registered kind's name.
+    pub kind: Spanned<String>,
     /// Input topic.
     pub input: Spanned<String>,
     /// Output topic.
     pub output: Spanned<String>,
     /// Dead-letter topic.
     pub dlq: Spanned<String>,
-    /// Rules file (kind `rules`, optional for `velocity`), relative to the pipeline dir.
-    pub rules: Option<Spanned<String>>,
-    /// Velocity features file (kind `velocity`).
-    pub features: Option<Spanned<String>>,
-    /// Model file (kind `score`).
-    pub model: Option<Spanned<String>>,
     /// Replicas to deploy (≤ the input topic's partitions; default [`DEFAULT_REPLICAS`]).
     pub replicas: Option<Spanned<u32>>,
     /// Overrides of `[defaults]` for this stage (`[stage.limits]`).
-    #[serde(default)]
     pub limits: StageLimits,
     /// Retry topic (a `[[topic]]` of role `retry`, this stage's alone): a transient
     /// failure that outlasts the in-place attempts goes there and comes back to this
@@ -202,9 +192,73 @@ pub struct StageConfig {
     /// (≥ `retry_delay_ms`); without it every trip waits `retry_delay_ms`.
     pub retry_delay_max_ms: Option<Spanned<u64>>,
     /// Fault injection for resilience drills (`[[stage.fault]]`); none by default.
-    #[serde(default, rename = "fault")]
     pub faults: Vec<FaultConfig>,
+    /// The kind's own fields, as written (see the type's docs).
+    pub fields: BTreeMap<String, Spanned<toml::Value>>,
 }
+
+impl<'de> serde::Deserialize<'de> for StageConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::{Error, MapAccess, Visitor};
+        struct Fields;
+        impl<'de> Visitor<'de> for Fields {
+            type Value = StageConfig;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a [[stage]] table")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<StageConfig, A::Error> {
+                let (mut name, mut kind, mut input, mut output, mut dlq) = (None, None, None, None, None);
+                let mut s = StageConfig {
+                    name: Spanned::new(0..0, String::new()),
+                    kind: Spanned::new(0..0, String::new()),
+                    input: Spanned::new(0..0, String::new()),
+                    output: Spanned::new(0..0, String::new()),
+                    dlq: Spanned::new(0..0, String::new()),
+                    replicas: None,
+                    limits: StageLimits::default(),
+                    retry_topic: None,
+                    retry_topic_attempts: None,
+                    retry_delay_ms: None,
+                    retry_delay_max_ms: None,
+                    faults: Vec::new(),
+                    fields: BTreeMap::new(),
+                };
+                while let Some(key) = map.next_key::<String>()? {
+                    match key.as_str() {
+                        "name" => name = Some(map.next_value()?),
+                        "kind" => kind = Some(map.next_value()?),
+                        "input" => input = Some(map.next_value()?),
+                        "output" => output = Some(map.next_value()?),
+                        "dlq" => dlq = Some(map.next_value()?),
+                        "replicas" => s.replicas = Some(map.next_value()?),
+                        "limits" => s.limits = map.next_value()?,
+                        "retry_topic" => s.retry_topic = Some(map.next_value()?),
+                        "retry_topic_attempts" => s.retry_topic_attempts = Some(map.next_value()?),
+                        "retry_delay_ms" => s.retry_delay_ms = Some(map.next_value()?),
+                        "retry_delay_max_ms" => s.retry_delay_max_ms = Some(map.next_value()?),
+                        "fault" => s.faults = map.next_value()?,
+                        _ => {
+                            let value = map.next_value()?;
+                            s.fields.insert(key, value);
+                        }
+                    }
+                }
+                s.name = name.ok_or_else(|| A::Error::missing_field("name"))?;
+                s.kind = kind.ok_or_else(|| A::Error::missing_field("kind"))?;
+                s.input = input.ok_or_else(|| A::Error::missing_field("input"))?;
+                s.output = output.ok_or_else(|| A::Error::missing_field("output"))?;
+                s.dlq = dlq.ok_or_else(|| A::Error::missing_field("dlq"))?;
+                Ok(s)
+            }
+        }
+        d.deserialize_map(Fields)
+    }
+}
+
+/// The fields every `[[stage]]` has (the rest are its kind's).
+pub const COMMON_STAGE_FIELDS: &[&str] = &[
+    "name", "kind", "input", "output", "dlq", "replicas", "limits", "retry_topic", "retry_topic_attempts", "retry_delay_ms", "retry_delay_max_ms", "fault",
+];
 
 /// Consecutive stages run as one service (`[[service]]`): one process, one consumer
 /// group on the first stage's input, each message handed from stage to stage in

@@ -11,12 +11,14 @@
 pub mod config;
 pub mod error;
 pub mod faults;
+pub mod kinds;
 pub mod launch;
 mod resolve;
 pub mod services;
 pub mod stages;
 
-pub use config::{FaultKind, StageKind, TopicRole};
+pub use config::{FaultKind, TopicRole};
+pub use kinds::{Kind, Logic, StageLogic, Writes};
 pub use error::{ConfigError, ConfigErrors};
-pub use resolve::{Limits, Pipeline, Stage, StageLogic, Topic};
+pub use resolve::{Limits, Pipeline, Stage, Topic};
 pub use services::Service;

@@ -8,14 +8,12 @@ use std::time::Duration;
 
 use actio_core::{Codec, KeyExtractor, Schema, FileError};
 use actio_engine::derive::DerivedFields;
-use actio_engine::rules::ReloadableRuleSet;
-use actio_engine::score::Model;
-use actio_engine::velocity::VelocitySpec;
 use toml::Spanned;
 
 use crate::config::*;
 use crate::error::{ConfigError, ConfigErrors};
 use crate::faults::Faults;
+use crate::kinds::{self, Kind, Logic, ResolveCx, Writes};
 use crate::services::Service;
 
 /// A topic of the pipeline.
@@ -52,29 +50,13 @@ pub struct Limits {
     pub budget_ms: Option<f64>,
 }
 
-/// What a stage computes, compiled.
-#[derive(Debug, Clone)]
-pub enum StageLogic {
-    /// A rule set (reloadable).
-    Rules(Arc<ReloadableRuleSet>),
-    /// Velocity features, then optionally rules over them.
-    Velocity {
-        /// The features.
-        spec: Arc<VelocitySpec>,
-        /// Rules evaluated after the features.
-        rules: Option<Arc<ReloadableRuleSet>>,
-    },
-    /// The model.
-    Score(Arc<Model>),
-}
-
 /// A stage of the pipeline.
 #[derive(Debug, Clone)]
 pub struct Stage {
     /// Name.
     pub name: String,
-    /// Kind.
-    pub kind: StageKind,
+    /// Its kind (one of [`crate::kinds::KINDS`]).
+    pub kind: &'static Kind,
     /// Consumer group: `<pipeline>.<stage>`.
     pub group: String,
     /// Input topic.
@@ -87,8 +69,8 @@ pub struct Stage {
     pub limits: Limits,
     /// Replicas to deploy.
     pub replicas: u32,
-    /// What it computes.
-    pub logic: StageLogic,
+    /// What it computes, compiled.
+    pub logic: Arc<dyn Logic>,
     /// Versions of the rule sets that ran up to and including this stage.
     pub rules_version: String,
     /// Injected faults (`[[stage.fault]]`), for drills; empty by default.
@@ -261,6 +243,11 @@ impl Resolver<'_> {
             let name = s.name.get_ref().clone();
             let at = format!("stage[{i}]");
             let features_before = features.clone();
+            let kind = kinds::kind(s.kind.get_ref());
+            if kind.is_none() {
+                let known: Vec<&str> = kinds::KINDS.iter().map(|k| k.name).collect();
+                self.err(&s.kind, format!("{at}.kind"), format!("unknown stage kind {:?}; the kinds are: {}", s.kind.get_ref(), known.join(", ")));
+            }
             if !is_name(&name) {
                 self.err(&s.name, format!("{at}.name"), "expected a name of [a-z0-9_-] characters");
             }
@@ -293,11 +280,16 @@ impl Resolver<'_> {
                     if let Some(other) = written.insert(t.name.clone(), name.clone()) {
                         self.err(&s.output, format!("{at}.output"), format!("topic {:?} is already written by stage {other:?}", t.name));
                     }
-                    if s.kind != StageKind::Score && t.role == TopicRole::Egress {
-                        self.err(&s.output, format!("{at}.output"), "only a `score` stage writes decisions to the egress topic");
-                    }
-                    if s.kind == StageKind::Score && t.role != TopicRole::Egress {
-                        self.err(&s.output, format!("{at}.output"), "a `score` stage writes decisions: expected a topic of role egress");
+                    match kind.map(|k| (k, k.writes)) {
+                        Some((k, Writes::Transactions)) if t.role == TopicRole::Egress => self.err(
+                            &s.output,
+                            format!("{at}.output"),
+                            format!("a `{}` stage writes transactions: only a stage that writes decisions (such as `score`) writes to the egress topic", k.name),
+                        ),
+                        Some((k, Writes::Decisions)) if t.role != TopicRole::Egress => {
+                            self.err(&s.output, format!("{at}.output"), format!("a `{}` stage writes decisions: expected a topic of role egress", k.name))
+                        }
+                        _ => {}
                     }
                 }
             }
@@ -325,59 +317,34 @@ impl Resolver<'_> {
                 self.err(r, format!("{at}.replicas"), format!("expected 1..={} (the partitions of {:?}): more replicas than partitions sit idle", t.partitions, t.name));
             }
 
-            let expect = |field: &str, kind: StageKind| match (field, kind) {
-                ("rules", StageKind::Rules) | ("features", StageKind::Velocity) | ("model", StageKind::Score) => Some(true),
-                ("rules", StageKind::Velocity) => None,
-                _ => Some(false),
-            };
-            for (field, value) in [("rules", &s.rules), ("features", &s.features), ("model", &s.model)] {
-                match (expect(field, s.kind), value) {
-                    (Some(true), None) => self.errors.push(ConfigError::at(
-                        self.file,
-                        self.text,
-                        s.name.span(),
-                        format!("{at}.{field}"),
-                        format!("a `{:?}` stage needs a `{field}` file", s.kind).to_lowercase(),
-                    )),
-                    (Some(false), Some(v)) => self.err(v, format!("{at}.{field}"), format!("a {:?} stage takes no `{field}` file", s.kind)),
-                    _ => {}
-                }
-            }
-            let logic = match s.kind {
-                StageKind::Rules => s.rules.as_ref().and_then(|f| self.rules(f, &format!("{at}.rules"), &schema, &features)).map(StageLogic::Rules),
-                StageKind::Velocity => {
-                    let spec = s.features.as_ref().and_then(|f| {
-                        let path = self.file_at(f, &format!("{at}.features"))?;
-                        VelocitySpec::load(&path, &schema).map_err(|e| self.engine_error(e)).ok().map(Arc::new)
-                    });
-                    if let Some(spec) = &spec {
-                        features.extend(spec.feature_names());
-                    }
-                    let rules = s.rules.as_ref().map(|f| self.rules(f, &format!("{at}.rules"), &schema, &features));
-                    match (spec, rules) {
-                        (Some(spec), None) => Some(StageLogic::Velocity { spec, rules: None }),
-                        (Some(spec), Some(Some(r))) => Some(StageLogic::Velocity { spec, rules: Some(r) }),
-                        _ => None,
-                    }
-                }
-                StageKind::Score => s.model.as_ref().and_then(|f| {
-                    let path = self.file_at(f, &format!("{at}.model"))?;
-                    Model::load(&path, &schema, &features, &rule_ids).map_err(|e| self.engine_error(e)).ok().map(Arc::new)
-                }).map(StageLogic::Score),
-            };
-            let rule_sets: Vec<_> = match &logic {
-                Some(StageLogic::Rules(r)) | Some(StageLogic::Velocity { rules: Some(r), .. }) => vec![r.current()],
-                _ => vec![],
-            };
-            for r in rule_sets {
+            let logic = kind.and_then(|k| {
+                let mut cx = ResolveCx {
+                    stage: &name,
+                    dir: self.dir,
+                    schema: &schema,
+                    key_fields: raw.key.fields.get_ref(),
+                    features: &mut features,
+                    rule_ids: &rule_ids,
+                    kind: k.name,
+                    at: &at,
+                    fields: &s.fields,
+                    name_span: s.name.span(),
+                    file: self.file,
+                    text: self.text,
+                    errors: &mut self.errors,
+                };
+                (k.resolve)(&mut cx)
+            });
+            if let Some(r) = logic.as_ref().and_then(|l| l.rules()) {
+                let r = r.current();
                 versions.push(format!("{}@{}", name, r.version()));
                 rule_ids.extend(r.stats().into_iter().map(|s| s.id));
             }
-            if let (Some(logic), Some(input), Some(output)) = (logic, input, output) {
+            if let (Some(kind), Some(logic), Some(input), Some(output)) = (kind, logic, input, output) {
                 stages.push(Stage {
                     group: format!("{}.{}", raw.name.get_ref(), name),
                     name,
-                    kind: s.kind,
+                    kind,
                     input: input.name,
                     output: output.name,
                     dlq: s.dlq.get_ref().clone(),
@@ -496,27 +463,8 @@ impl Resolver<'_> {
         out
     }
 
-    fn file_at(&mut self, f: &Spanned<String>, field: &str) -> Option<PathBuf> {
-        let path = self.dir.join(f.get_ref());
-        if path.is_file() {
-            Some(path)
-        } else {
-            self.err(f, field, format!("file {} does not exist", path.display()));
-            None
-        }
-    }
-
-    fn rules(&mut self, f: &Spanned<String>, field: &str, schema: &Arc<Schema>, features: &[String]) -> Option<Arc<ReloadableRuleSet>> {
-        let path = self.file_at(f, field)?;
-        ReloadableRuleSet::load(&path, schema, features).map_err(|e| self.engine_error(e)).ok().map(Arc::new)
-    }
-
     fn schema_error(&mut self, e: FileError) {
         self.errors.push(e);
-    }
-
-    fn engine_error(&mut self, e: actio_engine::EngineError) {
-        self.errors.push(ConfigError { file: e.file, field: e.field.unwrap_or_else(|| "-".into()), line: e.line, message: e.message });
     }
 
     /// The stage's retry topic, checked: declared with role `retry`, this stage's alone

@@ -20,7 +20,7 @@
 
 use std::ops::Range;
 
-use crate::StageKind;
+use crate::Writes;
 use crate::resolve::{Pipeline, Stage};
 
 /// A deployment unit: one stage, or consecutive stages run as one.
@@ -116,8 +116,8 @@ impl Pipeline {
             }
         }
         let range = first..first + at.len();
-        if let Some(s) = self.stages[range.clone()].iter().rev().skip(1).find(|s| s.kind == StageKind::Score) {
-            return Err(format!("stage {:?} is a score stage: it writes decisions, so it can only be a service's last stage", s.name));
+        if let Some(s) = self.stages[range.clone()].iter().rev().skip(1).find(|s| s.kind.writes == Writes::Decisions) {
+            return Err(format!("stage {:?} is a `{}` stage: it writes decisions, so it can only be a service's last stage", s.name, s.kind.name));
         }
         Ok(range)
     }

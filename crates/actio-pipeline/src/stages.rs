@@ -1,33 +1,27 @@
-//! The stage kinds as runtime [`Handler`]s: decode the input, run the stages' logic,
-//! encode the output.
+//! Pipeline services as runtime [`Handler`]s: decode the input, run each stage's
+//! logic, encode the output.
 //!
 //! One handler runs one [`Service`]: a stage, or consecutive stages fused into one
-//! (see [`crate::services`]). A fused handler decodes the first stage's input once,
-//! runs each stage's logic on the same transaction in memory, and encodes the last
-//! stage's output; it times each stage (the trail gets one hop per stage, `/metrics`
-//! one service histogram per stage), so reports read the same either way.
+//! (see [`crate::services`]). It knows no stage kind: each stage is a
+//! [`crate::kinds::Logic`], run through its [`Runner`] (which holds the stage's
+//! per-partition state, [`crate::kinds::state`]). A fused handler decodes the first
+//! stage's input once, runs each stage on the same transaction in memory, and
+//! encodes the last stage's output; it times each stage (the trail gets one hop per
+//! stage, `/metrics` one service histogram per stage), so reports read the same
+//! either way. A stage that produces nothing (a `latest` stage dropping a stale
+//! update) ends the service's work on the message: no output, the input is done.
 //!
 //! Ingress topics carry JSON transactions of the pipeline's schema (decoded straight
 //! into its slots, every constraint checked and the derived fields computed here,
 //! once); internal topics carry [`TxState`] in the topic's codec, checked against the
-//! schema's slots on arrival; the `score` stage writes a [`actio_core::Decision`].
-//! Anything undecodable or invalid is a permanent failure: the runtime dead-letters it
-//! at once with the reason. Injected faults ([`crate::faults`]) are checked before
-//! each stage's logic.
+//! schema's slots on arrival; a stage that writes decisions writes a
+//! [`actio_core::Decision`]. Anything undecodable or invalid is a permanent failure:
+//! the runtime dead-letters it at once with the reason. Injected faults
+//! ([`crate::faults`]) are checked before each stage's logic.
 //!
-//! The velocity stage's windows live per input partition (of the service's input).
-//! When it is assigned a partition (a start, a restart, a hand-over from another
-//! replica) and the handler was given the bus ([`StageHandler::with_restore`]), it
-//! rebuilds that partition's windows by replaying the service's input from `restore`
-//! in `velocity.toml` (default: the longest window) plus a minute before now, up to
-//! the group's committed offset — the records the partition's previous owner had
-//! finished — before it processes anything of the partition. The input topic is the
-//! changelog: nothing is written on the hot path, and the state after the replay is
-//! the one the previous owner had (the events are the same, in the same per-key
-//! order; the windows read only the transaction's fields, so the stages before
-//! velocity in a fused service need not run again). The cost is read at assignment,
-//! partitions in parallel: that span of each partition's input (logged with its
-//! duration, and every 5 s while it runs).
+//! Stateful stages rebuild an assigned partition's state from the service's input
+//! when the handler was given the bus ([`StageHandler::with_restore`]); see
+//! [`crate::kinds::state`].
 //!
 //! Rule evaluation errors (a rule whose `when` fails on a transaction: it does not
 //! fire, the transaction goes on) are counted per service as `actio_rule_errors_total`.
@@ -35,19 +29,18 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use actio_core::bus::{Bus, BusError, BusErrorKind, Bytes, ReplayRange};
+use actio_core::bus::{Bus, BusError, Bytes, ReplayRange};
 use actio_core::latency::{latency_histogram, record_ns};
 use actio_core::time::now_ns;
 use actio_core::{Codec, KeyExtractor, Record, Schema, TopicPartition, TxState};
 use actio_engine::derive::DerivedFields;
-use actio_engine::velocity::{VelocitySpec, VelocityState};
 use actio_runtime::{Context, Handler, HandlerCounter, HandlerError, HandlerHistogram, Output, StageSpec, StepTime};
-use ahash::AHashMap;
 use hdrhistogram::Histogram;
-use parking_lot::{Mutex, RwLock};
+use parking_lot::Mutex;
 
 use crate::TopicRole;
-use crate::resolve::{Pipeline, Stage, StageLogic};
+use crate::kinds::{History, Produced, RunCx, Runner};
+use crate::resolve::{Pipeline, Stage};
 use crate::services::Service;
 
 /// A pipeline service (one stage, or several fused), ready to hand to
@@ -83,8 +76,8 @@ struct Step {
     stage: Stage,
     /// Its name, shared by every trail hop written for it.
     name: Arc<str>,
-    /// Velocity state per input partition: dropped with the partition on revocation.
-    velocity: RwLock<AHashMap<i32, Arc<VelocityState>>>,
+    /// Its logic with this handler's state.
+    runner: Box<dyn Runner>,
     /// Time in its logic per message (µs); kept only in a fused service, where the
     /// runtime's service histogram covers all the steps.
     service: Option<Mutex<Histogram<u64>>>,
@@ -97,13 +90,6 @@ struct Restore(Box<RestoreFn>);
 
 type RestoreFn = dyn Fn(&TopicPartition, i64, u64, &mut dyn FnMut(&Record)) -> Result<u64, BusError> + Send + Sync;
 
-/// How far before the longest window a restore starts reading: record timestamps
-/// (when the previous stage produced) trail transactions' event times.
-const RESTORE_MARGIN_MS: i64 = 60_000;
-
-/// How often a long restore says how far it got.
-const RESTORE_PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
-
 impl std::fmt::Debug for Restore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Restore")
@@ -112,12 +98,6 @@ impl std::fmt::Debug for Restore {
 
 /// Rule evaluations that failed (the rule did not fire; the transaction went on).
 pub const RULE_ERRORS: &str = "actio_rule_errors_total";
-
-/// What a service's last stage produced.
-enum Produced {
-    Tx(TxState),
-    Decision(actio_core::Decision),
-}
 
 impl StageHandler {
     /// The handler of one stage of `pipeline`, alone.
@@ -143,7 +123,7 @@ impl StageHandler {
                 .map(|s| Step {
                     name: Arc::from(s.name.as_str()),
                     stage: s.clone(),
-                    velocity: RwLock::new(AHashMap::new()),
+                    runner: s.logic.clone().runner(),
                     service: fused.then(|| Mutex::new(latency_histogram())),
                 })
                 .collect(),
@@ -174,9 +154,9 @@ impl StageHandler {
         self.steps.iter().map(|s| &s.stage)
     }
 
-    /// Lets a velocity stage rebuild a partition's windows from `bus` when it is
-    /// assigned one (see the module docs). Other stages keep no state; for them this
-    /// changes nothing.
+    /// Lets stateful stages rebuild a partition's state from `bus` when it is
+    /// assigned one (see [`crate::kinds::state`]). For stateless stages this changes
+    /// nothing.
     pub fn with_restore<B: Bus>(mut self, bus: Arc<B>) -> Self {
         let group = self.group.clone();
         self.restore = Some(Restore(Box::new(move |tp: &TopicPartition, from_ms: i64, max_records: u64, f: &mut dyn FnMut(&Record)| {
@@ -187,47 +167,6 @@ impl StageHandler {
             }
         })));
         self
-    }
-
-    /// A new state for input partition `tp`, rebuilt from its history when there is a
-    /// restore. A failed restore is logged and the windows keep what was read.
-    fn restored_state(&self, spec: &VelocitySpec, tp: &TopicPartition) -> VelocityState {
-        let state = spec.new_state();
-        let Some(restore) = &self.restore else { return state };
-        if spec.restore_window().is_zero() {
-            return state;
-        }
-        let t0 = std::time::Instant::now();
-        let now_ms = now_ns() / 1_000_000;
-        let from_ms = now_ms - spec.restore_window().as_millis() as i64 - RESTORE_MARGIN_MS;
-        let (mut applied, mut undecodable) = (0u64, 0u64);
-        let mut last_said = t0;
-        let result = (restore.0)(tp, from_ms, spec.restore_max_records(), &mut |r: &Record| {
-            match self.decode(&r.payload) {
-                Ok(mut st) => {
-                    spec.update(&state, &mut st);
-                    applied += 1;
-                }
-                Err(_) => undecodable += 1, // dead-lettered when it was first consumed
-            }
-            if applied % 65_536 == 0 && last_said.elapsed() >= RESTORE_PROGRESS_EVERY {
-                last_said = std::time::Instant::now();
-                tracing::info!(stage = %self.name, partition = %tp, records = applied, s = t0.elapsed().as_secs(), "restoring velocity windows");
-            }
-        });
-        let ms = t0.elapsed().as_millis() as u64;
-        match result {
-            Ok(_) => tracing::info!(stage = %self.name, partition = %tp, records = applied, undecodable, ms, "velocity windows restored"),
-            // A bus without history (the embedded one): there is nothing to rebuild from.
-            Err(e) if e.kind == BusErrorKind::Unsupported => {
-                tracing::debug!(stage = %self.name, partition = %tp, error = %e, "no history to rebuild velocity windows from");
-            }
-            Err(e) => tracing::warn!(
-                stage = %self.name, partition = %tp, records = applied, ms, error = %e,
-                "velocity windows only partly restored: features of this partition's cards under-count until their windows refill"
-            ),
-        }
-        state
     }
 
     fn decode(&self, payload: &[u8]) -> Result<TxState, HandlerError> {
@@ -246,28 +185,6 @@ impl StageHandler {
             self.schema.check(&st.tx).map_err(|e| bad(&e))?;
             Ok(st)
         }
-    }
-
-    fn velocity_state(step: &Step, spec: &VelocitySpec, partition: i32) -> Arc<VelocityState> {
-        if let Some(s) = step.velocity.read().get(&partition) {
-            return s.clone();
-        }
-        step.velocity.write().entry(partition).or_insert_with(|| Arc::new(spec.new_state())).clone()
-    }
-
-    /// The velocity state of the message `ctx` describes: its input partition's. A copy
-    /// back from the retry topic was consumed from a retry partition, not an input one;
-    /// `ctx.source` names the input partition it was first consumed from. If this
-    /// replica does not hold that partition (the retry group assigns retry partitions on
-    /// its own), the copy is run against an empty, throw-away state: its features see no
-    /// history, and it is not remembered.
-    fn velocity_state_of(&self, step: &Step, spec: &VelocitySpec, ctx: &Context) -> Arc<VelocityState> {
-        let on_input = *ctx.source.topic == *self.input;
-        if on_input && !ctx.from_retry_topic {
-            return Self::velocity_state(step, spec, ctx.source.partition);
-        }
-        let held = on_input.then(|| step.velocity.read().get(&ctx.source.partition).cloned()).flatten();
-        held.unwrap_or_else(|| Arc::new(spec.new_state()))
     }
 
     /// The runtime spec of this service: its first stage's limits, but the strictest
@@ -304,34 +221,6 @@ impl StageHandler {
             properties: properties.to_vec(),
         }
     }
-
-    fn eval_rules(&self, rules: &actio_engine::rules::ReloadableRuleSet, st: &mut TxState) {
-        let before = st.rule_errors;
-        rules.current().eval(st);
-        let failed = st.rule_errors.saturating_sub(before);
-        if failed > 0 {
-            self.rule_errors.fetch_add(failed as u64, Ordering::Relaxed);
-        }
-    }
-
-    /// Runs `step`'s logic on `st`: what it produced (a decision ends the service).
-    fn run_step(&self, step: &Step, mut st: TxState, ctx: &Context) -> Result<Produced, HandlerError> {
-        step.stage.faults.check(&st, ctx.attempt)?;
-        match &step.stage.logic {
-            StageLogic::Rules(rules) => self.eval_rules(rules, &mut st),
-            StageLogic::Velocity { spec, rules } => {
-                spec.update(&self.velocity_state_of(step, spec, ctx), &mut st);
-                if let Some(rules) = rules {
-                    self.eval_rules(rules, &mut st);
-                }
-            }
-            StageLogic::Score(model) => {
-                let key = self.key.key(&st.tx);
-                return Ok(Produced::Decision(model.decide(&st, &key, &step.stage.rules_version)));
-            }
-        }
-        Ok(Produced::Tx(st))
-    }
 }
 
 impl Handler for StageHandler {
@@ -340,10 +229,13 @@ impl Handler for StageHandler {
         let fused = self.steps.len() > 1;
         let mut times = Vec::with_capacity(if fused { self.steps.len() } else { 0 });
         for step in &self.steps {
-            // A score stage is a service's last (checked when the service is made).
+            // A stage that writes decisions is a service's last (checked when the
+            // service is made); one that produced nothing ends the work.
             let Produced::Tx(st) = produced else { break };
             let started_ns = if fused { now_ns() } else { 0 };
-            produced = self.run_step(step, st, ctx)?;
+            step.stage.faults.check(&st, ctx.attempt)?;
+            let cx = RunCx { ctx, key: &self.key, rules_version: &step.stage.rules_version, rule_errors: &self.rule_errors, input: &self.input };
+            produced = step.runner.run(st, &cx)?;
             if let Some(h) = &step.service {
                 let ended_ns = now_ns();
                 record_ns(&mut h.lock(), ended_ns - started_ns);
@@ -353,17 +245,27 @@ impl Handler for StageHandler {
         let encoded = match &produced {
             Produced::Tx(st) => self.output_codec.encode(st),
             Produced::Decision(d) => self.output_codec.encode(d),
+            Produced::Nothing => return Ok(Vec::new()),
         };
         let payload: Bytes = encoded.map_err(|e| HandlerError::permanent(format!("cannot encode output: {e}")))?.into();
         Ok(vec![Output::new(self.output.clone(), payload).with_steps(times)])
     }
 
     fn counters(&self) -> Vec<HandlerCounter> {
-        vec![HandlerCounter {
+        let mut out = vec![HandlerCounter {
             name: RULE_ERRORS,
             help: "Rule evaluations that failed (type error, missing value): the rule did not fire, the transaction went on.",
             value: self.rule_errors.load(Ordering::Relaxed),
-        }]
+        }];
+        for step in &self.steps {
+            for c in step.stage.logic.counters() {
+                match out.iter_mut().find(|o| o.name == c.name) {
+                    Some(o) => o.value += c.value,
+                    None => out.push(c),
+                }
+            }
+        }
+        out
     }
 
     fn histograms(&self) -> Vec<HandlerHistogram> {
@@ -374,35 +276,27 @@ impl Handler for StageHandler {
     }
 
     fn partitions_assigned(&self, partitions: &[TopicPartition]) {
-        // Velocity state exists for exactly the input partitions held (see
-        // `velocity_state_of`); the retry topic's partitions have none.
+        let replay = |tp: &TopicPartition, from_ms: i64, max: u64, f: &mut dyn FnMut(&mut TxState)| -> Result<(u64, u64), BusError> {
+            let Some(restore) = &self.restore else { return Ok((0, 0)) };
+            let (mut applied, mut undecodable) = (0u64, 0u64);
+            (restore.0)(tp, from_ms, max, &mut |r: &Record| match self.decode(&r.payload) {
+                Ok(mut st) => {
+                    f(&mut st);
+                    applied += 1;
+                }
+                Err(_) => undecodable += 1, // dead-lettered when it was first consumed
+            })?;
+            Ok((applied, undecodable))
+        };
+        let history = History { service: &self.name, input: &self.input, replay: self.restore.is_some().then_some(&replay) };
         for step in &self.steps {
-            let StageLogic::Velocity { spec, .. } = &step.stage.logic else { continue };
-            let new: Vec<&TopicPartition> =
-                partitions.iter().filter(|tp| *tp.topic == *self.input && !step.velocity.read().contains_key(&tp.partition)).collect();
-            // One thread per partition: a restore is a fetch-and-update loop, and the
-            // partitions' states are independent.
-            let states: Vec<(i32, VelocityState)> = std::thread::scope(|scope| {
-                let running: Vec<_> = new.iter().map(|tp| scope.spawn(|| (tp.partition, self.restored_state(spec, tp)))).collect();
-                running.into_iter().filter_map(|h| h.join().ok()).collect()
-            });
-            let mut held = step.velocity.write();
-            for (partition, state) in states {
-                held.entry(partition).or_insert_with(|| Arc::new(state));
-            }
-            // A restore that panicked left its partition without state; it starts empty.
-            for tp in new {
-                held.entry(tp.partition).or_insert_with(|| Arc::new(spec.new_state()));
-            }
+            step.runner.assigned(partitions, &history);
         }
     }
 
     fn partitions_revoked(&self, partitions: &[TopicPartition]) {
         for step in &self.steps {
-            let mut v = step.velocity.write();
-            for tp in partitions.iter().filter(|tp| *tp.topic == *self.input) {
-                v.remove(&tp.partition);
-            }
+            step.runner.revoked(partitions, &self.input);
         }
     }
 }
@@ -546,7 +440,7 @@ mod tests {
         {
             let calls = calls.lock();
             assert_eq!(calls.len(), 1, "input partitions only: {calls:?}");
-            let day_and_a_minute = 24 * 3_600_000 + RESTORE_MARGIN_MS;
+            let day_and_a_minute = 24 * 3_600_000 + crate::kinds::state::RESTORE_MARGIN.as_millis() as i64;
             let now_ms = actio_core::time::now_ns() / 1_000_000;
             assert!((now_ms - day_and_a_minute - calls[0].1).abs() < 60_000, "from one longest window (24h) and a minute ago");
             assert_eq!(calls[0].2, 10_000_000, "restore_max_records' default");

@@ -2,7 +2,7 @@
 //! naming the file and the field.
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
-use actio_pipeline::{Pipeline, StageLogic};
+use actio_pipeline::Pipeline;
 use actio_testkit::{copy_of_fraud, copy_of_fraud_with, fraud};
 
 /// A copy of the shipped pipeline with `file` edited by `edit`, and the error loading it.
@@ -18,14 +18,8 @@ fn the_shipped_fraud_pipeline_loads() {
     assert_eq!(p.name, "fraud");
     assert_eq!(p.stages.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), ["rules", "velocity", "score"]);
     assert_eq!(p.stages[0].group, "fraud.rules");
-    let rules = match &p.stages[0].logic {
-        StageLogic::Rules(r) => r.current().len(),
-        _ => panic!("rules stage"),
-    };
-    let velocity_rules = match &p.stages[1].logic {
-        StageLogic::Velocity { rules: Some(r), .. } => r.current().len(),
-        _ => panic!("velocity stage with rules"),
-    };
+    let rules = p.stages[0].logic.rules().expect("a rules stage").current().len();
+    let velocity_rules = p.stages[1].logic.rules().expect("a velocity stage with rules").current().len();
     assert!((40..=60).contains(&(rules + velocity_rules)), "{rules} + {velocity_rules} rules");
     assert!(p.warnings.is_empty(), "{:?}", p.warnings);
     assert!(p.stages[2].rules_version.contains("rules@") && p.stages[2].rules_version.contains("velocity@"));

@@ -31,7 +31,7 @@ use std::path::{Path, PathBuf};
 use actio_core::bus::Bytes;
 use actio_core::{Decision, Headers, Record, TopicPartition, TxState};
 use actio_pipeline::stages::StageHandler;
-use actio_pipeline::{Pipeline, StageKind, StageLogic};
+use actio_pipeline::{Pipeline, Writes};
 use actio_runtime::{Context, Handler, HandlerError, Output};
 use serde::{Deserialize, Deserializer};
 use serde_json::Value;
@@ -115,7 +115,7 @@ impl<'p> Chain<'p> {
             };
             assert_eq!(*out.topic, *stage.output, "stage {:?} wrote to another topic", stage.name);
             payload = out.payload.clone();
-            if stage.kind != StageKind::Score {
+            if stage.kind.writes == Writes::Transactions {
                 state = Some(self.codec(&stage.output).decode::<TxState>(&payload).map_err(|e| format!("stage {:?} output: {e}", stage.name))?);
             }
         }
@@ -130,10 +130,7 @@ impl<'p> Chain<'p> {
 fn rule_sets(p: &Pipeline) -> Vec<std::sync::Arc<actio_engine::rules::RuleSet>> {
     p.stages
         .iter()
-        .filter_map(|s| match &s.logic {
-            StageLogic::Rules(r) | StageLogic::Velocity { rules: Some(r), .. } => Some(r.current()),
-            _ => None,
-        })
+        .filter_map(|s| s.logic.rules().map(|r| r.current()))
         .collect()
 }
 

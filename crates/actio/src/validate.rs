@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use std::time::Duration;
 
-use actio_pipeline::{Pipeline, StageKind, StageLogic, TopicRole};
+use actio_pipeline::{Pipeline, TopicRole};
 use serde_json::{json, Value};
 
 use crate::cli::ValidateArgs;
@@ -58,28 +58,10 @@ pub fn main(args: ValidateArgs) -> anyhow::Result<ExitCode> {
         println!("  topic {:<18} {:>3} partitions  {:?}  {:?}", t.name, t.partitions, t.codec, t.role);
     }
     for s in &pipeline.stages {
-        let what = match &s.logic {
-            StageLogic::Rules(r) => {
-                let r = r.current();
-                format!("{} rules (version {})", r.len(), r.version())
-            }
-            StageLogic::Velocity { spec, rules } => format!(
-                "{} features{}",
-                spec.feature_names().len(),
-                rules.as_ref().map(|r| format!(" + {} rules (version {})", r.current().len(), r.current().version())).unwrap_or_default()
-            ),
-            StageLogic::Score(m) => format!("model version {}", m.version()),
-        };
-        println!("  stage {:<9} {} → {}  {}  group {}  replicas {}", s.name, s.input, s.output, what, s.group, s.replicas);
-        if let StageLogic::Velocity { spec, .. } = &s.logic {
-            match spec.restore_window() {
-                w if w.is_zero() => println!("    windows start empty on an assigned partition (restore = \"off\")"),
-                w => println!(
-                    "    an assigned partition's windows are rebuilt from the last {} of its input (at most {} records)",
-                    humantime::format_duration(w),
-                    spec.restore_max_records()
-                ),
-            }
+        let mut what = s.logic.describe().into_iter();
+        println!("  stage {:<9} {} → {}  {}: {}  group {}  replicas {}", s.name, s.input, s.output, s.kind.name, what.next().unwrap_or_default(), s.group, s.replicas);
+        for line in what {
+            println!("    {line}");
         }
         if let Some(t) = &s.limits.retry.topic {
             let wait = if t.max_delay > t.delay {
@@ -122,11 +104,7 @@ fn resolved(pipeline: &Pipeline) -> Value {
         .stages
         .iter()
         .map(|s| {
-            let kind = match s.kind {
-                StageKind::Rules => "rules",
-                StageKind::Velocity => "velocity",
-                StageKind::Score => "score",
-            };
+            let kind = s.kind.name;
             let l = &s.limits;
             let retry = l.retry.topic.as_ref();
             json!({

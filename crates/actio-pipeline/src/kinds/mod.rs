@@ -1,0 +1,283 @@
+//! Stage kinds: an open set, each in its own folder, registered in [`KINDS`].
+//!
+//! A kind is three things side by side in `kinds/<kind>/`: its config (the fields a
+//! `[[stage]]` of the kind takes beyond the common ones: a serde struct with
+//! `deny_unknown_fields`, read by [`ResolveCx::config`]), its resolve step (load its
+//! files, compile, check them against the schema: at load, so a pipeline that loads
+//! runs) and its per-message logic (a [`StageLogic`]), with their tests. Then one
+//! line in [`KINDS`]. Nothing else in the crates names a kind: the resolver checks
+//! the common fields and the chain, the service handler runs any [`StageLogic`],
+//! `actio validate` prints [`StageLogic::describe`].
+//!
+//! A kind that keeps state per key (velocity windows, the newest record of each
+//! entity) declares a [`StatePolicy`]; the shared mechanism in [`state`] then keeps
+//! one state per input partition of the service, creates it when the partition is
+//! assigned, rebuilds it by replaying the partition's input up to the group's
+//! committed offset (through [`StageLogic::replay`]), and drops it on revocation. A
+//! kind writes none of that itself.
+
+use std::any::Any;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use actio_core::{Decision, KeyExtractor, Schema, TopicPartition, TxState};
+use actio_engine::rules::ReloadableRuleSet;
+use actio_runtime::{Context, HandlerCounter, HandlerError};
+use serde::de::DeserializeOwned;
+use toml::Spanned;
+
+use crate::error::ConfigError;
+
+pub mod latest;
+pub mod rules;
+pub mod score;
+pub mod state;
+pub mod velocity;
+
+pub use state::{History, PartitionStates, Restore, StatePolicy};
+
+/// Every stage kind, by its `kind = "…"` name: the one place a kind is registered.
+pub static KINDS: &[&Kind] = &[&rules::KIND, &velocity::KIND, &score::KIND, &latest::KIND];
+
+/// The registered kind called `name`.
+pub fn kind(name: &str) -> Option<&'static Kind> {
+    KINDS.iter().copied().find(|k| k.name == name)
+}
+
+/// A stage kind: its name, what its stages write, and how one is resolved.
+#[derive(Debug)]
+pub struct Kind {
+    /// Its `kind = "…"` name.
+    pub name: &'static str,
+    /// What it does, in one line (`actio validate`, errors).
+    pub summary: &'static str,
+    /// What its stages write.
+    pub writes: Writes,
+    /// Reads the stage's own fields, loads and compiles what they name; `None` after
+    /// reporting what is wrong through the context.
+    pub resolve: fn(&mut ResolveCx<'_>) -> Option<Arc<dyn Logic>>,
+}
+
+/// What a kind's stages write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Writes {
+    /// Transactions (with what the stage added) to an internal topic, for the next
+    /// stage.
+    Transactions,
+    /// Decisions, to the egress topic: such a stage ends the chain (and any service it
+    /// is fused in).
+    Decisions,
+}
+
+/// What one stage's logic made of a transaction.
+#[derive(Debug)]
+pub enum Produced {
+    /// The transaction goes on to the stage's output.
+    Tx(TxState),
+    /// The decision, to the egress topic.
+    Decision(Decision),
+    /// Nothing goes on (e.g. an update older than the state's); the input is done.
+    Nothing,
+}
+
+/// What a stage's logic is told about the message beyond the transaction.
+#[derive(Debug)]
+pub struct RunCx<'a> {
+    /// Where the message was first consumed from, which attempt this is.
+    pub ctx: &'a Context,
+    /// Builds the message key from the transaction.
+    pub key: &'a KeyExtractor,
+    /// The versions of the rule sets that ran up to and including this stage.
+    pub rules_version: &'a str,
+    /// The service's count of failed rule evaluations.
+    pub rule_errors: &'a AtomicU64,
+    /// The service's input topic (a stateful stage's state is per partition of it).
+    pub input: &'a str,
+}
+
+impl RunCx<'_> {
+    /// Evaluates `rules` on `st`, counting the evaluations that failed (such a rule
+    /// does not fire; the transaction goes on).
+    pub fn eval_rules(&self, rules: &ReloadableRuleSet, st: &mut TxState) {
+        let before = st.rule_errors;
+        rules.current().eval(st);
+        let failed = st.rule_errors.saturating_sub(before);
+        if failed > 0 {
+            self.rule_errors.fetch_add(u64::from(failed), Ordering::Relaxed);
+        }
+    }
+}
+
+/// What a kind computes, compiled at load: immutable, shared by every handler that
+/// runs the stage. The state it keeps per partition (if any) is a handler's, in a
+/// [`PartitionStates`].
+pub trait StageLogic: Send + Sync + fmt::Debug + 'static {
+    /// State of one input partition; `()` for a kind that keeps none.
+    type State: Send + Sync + 'static;
+    /// What `actio validate` says about the stage: a summary, then details.
+    fn describe(&self) -> Vec<String>;
+    /// The rule set the stage evaluates, if any (rule versions and ids, tests).
+    fn rules(&self) -> Option<&Arc<ReloadableRuleSet>> {
+        None
+    }
+    /// How the kind keeps state per partition; `None` (the default): it keeps none,
+    /// and one `State` serves every message.
+    fn state_policy(&self) -> Option<StatePolicy> {
+        None
+    }
+    /// A new, empty state.
+    fn new_state(&self) -> Self::State;
+    /// Applies one record of a partition's history to its state while it is
+    /// rebuilt ([`StatePolicy::restore`]): the transaction as the service's input
+    /// carries it (stages before this one in a fused service have not run on it).
+    fn replay(&self, _state: &Self::State, _st: &mut TxState) {}
+    /// Runs the stage on one transaction, with its input partition's state.
+    fn run(&self, state: &Self::State, st: TxState, cx: &RunCx<'_>) -> Result<Produced, HandlerError>;
+    /// Counters of its own, since start (exposed on `/metrics`).
+    fn counters(&self) -> Vec<HandlerCounter> {
+        Vec::new()
+    }
+}
+
+/// A compiled stage as the rest of the crate sees it: any [`StageLogic`], its state
+/// type erased.
+pub trait Logic: Send + Sync + fmt::Debug {
+    /// See [`StageLogic::describe`].
+    fn describe(&self) -> Vec<String>;
+    /// See [`StageLogic::rules`].
+    fn rules(&self) -> Option<&Arc<ReloadableRuleSet>>;
+    /// See [`StageLogic::state_policy`].
+    fn state_policy(&self) -> Option<StatePolicy>;
+    /// See [`StageLogic::counters`].
+    fn counters(&self) -> Vec<HandlerCounter>;
+    /// A runner for one handler, with state of its own.
+    fn runner(self: Arc<Self>) -> Box<dyn Runner>;
+    /// The concrete logic, for tests and tools that know the kind.
+    fn as_any(&self) -> &dyn Any;
+}
+
+/// One handler's instance of a stage: its logic and its partitions' state.
+pub trait Runner: Send + Sync + fmt::Debug {
+    /// Runs the stage on one transaction.
+    fn run(&self, st: TxState, cx: &RunCx<'_>) -> Result<Produced, HandlerError>;
+    /// Input partitions were assigned: make (and rebuild) their state.
+    fn assigned(&self, partitions: &[TopicPartition], history: &History<'_>);
+    /// Partitions were revoked or lost: drop their state.
+    fn revoked(&self, partitions: &[TopicPartition], input: &str);
+}
+
+impl<L: StageLogic> Logic for L {
+    fn describe(&self) -> Vec<String> {
+        StageLogic::describe(self)
+    }
+    fn rules(&self) -> Option<&Arc<ReloadableRuleSet>> {
+        StageLogic::rules(self)
+    }
+    fn state_policy(&self) -> Option<StatePolicy> {
+        StageLogic::state_policy(self)
+    }
+    fn counters(&self) -> Vec<HandlerCounter> {
+        StageLogic::counters(self)
+    }
+    fn runner(self: Arc<Self>) -> Box<dyn Runner> {
+        Box::new(state::Keyed::new(self))
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+/// What a kind's resolve step is given: the stage's own fields, the pipeline so far,
+/// and a place to report errors (with file, field and line).
+#[derive(Debug)]
+pub struct ResolveCx<'a> {
+    /// The stage's name.
+    pub stage: &'a str,
+    /// The pipeline directory (files are named relative to it).
+    pub dir: &'a Path,
+    /// The declared records.
+    pub schema: &'a Arc<Schema>,
+    /// The message key's fields.
+    pub key_fields: &'a [String],
+    /// Features the stages before this one compute; a kind that computes features
+    /// adds its own.
+    pub features: &'a mut Vec<String>,
+    /// Ids of the rules the stages before this one evaluate.
+    pub rule_ids: &'a [String],
+    pub(crate) kind: &'static str,
+    pub(crate) at: &'a str,
+    pub(crate) fields: &'a BTreeMap<String, Spanned<toml::Value>>,
+    pub(crate) name_span: std::ops::Range<usize>,
+    pub(crate) file: &'a Path,
+    pub(crate) text: &'a str,
+    pub(crate) errors: &'a mut Vec<ConfigError>,
+}
+
+impl ResolveCx<'_> {
+    /// The stage's own fields read into the kind's config `C` (a serde struct with
+    /// `deny_unknown_fields`): an unknown, missing or mistyped field is reported at
+    /// its line, as `stage[i].<field>`.
+    pub fn config<C: DeserializeOwned>(&mut self) -> Option<C> {
+        let table: toml::Table = self.fields.iter().map(|(k, v)| (k.clone(), v.get_ref().clone())).collect();
+        match serde_path_to_error::deserialize::<_, C>(toml::Value::Table(table)) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                let message = e.inner().message().trim().to_string();
+                let path = e.path().to_string();
+                // An unknown field: serde names it in the message, not the path.
+                let key = message
+                    .strip_prefix("unknown field `")
+                    .and_then(|m| m.split('`').next())
+                    .map(str::to_string)
+                    .unwrap_or_else(|| path.split(['.', '[']).next().unwrap_or("").to_string());
+                let kind = self.kind;
+                let message = if message.starts_with("unknown field") {
+                    format!("{message} (the fields of a `{kind}` stage, beyond those every stage has)")
+                } else {
+                    message
+                };
+                match self.fields.get(&key) {
+                    Some(v) if !key.is_empty() => {
+                        let field = if path.is_empty() || path == "." { key.clone() } else { path };
+                        self.errors.push(ConfigError::at(self.file, self.text, v.span(), format!("{}.{field}", self.at), message));
+                    }
+                    _ => self.errors.push(ConfigError::at(self.file, self.text, self.name_span.clone(), self.at.to_string(), format!("a `{kind}` stage: {message}"))),
+                }
+                None
+            }
+        }
+    }
+
+    /// Reports `message` at the stage's field `key` (its line, if it was written;
+    /// the stage's otherwise).
+    pub fn error(&mut self, key: &str, message: impl Into<String>) {
+        let span = self.fields.get(key).map_or(self.name_span.clone(), |v| v.span());
+        self.errors.push(ConfigError::at(self.file, self.text, span, format!("{}.{key}", self.at), message));
+    }
+
+    /// Reports an error of a file the stage names (its own file, field and line).
+    pub fn engine_error(&mut self, e: actio_engine::EngineError) {
+        self.errors.push(ConfigError { file: e.file, field: e.field.unwrap_or_else(|| "-".into()), line: e.line, message: e.message });
+    }
+
+    /// The file named by field `key` (`relative` to the pipeline dir), if it exists.
+    pub fn file(&mut self, key: &str, relative: &str) -> Option<PathBuf> {
+        let path = self.dir.join(relative);
+        if path.is_file() {
+            Some(path)
+        } else {
+            self.error(key, format!("file {} does not exist", path.display()));
+            None
+        }
+    }
+
+    /// The rule file named by field `key`, compiled against the schema and the
+    /// features so far.
+    pub fn rules(&mut self, key: &str, relative: &str) -> Option<Arc<ReloadableRuleSet>> {
+        let path = self.file(key, relative)?;
+        ReloadableRuleSet::load(&path, self.schema, self.features).map_err(|e| self.engine_error(e)).ok().map(Arc::new)
+    }
+}
