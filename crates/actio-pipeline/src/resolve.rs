@@ -281,11 +281,6 @@ impl Resolver<'_> {
                         self.err(&s.output, format!("{at}.output"), format!("topic {:?} is already written by stage {other:?}", t.name));
                     }
                     match kind.map(|k| (k, k.writes)) {
-                        Some((k, Writes::Transactions)) if t.role == TopicRole::Egress => self.err(
-                            &s.output,
-                            format!("{at}.output"),
-                            format!("a `{}` stage writes transactions: only a stage that writes decisions (such as `score`) writes to the egress topic", k.name),
-                        ),
                         Some((k, Writes::Decisions)) if t.role != TopicRole::Egress => {
                             self.err(&s.output, format!("{at}.output"), format!("a `{}` stage writes decisions: expected a topic of role egress", k.name))
                         }
@@ -325,6 +320,7 @@ impl Resolver<'_> {
                     key_fields: raw.key.fields.get_ref(),
                     features: &mut features,
                     rule_ids: &rule_ids,
+                    topics: &topics,
                     kind: k.name,
                     at: &at,
                     fields: &s.fields,
@@ -335,6 +331,11 @@ impl Resolver<'_> {
                 };
                 (k.resolve)(&mut cx)
             });
+            for t in logic.as_ref().map(|l| l.outputs()).unwrap_or_default() {
+                if let Some(other) = written.insert(t.clone(), name.clone()).filter(|o| *o != name) {
+                    self.errors.push(ConfigError::at(self.file, self.text, s.name.span(), format!("{at}.route"), format!("topic {t:?} is already written by stage {other:?}")));
+                }
+            }
             if let Some(r) = logic.as_ref().and_then(|l| l.rules()) {
                 let r = r.current();
                 versions.push(format!("{}@{}", name, r.version()));

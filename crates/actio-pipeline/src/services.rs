@@ -103,6 +103,12 @@ impl Pipeline {
             }
         }
         let Some(&first) = at.first() else { return Err("expected at least one stage".into()) };
+        // A stage that does not write transactions to its output ends a service.
+        if let Some(&i) = at[..at.len() - 1].iter().find(|&&i| self.stages[i].kind.writes != Writes::Transactions) {
+            let s = &self.stages[i];
+            let what = if s.kind.writes == Writes::Decisions { "it writes decisions" } else { "it routes each message to topics of its own choosing" };
+            return Err(format!("stage {:?} is a `{}` stage: {what}, so it can only be a service's last stage", s.name, s.kind.name));
+        }
         for (k, pair) in at.windows(2).enumerate() {
             let (a, b) = (&self.stages[pair[0]], &self.stages[pair[1]]);
             if pair[1] != pair[0] + 1 || b.input != a.output {
@@ -115,11 +121,7 @@ impl Pipeline {
                 return Err(format!("stages {:?} and {:?} have different dead-letter topics ({:?}, {:?}): one service writes one", a.name, b.name, a.dlq, b.dlq));
             }
         }
-        let range = first..first + at.len();
-        if let Some(s) = self.stages[range.clone()].iter().rev().skip(1).find(|s| s.kind.writes == Writes::Decisions) {
-            return Err(format!("stage {:?} is a `{}` stage: it writes decisions, so it can only be a service's last stage", s.name, s.kind.name));
-        }
-        Ok(range)
+        Ok(first..first + at.len())
     }
 }
 

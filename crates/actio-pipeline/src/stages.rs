@@ -35,6 +35,7 @@ use actio_core::time::now_ns;
 use actio_core::{Codec, KeyExtractor, Record, Schema, TopicPartition, TxState};
 use actio_engine::derive::DerivedFields;
 use actio_runtime::{Context, Handler, HandlerCounter, HandlerError, HandlerHistogram, Output, StageSpec, StepTime};
+use ahash::AHashMap;
 use hdrhistogram::Histogram;
 use parking_lot::Mutex;
 
@@ -61,6 +62,9 @@ pub struct StageHandler {
     input_codec: Codec,
     output: Arc<str>,
     output_codec: Codec,
+    /// Every declared topic's codec and role: a route stage's targets are chosen per
+    /// message.
+    topics: AHashMap<Arc<str>, (Codec, TopicRole)>,
     schema: Arc<Schema>,
     derived: Arc<DerivedFields>,
     key: KeyExtractor,
@@ -76,6 +80,8 @@ struct Step {
     stage: Stage,
     /// Its name, shared by every trail hop written for it.
     name: Arc<str>,
+    /// Its `output` topic.
+    output: Arc<str>,
     /// Its logic with this handler's state.
     runner: Box<dyn Runner>,
     /// Time in its logic per message (µs); kept only in a fused service, where the
@@ -122,6 +128,7 @@ impl StageHandler {
                 .iter()
                 .map(|s| Step {
                     name: Arc::from(s.name.as_str()),
+                    output: Arc::from(s.output.as_str()),
                     stage: s.clone(),
                     runner: s.logic.clone().runner(),
                     service: fused.then(|| Mutex::new(latency_histogram())),
@@ -131,6 +138,7 @@ impl StageHandler {
             input_codec: input.map_or(Codec::Json, |t| t.codec),
             output: Arc::from(last.output.as_str()),
             output_codec: output.map_or(Codec::Json, |t| t.codec),
+            topics: pipeline.topics.iter().map(|t| (Arc::from(t.name.as_str()), (t.codec, t.role))).collect(),
             schema: pipeline.schema.clone(),
             derived: pipeline.derived.clone(),
             key: pipeline.key.clone(),
@@ -187,6 +195,16 @@ impl StageHandler {
         }
     }
 
+    /// `st` as topic `topic` carries transactions: in its codec between stages; at an
+    /// egress topic, as the JSON the schema describes (what consumers outside read).
+    fn encode_tx(&self, topic: &str, st: &TxState) -> Result<Bytes, actio_core::CodecError> {
+        match self.topics.get(topic) {
+            Some((_, TopicRole::Egress)) => Ok(Bytes::from(self.schema.encode_json(&st.tx))),
+            Some((codec, _)) => codec.encode(st).map(Bytes::from),
+            None => self.output_codec.encode(st).map(Bytes::from),
+        }
+    }
+
     /// The runtime spec of this service: its first stage's limits, but the strictest
     /// ordering and the most worker threads any of its stages asks for. A fused
     /// service uses its first stage's retry topic (which carries the service's input
@@ -234,7 +252,16 @@ impl Handler for StageHandler {
             let Produced::Tx(st) = produced else { break };
             let started_ns = if fused { now_ns() } else { 0 };
             step.stage.faults.check(&st, ctx.attempt)?;
-            let cx = RunCx { ctx, key: &self.key, rules_version: &step.stage.rules_version, rule_errors: &self.rule_errors, input: &self.input };
+            let cx = RunCx {
+                ctx,
+                key: &self.key,
+                rules_version: &step.stage.rules_version,
+                rule_errors: &self.rule_errors,
+                input: &self.input,
+                output: &step.output,
+                headers: &record.headers,
+                schema: &self.schema,
+            };
             produced = step.runner.run(st, &cx)?;
             if let Some(h) = &step.service {
                 let ended_ns = now_ns();
@@ -242,13 +269,16 @@ impl Handler for StageHandler {
                 times.push(StepTime { stage: step.name.clone(), started_ns, ended_ns });
             }
         }
-        let encoded = match &produced {
-            Produced::Tx(st) => self.output_codec.encode(st),
-            Produced::Decision(d) => self.output_codec.encode(d),
-            Produced::Nothing => return Ok(Vec::new()),
-        };
-        let payload: Bytes = encoded.map_err(|e| HandlerError::permanent(format!("cannot encode output: {e}")))?.into();
-        Ok(vec![Output::new(self.output.clone(), payload).with_steps(times)])
+        let cannot = |e: actio_core::CodecError| HandlerError::permanent(format!("cannot encode output: {e}"));
+        match produced {
+            Produced::Tx(st) => Ok(vec![Output::new(self.output.clone(), self.encode_tx(&self.output, &st).map_err(cannot)?).with_steps(times)]),
+            Produced::Decision(d) => Ok(vec![Output::new(self.output.clone(), Bytes::from(self.output_codec.encode(&d).map_err(cannot)?)).with_steps(times)]),
+            Produced::Routed(to, st) => to
+                .into_iter()
+                .map(|topic| Ok(Output::new(topic.clone(), self.encode_tx(&topic, &st).map_err(cannot)?).with_steps(times.clone())))
+                .collect(),
+            Produced::Nothing => Ok(Vec::new()),
+        }
     }
 
     fn counters(&self) -> Vec<HandlerCounter> {

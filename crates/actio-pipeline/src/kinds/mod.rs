@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use actio_core::{Decision, KeyExtractor, Schema, TopicPartition, TxState};
+use actio_core::{Decision, Headers, KeyExtractor, Schema, TopicPartition, TxState};
 use actio_engine::rules::ReloadableRuleSet;
 use actio_runtime::{Context, HandlerCounter, HandlerError};
 use serde::de::DeserializeOwned;
@@ -32,6 +32,7 @@ use toml::Spanned;
 use crate::error::ConfigError;
 
 pub mod latest;
+pub mod route;
 pub mod rules;
 pub mod score;
 pub mod state;
@@ -40,7 +41,7 @@ pub mod velocity;
 pub use state::{History, PartitionStates, Restore, StatePolicy};
 
 /// Every stage kind, by its `kind = "…"` name: the one place a kind is registered.
-pub static KINDS: &[&Kind] = &[&rules::KIND, &velocity::KIND, &score::KIND, &latest::KIND];
+pub static KINDS: &[&Kind] = &[&rules::KIND, &velocity::KIND, &score::KIND, &latest::KIND, &route::KIND];
 
 /// The registered kind called `name`.
 pub fn kind(name: &str) -> Option<&'static Kind> {
@@ -70,6 +71,9 @@ pub enum Writes {
     /// Decisions, to the egress topic: such a stage ends the chain (and any service it
     /// is fused in).
     Decisions,
+    /// Transactions, each to topics chosen per message ([`Produced::Routed`]): such a
+    /// stage ends any service it is fused in (what follows reads its targets).
+    Routes,
 }
 
 /// What one stage's logic made of a transaction.
@@ -77,6 +81,9 @@ pub enum Writes {
 pub enum Produced {
     /// The transaction goes on to the stage's output.
     Tx(TxState),
+    /// The transaction, to each of these topics (declared ones: a kind that routes
+    /// checks its targets against the pipeline's topics).
+    Routed(Vec<Arc<str>>, TxState),
     /// The decision, to the egress topic.
     Decision(Decision),
     /// Nothing goes on (e.g. an update older than the state's); the input is done.
@@ -96,6 +103,12 @@ pub struct RunCx<'a> {
     pub rule_errors: &'a AtomicU64,
     /// The service's input topic (a stateful stage's state is per partition of it).
     pub input: &'a str,
+    /// The stage's `output` topic.
+    pub output: &'a Arc<str>,
+    /// The consumed message's headers.
+    pub headers: &'a Headers,
+    /// The declared records.
+    pub schema: &'a Schema,
 }
 
 impl RunCx<'_> {
@@ -140,6 +153,11 @@ pub trait StageLogic: Send + Sync + fmt::Debug + 'static {
     fn counters(&self) -> Vec<HandlerCounter> {
         Vec::new()
     }
+    /// Topics it may write besides its `output` (a route's declared targets): the
+    /// resolver counts them as written by this stage when it checks the chain.
+    fn outputs(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// A compiled stage as the rest of the crate sees it: any [`StageLogic`], its state
@@ -153,6 +171,8 @@ pub trait Logic: Send + Sync + fmt::Debug {
     fn state_policy(&self) -> Option<StatePolicy>;
     /// See [`StageLogic::counters`].
     fn counters(&self) -> Vec<HandlerCounter>;
+    /// See [`StageLogic::outputs`].
+    fn outputs(&self) -> Vec<String>;
     /// A runner for one handler, with state of its own.
     fn runner(self: Arc<Self>) -> Box<dyn Runner>;
     /// The concrete logic, for tests and tools that know the kind.
@@ -182,6 +202,9 @@ impl<L: StageLogic> Logic for L {
     fn counters(&self) -> Vec<HandlerCounter> {
         StageLogic::counters(self)
     }
+    fn outputs(&self) -> Vec<String> {
+        StageLogic::outputs(self)
+    }
     fn runner(self: Arc<Self>) -> Box<dyn Runner> {
         Box::new(state::Keyed::new(self))
     }
@@ -207,6 +230,8 @@ pub struct ResolveCx<'a> {
     pub features: &'a mut Vec<String>,
     /// Ids of the rules the stages before this one evaluate.
     pub rule_ids: &'a [String],
+    /// The declared topics.
+    pub topics: &'a [crate::Topic],
     pub(crate) kind: &'static str,
     pub(crate) at: &'a str,
     pub(crate) fields: &'a BTreeMap<String, Spanned<toml::Value>>,
@@ -251,10 +276,11 @@ impl ResolveCx<'_> {
         }
     }
 
-    /// Reports `message` at the stage's field `key` (its line, if it was written;
-    /// the stage's otherwise).
+    /// Reports `message` at the stage's field `key` (`route[1].to`: the line of
+    /// `route`, if it was written; the stage's otherwise).
     pub fn error(&mut self, key: &str, message: impl Into<String>) {
-        let span = self.fields.get(key).map_or(self.name_span.clone(), |v| v.span());
+        let top = key.split(['.', '[']).next().unwrap_or(key);
+        let span = self.fields.get(top).map_or(self.name_span.clone(), |v| v.span());
         self.errors.push(ConfigError::at(self.file, self.text, span, format!("{}.{key}", self.at), message));
     }
 

@@ -1,0 +1,165 @@
+//! The `route` kind: CEL routes, targets named from fields and headers, and nothing
+//! silently nowhere.
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
+use actio_core::bus::Bytes;
+use actio_core::{Codec, Headers, Record, TopicPartition, TxState};
+use actio_runtime::{Context, FailureKind, Handler, HandlerError};
+
+use crate::Pipeline;
+use crate::stages::StageHandler;
+
+const SCHEMA: &str = r#"
+[record]
+id = "update_id"
+time = "observed_at"
+
+[[field]]
+name = "update_id"
+type = "string"
+
+[[field]]
+name = "service"
+type = "string"
+
+[[field]]
+name = "status"
+type = "enum"
+values = ["ok", "error"]
+
+[[field]]
+name = "observed_at"
+type = "timestamp"
+
+[decision]
+outcomes = ["ok"]
+fields = []
+features = []
+"#;
+
+/// A pipeline of one `route` stage with `extra` lines after its common fields.
+fn routed(extra: &str) -> (tempfile::TempDir, Result<Pipeline, String>) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("schema.toml"), SCHEMA).unwrap();
+    let topic = |name: &str, codec: &str, role: &str| format!("[[topic]]\nname = \"{name}\"\npartitions = 2\ncodec = \"{codec}\"\nrole = \"{role}\"\n");
+    let topics = [
+        topic("in", "json", "ingress"),
+        topic("errors", "postcard", "internal"),
+        topic("unrouted", "postcard", "internal"),
+        topic("billing_lastdata", "json", "egress"),
+        topic("search_lastdata", "json", "egress"),
+        topic("dlq", "json", "dead_letter"),
+    ]
+    .concat();
+    let text = format!(
+        "name = \"updates\"\nschema = \"schema.toml\"\n[key]\nfields = [\"service\"]\n{topics}[[stage]]\nname = \"route\"\nkind = \"route\"\ninput = \"in\"\noutput = \"unrouted\"\ndlq = \"dlq\"\n{extra}\n"
+    );
+    std::fs::write(dir.path().join("pipeline.toml"), text).unwrap();
+    let p = Pipeline::load(dir.path()).map_err(|e| e.to_string());
+    (dir, p)
+}
+
+const ROUTES: &str = "[[stage.route]]\nwhen = \"tx.status == 'error'\"\nto = \"errors\"\n[[stage.route]]\nto = \"{service}_lastdata\"\n";
+
+fn update(service: &str, status: &str) -> Record {
+    let json = format!(r#"{{"update_id":"u-1","service":"{service}","status":"{status}","observed_at":"2026-12-01T10:00:00Z"}}"#);
+    Record { tp: TopicPartition::new("in", 0), offset: 0, key: Some(Bytes::from(service.to_string())), payload: Bytes::from(json), headers: Headers::default(), timestamp_ms: None }
+}
+
+fn run(h: &StageHandler, r: &Record) -> Result<Vec<(String, Bytes)>, HandlerError> {
+    h.handle(r, &Context::first(r)).map(|out| out.into_iter().map(|o| (o.topic.to_string(), o.payload)).collect())
+}
+
+fn topics(out: &[(String, Bytes)]) -> Vec<&str> {
+    out.iter().map(|(t, _)| t.as_str()).collect()
+}
+
+fn counter(h: &StageHandler, name: &str) -> u64 {
+    h.counters().into_iter().find(|c| c.name == name).map_or(0, |c| c.value)
+}
+
+#[test]
+fn the_first_route_that_holds_takes_the_message_to_its_topic() {
+    let (_d, p) = routed(ROUTES);
+    let p = p.unwrap();
+    let h = StageHandler::new(&p, &p.stages[0]);
+    let out = run(&h, &update("billing", "error")).unwrap();
+    assert_eq!(topics(&out), ["errors"]);
+    let st: TxState = Codec::Postcard.decode(&out[0].1).unwrap();
+    assert_eq!(p.schema.id_of(&st.tx), "u-1", "between stages: the state in the topic's codec");
+    let out = run(&h, &update("billing", "ok")).unwrap();
+    assert_eq!(topics(&out), ["billing_lastdata"], "a target named from the message's `service`");
+    let json: serde_json::Value = serde_json::from_slice(&out[0].1).unwrap();
+    assert_eq!(json["service"], "billing", "at an egress topic: the record as the schema's JSON: {json}");
+    assert_eq!(run(&h, &update("search", "ok")).unwrap()[0].0, "search_lastdata");
+}
+
+#[test]
+fn mode_all_sends_a_copy_to_every_route_that_holds() {
+    let (_d, p) = routed(&format!("mode = \"all\"\n{ROUTES}"));
+    let p = p.unwrap();
+    let h = StageHandler::new(&p, &p.stages[0]);
+    assert_eq!(topics(&run(&h, &update("billing", "error")).unwrap()), ["errors", "billing_lastdata"]);
+    assert_eq!(topics(&run(&h, &update("billing", "ok")).unwrap()), ["billing_lastdata"]);
+}
+
+#[test]
+fn a_target_that_does_not_exist_goes_to_the_output_or_the_dlq_never_nowhere() {
+    let (_d, p) = routed(ROUTES);
+    let p = p.unwrap();
+    let h = StageHandler::new(&p, &p.stages[0]);
+    assert_eq!(topics(&run(&h, &update("payroll", "ok")).unwrap()), ["unrouted"], "payroll_lastdata is not declared");
+    assert_eq!(counter(&h, super::MISSING_TARGET), 1);
+
+    let (_d, p) = routed(&format!("unmatched = \"dlq\"\n{ROUTES}"));
+    let p = p.unwrap();
+    let h = StageHandler::new(&p, &p.stages[0]);
+    let e = run(&h, &update("payroll", "ok")).unwrap_err();
+    assert_eq!(e.kind, FailureKind::Permanent, "dead-lettered at once");
+    assert!(e.message.contains("\"payroll_lastdata\" is not declared"), "{e}");
+
+    // No route holds: the same.
+    let only_errors = "unmatched = \"dlq\"\n[[stage.route]]\nwhen = \"tx.status == 'error'\"\nto = \"errors\"\n";
+    let (_d, p) = routed(only_errors);
+    let p = p.unwrap();
+    let h = StageHandler::new(&p, &p.stages[0]);
+    assert!(run(&h, &update("billing", "ok")).unwrap_err().message.contains("no route"));
+    assert_eq!(counter(&h, super::UNMATCHED), 1);
+}
+
+#[test]
+fn a_target_can_be_named_by_a_header() {
+    let (_d, p) = routed("[[stage.route]]\nto = \"{header.tenant}_lastdata\"\n");
+    let p = p.unwrap();
+    let h = StageHandler::new(&p, &p.stages[0]);
+    let mut r = update("billing", "ok");
+    r.headers.set("tenant", b"search".to_vec());
+    assert_eq!(topics(&run(&h, &r).unwrap()), ["search_lastdata"]);
+    assert_eq!(topics(&run(&h, &update("billing", "ok")).unwrap()), ["unrouted"], "without the header");
+}
+
+#[test]
+fn route_config_errors_name_the_field() {
+    for (extra, field, message) in [
+        ("[[stage.route]]\nto = \"nowhere\"\n", "stage[0].route[0].to", "\"nowhere\" is not a declared topic"),
+        ("[[stage.route]]\nto = \"dlq\"\n", "stage[0].route[0].to", "\"dlq\" is not a declared topic of role internal or egress"),
+        ("[[stage.route]]\nto = \"{tenant}_x\"\n", "stage[0].route[0].to", "{tenant}"),
+        ("[[stage.route]]\nwhen = \"tx.nope == 1\"\nto = \"errors\"\n", "stage[0].route[0].when", "nope"),
+        ("mode = \"some\"\n[[stage.route]]\nto = \"errors\"\n", "stage[0].mode", "unknown variant `some`"),
+        ("", "stage[0]", "missing field `route`"),
+    ] {
+        let (_d, p) = routed(extra);
+        let e = p.err().unwrap_or_else(|| panic!("{extra:?} loads"));
+        assert!(e.contains(field) && e.contains(message), "{extra:?}: {e}");
+    }
+}
+
+#[test]
+fn a_route_stage_ends_a_fused_service() {
+    let next = "[[stage]]\nname = \"newest\"\nkind = \"latest\"\ninput = \"errors\"\noutput = \"search_lastdata\"\ndlq = \"dlq\"\ntimestamp = \"observed_at\"\n";
+    let (_d, p) = routed(&format!("{ROUTES}{next}"));
+    let p = p.unwrap();
+    assert_eq!(p.stages[1].input, "errors", "a stage reads a route's target");
+    let e = p.consecutive(&["route", "newest"]).unwrap_err();
+    assert!(e.contains("`route` stage") && e.contains("only be a service's last stage"), "{e}");
+}
