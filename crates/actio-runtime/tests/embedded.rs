@@ -584,3 +584,110 @@ fn retry_copies_waiting_for_their_due_time_do_not_hold_up_a_graceful_stop_and_ru
     assert_eq!(flaky.attempts.lock()[&b"flaky1"[..]], vec![1, 2]);
     assert!(t0.elapsed() >= delay, "ran before its due time");
 }
+
+/// Pairs up the messages of each key: the first of a pair is held; the second emits
+/// `first+second`, releasing the first once delivered. A message alone longer than
+/// `timeout` is emitted as `first+timeout` by the tick.
+struct Pairs {
+    timeout: Duration,
+    pending: parking_lot::Mutex<HashMap<Vec<u8>, (actio_runtime::Hold, Bytes, Instant)>>,
+}
+
+impl Handler for Pairs {
+    fn handle(&self, rec: &Record, _ctx: &Context) -> Result<Vec<Output>, HandlerError> {
+        let key = rec.key.as_deref().unwrap_or_default().to_vec();
+        let mut pending = self.pending.lock();
+        match pending.remove(&key) {
+            Some((hold, first, _)) => {
+                let joined = [&first[..], b"+", &rec.payload[..]].concat();
+                Ok(vec![Output::new(OUT, joined).releasing(vec![hold])])
+            }
+            None => {
+                let hold = actio_runtime::Hold::new();
+                pending.insert(key, (hold.clone(), rec.payload.clone(), Instant::now()));
+                Ok(vec![Output::hold(hold)])
+            }
+        }
+    }
+
+    fn tick_interval(&self) -> Option<Duration> {
+        Some(Duration::from_millis(10))
+    }
+
+    fn tick(&self) -> Vec<Output> {
+        let mut pending = self.pending.lock();
+        let due: Vec<Vec<u8>> = pending.iter().filter(|(_, (_, _, at))| at.elapsed() >= self.timeout).map(|(k, _)| k.clone()).collect();
+        due.into_iter()
+            .filter_map(|k| pending.remove(&k).map(|(hold, first, _)| (k, hold, first)))
+            .map(|(k, hold, first)| Output::new(OUT, [&first[..], b"+timeout"].concat()).with_key(k).releasing(vec![hold]))
+            .collect()
+    }
+
+    fn partitions_revoked(&self, _: &[TopicPartition]) {
+        self.pending.lock().clear(); // their messages come back to the next owner
+    }
+}
+
+fn pairs(timeout: Duration) -> Arc<Pairs> {
+    Arc::new(Pairs { timeout, pending: parking_lot::Mutex::new(HashMap::new()) })
+}
+
+#[test]
+fn a_held_message_is_committed_only_once_the_output_that_releases_it_is_delivered() {
+    let bus = bus(2);
+    let p = bus.producer(&ProducerConfig::default()).unwrap();
+    for k in 0..20 {
+        send(&p, &format!("k{k}"), format!("k{k}:a").as_bytes());
+    }
+    send(&p, "lonely", b"lonely:a");
+    for k in 0..20 {
+        send(&p, &format!("k{k}"), format!("k{k}:b").as_bytes());
+    }
+    let stage = Stage::spawn(&bus, spec("holds"), pairs(Duration::from_millis(600))).unwrap();
+    let got = read_all(&bus, OUT, 20, Duration::from_secs(10));
+    let mut joined: Vec<String> = got.iter().map(|r| String::from_utf8_lossy(&r.payload).into_owned()).collect();
+    joined.sort();
+    assert_eq!(joined.len(), 20, "{joined:?}");
+    assert!(joined.iter().all(|j| j.ends_with(":b") && j.contains(":a+")), "{joined:?}");
+    // The lonely message is held: its partition's commit stays before it.
+    std::thread::sleep(Duration::from_millis(50));
+    let end = bus.end_offsets(IN).unwrap();
+    let committed = bus.committed_offsets("holds", IN).unwrap();
+    assert_ne!(committed, end.iter().map(|e| Some(*e)).collect::<Vec<_>>(), "a held message must not be committed");
+    // The tick times it out and emits it; then everything is committed.
+    let got = read_all(&bus, OUT, 21, Duration::from_secs(10));
+    assert!(got.iter().any(|r| &r.payload[..] == b"lonely:a+timeout"));
+    let trail = got.iter().find(|r| &r.payload[..] == b"lonely:a+timeout").and_then(|r| r.headers.get(headers::TRAIL).map(headers::parse_trail)).unwrap();
+    assert_eq!(trail.last().map(|h| h.stage.as_str()), Some("echo"), "a tick output carries the stage's trail hop");
+    stage.stop(StopMode::Graceful);
+    stage.join().unwrap();
+    assert_eq!(bus.committed_offsets("holds", IN).unwrap(), end.iter().map(|e| Some(*e)).collect::<Vec<_>>());
+}
+
+#[test]
+fn a_revoked_partitions_held_messages_go_to_its_next_owner_uncommitted() {
+    let bus = bus(2);
+    let p = bus.producer(&ProducerConfig::default()).unwrap();
+    send(&p, "lonely", b"lonely:a");
+    // The first owner would wait a minute for the second of the pair.
+    let first = Stage::spawn(&bus, spec("moves"), pairs(Duration::from_secs(60))).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while first.metrics().in_flight == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(first.metrics().in_flight, 1, "the lonely message is held");
+    let t0 = Instant::now();
+    first.stop(StopMode::Graceful);
+    first.join().unwrap();
+    assert!(t0.elapsed() < Duration::from_secs(2), "a hold does not wait out the drain timeout: {:?}", t0.elapsed());
+    assert!(read_all(&bus, OUT, 1, Duration::from_millis(200)).is_empty(), "nothing emitted yet");
+    // Not committed: the next owner gets it, and its own timeout emits it.
+    let second = Stage::spawn(&bus, spec("moves"), pairs(Duration::from_millis(50))).unwrap();
+    let got = read_all(&bus, OUT, 1, Duration::from_secs(10));
+    assert_eq!(got.iter().map(|r| &r.payload[..]).collect::<Vec<_>>(), [&b"lonely:a+timeout"[..]]);
+    second.stop(StopMode::Graceful);
+    second.join().unwrap();
+    let end = bus.end_offsets(IN).unwrap();
+    let committed: Vec<i64> = bus.committed_offsets("moves", IN).unwrap().into_iter().map(|o| o.unwrap_or(0)).collect();
+    assert_eq!(committed, end, "committed once emitted (an empty partition has nothing to commit)");
+}

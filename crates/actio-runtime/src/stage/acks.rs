@@ -10,6 +10,7 @@ use actio_core::BusError;
 use crossbeam_channel::Sender;
 use parking_lot::Mutex;
 
+use super::hold::Outcome;
 use super::state::Done;
 
 /// Counts the acknowledgements of one message's outputs; the last one reports Done.
@@ -22,17 +23,35 @@ pub(super) struct AckGroup {
 
 impl AckGroup {
     pub(super) fn ack(&self, res: Result<Delivered, BusError>) {
-        if let Err(e) = res
+        self.settle(res.err().map(|e| e.to_string()));
+    }
+
+    /// One output (or hold) settled: delivered (`None`) or failed.
+    pub(super) fn settle(&self, error: Option<String>) {
+        if let Some(e) = error
             && !self.failed.swap(true, AtomicOrdering::AcqRel)
             && let Some(mut done) = self.done.lock().take()
         {
-            done.error = Some(e.to_string());
+            done.error = Some(e);
             let _ = self.tx.send(done);
         }
         if self.remaining.fetch_sub(1, AtomicOrdering::AcqRel) == 1
             && let Some(done) = self.done.lock().take()
         {
             let _ = self.tx.send(Done { acked_ns: now_ns(), ..done });
+        }
+    }
+
+    /// A hold of the message came to `outcome`.
+    pub(super) fn hold_outcome(&self, outcome: Outcome) {
+        match outcome {
+            Outcome::Released => self.settle(None),
+            Outcome::Failed(e) => self.settle(Some(e)),
+            Outcome::Abandoned => {
+                if let Some(done) = self.done.lock().take() {
+                    let _ = self.tx.send(Done { abandoned: true, ..done });
+                }
+            }
         }
     }
 }

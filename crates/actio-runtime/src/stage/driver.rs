@@ -30,6 +30,8 @@ impl<B: Bus> Driver<B> {
     pub(super) fn run(mut self) -> Result<StageMetrics, StageError> {
         let s = self.shared.clone();
         let mut last_commit = Instant::now();
+        let tick_every = s.handler.tick_interval();
+        let mut last_tick = Instant::now();
         let outcome = loop {
             if let Some(mode) = *self.stop.lock() {
                 break Ok(mode);
@@ -43,6 +45,12 @@ impl<B: Bus> Driver<B> {
                     break Err(e);
                 }
                 last_commit = Instant::now();
+            }
+            if let Some(every) = tick_every
+                && last_tick.elapsed() >= every
+            {
+                self.tick();
+                last_tick = Instant::now();
             }
             self.release_due();
             if let Err(e) = self.flow_control() {
@@ -174,10 +182,36 @@ impl<B: Bus> Driver<B> {
         Ok(())
     }
 
+    /// Produces what the handler emits on its own (a join's timed-out transactions),
+    /// releasing the holds each output carries once it is delivered.
+    fn tick(&self) {
+        let s = &self.shared;
+        for o in s.handler.tick() {
+            if o.hold.is_some() {
+                continue; // no message to hold
+            }
+            let releases = o.releases;
+            let kept = releases.clone();
+            let mut hdrs = o.headers.unwrap_or_default();
+            let now = now_ns();
+            let mut trail = hdrs.get(headers::TRAIL).map(<[u8]>::to_vec).unwrap_or_default();
+            headers::append_hop(&mut trail, &s.spec.name, now, now);
+            hdrs.set(headers::TRAIL, trail);
+            let rec = actio_core::OutRecord { topic: o.topic, partition: None, key: o.key, payload: o.payload, headers: hdrs };
+            let settle = Box::new(move |res: Result<actio_core::bus::Delivered, BusError>| super::worker::settle_releases(&releases, res.as_ref().err()));
+            if let Err(e) = s.producer.send(rec, settle) {
+                super::worker::settle_releases(&kept, Some(&e));
+            }
+        }
+    }
+
     fn commit(&mut self) -> Result<(), StageError> {
         let s = &self.shared;
         let offsets: Vec<((TopicPartition, Offset), bool)> = {
-            let st = s.state.lock();
+            let mut st = s.state.lock();
+            for p in st.parts.values_mut().filter(|p| !p.holds.is_empty()) {
+                p.holds.retain(|h| !h.is_finished());
+            }
             st.parts
                 .iter()
                 .filter_map(|(tp, p)| p.wm.committable().filter(|o| Some(*o) != p.last_committed).map(|o| ((tp.clone(), o), p.retry)))

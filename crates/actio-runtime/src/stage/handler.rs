@@ -9,6 +9,7 @@ use actio_core::{Offset, Record, TopicPartition};
 use hdrhistogram::Histogram;
 
 use crate::metrics::HandlerCounter;
+pub use super::hold::Hold;
 
 /// One output of a handler. The runtime adds the headers (the input's, plus this
 /// stage's trail hop) and the key, unless set here.
@@ -25,6 +26,16 @@ pub struct Output {
     /// service): the runtime writes one trail hop per step instead of one for itself,
     /// so readers of the trail see every stage. Empty for a handler of one stage.
     pub steps: Vec<StepTime>,
+    /// Holds released when this output is acknowledged (failed if it is not): the
+    /// messages a join waited with are done once the joined output is delivered.
+    pub releases: Vec<Hold>,
+    /// Not a message: the input's completion is held until this is released (see
+    /// [`Hold`]); `topic` and `payload` are ignored.
+    pub hold: Option<Hold>,
+    /// A [`Handler::tick`] output's headers (there is no input to take them from):
+    /// typically a held message's, so the trail goes on. The runtime appends the
+    /// stage's hop. Ignored on outputs of a message.
+    pub headers: Option<actio_core::Headers>,
 }
 
 /// When one step of a multi-stage handler ran (ns since the Unix epoch). The runtime
@@ -43,7 +54,24 @@ pub struct StepTime {
 impl Output {
     /// An output to `topic` under the input's key.
     pub fn new(topic: impl Into<Arc<str>>, payload: impl Into<Bytes>) -> Self {
-        Output { topic: topic.into(), key: None, payload: payload.into(), steps: Vec::new() }
+        Output { topic: topic.into(), key: None, payload: payload.into(), steps: Vec::new(), releases: Vec::new(), hold: None, headers: None }
+    }
+
+    /// Holds the input: it is done only when `hold` is released (see [`Hold`]).
+    pub fn hold(hold: Hold) -> Self {
+        Output { topic: Arc::from(""), key: None, payload: Bytes::new(), steps: Vec::new(), releases: Vec::new(), hold: Some(hold), headers: None }
+    }
+
+    /// The same output (of a tick) with these headers.
+    pub fn with_headers(mut self, headers: actio_core::Headers) -> Self {
+        self.headers = Some(headers);
+        self
+    }
+
+    /// The same output, releasing `holds` once it is acknowledged.
+    pub fn releasing(mut self, holds: Vec<Hold>) -> Self {
+        self.releases = holds;
+        self
     }
 
     /// The same output under `key` instead of the input's.
@@ -161,6 +189,16 @@ pub trait Handler: Send + Sync + 'static {
     /// Histograms of the handler's own, read with every metrics snapshot: a handler
     /// that runs several stages reports each one's service time here.
     fn histograms(&self) -> Vec<HandlerHistogram> {
+        Vec::new()
+    }
+    /// How often the runtime calls [`Handler::tick`]; `None` (the default): never.
+    fn tick_interval(&self) -> Option<std::time::Duration> {
+        None
+    }
+    /// Outputs not caused by a message (a join that timed out), produced by the
+    /// runtime under their own key; their [`Output::releases`] are released once they
+    /// are acknowledged.
+    fn tick(&self) -> Vec<Output> {
         Vec::new()
     }
     /// Partitions were assigned to this stage instance.

@@ -23,6 +23,7 @@ mod acks;
 mod driver;
 mod failures;
 mod handler;
+mod hold;
 mod rebalance;
 mod retry_topic;
 mod state;
@@ -40,7 +41,7 @@ use crate::lanes::Ordering;
 use crate::metrics::StageMetrics;
 use crate::pool::WorkerPool;
 
-pub use handler::{Context, FailureKind, Handler, HandlerError, HandlerHistogram, Output, StepTime};
+pub use handler::{Context, FailureKind, Handler, HandlerError, HandlerHistogram, Hold, Output, StepTime};
 pub use retry_topic::RetryTopic;
 
 use driver::Driver;

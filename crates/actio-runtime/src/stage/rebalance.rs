@@ -36,6 +36,7 @@ impl<P: Producer> RebalanceListener for Listener<P> {
                         paused: false,
                         revoking: false,
                         last_committed: None,
+                        holds: Vec::new(),
                     };
                     st.parts.insert(tp.clone(), part);
                 }
@@ -48,6 +49,7 @@ impl<P: Producer> RebalanceListener for Listener<P> {
     fn revoking(&self, partitions: &[TopicPartition]) -> Vec<(TopicPartition, Offset)> {
         let s = &self.0;
         s.dispatch_ready(false);
+        let mut holds = Vec::new();
         {
             let mut st = s.state.lock();
             for tp in partitions {
@@ -57,8 +59,15 @@ impl<P: Producer> RebalanceListener for Listener<P> {
                     // next owner gets them again and honours their due time.
                     p.dropped += p.lanes.clear_waiting() + p.held.len();
                     p.held.clear();
+                    // Held messages too (a join's pending branches): uncommitted, the
+                    // next owner gets them again. Holds made by work still running are
+                    // abandoned as they are bound (`revoking` is set).
+                    holds.append(&mut p.holds);
                 }
             }
+        }
+        for h in holds {
+            h.abandon();
         }
         // Let what is running finish, up to the drain timeout.
         let deadline = Instant::now() + s.spec.drain_timeout;

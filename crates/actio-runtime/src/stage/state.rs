@@ -11,7 +11,7 @@ use ahash::AHashMap;
 use crossbeam_channel::{Receiver, Sender};
 use parking_lot::Mutex;
 
-use super::{Handler, StageError, StageSpec};
+use super::{Handler, Hold, StageError, StageSpec};
 use crate::lanes::KeyLanes;
 use crate::metrics::{StageMetrics, record_ns};
 use crate::pool::WorkerPool;
@@ -40,6 +40,8 @@ pub(super) struct Done {
     pub(super) sent_to_retry: bool,
     pub(super) retried: u32,
     pub(super) error: Option<String>,
+    /// Held, and its partition revoked: not done here, never will be.
+    pub(super) abandoned: bool,
 }
 
 pub(super) struct Part {
@@ -57,6 +59,9 @@ pub(super) struct Part {
     pub(super) paused: bool,
     pub(super) revoking: bool,
     pub(super) last_committed: Option<Offset>,
+    /// Holds of this partition's messages (see `hold`), abandoned on revocation;
+    /// finished ones are pruned at commit time.
+    pub(super) holds: Vec<Hold>,
 }
 
 pub(super) struct State {
@@ -80,6 +85,10 @@ impl State {
         let Some(part) = self.parts.get_mut(&done.tp).filter(|p| p.epoch == done.epoch) else {
             return; // the partition was revoked or lost meanwhile
         };
+        if done.abandoned {
+            part.dropped += 1;
+            return;
+        }
         if let Some(message) = done.error {
             // Not marked done: the watermark stays before it, and the stage stops.
             if self.fatal.is_none() {

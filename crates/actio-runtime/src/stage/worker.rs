@@ -113,15 +113,26 @@ impl<P: Producer> Shared<P> {
             }
         };
         let service_ns = started.elapsed().as_nanos() as i64;
+        let mut holds = Vec::new();
         let (records, dead_lettered, sent_to_retry) = match result {
             Ok(outputs) => {
                 let retried_as = from_retry.then_some(marks.trips);
-                (outputs.into_iter().map(|o| self.output(&rec, consumed_ns, o, retried_as)).collect::<Vec<_>>(), false, false)
+                let mut records = Vec::with_capacity(outputs.len());
+                for mut o in outputs {
+                    match o.hold.take() {
+                        Some(h) => holds.push(h),
+                        None => {
+                            let releases = std::mem::take(&mut o.releases);
+                            records.push((self.output(&rec, consumed_ns, o, retried_as), releases));
+                        }
+                    }
+                }
+                (records, false, false)
             }
             Err(e) if e.kind == FailureKind::Transient && let Some(t) = self.spec.retry.topic.as_ref().filter(|t| marks.trips < t.attempts) => {
-                (vec![self.retry_copy(&rec, &e, t, &ctx, marks.trips + 1)], false, true)
+                (vec![(self.retry_copy(&rec, &e, t, &ctx, marks.trips + 1), Vec::new())], false, true)
             }
-            Err(e) => (vec![self.dead_letter(&rec, &e, &ctx)], true, false),
+            Err(e) => (vec![(self.dead_letter(&rec, &e, &ctx), Vec::new())], true, false),
         };
         let done = Done {
             tp: tp.clone(),
@@ -135,15 +146,49 @@ impl<P: Producer> Shared<P> {
             sent_to_retry,
             retried,
             error: None,
+            abandoned: false,
         };
-        if records.is_empty() {
+        if records.is_empty() && holds.is_empty() {
             let _ = self.done_tx.send(Done { acked_ns: now_ns(), ..done });
             return;
         }
-        let acks = Arc::new(AckGroup { remaining: AtomicUsize::new(records.len()), failed: AtomicBool::new(false), done: Mutex::new(Some(done)), tx: self.done_tx.clone() });
-        for r in records {
+        let acks = Arc::new(AckGroup {
+            remaining: AtomicUsize::new(records.len() + holds.len()),
+            failed: AtomicBool::new(false),
+            done: Mutex::new(Some(done)),
+            tx: self.done_tx.clone(),
+        });
+        if !holds.is_empty() {
+            // Registered with the partition, so that a revocation abandons them; a
+            // partition already revoking abandons them at once.
+            let revoked = {
+                let mut st = self.state.lock();
+                match st.parts.get_mut(tp).filter(|p| p.epoch == epoch && !p.revoking) {
+                    Some(p) => {
+                        p.holds.extend(holds.iter().cloned());
+                        false
+                    }
+                    None => true,
+                }
+            };
+            for h in holds {
+                let acks2 = acks.clone();
+                h.bind(move |o| acks2.hold_outcome(o));
+                if revoked {
+                    h.abandon();
+                }
+            }
+        }
+        for (r, releases) in records {
             let acks2 = acks.clone();
-            if let Err(e) = self.producer.send(r, Box::new(move |res| acks2.ack(res))) {
+            let kept = releases.clone();
+            let settle = Box::new(move |res: Result<actio_core::bus::Delivered, actio_core::BusError>| {
+                settle_releases(&releases, res.as_ref().err());
+                acks2.ack(res)
+            });
+            if let Err(e) = self.producer.send(r, settle) {
+                // The callback was not called: nothing was sent.
+                settle_releases(&kept, Some(&e));
                 acks.ack(Err(e));
             }
         }
@@ -173,5 +218,15 @@ impl<P: Producer> Shared<P> {
         }
         hdrs.set(headers::TRAIL, trail);
         OutRecord { topic: out.topic, partition: None, key: out.key.or_else(|| rec.key.clone()), payload: out.payload, headers: hdrs }
+    }
+}
+
+/// Releases `holds` once the output that carries them is delivered, or fails them.
+pub(super) fn settle_releases(holds: &[super::Hold], error: Option<&actio_core::BusError>) {
+    for h in holds {
+        match error {
+            None => h.release(),
+            Some(e) => h.fail(format!("the output that completes it was not delivered: {e}")),
+        }
     }
 }
