@@ -162,6 +162,9 @@ impl Pipeline {
     }
 }
 
+/// Topic → the stages that write it: `(stage, span, field)` of where each says so.
+type Written = HashMap<String, Vec<(String, Option<std::ops::Range<usize>>, String)>>;
+
 struct Resolver<'a> {
     dir: &'a Path,
     file: &'a Path,
@@ -236,7 +239,9 @@ impl Resolver<'_> {
         let mut features: Vec<String> = Vec::new();
         let mut rule_ids: Vec<String> = Vec::new();
         let mut versions: Vec<String> = Vec::new();
-        let mut written: HashMap<String, String> = HashMap::new();
+        // Topic → the stages that write it, with where each says so. Several writers
+        // are allowed only into a join's input (checked after the stages).
+        let mut written: Written = HashMap::new();
         let mut retry_of: HashMap<String, String> = HashMap::new();
         let mut warnings = Vec::new();
         for (i, s) in raw.stages.iter().enumerate() {
@@ -277,9 +282,7 @@ impl Resolver<'_> {
                     self.err(&s.output, format!("{at}.output"), format!("a stage may not write to {:?}, a topic of role {:?}", t.name, t.role))
                 }
                 Some(t) => {
-                    if let Some(other) = written.insert(t.name.clone(), name.clone()) {
-                        self.err(&s.output, format!("{at}.output"), format!("topic {:?} is already written by stage {other:?}", t.name));
-                    }
+                    written.entry(t.name.clone()).or_default().push((name.clone(), Some(s.output.span()), format!("{at}.output")));
                     match kind.map(|k| (k, k.writes)) {
                         Some((k, Writes::Decisions)) if t.role != TopicRole::Egress => {
                             self.err(&s.output, format!("{at}.output"), format!("a `{}` stage writes decisions: expected a topic of role egress", k.name))
@@ -332,8 +335,9 @@ impl Resolver<'_> {
                 (k.resolve)(&mut cx)
             });
             for t in logic.as_ref().map(|l| l.outputs()).unwrap_or_default() {
-                if let Some(other) = written.insert(t.clone(), name.clone()).filter(|o| *o != name) {
-                    self.errors.push(ConfigError::at(self.file, self.text, s.name.span(), format!("{at}.route"), format!("topic {t:?} is already written by stage {other:?}")));
+                let writers = written.entry(t).or_default();
+                if !writers.iter().any(|(w, _, _)| *w == name) {
+                    writers.push((name.clone(), s.fields.get("route").map(|r| r.span()), format!("{at}.route")));
                 }
             }
             if let Some(r) = logic.as_ref().and_then(|l| l.rules()) {
@@ -357,6 +361,7 @@ impl Resolver<'_> {
                 });
             }
         }
+        self.graph(&raw.stages, &stages, &written);
         for t in topics.iter().filter(|t| t.role == TopicRole::Retry && !retry_of.contains_key(&t.name)) {
             warnings.push(format!("topic {:?} has role retry but no stage names it in `retry_topic`", t.name));
         }
@@ -419,6 +424,58 @@ impl Resolver<'_> {
             return Err(ConfigErrors(self.errors));
         }
         Ok(pipeline)
+    }
+
+    /// The graph's joins: a topic several stages write may be read only by joins
+    /// that wait for all of them, and each join's branches are stages that write its
+    /// input. (The graph is acyclic and every stage reachable from an ingress topic
+    /// by construction: a stage reads only an ingress topic or what an earlier stage
+    /// writes.)
+    fn graph(&mut self, raw: &[StageConfig], stages: &[Stage], written: &Written) {
+        let span_of = |name: &str, field: &str| {
+            raw.iter().enumerate().find(|(_, s)| s.name.get_ref() == name).map(|(i, s)| (i, s.fields.get(field).map_or(s.name.span(), |v| v.span())))
+        };
+        let mut topics: Vec<(&String, &Vec<_>)> = written.iter().filter(|(_, w)| w.len() > 1).collect();
+        topics.sort_by_key(|(t, _)| t.as_str());
+        for (topic, writers) in topics {
+            let names: Vec<&str> = writers.iter().map(|(w, _, _)| w.as_str()).collect();
+            let readers: Vec<&Stage> = stages.iter().filter(|s| s.input == **topic).collect();
+            let joined = !readers.is_empty() && readers.iter().all(|r| names.iter().all(|w| r.logic.waits_for().iter().any(|b| b == w)));
+            if !joined {
+                let (_, span, field) = &writers[1];
+                let message = format!(
+                    "topic {topic:?} is written by stages {}: several stages may write only the input of a join that waits for all of them (`kind = \"join\"`, `branches`)",
+                    names.join(", ")
+                );
+                match span {
+                    Some(span) => self.errors.push(ConfigError::at(self.file, self.text, span.clone(), field.clone(), message)),
+                    None => self.errors.push(ConfigError { file: self.file.to_path_buf(), field: field.clone(), line: None, message }),
+                }
+            }
+        }
+        for j in stages.iter().filter(|s| !s.logic.waits_for().is_empty()) {
+            let Some((i, span)) = span_of(&j.name, "branches") else { continue };
+            let writers: Vec<&str> = written.get(&j.input).map(|w| w.iter().map(|(n, _, _)| n.as_str()).collect()).unwrap_or_default();
+            for b in j.logic.waits_for() {
+                let message = match stages.iter().position(|s| s.name == *b) {
+                    None => Some(format!("unknown stage {b:?}: a branch is a stage declared before the join")),
+                    Some(_) if !writers.contains(&b.as_str()) => Some(format!("stage {b:?} does not write {:?}, the join's input: a branch writes its result there", j.input)),
+                    Some(_) => None,
+                };
+                if let Some(m) = message {
+                    self.errors.push(ConfigError::at(self.file, self.text, span.clone(), format!("stage[{i}].branches"), m));
+                }
+            }
+            for w in writers.iter().filter(|w| !j.logic.waits_for().iter().any(|b| b == *w)) {
+                self.errors.push(ConfigError::at(
+                    self.file,
+                    self.text,
+                    span.clone(),
+                    format!("stage[{i}].branches"),
+                    format!("stage {w:?} writes {:?}, the join's input, but is not one of its branches: its results would be dead-lettered", j.input),
+                ));
+            }
+        }
     }
 
     /// The `[[service]]`s, checked against the resolved stages: named unlike any

@@ -103,6 +103,13 @@ impl Pipeline {
             }
         }
         let Some(&first) = at.first() else { return Err("expected at least one stage".into()) };
+        // A join runs alone: it reads what several branches write, each result held
+        // until the joined transaction is delivered.
+        if at.len() > 1
+            && let Some(&i) = at.iter().find(|&&i| !self.stages[i].logic.waits_for().is_empty())
+        {
+            return Err(format!("stage {:?} is a `{}` stage: it waits for results several branches write to its input, so it runs as a service of its own", self.stages[i].name, self.stages[i].kind.name));
+        }
         // A stage that does not write transactions to its output ends a service.
         if let Some(&i) = at[..at.len() - 1].iter().find(|&&i| self.stages[i].kind.writes != Writes::Transactions) {
             let s = &self.stages[i];

@@ -34,13 +34,13 @@ use actio_core::latency::{latency_histogram, record_ns};
 use actio_core::time::now_ns;
 use actio_core::{Codec, KeyExtractor, Record, Schema, TopicPartition, TxState};
 use actio_engine::derive::DerivedFields;
-use actio_runtime::{Context, Handler, HandlerCounter, HandlerError, HandlerHistogram, Output, StageSpec, StepTime};
+use actio_runtime::{Context, Handler, HandlerCounter, HandlerError, HandlerHistogram, Hold, Output, StageSpec, StepTime};
 use ahash::AHashMap;
 use hdrhistogram::Histogram;
 use parking_lot::Mutex;
 
 use crate::TopicRole;
-use crate::kinds::{History, Produced, RunCx, Runner};
+use crate::kinds::{History, MessageHolds, Produced, RunCx, Runner};
 use crate::resolve::{Pipeline, Stage};
 use crate::services::Service;
 
@@ -241,14 +241,16 @@ impl StageHandler {
     }
 }
 
-impl Handler for StageHandler {
-    fn handle(&self, record: &Record, ctx: &Context) -> Result<Vec<Output>, HandlerError> {
+impl StageHandler {
+    /// Runs the service's steps on `record`; what the last produced, and the step
+    /// times of a fused service.
+    fn run_steps(&self, record: &Record, ctx: &Context, holds: &MessageHolds) -> Result<(Produced, Vec<StepTime>), HandlerError> {
         let mut produced = Produced::Tx(self.decode(&record.payload)?);
         let fused = self.steps.len() > 1;
         let mut times = Vec::with_capacity(if fused { self.steps.len() } else { 0 });
         for step in &self.steps {
-            // A stage that writes decisions is a service's last (checked when the
-            // service is made); one that produced nothing ends the work.
+            // A stage that writes decisions or routes is a service's last (checked when
+            // the service is made); one that produced nothing ends the work.
             let Produced::Tx(st) = produced else { break };
             let started_ns = if fused { now_ns() } else { 0 };
             step.stage.faults.check(&st, ctx.attempt)?;
@@ -261,6 +263,7 @@ impl Handler for StageHandler {
                 output: &step.output,
                 headers: &record.headers,
                 schema: &self.schema,
+                holds,
             };
             produced = step.runner.run(st, &cx)?;
             if let Some(h) = &step.service {
@@ -269,6 +272,11 @@ impl Handler for StageHandler {
                 times.push(StepTime { stage: step.name.clone(), started_ns, ended_ns });
             }
         }
+        Ok((produced, times))
+    }
+
+    /// The outputs of what the service produced.
+    fn outputs(&self, produced: Produced, times: Vec<StepTime>) -> Result<Vec<Output>, HandlerError> {
         let cannot = |e: actio_core::CodecError| HandlerError::permanent(format!("cannot encode output: {e}"));
         match produced {
             Produced::Tx(st) => Ok(vec![Output::new(self.output.clone(), self.encode_tx(&self.output, &st).map_err(cannot)?).with_steps(times)]),
@@ -279,6 +287,57 @@ impl Handler for StageHandler {
                 .collect(),
             Produced::Nothing => Ok(Vec::new()),
         }
+    }
+}
+
+impl Handler for StageHandler {
+    fn handle(&self, record: &Record, ctx: &Context) -> Result<Vec<Output>, HandlerError> {
+        let holds = MessageHolds::default();
+        let result = self.run_steps(record, ctx, &holds).and_then(|(produced, times)| self.outputs(produced, times));
+        let (held, releases) = (holds.held.take(), holds.releases.take());
+        match result {
+            Ok(mut outputs) => {
+                match outputs.first_mut() {
+                    Some(first) => first.releases = releases,
+                    // Nothing to wait for: what it completes is done now.
+                    None => releases.iter().for_each(Hold::release),
+                }
+                outputs.extend(held.map(Output::hold));
+                Ok(outputs)
+            }
+            Err(e) => {
+                // The message goes to the DLQ or is tried again: nothing stays held
+                // for it (what a join completed goes with it).
+                releases.iter().chain(&held).for_each(Hold::release);
+                Err(e)
+            }
+        }
+    }
+
+    fn tick_interval(&self) -> Option<std::time::Duration> {
+        self.steps.iter().filter_map(|s| s.stage.logic.tick_interval()).min()
+    }
+
+    fn tick(&self) -> Vec<Output> {
+        // A stage that ticks (a join) runs alone (checked when the service is made),
+        // so what it emits goes to its output as it is.
+        let mut out = Vec::new();
+        for step in self.steps.iter().filter(|s| s.stage.logic.tick_interval().is_some()) {
+            for t in step.runner.tick() {
+                match self.encode_tx(&step.output, &t.st) {
+                    Ok(payload) => {
+                        let mut o = Output::new(step.output.clone(), payload).with_headers(t.headers).releasing(t.releases);
+                        o.key = t.key;
+                        out.push(o);
+                    }
+                    Err(e) => {
+                        tracing::error!(stage = %self.name, error = %e, "cannot encode a timed-out join: its branch results stay uncommitted");
+                        t.releases.iter().for_each(|h| h.fail(format!("cannot encode output: {e}")));
+                    }
+                }
+            }
+        }
+        out
     }
 
     fn counters(&self) -> Vec<HandlerCounter> {

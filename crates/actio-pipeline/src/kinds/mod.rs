@@ -25,12 +25,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use actio_core::{Decision, Headers, KeyExtractor, Schema, TopicPartition, TxState};
 use actio_engine::rules::ReloadableRuleSet;
-use actio_runtime::{Context, HandlerCounter, HandlerError};
+use actio_runtime::{Context, HandlerCounter, HandlerError, Hold};
 use serde::de::DeserializeOwned;
 use toml::Spanned;
 
 use crate::error::ConfigError;
 
+pub mod join;
 pub mod latest;
 pub mod route;
 pub mod rules;
@@ -41,7 +42,7 @@ pub mod velocity;
 pub use state::{History, PartitionStates, Restore, StatePolicy};
 
 /// Every stage kind, by its `kind = "…"` name: the one place a kind is registered.
-pub static KINDS: &[&Kind] = &[&rules::KIND, &velocity::KIND, &score::KIND, &latest::KIND, &route::KIND];
+pub static KINDS: &[&Kind] = &[&rules::KIND, &velocity::KIND, &score::KIND, &latest::KIND, &route::KIND, &join::KIND];
 
 /// The registered kind called `name`.
 pub fn kind(name: &str) -> Option<&'static Kind> {
@@ -109,9 +110,32 @@ pub struct RunCx<'a> {
     pub headers: &'a Headers,
     /// The declared records.
     pub schema: &'a Schema,
+    /// What the stage holds and releases for this message ([`RunCx::hold`]).
+    pub holds: &'a MessageHolds,
+}
+
+/// The holds of one message as its stages run: the message's own (it is not done
+/// when the handler returns) and those to release once its output is delivered.
+#[derive(Debug, Default)]
+pub struct MessageHolds {
+    pub(crate) held: std::cell::RefCell<Option<Hold>>,
+    pub(crate) releases: std::cell::RefCell<Vec<Hold>>,
 }
 
 impl RunCx<'_> {
+    /// Holds this message: it is done (its offset committable) only when the hold is
+    /// released. The stage keeps the hold and returns [`Produced::Nothing`]; see
+    /// [`actio_runtime::Hold`].
+    pub fn hold(&self) -> Hold {
+        self.holds.held.borrow_mut().get_or_insert_with(Hold::new).clone()
+    }
+
+    /// Releases `holds` once this message's output is delivered (at once if it has
+    /// none).
+    pub fn release_on_output(&self, holds: Vec<Hold>) {
+        self.holds.releases.borrow_mut().extend(holds);
+    }
+
     /// Evaluates `rules` on `st`, counting the evaluations that failed (such a rule
     /// does not fire; the transaction goes on).
     pub fn eval_rules(&self, rules: &ReloadableRuleSet, st: &mut TxState) {
@@ -158,6 +182,34 @@ pub trait StageLogic: Send + Sync + fmt::Debug + 'static {
     fn outputs(&self) -> Vec<String> {
         Vec::new()
     }
+    /// The stages whose outputs it joins: they may all write its input topic.
+    fn waits_for(&self) -> &[String] {
+        &[]
+    }
+    /// How often [`StageLogic::tick`] runs; `None` (the default): never.
+    fn tick_interval(&self) -> Option<std::time::Duration> {
+        None
+    }
+    /// Transactions it emits on its own from a partition's state (a join that timed
+    /// out), with the holds their delivery releases.
+    fn tick(&self, _state: &Self::State) -> Vec<Ticked> {
+        Vec::new()
+    }
+}
+
+/// A transaction a stage emits on a tick, not for a message.
+#[derive(Debug)]
+pub struct Ticked {
+    /// The transaction.
+    pub st: TxState,
+    /// Its message key.
+    pub key: Option<actio_core::bus::Bytes>,
+    /// Headers to carry on (a held message's).
+    pub headers: Headers,
+    /// The input partition and offset it stands for (its first held message).
+    pub source: (TopicPartition, i64),
+    /// Released once it is delivered.
+    pub releases: Vec<Hold>,
 }
 
 /// A compiled stage as the rest of the crate sees it: any [`StageLogic`], its state
@@ -173,6 +225,10 @@ pub trait Logic: Send + Sync + fmt::Debug {
     fn counters(&self) -> Vec<HandlerCounter>;
     /// See [`StageLogic::outputs`].
     fn outputs(&self) -> Vec<String>;
+    /// See [`StageLogic::waits_for`].
+    fn waits_for(&self) -> &[String];
+    /// See [`StageLogic::tick_interval`].
+    fn tick_interval(&self) -> Option<std::time::Duration>;
     /// A runner for one handler, with state of its own.
     fn runner(self: Arc<Self>) -> Box<dyn Runner>;
     /// The concrete logic, for tests and tools that know the kind.
@@ -187,6 +243,8 @@ pub trait Runner: Send + Sync + fmt::Debug {
     fn assigned(&self, partitions: &[TopicPartition], history: &History<'_>);
     /// Partitions were revoked or lost: drop their state.
     fn revoked(&self, partitions: &[TopicPartition], input: &str);
+    /// What the stage emits on its own now, from every partition's state.
+    fn tick(&self) -> Vec<Ticked>;
 }
 
 impl<L: StageLogic> Logic for L {
@@ -204,6 +262,12 @@ impl<L: StageLogic> Logic for L {
     }
     fn outputs(&self) -> Vec<String> {
         StageLogic::outputs(self)
+    }
+    fn waits_for(&self) -> &[String] {
+        StageLogic::waits_for(self)
+    }
+    fn tick_interval(&self) -> Option<std::time::Duration> {
+        StageLogic::tick_interval(self)
     }
     fn runner(self: Arc<Self>) -> Box<dyn Runner> {
         Box::new(state::Keyed::new(self))

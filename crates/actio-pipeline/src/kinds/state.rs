@@ -148,6 +148,11 @@ impl<S: Send + Sync> PartitionStates<S> {
         }
     }
 
+    /// Every held partition's state.
+    pub fn all(&self) -> Vec<Arc<S>> {
+        self.held.read().values().cloned().collect()
+    }
+
     /// Drops the state of the revoked input partitions.
     pub fn revoke(&self, partitions: &[TopicPartition], input: &str) {
         let mut held = self.held.write();
@@ -235,5 +240,12 @@ impl<L: StageLogic> Runner for Keyed<L> {
 
     fn revoked(&self, partitions: &[TopicPartition], input: &str) {
         self.states.revoke(partitions, input);
+    }
+
+    fn tick(&self) -> Vec<super::Ticked> {
+        match &self.shared {
+            Some(s) => self.logic.tick(s),
+            None => self.states.all().iter().flat_map(|s| self.logic.tick(s)).collect(),
+        }
     }
 }
