@@ -31,7 +31,6 @@ struct Member {
 }
 
 struct GroupState {
-    next_member: u64,
     members: BTreeMap<u64, Member>,
     partitions: BTreeMap<Key, Arc<Partition>>,
     committed: HashMap<Key, Offset>,
@@ -54,7 +53,6 @@ impl Group {
             epoch: Instant::now(),
             generation: AtomicU64::new(0),
             state: Mutex::new(GroupState {
-                next_member: 1,
                 members: BTreeMap::new(),
                 partitions: BTreeMap::new(),
                 committed: HashMap::new(),
@@ -167,6 +165,9 @@ const CHECK_EVERY: Duration = Duration::from_millis(100);
 /// Longest single wait inside `poll`, so rebalances are noticed promptly.
 const MAX_WAIT: Duration = Duration::from_millis(50);
 
+/// Member ids, process-wide.
+static NEXT_MEMBER: AtomicU64 = AtomicU64::new(1);
+
 impl EmbeddedConsumer {
     pub(crate) fn join(inner: Arc<Inner>, group: Arc<Group>, config: &ConsumerConfig, listener: Arc<dyn RebalanceListener>) -> Result<Self, BusError> {
         let mut c = EmbeddedConsumer {
@@ -194,8 +195,9 @@ impl EmbeddedConsumer {
         }
         let g = self.group.clone();
         let mut st = g.state.lock();
-        self.id = st.next_member;
-        st.next_member += 1;
+        // Unique across groups, not only within this one: a partition's watchers are
+        // the members of every group that reads it (fan-out), told apart by id.
+        self.id = NEXT_MEMBER.fetch_add(1, Ordering::Relaxed);
         self.alive.store(g.now_ms(), Ordering::Relaxed);
         st.members.insert(self.id, Member { signal: self.signal.clone(), alive: self.alive.clone() });
         for p in parts {

@@ -313,3 +313,45 @@ fn replay_is_unsupported_not_an_empty_history() {
     assert_eq!(e.kind, BusErrorKind::Unsupported);
     assert_eq!(read, 0);
 }
+
+#[test]
+fn every_group_reading_a_topic_is_woken_by_an_append() {
+    // Fan-out: two groups read one topic. Each waiting member must be woken by the
+    // append itself, not by its poll's periodic wake-up (50 ms).
+    let bus = bus_with(EmbeddedConfig::default(), 1);
+    let mut a = bus.consumer(&cfg("a"), Arc::new(NoRebalanceListener)).unwrap();
+    let mut b = bus.consumer(&cfg("b"), Arc::new(NoRebalanceListener)).unwrap();
+    drain(&mut a, Duration::from_millis(100));
+    drain(&mut b, Duration::from_millis(100));
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let readers: Vec<_> = [a, b]
+        .into_iter()
+        .map(|mut c| {
+            let got = got.clone();
+            std::thread::spawn(move || {
+                for _ in 0..10 {
+                    let r = c.poll(Duration::from_secs(5)).unwrap().expect("a record");
+                    let sent: u128 = String::from_utf8_lossy(&r.payload).parse().unwrap();
+                    got.lock().push(Instant::now().duration_since(START.get().copied().unwrap()).as_micros() - sent);
+                }
+            })
+        })
+        .collect();
+    let start = *START.get_or_init(Instant::now);
+    for _ in 0..10 {
+        std::thread::sleep(Duration::from_millis(20));
+        send(&bus, "k", &start.elapsed().as_micros().to_string()).unwrap();
+    }
+    for r in readers {
+        r.join().unwrap();
+    }
+    let mut waits = got.lock().clone();
+    waits.sort_unstable();
+    assert_eq!(waits.len(), 20);
+    // Woken by the poll's periodic wake-up instead, half the waits would spread over
+    // 0–50 ms: the 75th percentile would be about 25 ms.
+    let p75 = waits[waits.len() * 3 / 4];
+    assert!(p75 < 10_000, "75th percentile wait {p75} µs: a group missed the append's wake-up: {waits:?}");
+}
+
+static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();

@@ -3,9 +3,9 @@
 //! earlier ones) and what the pipeline must make of it; adding a case is adding a
 //! file, adding a pipeline with a `golden/` directory is adding its cases here.
 //!
-//! A case runs through the stages' real handlers (rules → velocity → score) exactly
-//! as the runtime calls them, each stage's output payload being the next one's input,
-//! on a fresh set of handlers so that no velocity state leaks between cases. Every
+//! A case runs through the stages' real handlers exactly as the runtime calls them,
+//! along the pipeline's graph (each message to every stage that reads its topic, so
+//! parallel branches and joins run as deployed), on a fresh set of handlers so that no velocity state leaks between cases. Every
 //! rule of the pipeline must be expected to fire in at least one case: a new rule
 //! without a case fails here.
 //!
@@ -22,7 +22,7 @@
 //! ```
 //!
 //! `hits` are the rules that fired, shadow ones included (they fire but never reach
-//! the decision's `rule_hits`), read from the state the velocity stage hands on.
+//! the decision's `rule_hits`), read from the state the score stage is handed.
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
 use std::collections::BTreeSet;
@@ -93,35 +93,39 @@ impl<'p> Chain<'p> {
 
     fn run(&mut self, json: &Value) -> Result<Outcome, String> {
         let stages = &self.pipeline.stages;
-        let mut payload = Bytes::from(json.to_string());
+        let payload = Bytes::from(json.to_string());
         let tx = self.pipeline.schema.decode_json(&payload).map_err(|e| format!("invalid tx: {e}"))?;
         let id = self.pipeline.schema.id_of(&tx).to_string();
         let key = Bytes::from(self.pipeline.key.key(&tx));
-        let offset = self.offset;
-        self.offset += 1;
-        let mut state = None;
-        for (stage, handler) in stages.iter().zip(&self.handlers) {
-            let record = Record {
-                tp: TopicPartition::new(stage.input.as_str(), 0),
-                offset,
-                key: Some(key.clone()),
-                payload,
-                headers: Headers::default(),
-                timestamp_ms: None,
-            };
-            let outputs = first_attempt(handler, &record).map_err(|e| format!("stage {:?} failed on tx {id:?}: {e}", stage.name))?;
-            let [out] = outputs.as_slice() else {
-                return Err(format!("stage {:?} produced {} outputs for tx {id:?}; expected 1", stage.name, outputs.len()));
-            };
-            assert_eq!(*out.topic, *stage.output, "stage {:?} wrote to another topic", stage.name);
-            payload = out.payload.clone();
-            if stage.kind.writes == Writes::Transactions {
-                state = Some(self.codec(&stage.output).decode::<TxState>(&payload).map_err(|e| format!("stage {:?} output: {e}", stage.name))?);
+        let ingress = self.pipeline.ingress().ok_or("no ingress topic")?.name.clone();
+        // The graph as the runtime runs it: every message on a topic goes to each stage
+        // that reads it (fan-out), each output to its topic with the stage's trail hop
+        // (a join tells its branches apart by it), until nothing is left to run.
+        let mut queue = std::collections::VecDeque::from([(ingress, payload, Headers::default())]);
+        let (mut state, mut decision) = (None, None);
+        while let Some((topic, payload, hdrs)) = queue.pop_front() {
+            if stages.iter().any(|s| s.input == topic && s.kind.writes == Writes::Decisions) {
+                state = Some(self.codec(&topic).decode::<TxState>(&payload).map_err(|e| format!("{topic}: {e}"))?);
+            }
+            if self.pipeline.topic(&topic).is_some_and(|t| t.role == actio_pipeline::TopicRole::Egress) {
+                decision = Some(self.codec(&topic).decode::<Decision>(&payload).map_err(|e| format!("decision: {e}"))?);
+            }
+            for (stage, handler) in stages.iter().zip(&self.handlers).filter(|(s, _)| s.input == topic) {
+                let offset = self.offset;
+                self.offset += 1;
+                let record = Record { tp: TopicPartition::new(stage.input.as_str(), 0), offset, key: Some(key.clone()), payload: payload.clone(), headers: hdrs.clone(), timestamp_ms: None };
+                let outputs = first_attempt(handler, &record).map_err(|e| format!("stage {:?} failed on tx {id:?}: {e}", stage.name))?;
+                for out in outputs.into_iter().filter(|o| o.hold.is_none()) {
+                    let mut h = hdrs.clone();
+                    let mut trail = h.get(actio_core::headers::TRAIL).map(<[u8]>::to_vec).unwrap_or_default();
+                    actio_core::headers::append_hop(&mut trail, &stage.name, 0, 0);
+                    h.set(actio_core::headers::TRAIL, trail);
+                    queue.push_back((out.topic.to_string(), out.payload, h));
+                }
             }
         }
-        let egress = &stages[stages.len() - 1].output;
-        let decision: Decision = self.codec(egress).decode(&payload).map_err(|e| format!("decision: {e}"))?;
-        let state = state.ok_or("the pipeline has no rules or velocity stage")?;
+        let decision = decision.ok_or_else(|| format!("tx {id:?}: no decision reached the egress topic"))?;
+        let state = state.ok_or("the pipeline has no stage before its score stage")?;
         Ok(Outcome { state, decision })
     }
 }
