@@ -372,6 +372,8 @@ pub struct RunFacts<'a> {
     pub load_started_ns: i64,
     /// The broker's pauses, from its GC log read after the run (Kafka runs given one).
     pub broker_pauses: Option<&'a BrokerPauses>,
+    /// The pipeline's graph, for the HTML report.
+    pub graph: Option<&'a crate::report::StageGraph>,
 }
 
 
@@ -500,6 +502,7 @@ pub fn run_report(facts: &RunFacts<'_>, c: &Collector, sender: &SenderStats, run
         second_p99_median_us: seconds.median_p99_us,
         broker_pauses: seconds.broker,
         seconds: seconds.seconds,
+        graph: facts.graph.cloned(),
     };
     (report, histograms)
 }

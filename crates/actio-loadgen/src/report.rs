@@ -227,6 +227,69 @@ pub struct RunReport {
     pub broker_pauses: Option<BrokerPauseReport>,
     /// Every second of the run, from the one the load started in to the last decision.
     pub seconds: Vec<SecondReport>,
+    /// The pipeline's graph, drawn in the HTML report with each stage's p99.
+    pub graph: Option<StageGraph>,
+}
+
+/// A pipeline's graph as the report draws it: stages and the topics between them.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct StageGraph {
+    /// `(stage, kind)`, in declaration order.
+    pub stages: Vec<(String, String)>,
+    /// `(from, to, topic)`: a stage (or an ingress topic) to a stage (or a topic no
+    /// stage reads).
+    pub edges: Vec<(String, String, String)>,
+    /// Ingress topics.
+    pub sources: Vec<String>,
+    /// Topics no stage reads (egress).
+    pub sinks: Vec<String>,
+}
+
+impl StageGraph {
+    /// Columns, left to right: each node's longest distance from an ingress topic.
+    fn columns(&self) -> Vec<(String, usize)> {
+        let mut depth: Vec<(String, usize)> = self.sources.iter().map(|s| (s.clone(), 0)).collect();
+        // Stages are declared after whatever they read: one pass in order suffices.
+        for (stage, _) in &self.stages {
+            let d = self.edges.iter().filter(|e| e.1 == *stage).filter_map(|e| depth.iter().find(|(n, _)| *n == e.0).map(|(_, d)| d + 1)).max().unwrap_or(1);
+            depth.push((stage.clone(), d));
+        }
+        let last = depth.iter().map(|(_, d)| *d).max().unwrap_or(0) + 1;
+        depth.extend(self.sinks.iter().map(|s| (s.clone(), last)));
+        depth
+    }
+
+    /// An inline SVG: boxes per column, `label` under each stage's name.
+    fn svg(&self, label: &dyn Fn(&str) -> String) -> String {
+        let cols = self.columns();
+        let (bw, bh, gx, gy) = (170.0, 46.0, 60.0, 18.0);
+        let ncol = cols.iter().map(|(_, d)| *d).max().unwrap_or(0) + 1;
+        let mut rows = vec![0usize; ncol];
+        let mut at: Vec<(String, f64, f64)> = Vec::new();
+        for (n, d) in &cols {
+            at.push((n.clone(), 10.0 + *d as f64 * (bw + gx), 10.0 + rows[*d] as f64 * (bh + gy)));
+            rows[*d] += 1;
+        }
+        let w = 20.0 + ncol as f64 * (bw + gx) - gx;
+        let h = 20.0 + *rows.iter().max().unwrap_or(&1) as f64 * (bh + gy) - gy;
+        let mut s = format!("<svg viewBox='0 0 {w} {h}' width='100%' role=img aria-label='pipeline graph'><defs><marker id=arr viewBox='0 0 8 8' refX=8 refY=4 markerWidth=8 markerHeight=8 orient=auto><path d='M0,0 L8,4 L0,8 z' fill='#7a8499'/></marker></defs>");
+        let pos = |n: &str| at.iter().find(|(m, _, _)| m == n).map(|(_, x, y)| (*x, *y));
+        for (from, to, _) in &self.edges {
+            if let (Some((x1, y1)), Some((x2, y2))) = (pos(from), pos(to)) {
+                let _ = write!(s, "<line x1={} y1={} x2={} y2={} stroke='#7a8499' marker-end='url(#arr)'/>", x1 + bw, y1 + bh / 2.0, x2, y2 + bh / 2.0);
+            }
+        }
+        for (n, x, y) in &at {
+            let stage = self.stages.iter().find(|(m, _)| m == n);
+            let (fill, line2) = match stage {
+                Some((_, kind)) => ("#ffffff", format!("{} · {}", esc(kind), esc(&label(n)))),
+                None => ("#f3f5f9", "topic".to_string()),
+            };
+            let _ = write!(s, "<rect x={x} y={y} width={bw} height={bh} rx=6 fill='{fill}' stroke='#c4cad6'/><text x={} y={} font-size=13 font-weight=600>{}</text><text x={} y={} font-size=11 fill='#5b6475'>{line2}</text>", x + 8.0, y + 18.0, esc(n), x + 8.0, y + 35.0);
+        }
+        s.push_str("</svg>");
+        s
+    }
 }
 
 fn stages_as_map<S: serde::Serializer>(stages: &[StageReport], s: S) -> Result<S::Ok, S::Error> {
@@ -439,7 +502,17 @@ th{{background:#f3f5f9}} td:first-child,th:first-child,td:nth-child(2){{text-ali
         for (label, v) in [("lost", self.lost), ("duplicates", self.duplicates), ("order violations", self.order_violations)] {
             card(&mut h, label, v.to_string(), if v == 0 { "ok" } else { "bad" });
         }
-        h.push_str("</div><h2>Latency by percentile</h2><div class=plots>");
+        h.push_str("</div>");
+        if let Some(g) = &self.graph {
+            let p99 = |stage: &str| {
+                self.stages.iter().find(|s| s.name == stage).map_or_else(String::new, |s| {
+                    let l = if s.stage.count > 0 { &s.stage } else { &s.process };
+                    format!("p99 {} ms", ms(l.p99_us))
+                })
+            };
+            let _ = write!(h, "<h2>Graph (stage latency p99)</h2><div class=plot>{}</div>", g.svg(&p99));
+        }
+        h.push_str("<h2>Latency by percentile</h2><div class=plots>");
         let e2e: Vec<_> = histograms.iter().filter(|(n, _)| n == "e2e" || n == E2E_OUTSIDE_BROKER_PAUSES || n.ends_with(".stage") || (n.ends_with(".process") && !histograms.iter().any(|(m, _)| m == &n.replace(".process", ".stage")))).collect();
         h.push_str(&plot("End to end and per stage", &e2e));
         for st in &self.stages {
@@ -614,6 +687,7 @@ mod tests {
             second_p99_median_us: None,
             broker_pauses: None,
             seconds: Vec::new(),
+            graph: None,
         };
         (r, vec![("e2e".into(), e2e), ("rules.queue".into(), st.queue), ("rules.service".into(), st.service), ("rules.stage".into(), st.stage)])
     }
@@ -653,6 +727,28 @@ mod tests {
         let v = serde_json::to_value(&r).unwrap();
         assert_eq!((v["seconds"].as_array().unwrap().len(), &v["seconds"][3]["broker_paused"], &v["broker_pauses"]["marked_seconds"]), (30, &serde_json::json!(true), &serde_json::json!(2)));
         assert_eq!(v["e2e_outside_broker_pauses"]["p99_us"], 8_000);
+    }
+
+    #[test]
+    fn the_html_draws_the_graph_with_each_stages_p99() {
+        let mut r = report_with_seconds();
+        assert!(!r.render_html(&[]).contains("<h2>Graph"), "no graph, no drawing");
+        let e = |a: &str, b: &str, t: &str| (a.to_string(), b.to_string(), t.to_string());
+        r.graph = Some(StageGraph {
+            stages: vec![("a".into(), "rules".into()), ("b".into(), "velocity".into()), ("j".into(), "join".into())],
+            edges: vec![e("in", "a", "in"), e("in", "b", "in"), e("a", "j", "mid"), e("b", "j", "mid"), e("j", "out", "out")],
+            sources: vec!["in".into()],
+            sinks: vec!["out".into()],
+        });
+        r.stages = vec![StageReport::new("j", None, None, None)];
+        r.stages[0].process.p99_us = 1_500;
+        let cols = r.graph.as_ref().unwrap().columns();
+        assert_eq!(cols.iter().map(|(n, d)| (n.as_str(), *d)).collect::<Vec<_>>(), [("in", 0), ("a", 1), ("b", 1), ("j", 2), ("out", 3)], "branches side by side");
+        let html = r.render_html(&[]);
+        let svg = &html[html.find("<h2>Graph").unwrap()..];
+        assert_eq!(svg[..svg.find("</svg>").unwrap()].matches("<line").count(), 5, "an arrow per edge");
+        assert!(svg.contains(">join · p99 1.500 ms<"), "{svg}");
+        assert_eq!(serde_json::to_value(&r).unwrap()["graph"]["edges"][2], serde_json::json!(["a", "j", "mid"]));
     }
 
     #[test]

@@ -11,6 +11,7 @@
 pub mod config;
 pub mod error;
 pub mod faults;
+pub mod graph;
 pub mod kinds;
 pub mod launch;
 mod resolve;

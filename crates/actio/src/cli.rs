@@ -50,6 +50,18 @@ pub enum Command {
     ///   actio validate --json pipelines/fraud     # the resolved pipeline, for tools
     #[command(verbatim_doc_comment)]
     Validate(ValidateArgs),
+    /// Print a pipeline's graph: which stage reads what, and where its output goes.
+    ///
+    /// Stages are nodes; topics join them (a stage's output to every stage that
+    /// reads it: several readers are a fan-out, a join waits for several writers).
+    /// Text by default; --mermaid prints a Mermaid flowchart (paste it into a
+    /// Markdown file or https://mermaid.live).
+    ///
+    /// Examples:
+    ///   actio graph pipelines/transfers
+    ///   actio graph pipelines/transfers --mermaid > transfers.mmd
+    #[command(verbatim_doc_comment)]
+    Graph(GraphArgs),
     /// Print the JSON Schemas (2020-12) of a pipeline's ingress and egress records.
     ///
     /// Generated from the pipeline's schema.toml: the transaction producers write
@@ -236,6 +248,15 @@ pub struct ValidateArgs {
     /// stderr, exit code 2, as without --json.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct GraphArgs {
+    /// Pipeline directory (holding pipeline.toml) or the file itself.
+    pub pipeline: PathBuf,
+    /// Print a Mermaid flowchart instead of text.
+    #[arg(long)]
+    pub mermaid: bool,
 }
 
 #[derive(Debug, Args)]

@@ -12,6 +12,7 @@ use clap::Parser;
 use mimalloc::MiMalloc;
 
 mod cli;
+mod graph;
 mod kafka;
 mod run;
 mod schema;
@@ -30,6 +31,7 @@ fn main() -> ExitCode {
     init_logging(args.log_json);
     let result = match args.command {
         cli::Command::Validate(a) => validate::main(a),
+        cli::Command::Graph(a) => graph::main(a),
         cli::Command::Schema(a) => schema::main(a),
         cli::Command::Run(a) => run::main(a),
         cli::Command::Stage(a) => service::main(a),

@@ -250,6 +250,7 @@ pub fn drive<B: Bus>(
         eprintln!("actio: the collector's group rebalanced; {} records it read again were ignored (not duplicates)", c.stats.reread);
     }
     let stage_budgets: Vec<(&str, Option<f64>)> = pipeline.stages.iter().map(|s| (s.name.as_str(), s.limits.budget_ms)).collect();
+    let graph = report_graph(&pipeline);
     let facts = RunFacts {
         pipeline: &pipeline.name,
         bus: bus_name,
@@ -260,6 +261,7 @@ pub fn drive<B: Bus>(
         load_secs,
         load_started_ns,
         broker_pauses: broker_pauses.as_ref(),
+        graph: Some(&graph),
     };
     let (report, histograms) = run_report(&facts, &c, &sender.stats, &runtime_hists);
     report.write(&out, &histograms).with_context(|| format!("writing the report under {}", out.display()))?;
@@ -271,4 +273,15 @@ pub fn drive<B: Bus>(
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// The pipeline's graph as the report draws it.
+fn report_graph(pipeline: &actio_pipeline::Pipeline) -> actio_loadgen::report::StageGraph {
+    let g = pipeline.graph();
+    actio_loadgen::report::StageGraph {
+        stages: g.stages.into_iter().map(|(n, k, _)| (n, k.to_string())).collect(),
+        edges: g.edges.into_iter().map(|e| (e.from, e.to, e.topic)).collect(),
+        sources: g.sources,
+        sinks: g.sinks,
+    }
 }

@@ -190,3 +190,21 @@ fn validate_checks_the_load_scenarios_against_the_schema() {
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("hot-keys.toml") && stderr.contains("card_idx"), "{stderr}");
 }
+
+#[test]
+fn graph_prints_the_stages_and_topics_as_text_and_mermaid() {
+    let transfers = actio_testkit::pipeline("transfers");
+    let out = actio().arg("graph").arg(&transfers).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("4 stages; in: transfers.in; out: transfers.decisions"), "{stdout}");
+    assert!(stdout.contains("screening (transfers.results), history (transfers.results) ──► typology (join)"), "{stdout}");
+    let out = actio().args(["graph", "--mermaid"]).arg(&transfers).output().unwrap();
+    let mermaid = String::from_utf8_lossy(&out.stdout);
+    assert!(mermaid.starts_with("flowchart LR") && mermaid.contains("s_history -->|transfers.results| s_typology"), "{mermaid}");
+    let broken = copy_of_fraud_with("pipeline.toml", |t| t.replace("kind = \"velocity\"", "kind = \"velocty\""));
+    let out = actio().arg("graph").arg(broken.path()).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("stage[1].kind") && stderr.contains("unknown stage kind \"velocty\""), "{stderr}");
+}
