@@ -250,7 +250,7 @@ pub fn drive<B: Bus>(
         eprintln!("actio: the collector's group rebalanced; {} records it read again were ignored (not duplicates)", c.stats.reread);
     }
     let stage_budgets: Vec<(&str, Option<f64>)> = pipeline.stages.iter().map(|s| (s.name.as_str(), s.limits.budget_ms)).collect();
-    let graph = report_graph(&pipeline);
+    let graph = report_graph(pipeline);
     let facts = RunFacts {
         pipeline: &pipeline.name,
         bus: bus_name,
