@@ -59,7 +59,7 @@ pub mod watermark;
 pub use lanes::{KeyLanes, Ordering};
 pub use metrics::{HandlerCounter, StageMetrics};
 pub use stage::{
-    Context, FailureKind, Handler, HandlerError, HandlerHistogram, Hold, Output, RetryPolicy, RetryTopic, Stage, StageError, StageHandle, StageSpec,
+    Context, Deferred, FailureKind, Handler, HandlerError, HandlerHistogram, Hold, Output, RetryPolicy, RetryTopic, Stage, StageError, StageHandle, StageSpec,
     StepTime, StopMode,
 };
 pub use watermark::Watermark;

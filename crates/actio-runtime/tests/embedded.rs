@@ -691,3 +691,55 @@ fn a_revoked_partitions_held_messages_go_to_its_next_owner_uncommitted() {
     let committed: Vec<i64> = bus.committed_offsets("moves", IN).unwrap().into_iter().map(|o| o.unwrap_or(0)).collect();
     assert_eq!(committed, end, "committed once emitted (an empty partition has nothing to commit)");
 }
+
+/// Echoes each message later, from a thread of its own after `delay`: a handler
+/// whose work goes on elsewhere (an HTTP call). Counts how many wait at once.
+struct Later {
+    delay: Duration,
+    waiting: Arc<std::sync::atomic::AtomicUsize>,
+    most: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Handler for Later {
+    fn handle(&self, rec: &Record, _ctx: &Context) -> Result<Vec<Output>, HandlerError> {
+        let d = actio_runtime::Deferred::new();
+        // Random delays: were the key's next message run before this one completed,
+        // the key's order would break.
+        let delay = self.delay.mul_f64(rand::rng().random_range(0.2..1.6));
+        let (d2, payload) = (d.clone(), rec.payload.clone());
+        let (waiting, most) = (self.waiting.clone(), self.most.clone());
+        let now = waiting.fetch_add(1, AtomicOrdering::SeqCst) + 1;
+        most.fetch_max(now, AtomicOrdering::SeqCst);
+        std::thread::spawn(move || {
+            std::thread::sleep(delay);
+            waiting.fetch_sub(1, AtomicOrdering::SeqCst);
+            if &payload[..] == b"poison" {
+                d2.complete(Err(HandlerError::permanent("poison pill, found late")));
+            } else {
+                d2.complete(Ok(vec![Output::new(OUT, payload)]));
+            }
+        });
+        Ok(vec![Output::defer(d)])
+    }
+}
+
+#[test]
+fn deferred_results_keep_key_order_free_the_workers_and_are_committed_when_delivered() {
+    let bus = bus(2);
+    let sent = produce(&bus, 400, 40, 9, 0);
+    let p = bus.producer(&ProducerConfig::default()).unwrap();
+    send(&p, "k-poison", b"poison");
+    let (waiting, most) = (Arc::new(std::sync::atomic::AtomicUsize::new(0)), Arc::new(std::sync::atomic::AtomicUsize::new(0)));
+    let handler = Arc::new(Later { delay: Duration::from_millis(5), waiting, most: most.clone() });
+    // One worker thread: only deferral lets several messages wait at once.
+    let stage = Stage::spawn(&bus, StageSpec { threads: 1, ..spec("later") }, handler).unwrap();
+    let got = read_all(&bus, OUT, sent.len(), Duration::from_secs(30));
+    let dead = read_all(&bus, DLQ, 1, Duration::from_secs(10));
+    stage.stop(StopMode::Graceful);
+    stage.join().unwrap();
+    assert_eq!(check(&sent, &got), (0, 0, 0), "per key in order, none lost, none twice");
+    assert_eq!(dead.len(), 1, "a deferred permanent error is dead-lettered");
+    assert!(most.load(AtomicOrdering::SeqCst) > 1, "one worker had several messages waiting at once");
+    let committed = bus.committed_offsets("later", IN).unwrap();
+    assert_eq!(committed, bus.end_offsets(IN).unwrap().iter().map(|e| Some(*e)).collect::<Vec<_>>());
+}

@@ -9,6 +9,7 @@ use actio_core::{Offset, Record, TopicPartition};
 use hdrhistogram::Histogram;
 
 use crate::metrics::HandlerCounter;
+pub use super::deferred::Deferred;
 pub use super::hold::Hold;
 
 /// One output of a handler. The runtime adds the headers (the input's, plus this
@@ -32,6 +33,9 @@ pub struct Output {
     /// Not a message: the input's completion is held until this is released (see
     /// [`Hold`]); `topic` and `payload` are ignored.
     pub hold: Option<Hold>,
+    /// Not a message: the result comes later, through this (see [`Deferred`]); the
+    /// handler returns it alone.
+    pub defer: Option<Deferred>,
     /// A [`Handler::tick`] output's headers (there is no input to take them from):
     /// typically a held message's, so the trail goes on. The runtime appends the
     /// stage's hop. Ignored on outputs of a message.
@@ -54,12 +58,17 @@ pub struct StepTime {
 impl Output {
     /// An output to `topic` under the input's key.
     pub fn new(topic: impl Into<Arc<str>>, payload: impl Into<Bytes>) -> Self {
-        Output { topic: topic.into(), key: None, payload: payload.into(), steps: Vec::new(), releases: Vec::new(), hold: None, headers: None }
+        Output { topic: topic.into(), key: None, payload: payload.into(), steps: Vec::new(), releases: Vec::new(), hold: None, defer: None, headers: None }
     }
 
     /// Holds the input: it is done only when `hold` is released (see [`Hold`]).
     pub fn hold(hold: Hold) -> Self {
-        Output { topic: Arc::from(""), key: None, payload: Bytes::new(), steps: Vec::new(), releases: Vec::new(), hold: Some(hold), headers: None }
+        Output { topic: Arc::from(""), key: None, payload: Bytes::new(), steps: Vec::new(), releases: Vec::new(), hold: Some(hold), defer: None, headers: None }
+    }
+
+    /// The result comes later: the handler completes `deferred` (see [`Deferred`]).
+    pub fn defer(deferred: Deferred) -> Self {
+        Output { topic: Arc::from(""), key: None, payload: Bytes::new(), steps: Vec::new(), releases: Vec::new(), hold: None, defer: Some(deferred), headers: None }
     }
 
     /// The same output (of a tick) with these headers.

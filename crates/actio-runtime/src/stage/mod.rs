@@ -20,6 +20,7 @@
 //! [`Watermark`]: crate::Watermark
 
 mod acks;
+mod deferred;
 mod driver;
 mod failures;
 mod handler;
@@ -41,7 +42,7 @@ use crate::lanes::Ordering;
 use crate::metrics::StageMetrics;
 use crate::pool::WorkerPool;
 
-pub use handler::{Context, FailureKind, Handler, HandlerError, HandlerHistogram, Hold, Output, StepTime};
+pub use handler::{Context, Deferred, FailureKind, Handler, HandlerError, HandlerHistogram, Hold, Output, StepTime};
 pub use retry_topic::RetryTopic;
 
 use driver::Driver;

@@ -66,7 +66,9 @@ impl<P: Producer> Shared<P> {
             }
             left -= 1;
             let lane = work.lane;
-            self.process(&tp, epoch, work);
+            if !self.process(&tp, epoch, work) {
+                continue; // deferred: its completion moves the lane on
+            }
             let next = {
                 let mut st = self.state.lock();
                 match st.parts.get_mut(&tp) {
@@ -80,8 +82,10 @@ impl<P: Producer> Shared<P> {
         }
     }
 
-    fn process(&self, tp: &TopicPartition, epoch: u64, work: Work) {
-        let Work { rec, consumed_ns, queue_ns, from_retry, .. } = work;
+    /// Runs a message's attempts; `false` when its handler deferred the result (the
+    /// completion finishes it and moves its lane on).
+    fn process(self: &Arc<Self>, tp: &TopicPartition, epoch: u64, work: Work) -> bool {
+        let Work { rec, consumed_ns, queue_ns, from_retry, lane } = work;
         let started = Instant::now();
         // A message from the retry topic carries the attempts and trips made before,
         // and the input it was first consumed from: read once, here.
@@ -112,6 +116,51 @@ impl<P: Producer> Shared<P> {
                 r => break r,
             }
         };
+        let deferred = match &result {
+            Ok(outputs) => outputs.iter().find_map(|o| o.defer.clone()),
+            Err(_) => None,
+        };
+        let run = Attempted { rec, consumed_ns, queue_ns, from_retry, marks, ctx, retried, started };
+        match deferred {
+            None => {
+                self.finish(tp, epoch, run, result);
+                true
+            }
+            Some(d) => {
+                let (shared, tp) = (self.clone(), tp.clone());
+                d.bind(move |result| {
+                    // A deferred result carries no further deferral.
+                    let result = result.map(|mut o| {
+                        o.retain(|o| o.defer.is_none());
+                        o
+                    });
+                    shared.finish(&tp, epoch, run, result);
+                    shared.advance(&tp, epoch, lane);
+                });
+                false
+            }
+        }
+    }
+
+    /// Runs the next message of a deferred message's lane, if any, on the pool.
+    fn advance(self: &Arc<Self>, tp: &TopicPartition, epoch: u64, lane: Option<u64>) {
+        let next = {
+            let mut st = self.state.lock();
+            match st.parts.get_mut(tp) {
+                Some(p) if p.epoch == epoch => p.lanes.next(lane),
+                _ => None,
+            }
+        };
+        if let Some(w) = next {
+            let (shared, tp) = (self.clone(), tp.clone());
+            self.pool.spawn(move || shared.run_lanes(vec![(tp, epoch, w)], None));
+        }
+    }
+
+    /// What follows a message's handler: its outputs produced (or its DLQ or retry
+    /// copy), and done when they are acknowledged.
+    fn finish(&self, tp: &TopicPartition, epoch: u64, run: Attempted, result: Result<Vec<Output>, HandlerError>) {
+        let Attempted { rec, consumed_ns, queue_ns, from_retry, marks, ctx, retried, started } = run;
         let service_ns = started.elapsed().as_nanos() as i64;
         let mut holds = Vec::new();
         let (records, dead_lettered, sent_to_retry) = match result {
@@ -219,6 +268,18 @@ impl<P: Producer> Shared<P> {
         hdrs.set(headers::TRAIL, trail);
         OutRecord { topic: out.topic, partition: None, key: out.key.or_else(|| rec.key.clone()), payload: out.payload, headers: hdrs }
     }
+}
+
+/// A message after its attempts: what finishing it needs.
+struct Attempted {
+    rec: Record,
+    consumed_ns: i64,
+    queue_ns: i64,
+    from_retry: bool,
+    marks: RetryMarks,
+    ctx: Context,
+    retried: u32,
+    started: Instant,
 }
 
 /// Releases `holds` once the output that carries them is delivered, or fails them.

@@ -1,0 +1,114 @@
+//! Deferred results: a handler whose work goes on elsewhere (an HTTP call on an
+//! async runtime) returns at once, and completes the message later.
+//!
+//! The handler returns [`Output::defer`](super::Output::defer) and keeps the
+//! [`Deferred`]; when its work ends it calls [`Deferred::complete`] with the outputs
+//! (or the error) it would have returned. The runtime then does what it does after
+//! any handler: produces the outputs, or dead-letters, or sends to the retry topic;
+//! the message is done when the outputs are acknowledged. Meanwhile the worker
+//! thread is free for other keys, and the message's key lane stays busy, so per-key
+//! order holds: the key's next message runs only after this one completed. A
+//! deferred message counts as in flight, so back-pressure bounds how many wait.
+//!
+//! A deferred error is final: the handler retried in place already if it wanted to
+//! (asynchronously, without blocking a thread); a transient one goes to the stage's
+//! retry topic, else to the DLQ. A `Deferred` dropped without completing completes
+//! with a permanent error, so a lost task can never leave its key stuck.
+
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+use super::{HandlerError, Output};
+
+type Completion = Result<Vec<Output>, HandlerError>;
+
+enum State {
+    Unbound(Option<Completion>),
+    Bound(Box<dyn FnOnce(Completion) + Send>),
+    Finished,
+}
+
+struct Inner(Mutex<State>);
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let State::Bound(f) = std::mem::replace(&mut *self.0.lock(), State::Finished) {
+            f(Err(HandlerError::permanent("the handler's deferred work ended without completing the message")));
+        }
+    }
+}
+
+/// A message's result, to come. Cloning shares it; the first completion counts.
+#[derive(Clone)]
+pub struct Deferred(Arc<Inner>);
+
+impl Default for Deferred {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Deferred {
+    /// A result to come; the handler returns it in [`Output::defer`](super::Output::defer).
+    pub fn new() -> Self {
+        Deferred(Arc::new(Inner(Mutex::new(State::Unbound(None)))))
+    }
+
+    /// The message's outputs, or why it failed: as the handler would have returned.
+    pub fn complete(&self, result: Result<Vec<Output>, HandlerError>) {
+        let mut st = self.0.0.lock();
+        match std::mem::replace(&mut *st, State::Finished) {
+            State::Unbound(None) => *st = State::Unbound(Some(result)),
+            State::Bound(f) => {
+                drop(st);
+                f(result);
+            }
+            other => *st = other, // completed already: the first stands
+        }
+    }
+
+    /// Calls `f` with the result: at once if it came already.
+    pub(crate) fn bind(&self, f: impl FnOnce(Completion) + Send + 'static) {
+        let mut st = self.0.0.lock();
+        match std::mem::replace(&mut *st, State::Finished) {
+            State::Unbound(Some(r)) => {
+                drop(st);
+                f(r);
+            }
+            State::Unbound(None) => *st = State::Bound(Box::new(f)),
+            other => *st = other,
+        }
+    }
+}
+
+impl std::fmt::Debug for Deferred {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Deferred")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_result_reaches_the_binding_before_or_after_and_a_dropped_one_fails() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let early = Deferred::new();
+        early.complete(Ok(vec![]));
+        let s = seen.clone();
+        early.bind(move |r| s.lock().push(r.is_ok()));
+        let late = Deferred::new();
+        let s = seen.clone();
+        late.bind(move |r| s.lock().push(r.is_ok()));
+        late.complete(Err(HandlerError::transient("timeout")));
+        late.complete(Ok(vec![]));
+        assert_eq!(*seen.lock(), [true, false]);
+        let dropped = Deferred::new();
+        let s = seen.clone();
+        dropped.bind(move |r| s.lock().push(r.unwrap_err().message.contains("without completing")));
+        drop(dropped);
+        assert_eq!(*seen.lock(), [true, false, true]);
+    }
+}
