@@ -110,6 +110,11 @@ impl Pipeline {
         {
             return Err(format!("stage {:?} is a `{}` stage: it waits for results several branches write to its input, so it runs as a service of its own", self.stages[i].name, self.stages[i].kind.name));
         }
+        // A stage that waits on I/O ends a service: its result comes later, on the I/O
+        // runtime, and goes out as it is.
+        if let Some(&i) = at[..at.len() - 1].iter().find(|&&i| self.stages[i].logic.is_async()) {
+            return Err(format!("stage {:?} is an `{}` stage: it waits on I/O, so it can only be a service's last stage", self.stages[i].name, self.stages[i].kind.name));
+        }
         // A stage that does not write transactions to its output ends a service.
         if let Some(&i) = at[..at.len() - 1].iter().find(|&&i| self.stages[i].kind.writes != Writes::Transactions) {
             let s = &self.stages[i];

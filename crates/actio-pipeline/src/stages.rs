@@ -34,7 +34,7 @@ use actio_core::latency::{latency_histogram, record_ns};
 use actio_core::time::now_ns;
 use actio_core::{Codec, KeyExtractor, Record, Schema, TopicPartition, TxState};
 use actio_engine::derive::DerivedFields;
-use actio_runtime::{Context, Handler, HandlerCounter, HandlerError, HandlerHistogram, Hold, Output, StageSpec, StepTime};
+use actio_runtime::{Context, Deferred, Handler, HandlerCounter, HandlerError, HandlerHistogram, Hold, Output, StageSpec, StepTime};
 use ahash::AHashMap;
 use hdrhistogram::Histogram;
 use parking_lot::Mutex;
@@ -60,11 +60,7 @@ pub struct StageHandler {
     steps: Vec<Step>,
     ingress: bool,
     input_codec: Codec,
-    output: Arc<str>,
-    output_codec: Codec,
-    /// Every declared topic's codec and role: a route stage's targets are chosen per
-    /// message.
-    topics: AHashMap<Arc<str>, (Codec, TopicRole)>,
+    encoder: Arc<Encoder>,
     schema: Arc<Schema>,
     derived: Arc<DerivedFields>,
     key: KeyExtractor,
@@ -72,6 +68,45 @@ pub struct StageHandler {
     rule_errors: AtomicU64,
     /// Reads back an input partition's history (see the module docs).
     restore: Option<Restore>,
+}
+
+/// Encodes what a service's last stage produced, for its output topic: shared with
+/// the completions of deferred (I/O) stages.
+#[derive(Debug)]
+struct Encoder {
+    output: Arc<str>,
+    output_codec: Codec,
+    /// Every declared topic's codec and role: a route stage's targets are chosen per
+    /// message.
+    topics: AHashMap<Arc<str>, (Codec, TopicRole)>,
+    schema: Arc<Schema>,
+}
+
+impl Encoder {
+    /// `st` as topic `topic` carries transactions: in its codec between stages; at an
+    /// egress topic, as the JSON the schema describes (what consumers outside read).
+    fn tx(&self, topic: &str, st: &TxState) -> Result<Bytes, actio_core::CodecError> {
+        match self.topics.get(topic) {
+            Some((_, TopicRole::Egress)) => Ok(Bytes::from(self.schema.encode_json(&st.tx))),
+            Some((codec, _)) => codec.encode(st).map(Bytes::from),
+            None => self.output_codec.encode(st).map(Bytes::from),
+        }
+    }
+
+    /// The outputs of what the service produced (not [`Produced::Later`]).
+    fn outputs(&self, produced: Produced, times: Vec<StepTime>) -> Result<Vec<Output>, HandlerError> {
+        let cannot = |e: actio_core::CodecError| HandlerError::permanent(format!("cannot encode output: {e}"));
+        match produced {
+            Produced::Tx(st) => Ok(vec![Output::new(self.output.clone(), self.tx(&self.output, &st).map_err(cannot)?).with_steps(times)]),
+            Produced::Decision(d) => Ok(vec![Output::new(self.output.clone(), Bytes::from(self.output_codec.encode(&d).map_err(cannot)?)).with_steps(times)]),
+            Produced::Routed(to, st) => to
+                .into_iter()
+                .map(|topic| Ok(Output::new(topic.clone(), self.tx(&topic, &st).map_err(cannot)?).with_steps(times.clone())))
+                .collect(),
+            Produced::Nothing => Ok(Vec::new()),
+            Produced::Later(_) => Err(HandlerError::permanent("a deferred result where none belongs (a bug)")),
+        }
+    }
 }
 
 /// One stage of a service.
@@ -86,7 +121,7 @@ struct Step {
     runner: Box<dyn Runner>,
     /// Time in its logic per message (µs); kept only in a fused service, where the
     /// runtime's service histogram covers all the steps.
-    service: Option<Mutex<Histogram<u64>>>,
+    service: Option<Arc<Mutex<Histogram<u64>>>>,
 }
 
 /// `(partition, from_ms, max_records, f)`: calls `f` on the partition's records from
@@ -131,14 +166,17 @@ impl StageHandler {
                     output: Arc::from(s.output.as_str()),
                     stage: s.clone(),
                     runner: s.logic.clone().runner(),
-                    service: fused.then(|| Mutex::new(latency_histogram())),
+                    service: fused.then(|| Arc::new(Mutex::new(latency_histogram()))),
                 })
                 .collect(),
             ingress: input.is_some_and(|t| t.role == TopicRole::Ingress),
             input_codec: input.map_or(Codec::Json, |t| t.codec),
-            output: Arc::from(last.output.as_str()),
-            output_codec: output.map_or(Codec::Json, |t| t.codec),
-            topics: pipeline.topics.iter().map(|t| (Arc::from(t.name.as_str()), (t.codec, t.role))).collect(),
+            encoder: Arc::new(Encoder {
+                output: Arc::from(last.output.as_str()),
+                output_codec: output.map_or(Codec::Json, |t| t.codec),
+                topics: pipeline.topics.iter().map(|t| (Arc::from(t.name.as_str()), (t.codec, t.role))).collect(),
+                schema: pipeline.schema.clone(),
+            }),
             schema: pipeline.schema.clone(),
             derived: pipeline.derived.clone(),
             key: pipeline.key.clone(),
@@ -195,14 +233,8 @@ impl StageHandler {
         }
     }
 
-    /// `st` as topic `topic` carries transactions: in its codec between stages; at an
-    /// egress topic, as the JSON the schema describes (what consumers outside read).
     fn encode_tx(&self, topic: &str, st: &TxState) -> Result<Bytes, actio_core::CodecError> {
-        match self.topics.get(topic) {
-            Some((_, TopicRole::Egress)) => Ok(Bytes::from(self.schema.encode_json(&st.tx))),
-            Some((codec, _)) => codec.encode(st).map(Bytes::from),
-            None => self.output_codec.encode(st).map(Bytes::from),
-        }
+        self.encoder.tx(topic, st)
     }
 
     /// The runtime spec of this service: its first stage's limits, but the strictest
@@ -264,6 +296,7 @@ impl StageHandler {
                 headers: &record.headers,
                 schema: &self.schema,
                 holds,
+                retry: &step.stage.limits.retry,
             };
             produced = step.runner.run(st, &cx)?;
             if let Some(h) = &step.service {
@@ -275,25 +308,38 @@ impl StageHandler {
         Ok((produced, times))
     }
 
-    /// The outputs of what the service produced.
-    fn outputs(&self, produced: Produced, times: Vec<StepTime>) -> Result<Vec<Output>, HandlerError> {
-        let cannot = |e: actio_core::CodecError| HandlerError::permanent(format!("cannot encode output: {e}"));
-        match produced {
-            Produced::Tx(st) => Ok(vec![Output::new(self.output.clone(), self.encode_tx(&self.output, &st).map_err(cannot)?).with_steps(times)]),
-            Produced::Decision(d) => Ok(vec![Output::new(self.output.clone(), Bytes::from(self.output_codec.encode(&d).map_err(cannot)?)).with_steps(times)]),
-            Produced::Routed(to, st) => to
-                .into_iter()
-                .map(|topic| Ok(Output::new(topic.clone(), self.encode_tx(&topic, &st).map_err(cannot)?).with_steps(times.clone())))
-                .collect(),
-            Produced::Nothing => Ok(Vec::new()),
-        }
+}
+
+impl StageHandler {
+    /// The result of a service whose last stage waits on I/O: completed on the I/O
+    /// runtime when `later` resolves (an async stage is a service's last, checked when
+    /// the service is made, so nothing runs after it).
+    fn deferred(&self, later: crate::kinds::Later, mut times: Vec<StepTime>) -> Output {
+        let d = Deferred::new();
+        let (done, encoder) = (d.clone(), self.encoder.clone());
+        let last = self.steps.last().and_then(|s| s.service.clone().map(|h| (s.name.clone(), h)));
+        let started_ns = now_ns();
+        crate::kinds::io::spawn(async move {
+            let result = later.0.await;
+            if let Some((stage, h)) = last {
+                let ended_ns = now_ns();
+                record_ns(&mut h.lock(), ended_ns - started_ns);
+                times.push(StepTime { stage, started_ns, ended_ns });
+            }
+            done.complete(result.and_then(|st| encoder.outputs(Produced::Tx(st), times)));
+        });
+        Output::defer(d)
     }
 }
 
 impl Handler for StageHandler {
     fn handle(&self, record: &Record, ctx: &Context) -> Result<Vec<Output>, HandlerError> {
         let holds = MessageHolds::default();
-        let result = self.run_steps(record, ctx, &holds).and_then(|(produced, times)| self.outputs(produced, times));
+        let result = match self.run_steps(record, ctx, &holds) {
+            Ok((Produced::Later(later), times)) => return Ok(vec![self.deferred(later, times)]),
+            Ok((produced, times)) => self.encoder.outputs(produced, times),
+            Err(e) => Err(e),
+        };
         let (held, releases) = (holds.held.take(), holds.releases.take());
         match result {
             Ok(mut outputs) => {
@@ -315,7 +361,8 @@ impl Handler for StageHandler {
     }
 
     fn tick_interval(&self) -> Option<std::time::Duration> {
-        self.steps.iter().filter_map(|s| s.stage.logic.tick_interval()).min()
+        self.steps
+            .iter().filter_map(|s| s.stage.logic.tick_interval()).min()
     }
 
     fn tick(&self) -> Vec<Output> {

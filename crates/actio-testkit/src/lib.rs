@@ -92,3 +92,60 @@ mod tests {
         assert!(same.is_err(), "an edit that changes nothing is refused");
     }
 }
+
+/// The account-risk HTTP API of `scripts/test-api`, a real server process on
+/// 127.0.0.1 (any free port), killed when dropped.
+#[derive(Debug)]
+pub struct TestApi {
+    child: std::process::Child,
+    /// Its base URL, `http://127.0.0.1:<port>`.
+    pub url: String,
+}
+
+impl TestApi {
+    /// Starts it; each answer waits `latency_ms`.
+    pub fn start(latency_ms: u64) -> TestApi {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(repo().join("scripts/test-api"))
+            .args(["--port", "0", "--latency-ms", &latency_ms.to_string()])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("scripts/test-api (python3) starts");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let port = line.trim().strip_prefix("PORT=").unwrap_or_else(|| panic!("scripts/test-api printed {line:?}")).to_string();
+        TestApi { child, url: format!("http://127.0.0.1:{port}") }
+    }
+
+    /// `POST /control` with this JSON (`{"down_for_ms": 10000}`, `{"latency_ms": 50}` …).
+    pub fn control(&self, json: &str) {
+        let (status, body) = self.request("POST", "/control", json);
+        assert_eq!(status, 200, "control {json}: {body}");
+    }
+
+    /// `GET /stats`: requests, max_concurrent, by_status.
+    pub fn stats(&self) -> serde_json::Value {
+        let (_, body) = self.request("GET", "/stats", "");
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("stats: {e}: {body}"))
+    }
+
+    /// One HTTP/1.1 request (std only): the status and the body.
+    fn request(&self, method: &str, path: &str, body: &str) -> (u16, String) {
+        use std::io::{Read, Write};
+        let addr = self.url.trim_start_matches("http://");
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        write!(s, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        let status = text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+        let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_string();
+        (status, body)
+    }
+}
+
+impl Drop for TestApi {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

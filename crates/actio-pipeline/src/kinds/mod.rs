@@ -31,18 +31,21 @@ use toml::Spanned;
 
 use crate::error::ConfigError;
 
+pub mod enrich;
+pub mod io;
 pub mod join;
 pub mod latest;
 pub mod route;
 pub mod rules;
 pub mod score;
 pub mod state;
+pub mod template;
 pub mod velocity;
 
 pub use state::{History, PartitionStates, Restore, StatePolicy};
 
 /// Every stage kind, by its `kind = "…"` name: the one place a kind is registered.
-pub static KINDS: &[&Kind] = &[&rules::KIND, &velocity::KIND, &score::KIND, &latest::KIND, &route::KIND, &join::KIND];
+pub static KINDS: &[&Kind] = &[&rules::KIND, &velocity::KIND, &score::KIND, &latest::KIND, &route::KIND, &join::KIND, &enrich::KIND];
 
 /// The registered kind called `name`.
 pub fn kind(name: &str) -> Option<&'static Kind> {
@@ -89,6 +92,18 @@ pub enum Produced {
     Decision(Decision),
     /// Nothing goes on (e.g. an update older than the state's); the input is done.
     Nothing,
+    /// The transaction, once this future resolves (an I/O-bound stage's call). Only
+    /// a service's last stage produces it ([`StageLogic::is_async`]).
+    Later(Later),
+}
+
+/// A transaction to come: what an I/O-bound stage's call resolves to.
+pub struct Later(pub std::pin::Pin<Box<dyn std::future::Future<Output = Result<TxState, HandlerError>> + Send>>);
+
+impl fmt::Debug for Later {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Later")
+    }
 }
 
 /// What a stage's logic is told about the message beyond the transaction.
@@ -112,6 +127,8 @@ pub struct RunCx<'a> {
     pub schema: &'a Schema,
     /// What the stage holds and releases for this message ([`RunCx::hold`]).
     pub holds: &'a MessageHolds,
+    /// The stage's in-place retry policy (an async stage retries its calls itself).
+    pub retry: &'a actio_runtime::RetryPolicy,
 }
 
 /// The holds of one message as its stages run: the message's own (it is not done
@@ -186,6 +203,11 @@ pub trait StageLogic: Send + Sync + fmt::Debug + 'static {
     fn waits_for(&self) -> &[String] {
         &[]
     }
+    /// Whether it may produce [`Produced::Later`] (its calls wait on I/O): such a
+    /// stage is the last of its service.
+    fn is_async(&self) -> bool {
+        false
+    }
     /// How often [`StageLogic::tick`] runs; `None` (the default): never.
     fn tick_interval(&self) -> Option<std::time::Duration> {
         None
@@ -227,6 +249,8 @@ pub trait Logic: Send + Sync + fmt::Debug {
     fn outputs(&self) -> Vec<String>;
     /// See [`StageLogic::waits_for`].
     fn waits_for(&self) -> &[String];
+    /// See [`StageLogic::is_async`].
+    fn is_async(&self) -> bool;
     /// See [`StageLogic::tick_interval`].
     fn tick_interval(&self) -> Option<std::time::Duration>;
     /// A runner for one handler, with state of its own.
@@ -265,6 +289,9 @@ impl<L: StageLogic> Logic for L {
     }
     fn waits_for(&self) -> &[String] {
         StageLogic::waits_for(self)
+    }
+    fn is_async(&self) -> bool {
+        StageLogic::is_async(self)
     }
     fn tick_interval(&self) -> Option<std::time::Duration> {
         StageLogic::tick_interval(self)

@@ -172,7 +172,7 @@ proptest! {
             let ctx = Context::first(r);
             let mut st = TxState::new(p.schema.decode_json(&r.payload).unwrap());
             p.derived.fill(&mut st).unwrap();
-            let cx = crate::kinds::RunCx { ctx: &ctx, key: &p.key, rules_version: "", rule_errors: &rule_errors, input: "in", output: &output, headers: &r.headers, schema: &p.schema, holds: &Default::default() };
+            let cx = crate::kinds::RunCx { ctx: &ctx, key: &p.key, rules_version: "", rule_errors: &rule_errors, input: "in", output: &output, headers: &r.headers, schema: &p.schema, holds: &Default::default(), retry: &p.stages[0].limits.retry };
             let took = matches!(taker.run(st, &cx).unwrap(), crate::kinds::Produced::Tx(_));
             prop_assert_eq!(took, emitted(&first, r).is_some(), "record {}", r.offset);
         }

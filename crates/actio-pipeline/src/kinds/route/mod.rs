@@ -30,6 +30,7 @@ use actio_engine::expr::{self, Node, Scope};
 use actio_runtime::{HandlerCounter, HandlerError};
 use serde::Deserialize;
 
+use super::template::{Escape, Template};
 use super::{Kind, Logic, Produced, ResolveCx, RunCx, StageLogic, Writes};
 use crate::TopicRole;
 
@@ -91,14 +92,6 @@ pub struct RouteEntry {
     pub to: String,
 }
 
-/// One piece of a target template.
-#[derive(Debug, Clone, PartialEq)]
-enum Piece {
-    Text(String),
-    Field(usize),
-    Header(String),
-}
-
 /// A compiled `route` stage.
 #[derive(Debug)]
 pub struct Route {
@@ -115,36 +108,7 @@ pub struct Route {
 #[derive(Debug)]
 struct Compiled {
     when: Option<(String, Node)>,
-    to: String,
-    pieces: Vec<Piece>,
-}
-
-fn parse_template(t: &str, cx: &ResolveCx<'_>) -> Result<Vec<Piece>, String> {
-    let mut out = Vec::new();
-    let mut rest = t;
-    while let Some(open) = rest.find('{') {
-        if open > 0 {
-            out.push(text(&rest[..open], t)?);
-        }
-        let Some(close) = rest[open..].find('}') else { return Err(format!("unclosed `{{` in {t:?}")) };
-        let name = &rest[open + 1..open + close];
-        match name.strip_prefix("header.") {
-            Some(h) if !h.is_empty() => out.push(Piece::Header(h.to_string())),
-            _ => match cx.schema.slot(name) {
-                Some(slot) => out.push(Piece::Field(slot)),
-                None => return Err(format!("{{{name}}} in {t:?} is no field of the schema ({}) and no {{header.<name>}}", cx.schema.names())),
-            },
-        }
-        rest = &rest[open + close + 1..];
-    }
-    if !rest.is_empty() {
-        out.push(text(rest, t)?);
-    }
-    Ok(out)
-}
-
-fn text(piece: &str, t: &str) -> Result<Piece, String> {
-    if piece.contains('}') { Err(format!("unmatched `}}` in {t:?}")) } else { Ok(Piece::Text(piece.to_string())) }
+    to: Template,
 }
 
 fn resolve(cx: &mut ResolveCx<'_>) -> Option<Arc<dyn Logic>> {
@@ -169,7 +133,7 @@ fn resolve(cx: &mut ResolveCx<'_>) -> Option<Arc<dyn Logic>> {
                 }
             },
         };
-        let pieces = match parse_template(&r.to, cx) {
+        let to = match Template::parse(&r.to, cx.schema) {
             Ok(p) => p,
             Err(e) => {
                 cx.error(&format!("route[{i}].to"), e);
@@ -177,18 +141,13 @@ fn resolve(cx: &mut ResolveCx<'_>) -> Option<Arc<dyn Logic>> {
                 continue;
             }
         };
-        let literal = match pieces.as_slice() {
-            [] => Some(String::new()),
-            [Piece::Text(t)] => Some(t.clone()),
-            _ => None,
-        };
-        if let Some(t) = literal
+        if let Some(t) = to.literal()
             && !targets.iter().any(|x| **x == *t)
         {
             cx.error(&format!("route[{i}].to"), format!("{t:?} is not a declared topic of role internal or egress; declare it in a [[topic]]"));
             ok = false;
         }
-        routes.push(Compiled { when, to: r.to.clone(), pieces });
+        routes.push(Compiled { when, to });
     }
     ok.then(|| {
         Arc::new(Route { routes, mode: c.mode, unmatched: c.unmatched, features: scope.features, targets, unmatched_count: AtomicU64::new(0), missing: AtomicU64::new(0) })
@@ -197,29 +156,12 @@ fn resolve(cx: &mut ResolveCx<'_>) -> Option<Arc<dyn Logic>> {
 }
 
 impl Route {
-    /// The topic `pieces` name for this message, or why there is none.
-    fn render(&self, pieces: &[Piece], st: &TxState, cx: &RunCx<'_>) -> Result<Arc<str>, String> {
-        if let [Piece::Text(t)] = pieces
-            && let Some(x) = self.targets.iter().find(|x| ***x == **t)
-        {
-            return Ok(x.clone());
-        }
-        let mut name = String::new();
-        for p in pieces {
-            match p {
-                Piece::Text(t) => name.push_str(t),
-                Piece::Field(slot) => match cx.schema.json_value(&st.tx, *slot) {
-                    serde_json::Value::Null => return Err(format!("field {:?} is absent", cx.schema.field(*slot).name)),
-                    serde_json::Value::String(s) => name.push_str(&s),
-                    v => name.push_str(&v.to_string()),
-                },
-                Piece::Header(h) => match cx.headers.get(h).map(std::str::from_utf8) {
-                    Some(Ok(v)) => name.push_str(v),
-                    Some(Err(_)) => return Err(format!("header {h:?} is not UTF-8")),
-                    None => return Err(format!("header {h:?} is absent")),
-                },
-            }
-        }
+    /// The topic `to` names for this message, or why there is none.
+    fn render(&self, to: &Template, st: &TxState, cx: &RunCx<'_>) -> Result<Arc<str>, String> {
+        let name = match to.literal() {
+            Some(t) => t.to_string(),
+            None => to.render(st, cx.schema, cx.headers, Escape::Raw)?,
+        };
         self.targets.iter().find(|x| ***x == *name).cloned().ok_or_else(|| format!("topic {name:?} is not declared"))
     }
 }
@@ -237,15 +179,12 @@ impl StageLogic for Route {
             Unmatched::Dlq => "the rest to the DLQ",
         };
         let mut lines = vec![format!("{} routes: {mode}; {rest}", self.routes.len())];
-        lines.extend(self.routes.iter().map(|r| format!("{} → {}", r.when.as_ref().map_or("always", |w| w.0.as_str()), r.to)));
+        lines.extend(self.routes.iter().map(|r| format!("{} → {}", r.when.as_ref().map_or("always", |w| w.0.as_str()), r.to.source())));
         lines
     }
 
     fn outputs(&self) -> Vec<String> {
-        self.routes.iter().filter_map(|r| match r.pieces.as_slice() {
-            [Piece::Text(t)] => Some(t.clone()),
-            _ => None,
-        }).collect()
+        self.routes.iter().filter_map(|r| r.to.literal().map(str::to_string)).collect()
     }
 
     fn new_state(&self) {}
@@ -259,10 +198,10 @@ impl StageLogic for Route {
             if !holds {
                 continue;
             }
-            match self.render(&r.pieces, &st, cx) {
+            match self.render(&r.to, &st, cx) {
                 Ok(t) if !to.contains(&t) => to.push(t),
                 Ok(_) => {}
-                Err(why) => missing.push(format!("route to {:?}: {why}", r.to)),
+                Err(why) => missing.push(format!("route to {:?}: {why}", r.to.source())),
             }
             if self.mode == Mode::First {
                 break;

@@ -1,0 +1,390 @@
+//! `enrich`: an HTTP lookup per transaction — the account's risk, the merchant's
+//! category — with the answer's fields written into declared fields of the
+//! transaction, for the stages after it.
+//!
+//! ```toml
+//! [[stage]]
+//! kind = "enrich"
+//! url = "http://risk.internal/accounts/{debtor_account}"  # {field}, {header.<name>}
+//! method = "get"            # or "post", with `body` (a JSON template)
+//! timeout_ms = 250          # per call; a timeout is transient
+//! concurrency = 64          # calls in flight per stage instance
+//! cache_ttl_ms = 60000      # answers cached per URL (and body); 0: no cache
+//! [stage.fields]            # declared field = JSON pointer into the answer
+//! debtor_risk = "/risk"
+//! ```
+//!
+//! I/O-bound, so it never holds a worker thread: the handler returns at once with a
+//! deferred result (`actio_runtime::Deferred`), the call runs on the process's I/O
+//! runtime ([`super::io`]) behind a semaphore of `concurrency` permits, and the key's
+//! next transaction waits in its lane until this one completes (per-key order
+//! holds). What waits is bounded by the stage's in-flight caps: past
+//! `max_in_flight_per_partition` / `max_in_flight` the stage stops fetching, so a
+//! burst waits in the topic, not in memory. A cached answer needs no call and no
+//! deferral.
+//!
+//! Failures are classified: a timeout, a refused connection, 5xx and 429 are
+//! transient — retried in place with the stage's `retry_attempts` and doubling
+//! `retry_backoff_ms` (asynchronously: no thread sleeps), then the stage's retry
+//! topic if it has one, else the DLQ; any other 4xx, an answer that is not JSON, or
+//! a value of the wrong type for its field is permanent (DLQ at once). A pointer the
+//! answer lacks leaves an optional field absent and fails a required one.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use actio_core::schema::{FieldType, Value};
+use actio_core::TxState;
+use actio_runtime::{HandlerCounter, HandlerError, RetryPolicy};
+use ahash::AHashMap;
+use parking_lot::Mutex;
+use serde::Deserialize;
+
+use super::template::{Escape, Template};
+use super::{Kind, Later, Logic, Produced, ResolveCx, RunCx, StageLogic, Writes};
+
+#[cfg(test)]
+mod tests;
+
+/// The kind.
+pub static KIND: Kind = Kind { name: "enrich", summary: "an HTTP lookup per transaction, its answer written into declared fields", writes: Writes::Transactions, resolve };
+
+/// Default: per-call timeout, ms.
+pub const DEFAULT_TIMEOUT_MS: u64 = 1000;
+/// Default: calls in flight per stage instance.
+pub const DEFAULT_CONCURRENCY: usize = 64;
+/// Default: cache time to live, ms (0: no cache).
+pub const DEFAULT_CACHE_TTL_MS: u64 = 0;
+/// Default: most cached answers.
+pub const DEFAULT_CACHE_MAX_ENTRIES: usize = 100_000;
+
+/// Calls made (each attempt).
+pub const CALLS: &str = "actio_enrich_calls_total";
+/// Answers taken from the cache.
+pub const CACHE_HITS: &str = "actio_enrich_cache_hits_total";
+/// Calls retried in place after a transient failure.
+pub const RETRIES: &str = "actio_enrich_retries_total";
+/// Transactions that failed after their attempts (to the retry topic or the DLQ).
+pub const FAILED: &str = "actio_enrich_failed_total";
+
+/// The HTTP method.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    /// GET (the default).
+    #[default]
+    Get,
+    /// POST, with `body`.
+    Post,
+}
+
+/// An `enrich` stage's own fields.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrichConfig {
+    /// The URL, a template: `{field}`, `{header.<name>}` (percent-encoded).
+    pub url: String,
+    /// GET or POST.
+    #[serde(default)]
+    pub method: Method,
+    /// POST only: the JSON body, a template (values JSON-escaped).
+    pub body: Option<String>,
+    /// Per-call timeout, ms (default [`DEFAULT_TIMEOUT_MS`]).
+    pub timeout_ms: Option<u64>,
+    /// Calls in flight per stage instance (default [`DEFAULT_CONCURRENCY`]).
+    pub concurrency: Option<usize>,
+    /// Cache time to live, ms (default [`DEFAULT_CACHE_TTL_MS`]: none).
+    pub cache_ttl_ms: Option<u64>,
+    /// Most cached answers (default [`DEFAULT_CACHE_MAX_ENTRIES`]).
+    pub cache_max_entries: Option<usize>,
+    /// Declared field ← JSON pointer into the answer (`[stage.fields]`).
+    pub fields: BTreeMap<String, String>,
+}
+
+/// Where an answer's value goes.
+#[derive(Debug, Clone)]
+struct Target {
+    field: String,
+    slot: usize,
+    ty: FieldType,
+    optional: bool,
+    pointer: String,
+    values: Arc<[String]>,
+}
+
+fn resolve(cx: &mut ResolveCx<'_>) -> Option<Arc<dyn Logic>> {
+    let c: EnrichConfig = cx.config()?;
+    let mut ok = true;
+    let url = Template::parse(&c.url, cx.schema).map_err(|e| cx.error("url", e)).ok();
+    if let Some(u) = &url {
+        let head = u.source().split('{').next().unwrap_or("");
+        if !(head.starts_with("http://") || head.starts_with("https://")) || head.len() <= "https://".len() {
+            cx.error("url", format!("expected an http:// or https:// URL with a host before any {{…}}, not {:?}", u.source()));
+            ok = false;
+        }
+    }
+    let body = match (&c.body, c.method) {
+        (Some(_), Method::Get) => {
+            cx.error("body", "only with method = \"post\"");
+            ok = false;
+            None
+        }
+        (Some(b), Method::Post) => Template::parse(b, cx.schema).map_err(|e| cx.error("body", e)).ok(),
+        (None, _) => None,
+    };
+    let timeout_ms = c.timeout_ms.unwrap_or(DEFAULT_TIMEOUT_MS);
+    if !(1..=60_000).contains(&timeout_ms) {
+        cx.error("timeout_ms", "expected 1..=60000 ms");
+        ok = false;
+    }
+    let concurrency = c.concurrency.unwrap_or(DEFAULT_CONCURRENCY);
+    if !(1..=10_000).contains(&concurrency) {
+        cx.error("concurrency", "expected 1..=10000 calls in flight");
+        ok = false;
+    }
+    if c.fields.is_empty() {
+        cx.error("fields", "expected at least one `field = \"/json/pointer\"` in [stage.fields]: what the answer gives the transaction");
+        ok = false;
+    }
+    let mut targets = Vec::new();
+    for (field, pointer) in &c.fields {
+        let Some(slot) = cx.schema.slot(field) else {
+            cx.error(&format!("fields.{field}"), format!("unknown field {field:?}; declare it in schema.toml (the schema declares: {})", cx.schema.names()));
+            ok = false;
+            continue;
+        };
+        let f = cx.schema.field(slot);
+        if f.derived.is_some() || matches!(f.ty, FieldType::Map | FieldType::Timestamp) {
+            cx.error(&format!("fields.{field}"), format!("field {field:?} is a {}{}: enrich writes raw string, int, float, bool or enum fields", f.ty.as_str(), if f.derived.is_some() { " (derived)" } else { "" }));
+            ok = false;
+        }
+        if !(pointer.is_empty() || pointer.starts_with('/')) {
+            cx.error(&format!("fields.{field}"), format!("expected a JSON pointer (\"/risk\", \"/account/segment\"), not {pointer:?}"));
+            ok = false;
+        }
+        targets.push(Target { field: field.clone(), slot, ty: f.ty, optional: f.optional, pointer: pointer.clone(), values: f.values.clone() });
+    }
+    let (Some(url), true) = (url, ok) else { return None };
+    let client = match reqwest::Client::builder().timeout(Duration::from_millis(timeout_ms)).pool_max_idle_per_host(concurrency).build() {
+        Ok(c) => c,
+        Err(e) => {
+            cx.error("url", format!("cannot build the HTTP client: {e}"));
+            return None;
+        }
+    };
+    Some(Arc::new(Enrich {
+        url,
+        method: c.method,
+        body,
+        timeout: Duration::from_millis(timeout_ms),
+        permits: Arc::new(tokio::sync::Semaphore::new(concurrency)),
+        concurrency,
+        cache: Arc::new(Cache::new(Duration::from_millis(c.cache_ttl_ms.unwrap_or(DEFAULT_CACHE_TTL_MS)), c.cache_max_entries.unwrap_or(DEFAULT_CACHE_MAX_ENTRIES))),
+        targets: Arc::new(targets),
+        client,
+        counts: Arc::new(Counts::default()),
+    }))
+}
+
+/// A compiled `enrich` stage.
+#[derive(Debug)]
+pub struct Enrich {
+    url: Template,
+    method: Method,
+    body: Option<Template>,
+    timeout: Duration,
+    permits: Arc<tokio::sync::Semaphore>,
+    concurrency: usize,
+    cache: Arc<Cache>,
+    targets: Arc<Vec<Target>>,
+    client: reqwest::Client,
+    counts: Arc<Counts>,
+}
+
+#[derive(Debug, Default)]
+struct Counts {
+    calls: AtomicU64,
+    hits: AtomicU64,
+    retries: AtomicU64,
+    failed: AtomicU64,
+}
+
+/// Answers by request, for a while: `(when, the values for the targets)`.
+#[derive(Debug)]
+struct Cache {
+    ttl: Duration,
+    max: usize,
+    entries: Mutex<AHashMap<String, (Instant, Vec<Value>)>>,
+}
+
+impl Cache {
+    fn new(ttl: Duration, max: usize) -> Self {
+        Cache { ttl, max: max.max(1), entries: Mutex::new(AHashMap::new()) }
+    }
+
+    fn get(&self, key: &str) -> Option<Vec<Value>> {
+        if self.ttl.is_zero() {
+            return None;
+        }
+        let e = self.entries.lock();
+        e.get(key).filter(|(at, _)| at.elapsed() < self.ttl).map(|(_, v)| v.clone())
+    }
+
+    fn put(&self, key: String, values: Vec<Value>) {
+        if self.ttl.is_zero() {
+            return;
+        }
+        let mut e = self.entries.lock();
+        if e.len() >= self.max {
+            let ttl = self.ttl;
+            e.retain(|_, (at, _)| at.elapsed() < ttl);
+            if e.len() >= self.max {
+                e.clear(); // all fresh and full: start over rather than grow
+            }
+        }
+        e.insert(key, (Instant::now(), values));
+    }
+}
+
+/// Why a call failed, and whether another attempt may help.
+fn transient(m: String) -> HandlerError {
+    HandlerError::transient(m)
+}
+
+impl Enrich {
+    /// The values of the targets in `answer`.
+    fn values(targets: &[Target], answer: &serde_json::Value) -> Result<Vec<Value>, HandlerError> {
+        targets
+            .iter()
+            .map(|t| {
+                let v = answer.pointer(&t.pointer);
+                let wrong = |v: &serde_json::Value| HandlerError::permanent(format!("enrich: the answer's {} ({v}) does not fit field {:?}, a {}", t.pointer, t.field, t.ty.as_str()));
+                Ok(match (v, t.ty) {
+                    (None | Some(serde_json::Value::Null), _) if t.optional => Value::Null,
+                    (None | Some(serde_json::Value::Null), _) => {
+                        return Err(HandlerError::permanent(format!("enrich: the answer has no {} for the required field {:?}", t.pointer, t.field)));
+                    }
+                    (Some(serde_json::Value::String(s)), FieldType::String) => Value::Str(s.clone()),
+                    (Some(serde_json::Value::String(s)), FieldType::Enum) => match t.values.iter().position(|x| x == s) {
+                        Some(i) => Value::Enum(i as u32),
+                        None => return Err(wrong(v.unwrap_or(&serde_json::Value::Null))),
+                    },
+                    (Some(serde_json::Value::Bool(b)), FieldType::Bool) => Value::Bool(*b),
+                    (Some(n @ serde_json::Value::Number(_)), FieldType::Float) => Value::Float(n.as_f64().ok_or_else(|| wrong(n))?),
+                    (Some(n @ serde_json::Value::Number(_)), FieldType::Int) => Value::Int(n.as_i64().ok_or_else(|| wrong(n))?),
+                    (Some(other), _) => return Err(wrong(other)),
+                })
+            })
+            .collect()
+    }
+
+    fn apply(targets: &[Target], st: &mut TxState, values: Vec<Value>) {
+        for (t, v) in targets.iter().zip(values) {
+            if let Some(slot) = st.tx.values.get_mut(t.slot) {
+                *slot = v;
+            }
+        }
+    }
+}
+
+/// One call: the answer as JSON, or a classified failure.
+async fn call(client: &reqwest::Client, method: Method, url: &str, body: Option<&str>, timeout: Duration) -> Result<serde_json::Value, HandlerError> {
+    let req = match (method, body) {
+        (Method::Get, _) => client.get(url),
+        (Method::Post, b) => client.post(url).header("content-type", "application/json").body(b.unwrap_or("{}").to_string()),
+    };
+    let resp = req.send().await.map_err(|e| {
+        if e.is_timeout() {
+            transient(format!("enrich: {url}: no answer within {} ms", timeout.as_millis()))
+        } else {
+            transient(format!("enrich: {url}: {e}"))
+        }
+    })?;
+    let status = resp.status();
+    if status.is_server_error() || status.as_u16() == 429 {
+        return Err(transient(format!("enrich: {url}: HTTP {status}")));
+    }
+    if !status.is_success() {
+        return Err(HandlerError::permanent(format!("enrich: {url}: HTTP {status}")));
+    }
+    let bytes = resp.bytes().await.map_err(|e| if e.is_timeout() { transient(format!("enrich: {url}: the answer did not arrive within {} ms", timeout.as_millis())) } else { transient(format!("enrich: {url}: {e}")) })?;
+    serde_json::from_slice(&bytes).map_err(|e| HandlerError::permanent(format!("enrich: {url}: the answer is not JSON: {e}")))
+}
+
+impl StageLogic for Enrich {
+    type State = ();
+
+    fn describe(&self) -> Vec<String> {
+        let fields: Vec<String> = self.targets.iter().map(|t| format!("{} ← {}", t.field, t.pointer)).collect();
+        let cache = if self.cache.ttl.is_zero() { "no cache".to_string() } else { format!("answers cached {} ms", self.cache.ttl.as_millis()) };
+        vec![
+            format!("{} {}: {}", if self.method == Method::Get { "GET" } else { "POST" }, self.url.source(), fields.join(", ")),
+            format!("timeout {} ms, {} calls in flight, {cache}; timeouts and 5xx retried, 4xx dead-lettered", self.timeout.as_millis(), self.concurrency),
+        ]
+    }
+
+    fn is_async(&self) -> bool {
+        true
+    }
+
+    fn new_state(&self) {}
+
+    fn run(&self, _: &(), mut st: TxState, cx: &RunCx<'_>) -> Result<Produced, HandlerError> {
+        let bad = |e: String| HandlerError::permanent(format!("enrich: {e}"));
+        let url = self.url.render(&st, cx.schema, cx.headers, Escape::Url).map_err(bad)?;
+        let body = match &self.body {
+            Some(b) => Some(b.render(&st, cx.schema, cx.headers, Escape::Json).map_err(bad)?),
+            None => None,
+        };
+        let key = match &body {
+            Some(b) => format!("{url}\n{b}"),
+            None => url.clone(),
+        };
+        if let Some(values) = self.cache.get(&key) {
+            self.counts.hits.fetch_add(1, Ordering::Relaxed);
+            Self::apply(&self.targets, &mut st, values);
+            return Ok(Produced::Tx(st));
+        }
+        let (client, permits, cache, targets, counts) = (self.client.clone(), self.permits.clone(), self.cache.clone(), self.targets.clone(), self.counts.clone());
+        let (method, timeout, policy): (Method, Duration, RetryPolicy) = (self.method, self.timeout, cx.retry.clone());
+        Ok(Produced::Later(Later(Box::pin(async move {
+            let _permit = permits.acquire_owned().await.map_err(|_| HandlerError::permanent("enrich: the stage is shutting down"))?;
+            let mut backoff = policy.backoff;
+            let mut attempt = 1;
+            let answer = loop {
+                counts.calls.fetch_add(1, Ordering::Relaxed);
+                match call(&client, method, &url, body.as_deref(), timeout).await {
+                    Ok(a) => break a,
+                    Err(e) if e.kind == actio_runtime::FailureKind::Transient && attempt < policy.attempts => {
+                        counts.retries.fetch_add(1, Ordering::Relaxed);
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(policy.max_backoff);
+                        attempt += 1;
+                    }
+                    Err(e) => {
+                        counts.failed.fetch_add(1, Ordering::Relaxed);
+                        return Err(e);
+                    }
+                }
+            };
+            let values = Self::values(&targets, &answer).inspect_err(|_| {
+                counts.failed.fetch_add(1, Ordering::Relaxed);
+            })?;
+            cache.put(key, values.clone());
+            Self::apply(&targets, &mut st, values);
+            Ok(st)
+        }))))
+    }
+
+    fn counters(&self) -> Vec<HandlerCounter> {
+        let c = &self.counts;
+        vec![
+            HandlerCounter { name: CALLS, help: "HTTP calls an enrich stage made (each attempt).", value: c.calls.load(Ordering::Relaxed) },
+            HandlerCounter { name: CACHE_HITS, help: "Transactions an enrich stage answered from its cache.", value: c.hits.load(Ordering::Relaxed) },
+            HandlerCounter { name: RETRIES, help: "Calls an enrich stage retried in place after a transient failure.", value: c.retries.load(Ordering::Relaxed) },
+            HandlerCounter { name: FAILED, help: "Transactions an enrich stage failed after their attempts (to the retry topic or the DLQ).", value: c.failed.load(Ordering::Relaxed) },
+        ]
+    }
+}
