@@ -1,0 +1,56 @@
+//! Pipelines as graphs against a real Apache Kafka broker: the transfers pipeline's
+//! two branches in parallel services and its typology join, SIGKILLed mid-run.
+//!
+//! Like kafka.rs: they need `ACTIO_KAFKA_BROKERS` (set by `scripts/test`), and pass
+//! saying so without it unless `ACTIO_REQUIRE_KAFKA=1`.
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
+mod support;
+use support::*;
+
+use std::time::Duration;
+
+const STAGES: [&str; 4] = ["screening", "history", "typology", "score"];
+
+#[test]
+fn a_join_sigkilled_mid_run_loses_nothing_and_leaves_nothing_stuck() {
+    let Some(b) = brokers("join_sigkilled") else { return };
+    let _serial = serial();
+    let p = TestPipeline::of("transfers", "transfers", &b);
+    p.create_topics();
+    let mut stages: Vec<StageProcess> = STAGES.iter().map(|s| p.stage(s)).collect();
+    for s in &mut stages {
+        s.wait_ready(Duration::from_secs(60));
+    }
+    let out = p.path().join("report");
+    let load = p.loadgen(300, "10s", &out).spawn().unwrap();
+    std::thread::sleep(Duration::from_secs(4));
+    // The join dies holding branch results it was waiting with (uncommitted), and a
+    // new one takes over: it gets them again and joins them.
+    stages[2].signal("-KILL");
+    let _ = stages[2].wait_exit(Duration::from_secs(5));
+    std::thread::sleep(Duration::from_secs(1));
+    let mut join = p.stage("typology");
+    join.wait_ready(Duration::from_secs(60));
+    let r = finished_report(load, &out, || format!("join:\n{}", join.log()));
+    let sent = n(&r, "sent");
+    assert!(sent >= 2900, "{r}");
+    assert_eq!(n(&r, "lost"), 0, "{r}");
+    assert_eq!(n(&r, "decided") + n(&r, "dlq"), sent, "every transfer decided: {r}");
+    assert_eq!(n(&r, "dlq"), 0, "{r}");
+    // Every branch result the join held is released: its group has no lag left.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let describe = actio().args(["topics", "describe"]).arg(p.path()).args(["--brokers", &b]).output().unwrap();
+        let text = String::from_utf8_lossy(&describe.stdout).into_owned();
+        let line = text.lines().find(|l| l.contains(&format!("group {}", p.group("typology")))).unwrap_or_else(|| panic!("{text}")).to_string();
+        if line.contains(" lag         0 ") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the join's group never caught up: {line}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let partial = join.counter("actio_join_partial_total");
+    eprintln!("join sigkilled: sent {sent}, duplicates {}, partial joins after the restart {partial}", n(&r, "duplicates"));
+    assert_eq!(join.counter("actio_join_dropped_total"), 0, "no branch result came late or twice: {r}");
+}
