@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# The fraud chain on Kafka as separate processes: one `actio stage` per stage (release
-# build), then `actio loadgen`; prints the report and each stage's CPU and peak RSS.
+# A pipeline on Kafka as separate processes: one `actio stage` per service (each stage,
+# or a declared [[service]]; release build), then `actio loadgen`; prints the report
+# and each service's CPU and peak RSS.
 #
 #   loadtest/kafka-chain.sh [--rate 3000 --duration 60s ...]   (flags go to loadgen)
+#   PIPELINE=pipelines/transfers loadtest/kafka-chain.sh ...   (default pipelines/fraud)
 #   PIN=1 loadtest/kafka-chain.sh ...    the broker on CPU 1, stages and loadgen on CPU 0
-#   FUSE=1 loadtest/kafka-chain.sh ...   the three stages as one fused service
-#                                        (actio stage --stage rules,velocity,score)
+#   FUSE=1 loadtest/kafka-chain.sh ...   every stage as one fused service (a chain
+#                                        only: actio stage --stage rules,velocity,score)
 #   WARMUP=0 loadtest/kafka-chain.sh ... no warm-up (default WARMUP=10s: the stages,
 #                                        fresh processes, first take that much load
 #                                        at the same rate, reported apart in $OUT/warmup)
@@ -70,10 +72,11 @@ pids=()
 stop() { for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done; }
 trap 'stop; unpin' EXIT
 port=9471
+# The pipeline's services as it declares them (each stage alone unless a
+# [[service]] fuses some); FUSE=1: every stage in one service (a chain only).
+read -r -a services <<<"$($B validate --json "$PIPELINE" | python3 -c 'import json, sys; print(" ".join(s["name"] for s in json.load(sys.stdin)["services"]))')"
 if [[ "${FUSE:-0}" == 1 ]]; then
-    services=(rules,velocity,score)
-else
-    services=(rules velocity score)
+    services=("$($B validate --json "$PIPELINE" | python3 -c 'import json, sys; print(",".join(s["name"] for s in json.load(sys.stdin)["stages"]))')")
 fi
 for s in "${services[@]}"; do
     $B stage --pipeline "$PIPELINE" --stage "$s" --brokers "$BROKERS" --http "127.0.0.1:$port" \

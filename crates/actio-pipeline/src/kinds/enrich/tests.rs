@@ -195,7 +195,9 @@ fn calls_in_flight_stay_within_concurrency_and_the_cache_answers_repeats() {
     assert_eq!(out.len(), n);
     let stats = api.stats();
     let most = stats["max_concurrent"].as_u64().unwrap();
-    assert!((2..=8).contains(&most), "calls in flight at once: {most} (concurrency 8): {stats}");
+    // The server counts a call until its thread returns, just after the client has
+    // its answer (and has given its permit to the next call): one more can show.
+    assert!((2..=9).contains(&most), "calls in flight at once: {most} (concurrency 8): {stats}");
     assert!(hits >= 1 && stats["requests"].as_u64().unwrap() + hits == n as u64, "{hits} cache hits, {stats}");
 }
 
