@@ -43,6 +43,8 @@ pub struct CollectorStats {
     pub undecodable: u64,
     /// Decisions by outcome name (the pipeline's schema declares the names).
     pub outcomes: std::collections::BTreeMap<String, u64>,
+    /// First deliveries by egress topic: what each flow delivered.
+    pub by_egress: std::collections::BTreeMap<String, u64>,
 }
 
 /// Trail-derived latencies of one stage (µs).
@@ -292,6 +294,26 @@ impl Collector {
         }
     }
 
+    /// A transaction at an egress topic (a flow that ends without a decision).
+    pub fn observe_transaction(&mut self, rec: &Record, now_ns: i64) {
+        if !self.first_read(rec) {
+            return;
+        }
+        let id = rec.headers.get(headers::ID).and_then(|v| std::str::from_utf8(v).ok()).map(str::to_string);
+        let Some(seq) = id.as_deref().and_then(|id| self.seq_of(id)) else {
+            self.stats.foreign += 1;
+            return;
+        };
+        let key = rec.key.as_deref().map(String::from_utf8_lossy).unwrap_or_default().into_owned();
+        let retried = rec.headers.get(headers::RETRIED).is_some();
+        if !self.first_delivery(seq, &key, retried, true) {
+            return;
+        }
+        self.stats.decided += 1;
+        *self.stats.by_egress.entry(rec.tp.topic.to_string()).or_default() += 1;
+        self.timing(rec, now_ns, true);
+    }
+
     /// A message from the decisions topic, seen at `now_ns`.
     pub fn observe_decision(&mut self, rec: &Record, now_ns: i64) {
         if !self.first_read(rec) {
@@ -313,6 +335,7 @@ impl Collector {
             return;
         }
         self.stats.decided += 1;
+        *self.stats.by_egress.entry(rec.tp.topic.to_string()).or_default() += 1;
         match self.stats.outcomes.get_mut(&d.decision) {
             Some(n) => *n += 1,
             None => {

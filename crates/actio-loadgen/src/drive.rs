@@ -108,8 +108,12 @@ impl RebalanceListener for CollectorStart {
 pub struct CollectorConfig {
     /// Names its group, `actio-collector-<run_id>`: a fresh group per run.
     pub run_id: String,
-    /// The decisions topic.
-    pub egress: String,
+    /// The egress topics: decisions, or transactions a flow ends with (one per flow,
+    /// or several a route stage writes).
+    pub egress: Vec<String>,
+    /// Those of them that carry decisions (the rest carry transactions, known by
+    /// their `actio-id` header).
+    pub decisions: Vec<String>,
     /// The dead-letter topic.
     pub dlq: String,
     /// Transport properties of its consumer, passed through unchanged.
@@ -169,7 +173,7 @@ impl RunningCollector {
     /// Starts `collector` on `bus` as `config` says (see the module docs).
     pub fn spawn<B: Bus>(bus: &B, mut collector: Collector, config: &CollectorConfig) -> Result<Self, CollectorError> {
         let mut ends = Vec::new();
-        for topic in [&config.egress, &config.dlq] {
+        for topic in config.egress.iter().chain([&config.dlq]) {
             let e = bus.end_offsets(topic).map_err(|source| CollectorError::EndOffsets { topic: topic.clone(), source })?;
             ends.extend(e.into_iter().enumerate().map(|(p, end)| (TopicPartition::new(topic.as_str(), p as i32), end)));
         }
@@ -180,7 +184,7 @@ impl RunningCollector {
             .consumer(
                 &ConsumerConfig {
                     group: format!("actio-collector-{}", config.run_id),
-                    topics: vec![config.egress.clone(), config.dlq.clone()],
+                    topics: config.egress.iter().chain([&config.dlq]).cloned().collect(),
                     client_id: "actio-collector".into(),
                     from_earliest: true,
                     properties: config.properties.clone(),
@@ -192,10 +196,10 @@ impl RunningCollector {
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
             let (collector, start, stop) = (collector.clone(), start.clone(), stop.clone());
-            let (egress, dlq) = (config.egress.clone(), config.dlq.clone());
+            let (egress, decisions, dlq) = (config.egress.clone(), config.decisions.clone(), config.dlq.clone());
             std::thread::Builder::new()
                 .name("collector".into())
-                .spawn(move || collect(consumer, &collector, &start, &stop, &egress, &dlq))
+                .spawn(move || collect(consumer, &collector, &start, &stop, (&egress, &decisions), &dlq))
                 .map_err(CollectorError::Thread)?
         };
         Ok(RunningCollector { collector, start, stop, thread: Some(thread) })
@@ -237,7 +241,14 @@ impl RunningCollector {
 }
 
 /// The collector's thread: reads batches, notes the start-up, observes, commits.
-fn collect<C: Consumer>(mut consumer: C, collector: &Mutex<Collector>, start: &CollectorStart, stop: &AtomicBool, egress: &str, dlq: &str) -> Result<(), BusError> {
+fn collect<C: Consumer>(
+    mut consumer: C,
+    collector: &Mutex<Collector>,
+    start: &CollectorStart,
+    stop: &AtomicBool,
+    (egress, decisions): (&[String], &[String]),
+    dlq: &str,
+) -> Result<(), BusError> {
     let mut batch = Vec::with_capacity(BATCH);
     let mut positions: HashMap<TopicPartition, Offset> = HashMap::new();
     let mut last_commit = Instant::now();
@@ -278,8 +289,10 @@ fn collect<C: Consumer>(mut consumer: C, collector: &Mutex<Collector>, start: &C
         }
         let mut c = collector.lock();
         for r in &batch {
-            if *r.tp.topic == *egress {
+            if decisions.iter().any(|e| *r.tp.topic == **e) {
                 c.observe_decision(r, now);
+            } else if egress.iter().any(|e| *r.tp.topic == **e) {
+                c.observe_transaction(r, now);
             } else if *r.tp.topic == *dlq {
                 c.observe_dead_letter(r, now);
             }
@@ -503,6 +516,7 @@ pub fn run_report(facts: &RunFacts<'_>, c: &Collector, sender: &SenderStats, run
         broker_pauses: seconds.broker,
         seconds: seconds.seconds,
         graph: facts.graph.cloned(),
+        by_egress: c.stats.by_egress.clone(),
     };
     (report, histograms)
 }

@@ -229,6 +229,9 @@ pub struct RunReport {
     pub seconds: Vec<SecondReport>,
     /// The pipeline's graph, drawn in the HTML report with each stage's p99.
     pub graph: Option<StageGraph>,
+    /// First deliveries per egress topic (decisions, or the transactions a flow ends
+    /// with): what each flow delivered.
+    pub by_egress: std::collections::BTreeMap<String, u64>,
 }
 
 /// A pipeline's graph as the report draws it: stages and the topics between them.
@@ -382,10 +385,16 @@ impl RunReport {
         if self.retried > 0 {
             let _ = writeln!(o, "retried via a retry topic {}  (of which {} decided after a later tx of their key: expected)", self.retried, self.reordered_by_retry);
         }
+        if self.by_egress.len() > 1 || self.decisions.total() < self.decided {
+            let parts: Vec<String> = self.by_egress.iter().map(|(t, n)| format!("{t} {n}")).collect();
+            let _ = writeln!(o, "delivered by egress topic (each flow's end): {}", parts.join("  "));
+        }
         let d = &self.decisions;
         let total = d.total().max(1) as f64;
         let parts: Vec<String> = d.0.iter().map(|(k, n)| format!("{k} {n} ({:.1}%)", 100.0 * *n as f64 / total)).collect();
-        let _ = writeln!(o, "decisions: {}", parts.join("  "));
+        if d.total() > 0 {
+            let _ = writeln!(o, "decisions: {}", parts.join("  "));
+        }
         if !self.top_rule_hits.is_empty() {
             let top: Vec<String> = self.top_rule_hits.iter().take(8).map(|r| format!("{} {}", r.rule, r.count)).collect();
             let _ = writeln!(o, "top rule hits: {}", top.join(", "));
@@ -688,6 +697,7 @@ mod tests {
             broker_pauses: None,
             seconds: Vec::new(),
             graph: None,
+            by_egress: std::collections::BTreeMap::new(),
         };
         (r, vec![("e2e".into(), e2e), ("rules.queue".into(), st.queue), ("rules.service".into(), st.service), ("rules.stage".into(), st.stage)])
     }

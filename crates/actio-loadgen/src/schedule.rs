@@ -94,14 +94,17 @@ impl Sender {
         Sender { key_seq: (0..n).map(|_| AtomicU32::new(0)).collect(), stats: Arc::new(SenderStats::default()) }
     }
 
-    /// Runs the schedule to the end (or until `stop`), sending transactions to `topic`
-    /// as `schema`'s ingress JSON, keyed by `key_of(tx)`. `start_ns` is the wall-clock
-    /// time of the schedule's start (the intended times are `start_ns + due(i)`).
+    /// Runs the schedule to the end (or until `stop`), sending transactions as
+    /// `schema`'s ingress JSON, keyed by `key_of(tx)`, to one of `topics` (a pipeline
+    /// with several flows has an ingress topic each): the topic is chosen by the key,
+    /// so one key's transactions stay in one flow, in order. `start_ns` is the
+    /// wall-clock time of the schedule's start (the intended times are `start_ns +
+    /// due(i)`).
     #[allow(clippy::too_many_arguments)]
     pub fn run<P: Producer>(
         &self,
         producer: &P,
-        topic: &str,
+        topics: &[String],
         generator: &mut Generator,
         schema: &Schema,
         schedule: &Schedule,
@@ -109,7 +112,12 @@ impl Sender {
         stop: &AtomicBool,
         progress: impl Fn(u64),
     ) {
-        let topic: Arc<str> = Arc::from(topic);
+        let topics: Vec<Arc<str>> = topics.iter().map(|t| Arc::from(t.as_str())).collect();
+        let flow_of = |key: &str| -> usize {
+            // FNV-1a: stable across runs and processes, unlike the std hasher.
+            let h = key.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+            (h % topics.len().max(1) as u64) as usize
+        };
         let start = Instant::now();
         let start_ns = actio_core::time::now_ns();
         // Sized for the run up front: growing a map of ~10^5 keys rehashes it at once,
@@ -144,7 +152,8 @@ impl Sender {
             h.set(headers::ID, schema.id_of(&tx).as_bytes().to_vec());
             h.set(headers::CREATED, intended_ns.to_string().into_bytes());
             let stats = self.stats.clone();
-            let rec = OutRecord { topic: topic.clone(), partition: None, key: Some(Bytes::from(key.into_bytes())), payload: Bytes::from(payload), headers: h };
+            let topic = topics[flow_of(&key)].clone();
+            let rec = OutRecord { topic, partition: None, key: Some(Bytes::from(key.into_bytes())), payload: Bytes::from(payload), headers: h };
             let sent = producer.send(
                 rec,
                 Box::new(move |r| {

@@ -440,11 +440,13 @@ impl Resolver<'_> {
         for (topic, writers) in topics {
             let names: Vec<&str> = writers.iter().map(|(w, _, _)| w.as_str()).collect();
             let readers: Vec<&Stage> = stages.iter().filter(|s| s.input == **topic).collect();
-            let joined = !readers.is_empty() && readers.iter().all(|r| names.iter().all(|w| r.logic.waits_for().iter().any(|b| b == w)));
+            // Read by no stage (an egress topic several flows end on): no reader to
+            // confuse. Read by stages: only joins that wait for every writer.
+            let joined = readers.is_empty() || readers.iter().all(|r| names.iter().all(|w| r.logic.waits_for().iter().any(|b| b == w)));
             if !joined {
                 let (_, span, field) = &writers[1];
                 let message = format!(
-                    "topic {topic:?} is written by stages {}: several stages may write only the input of a join that waits for all of them (`kind = \"join\"`, `branches`)",
+                    "topic {topic:?} is written by stages {}: several stages may write a topic that stages read only if it is the input of a join that waits for all of them (`kind = \"join\"`, `branches`)",
                     names.join(", ")
                 );
                 match span {

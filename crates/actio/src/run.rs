@@ -100,10 +100,13 @@ pub fn drive<B: Bus>(
     properties: &[(String, String)],
     broker_gc_log: Option<&std::path::Path>,
 ) -> anyhow::Result<ExitCode> {
-    let (ingress, egress, dlq) = match (pipeline.ingress(), pipeline.egress(), pipeline.dead_letter()) {
+    let (_, egress, dlq) = match (pipeline.ingress(), pipeline.egress(), pipeline.dead_letter()) {
         (Some(i), Some(e), Some(d)) => (i.clone(), e.clone(), d.clone()),
         _ => bail!("the pipeline needs ingress, egress and dead-letter topics"),
     };
+    // Every flow: each ingress topic is driven, each egress topic collected.
+    let ingresses: Vec<String> = pipeline.topics.iter().filter(|t| t.role == actio_pipeline::TopicRole::Ingress).map(|t| t.name.clone()).collect();
+    let egresses: Vec<String> = pipeline.topics.iter().filter(|t| t.role == actio_pipeline::TopicRole::Egress).map(|t| t.name.clone()).collect();
     launch::create_topics(&**bus, pipeline).context("creating the pipeline's topics")?;
 
     let started_unix = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
@@ -126,7 +129,8 @@ pub fn drive<B: Bus>(
     }
     let sender = Arc::new(Sender::new(&schedule));
     let collector = Collector::new(&run_id, sender.key_seq.clone());
-    let config = CollectorConfig { run_id: run_id.clone(), egress: egress.name.clone(), dlq: dlq.name.clone(), properties: properties.to_vec() };
+    let decisions: Vec<String> = pipeline.stages.iter().filter(|s| s.kind.writes == actio_pipeline::Writes::Decisions).map(|s| s.output.clone()).collect();
+    let config = CollectorConfig { run_id: run_id.clone(), egress: egresses.clone(), decisions, dlq: dlq.name.clone(), properties: properties.to_vec() };
     let mut collector = RunningCollector::spawn(&**bus, collector, &config)?;
     if !collector.wait_ready(COLLECTOR_START_TIMEOUT) {
         eprintln!("actio: the collector has not caught up with {} within {COLLECTOR_START_TIMEOUT:?}; starting anyway (early decisions may show a longer e2e)", egress.name);
@@ -137,11 +141,11 @@ pub fn drive<B: Bus>(
     let sender_thread = {
         let sender = sender.clone();
         let stop = stop_sending.clone();
-        let topic = ingress.name.clone();
+        let topics = ingresses.clone();
         let key = pipeline.key.clone();
         let schema = pipeline.schema.clone();
         std::thread::Builder::new().name("loadgen".into()).spawn(move || {
-            sender.run(&producer, &topic, &mut generator, &schema, &schedule, |tx| key.key(tx), &stop, |_| {});
+            sender.run(&producer, &topics, &mut generator, &schema, &schedule, |tx| key.key(tx), &stop, |_| {});
             let _ = actio_core::Producer::flush(&producer, Duration::from_secs(30));
         })?
     };

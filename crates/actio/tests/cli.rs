@@ -208,3 +208,28 @@ fn graph_prints_the_stages_and_topics_as_text_and_mermaid() {
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("stage[1].kind") && stderr.contains("unknown stage kind \"velocty\""), "{stderr}");
 }
+
+#[test]
+fn run_drives_and_collects_every_flow_of_the_sensors_pipeline() {
+    let out_dir = tempfile::tempdir().unwrap();
+    let sensors = actio_testkit::pipeline("sensors");
+    let out = actio().arg("run").arg(&sensors).args(["--rate", "2000", "--duration", "2s", "--out"]).arg(out_dir.path()).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out_dir.path().join("report.json")).unwrap()).unwrap();
+    assert_eq!((r["sent"].as_u64(), r["lost"].as_u64(), r["duplicates"].as_u64(), r["order_violations"].as_u64()), (Some(4000), Some(0), Some(0), Some(0)), "{r}");
+    // Two flows, each reading of one device in one of them: both ingress topics driven.
+    let count = |s: &str| r["stages"][s]["service"]["count"].as_u64().unwrap();
+    assert_eq!(count("check") + count("newest"), 4000, "{r}");
+    assert!(count("check") > 1000 && count("newest") > 1000, "both flows got load: {r}");
+    assert_eq!((count("file"), count("publish")), (count("check"), count("newest")));
+    // Every egress topic collected: the history, the errors both flows file, the
+    // latest state per site, and east's (no east_lastdata topic) in sensors.unrouted.
+    let by = &r["by_egress"];
+    let total: u64 = by.as_object().unwrap().values().map(|v| v.as_u64().unwrap()).sum();
+    assert_eq!(total, 4000, "{by}");
+    for topic in ["sensors.history", "sensors.errors", "north_lastdata", "south_lastdata", "sensors.unrouted"] {
+        assert!(by[topic].as_u64().unwrap_or(0) > 0, "{topic}: {by}");
+    }
+    assert!(stdout.contains("delivered by egress topic"), "{stdout}");
+}

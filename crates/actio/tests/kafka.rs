@@ -165,6 +165,13 @@ fn the_transfers_pipeline_runs_on_the_broker() {
     run_on_kafka(TestPipeline::of("transfers", "transfers", &b), &b);
 }
 
+#[test]
+fn the_sensors_pipeline_runs_every_flow_on_the_broker() {
+    let Some(b) = brokers("sensors_on_kafka") else { return };
+    let _serial = serial();
+    run_on_kafka(TestPipeline::of("sensors", "sensors", &b), &b);
+}
+
 /// `actio run --bus kafka` of `p`: every transaction decided once, in key order.
 fn run_on_kafka(p: TestPipeline, b: &str) {
     let out = p.path().join("report");

@@ -187,7 +187,7 @@ fn graph_errors_name_the_field() {
     let cut = text.find("[[stage]]\nname = \"typology\"").unwrap();
     std::fs::write(&file, &text[..cut]).unwrap();
     let e = Pipeline::load(dir.path()).unwrap_err().to_string();
-    assert!(e.contains("stage[1].output") && e.contains("several stages may write only the input of a join"), "{e}");
+    assert!(e.contains("stage[1].output") && e.contains("only if it is the input of a join"), "{e}");
 }
 
 #[test]
