@@ -3,7 +3,8 @@
 //! not stop a decision (and is counted), injected faults — transient ones recovered
 //! through the retry topic or given up on, permanent ones, a handler panic — end
 //! decided once or in the DLQ with their provenance while the partition keeps flowing,
-//! a velocity replica taking over a partition rebuilds its windows from the input,
+//! a velocity replica taking over a partition rebuilds its windows from the input
+//! (and a latest replica the newest per key, still dropping older updates),
 //! SIGTERM under load exits 0 with nothing lost, every stage SIGKILLed once and
 //! restarted loses nothing, and each class of bad configuration stops `actio stage`
 //! with exit code 2 before it connects.
@@ -367,6 +368,49 @@ fn a_velocity_replica_that_takes_over_a_partition_rebuilds_its_windows_from_the_
     let log = next.log();
     assert!(log.contains("velocity windows restored") && log.contains("records=5"), "{log}");
     drop(rules);
+}
+
+/// A sensors reading of `device` observed at second `second`.
+fn reading(id: &str, device: &str, second: u32) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "reading_id": id, "device_id": device, "site": "north", "metric": "temperature", "value": 21.5,
+        "status": "ok", "observed_at": format!("2026-12-01T10:00:{second:02}Z"),
+    }))
+    .unwrap()
+}
+
+#[test]
+fn a_latest_replica_that_takes_over_rebuilds_the_newest_per_key_and_still_drops_older_updates() {
+    let Some(b) = brokers("latest_takeover") else { return };
+    let _serial = serial();
+    let p = TestPipeline::of("sensors", "sensors", &b);
+    p.create_topics();
+    let bus = p.bus();
+    let schema = actio_pipeline::Pipeline::load(p.path()).unwrap().schema;
+    let ids = |records: &[Record]| -> Vec<String> {
+        records.iter().map(|r| schema.id_of(&actio_core::Codec::Postcard.decode::<actio_core::TxState>(&r.payload).unwrap().tx).to_string()).collect()
+    };
+    let device = "dev-takeover";
+    let mut first = p.stage("newest");
+    first.wait_ready(Duration::from_secs(60));
+    // Newest at 30 s; the update at 20 s came late and is dropped.
+    produce(&bus, [("u-10", 10), ("u-30", 30), ("u-20", 20)].iter().map(|(id, s)| record(&p.topic("updates"), device, reading(id, device, *s))).collect());
+    let seen = read_topic(&bus, &p.topic("newest"), 2, Duration::from_secs(60));
+    assert_eq!(ids(&seen), ["u-10", "u-30"]);
+    assert_eq!(first.counter("actio_latest_stale_total"), 1);
+
+    // The next replica must know the device's newest is 30 s: restored from the
+    // partition's input (up to the committed offset), not started empty.
+    first.signal("-TERM");
+    assert!(first.wait_exit(Duration::from_secs(25)).success(), "{}", first.log());
+    let mut next = p.stage("newest");
+    next.wait_ready(Duration::from_secs(60));
+    produce(&bus, [("u-25", 25), ("u-40", 40)].iter().map(|(id, s)| record(&p.topic("updates"), device, reading(id, device, *s))).collect());
+    let seen = read_topic(&bus, &p.topic("newest"), 3, Duration::from_secs(60));
+    assert_eq!(ids(&seen), ["u-10", "u-30", "u-40"], "25 s is older than the restored newest (30 s)\n{}", next.log());
+    assert_eq!(next.counter("actio_latest_stale_total"), 1);
+    let log = next.log();
+    assert!(log.contains("newest times per key restored") && log.contains("records=3"), "{log}");
 }
 
 #[test]
