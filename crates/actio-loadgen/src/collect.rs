@@ -294,16 +294,23 @@ impl Collector {
         }
     }
 
+    /// The run's sequence number of a record known by its `actio-id` header (a DLQ
+    /// copy, a transaction at an egress topic); `None`, counted as foreign, if it is
+    /// not this run's.
+    fn seq_by_header(&mut self, rec: &Record) -> Option<usize> {
+        let seq = rec.headers.get(headers::ID).and_then(|v| std::str::from_utf8(v).ok()).and_then(|id| self.seq_of(id));
+        if seq.is_none() {
+            self.stats.foreign += 1;
+        }
+        seq
+    }
+
     /// A transaction at an egress topic (a flow that ends without a decision).
     pub fn observe_transaction(&mut self, rec: &Record, now_ns: i64) {
         if !self.first_read(rec) {
             return;
         }
-        let id = rec.headers.get(headers::ID).and_then(|v| std::str::from_utf8(v).ok()).map(str::to_string);
-        let Some(seq) = id.as_deref().and_then(|id| self.seq_of(id)) else {
-            self.stats.foreign += 1;
-            return;
-        };
+        let Some(seq) = self.seq_by_header(rec) else { return };
         // Per-key order holds within a topic: a route that sends a key's transactions
         // to two topics (faults to one, the rest to another) lets the collector read
         // them in either order, so order is checked per topic and key.
@@ -356,11 +363,7 @@ impl Collector {
         if !self.first_read(rec) {
             return;
         }
-        let id = rec.headers.get(headers::ID).and_then(|v| std::str::from_utf8(v).ok()).map(str::to_string);
-        let Some(seq) = id.as_deref().and_then(|id| self.seq_of(id)) else {
-            self.stats.foreign += 1;
-            return;
-        };
+        let Some(seq) = self.seq_by_header(rec) else { return };
         let key = rec.key.as_deref().map(String::from_utf8_lossy).unwrap_or_default().into_owned();
         let retried = rec.headers.get(headers::RETRIED).is_some() || rec.headers.get(headers::RETRY_COUNT).is_some();
         if self.first_delivery(seq, &key, retried, false) {

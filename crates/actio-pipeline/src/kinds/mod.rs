@@ -40,6 +40,8 @@ pub mod rules;
 pub mod score;
 pub mod state;
 pub mod template;
+#[cfg(test)]
+mod testing;
 pub mod velocity;
 
 pub use state::{History, PartitionStates, Restore, StatePolicy};

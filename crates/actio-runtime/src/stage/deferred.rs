@@ -17,25 +17,16 @@
 
 use std::sync::Arc;
 
-use parking_lot::Mutex;
-
+use super::settle::Settle;
 use super::{HandlerError, Output};
 
 type Completion = Result<Vec<Output>, HandlerError>;
 
-enum State {
-    Unbound(Option<Completion>),
-    Bound(Box<dyn FnOnce(Completion) + Send>),
-    Finished,
-}
-
-struct Inner(Mutex<State>);
+struct Inner(Settle<Completion>);
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        if let State::Bound(f) = std::mem::replace(&mut *self.0.lock(), State::Finished) {
-            f(Err(HandlerError::permanent("the handler's deferred work ended without completing the message")));
-        }
+        self.0.settle_if_bound(|| Err(HandlerError::permanent("the handler's deferred work ended without completing the message")));
     }
 }
 
@@ -52,33 +43,17 @@ impl Default for Deferred {
 impl Deferred {
     /// A result to come; the handler returns it in [`Output::defer`](super::Output::defer).
     pub fn new() -> Self {
-        Deferred(Arc::new(Inner(Mutex::new(State::Unbound(None)))))
+        Deferred(Arc::new(Inner(Settle::new())))
     }
 
     /// The message's outputs, or why it failed: as the handler would have returned.
     pub fn complete(&self, result: Result<Vec<Output>, HandlerError>) {
-        let mut st = self.0.0.lock();
-        match std::mem::replace(&mut *st, State::Finished) {
-            State::Unbound(None) => *st = State::Unbound(Some(result)),
-            State::Bound(f) => {
-                drop(st);
-                f(result);
-            }
-            other => *st = other, // completed already: the first stands
-        }
+        self.0.0.settle(result);
     }
 
     /// Calls `f` with the result: at once if it came already.
     pub(crate) fn bind(&self, f: impl FnOnce(Completion) + Send + 'static) {
-        let mut st = self.0.0.lock();
-        match std::mem::replace(&mut *st, State::Finished) {
-            State::Unbound(Some(r)) => {
-                drop(st);
-                f(r);
-            }
-            State::Unbound(None) => *st = State::Bound(Box::new(f)),
-            other => *st = other,
-        }
+        self.0.0.bind(f);
     }
 }
 
@@ -91,6 +66,7 @@ impl std::fmt::Debug for Deferred {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use parking_lot::Mutex;
 
     #[test]
     fn a_result_reaches_the_binding_before_or_after_and_a_dropped_one_fails() {

@@ -18,7 +18,7 @@
 
 use std::sync::Arc;
 
-use parking_lot::Mutex;
+use super::settle::Settle;
 
 /// What became of a hold.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,17 +31,10 @@ pub(crate) enum Outcome {
     Abandoned,
 }
 
-enum HoldState {
-    /// Not bound to a message yet; the first outcome, if it came already.
-    Unbound(Option<Outcome>),
-    Bound(Box<dyn FnOnce(Outcome) + Send>),
-    Finished,
-}
-
 /// Keeps a message from being done after its handler returned, until released.
 /// Cloning shares the hold.
 #[derive(Clone)]
-pub struct Hold(Arc<Mutex<HoldState>>);
+pub struct Hold(Arc<Settle<Outcome>>);
 
 impl Default for Hold {
     fn default() -> Self {
@@ -52,55 +45,31 @@ impl Default for Hold {
 impl Hold {
     /// A new hold; the handler returns it in [`Output::hold`](super::Output::hold).
     pub fn new() -> Self {
-        Hold(Arc::new(Mutex::new(HoldState::Unbound(None))))
+        Hold(Arc::new(Settle::new()))
     }
 
     /// The held message is done.
     pub fn release(&self) {
-        self.finish(Outcome::Released);
+        self.0.settle(Outcome::Released);
     }
 
     /// The held message's work failed: the stage stops without committing it.
     pub fn fail(&self, why: impl Into<String>) {
-        self.finish(Outcome::Failed(why.into()));
+        self.0.settle(Outcome::Failed(why.into()));
     }
 
     /// Whether it was released, failed or abandoned.
     pub fn is_finished(&self) -> bool {
-        match &*self.0.lock() {
-            HoldState::Unbound(o) => o.is_some(),
-            HoldState::Bound(_) => false,
-            HoldState::Finished => true,
-        }
+        self.0.is_settled()
     }
 
     pub(crate) fn abandon(&self) {
-        self.finish(Outcome::Abandoned);
+        self.0.settle(Outcome::Abandoned);
     }
 
     /// Calls `f` with the hold's outcome: at once if it has one already.
     pub(crate) fn bind(&self, f: impl FnOnce(Outcome) + Send + 'static) {
-        let mut st = self.0.lock();
-        match std::mem::replace(&mut *st, HoldState::Finished) {
-            HoldState::Unbound(Some(o)) => {
-                drop(st);
-                f(o);
-            }
-            HoldState::Unbound(None) => *st = HoldState::Bound(Box::new(f)),
-            other => *st = other, // bound twice: the first binding keeps it
-        }
-    }
-
-    fn finish(&self, o: Outcome) {
-        let mut st = self.0.lock();
-        match std::mem::replace(&mut *st, HoldState::Finished) {
-            HoldState::Unbound(None) => *st = HoldState::Unbound(Some(o)),
-            HoldState::Bound(f) => {
-                drop(st);
-                f(o);
-            }
-            other => *st = other, // the first outcome stands
-        }
+        self.0.bind(f);
     }
 }
 
@@ -121,6 +90,8 @@ impl std::fmt::Debug for Hold {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use parking_lot::Mutex;
 
     #[test]
     fn the_first_outcome_reaches_the_binding_whenever_it_comes() {

@@ -27,6 +27,7 @@ mod handler;
 mod hold;
 mod rebalance;
 mod retry_topic;
+mod settle;
 mod state;
 mod worker;
 

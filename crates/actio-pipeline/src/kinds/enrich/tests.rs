@@ -16,6 +16,7 @@ use actio_runtime::{Handler, Stage, StopMode};
 use actio_testkit::TestApi;
 
 use crate::Pipeline;
+use crate::kinds::testing::{pipeline_in, topic};
 use crate::stages::StageHandler;
 
 const SCHEMA: &str = r#"
@@ -54,16 +55,11 @@ features = []
 
 /// A pipeline of one `enrich` stage calling `api`, with `extra` lines in its stage.
 fn enriched(api: &str, extra: &str) -> (tempfile::TempDir, Result<Pipeline, String>) {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("schema.toml"), SCHEMA).unwrap();
-    let topic = |name: &str, codec: &str, role: &str| format!("[[topic]]\nname = \"{name}\"\npartitions = 2\ncodec = \"{codec}\"\nrole = \"{role}\"\n");
     let topics = [topic("in", "json", "ingress"), topic("enriched", "postcard", "internal"), topic("out", "json", "egress"), topic("dlq", "json", "dead_letter"), topic("retry", "json", "retry")].concat();
     let text = format!(
         "name = \"lookup\"\nschema = \"schema.toml\"\n[key]\nfields = [\"account\"]\n{topics}[[stage]]\nname = \"risk\"\nkind = \"enrich\"\ninput = \"in\"\noutput = \"enriched\"\ndlq = \"dlq\"\nurl = \"{api}/risk/{{account}}\"\ntimeout_ms = 500\n{extra}\n[stage.fields]\naccount_risk = \"/risk\"\nsegment = \"/segment\"\n"
     );
-    std::fs::write(dir.path().join("pipeline.toml"), text).unwrap();
-    let p = Pipeline::load(dir.path()).map_err(|e| e.to_string());
-    (dir, p)
+    pipeline_in(SCHEMA, &text, &[])
 }
 
 /// The stage running on an embedded bus.

@@ -10,6 +10,7 @@ use actio_core::{Codec, Headers, Record, TopicPartition, TxState, headers};
 use actio_runtime::{Context, Handler, Output};
 
 use crate::Pipeline;
+use crate::kinds::testing::{pipeline_in, topic};
 use crate::stages::StageHandler;
 
 const SCHEMA: &str = r#"
@@ -45,11 +46,6 @@ const ROUND: &str = "version = \"1\"\n[[rule]]\nid = \"round\"\ndescription = \"
 /// Branches `large` and `round` (rules, both `in` → `results`), then `typology`
 /// (join, `results` → `joined`) with `join` lines; `extra` appended to the file.
 fn monitored(join: &str, extra: &str) -> (tempfile::TempDir, Result<Pipeline, String>) {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("schema.toml"), SCHEMA).unwrap();
-    std::fs::write(dir.path().join("large.toml"), LARGE).unwrap();
-    std::fs::write(dir.path().join("round.toml"), ROUND).unwrap();
-    let topic = |name: &str, codec: &str, role: &str| format!("[[topic]]\nname = \"{name}\"\npartitions = 2\ncodec = \"{codec}\"\nrole = \"{role}\"\n");
     let topics = [topic("in", "json", "ingress"), topic("results", "postcard", "internal"), topic("joined", "postcard", "internal"), topic("out", "json", "egress"), topic("dlq", "json", "dead_letter")].concat();
     let stage = |name: &str, kind: &str, input: &str, output: &str, own: &str| format!("[[stage]]\nname = \"{name}\"\nkind = \"{kind}\"\ninput = \"{input}\"\noutput = \"{output}\"\ndlq = \"dlq\"\n{own}\n");
     let text = format!(
@@ -58,9 +54,7 @@ fn monitored(join: &str, extra: &str) -> (tempfile::TempDir, Result<Pipeline, St
         stage("round", "rules", "in", "results", "rules = \"round.toml\""),
         stage("typology", "join", "results", "joined", join),
     );
-    std::fs::write(dir.path().join("pipeline.toml"), text).unwrap();
-    let p = Pipeline::load(dir.path()).map_err(|e| e.to_string());
-    (dir, p)
+    pipeline_in(SCHEMA, &text, &[("large.toml", LARGE), ("round.toml", ROUND)])
 }
 
 const JOIN: &str = "branches = [\"large\", \"round\"]\ntimeout_ms = 40\n[[stage.typology]]\nname = \"structuring\"\nweights = { large = 0.7, round = 0.3 }\n";
@@ -180,14 +174,19 @@ fn graph_errors_name_the_field() {
         let e = p.err().unwrap_or_else(|| panic!("{join:?} loads"));
         assert!(e.contains(field) && e.contains(message), "{join:?}: {e}");
     }
-    // Two writers and no join reading the topic.
+    // Two writers, and a stage reads the topic that is no join: it could not tell
+    // the writers apart.
     let dir = monitored(JOIN, "").0;
     let file = dir.path().join("pipeline.toml");
     let text = std::fs::read_to_string(&file).unwrap();
     let cut = text.find("[[stage]]\nname = \"typology\"").unwrap();
-    std::fs::write(&file, &text[..cut]).unwrap();
+    std::fs::write(&file, format!("{}[[stage]]\nname = \"after\"\nkind = \"rules\"\ninput = \"results\"\noutput = \"joined\"\ndlq = \"dlq\"\nrules = \"large2.toml\"\n", &text[..cut])).unwrap();
+    std::fs::write(dir.path().join("large2.toml"), LARGE.replace("\"large\"", "\"large2\"")).unwrap();
     let e = Pipeline::load(dir.path()).unwrap_err().to_string();
     assert!(e.contains("stage[1].output") && e.contains("only if it is the input of a join"), "{e}");
+    // Read by no stage (an egress several flows end on), several writers are fine.
+    std::fs::write(&file, &text[..cut]).unwrap();
+    Pipeline::load(dir.path()).unwrap();
 }
 
 #[test]

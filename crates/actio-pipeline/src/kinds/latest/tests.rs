@@ -52,8 +52,6 @@ fn sensors(extra: &str) -> (tempfile::TempDir, Result<Pipeline, String>) {
         e if e.starts_with("timestamp") => e.to_string(),
         e => format!("timestamp = \"observed_at\"\n{e}"),
     };
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("schema.toml"), SCHEMA).unwrap();
     let pipeline = format!(
         r#"name = "sensors"
 schema = "schema.toml"
@@ -88,9 +86,7 @@ dlq = "dlq"
 {extra}
 "#
     );
-    std::fs::write(dir.path().join("pipeline.toml"), pipeline).unwrap();
-    let p = Pipeline::load(dir.path()).map_err(|e| e.to_string());
-    (dir, p)
+    crate::kinds::testing::pipeline_in(SCHEMA, &pipeline, &[])
 }
 
 fn update(sensor: u32, time: i64, reading: f64, partition: i32, offset: i64) -> Record {

@@ -7,6 +7,7 @@ use actio_core::{Codec, Headers, Record, TopicPartition, TxState};
 use actio_runtime::{Context, FailureKind, Handler, HandlerError};
 
 use crate::Pipeline;
+use crate::kinds::testing::{pipeline_in, topic};
 use crate::stages::StageHandler;
 
 const SCHEMA: &str = r#"
@@ -39,9 +40,6 @@ features = []
 
 /// A pipeline of one `route` stage with `extra` lines after its common fields.
 fn routed(extra: &str) -> (tempfile::TempDir, Result<Pipeline, String>) {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("schema.toml"), SCHEMA).unwrap();
-    let topic = |name: &str, codec: &str, role: &str| format!("[[topic]]\nname = \"{name}\"\npartitions = 2\ncodec = \"{codec}\"\nrole = \"{role}\"\n");
     let topics = [
         topic("in", "json", "ingress"),
         topic("errors", "postcard", "internal"),
@@ -54,9 +52,7 @@ fn routed(extra: &str) -> (tempfile::TempDir, Result<Pipeline, String>) {
     let text = format!(
         "name = \"updates\"\nschema = \"schema.toml\"\n[key]\nfields = [\"service\"]\n{topics}[[stage]]\nname = \"route\"\nkind = \"route\"\ninput = \"in\"\noutput = \"unrouted\"\ndlq = \"dlq\"\n{extra}\n"
     );
-    std::fs::write(dir.path().join("pipeline.toml"), text).unwrap();
-    let p = Pipeline::load(dir.path()).map_err(|e| e.to_string());
-    (dir, p)
+    pipeline_in(SCHEMA, &text, &[])
 }
 
 const ROUTES: &str = "[[stage.route]]\nwhen = \"tx.status == 'error'\"\nto = \"errors\"\n[[stage.route]]\nto = \"{service}_lastdata\"\n";
