@@ -39,10 +39,15 @@ pub struct Graph {
 impl Pipeline {
     /// The pipeline's graph.
     pub fn graph(&self) -> Graph {
+        // What a stage may write: its output, its declared targets, and every
+        // declared topic a target template can name.
         let writes = |s: &crate::Stage| -> Vec<String> {
             let mut t = vec![s.output.clone()];
-            t.extend(s.logic.outputs().into_iter().filter(|o| *o != s.output));
-            t
+            t.extend(s.logic.outputs());
+            for template in s.logic.output_templates() {
+                t.extend(self.topics.iter().filter(|x| x.role != TopicRole::Ingress && names(&template, &x.name)).map(|x| x.name.clone()));
+            }
+            dedup(t)
         };
         let mut edges = Vec::new();
         let sources: Vec<String> = self.topics.iter().filter(|t| t.role == TopicRole::Ingress).map(|t| t.name.clone()).collect();
@@ -109,6 +114,29 @@ impl Graph {
     }
 }
 
+/// Whether `template` (`{…}` standing for any non-empty text) can name `topic`.
+fn names(template: &str, topic: &str) -> bool {
+    let mut parts = Vec::new();
+    let mut rest = template;
+    while let Some(open) = rest.find('{') {
+        parts.push(&rest[..open]);
+        rest = rest[open..].find('}').map_or("", |c| &rest[open + c + 1..]);
+    }
+    parts.push(rest);
+    let (first, last) = (parts[0], parts[parts.len() - 1]);
+    if parts.len() == 1 {
+        return topic == first;
+    }
+    let Some(mut middle) = topic.strip_prefix(first).and_then(|t| t.strip_suffix(last)) else { return false };
+    for p in &parts[1..parts.len() - 1] {
+        match middle.find(p) {
+            Some(i) if i > 0 => middle = &middle[i + p.len()..],
+            _ => return false,
+        }
+    }
+    !middle.is_empty()
+}
+
 fn dedup(mut v: Vec<String>) -> Vec<String> {
     let mut seen = std::collections::HashSet::new();
     v.retain(|x| seen.insert(x.clone()));
@@ -119,6 +147,25 @@ fn dedup(mut v: Vec<String>) -> Vec<String> {
 #[allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 mod tests {
     use crate::Pipeline;
+
+    #[test]
+    fn a_template_names_the_topics_it_can_make() {
+        use super::names;
+        assert!(names("{site}_lastdata", "north_lastdata"));
+        assert!(!names("{site}_lastdata", "_lastdata"), "a field is never empty");
+        assert!(!names("{site}_lastdata", "sensors.history"));
+        assert!(names("t.{a}.{b}", "t.x.y") && !names("t.{a}.{b}", "t.x"));
+        assert!(names("sensors.errors", "sensors.errors"));
+    }
+
+    #[test]
+    fn the_sensors_graph_has_two_flows_and_the_topics_a_route_names() {
+        let p = Pipeline::load(&actio_testkit::pipeline("sensors")).unwrap();
+        let g = p.graph();
+        assert_eq!(g.sources, ["sensors.readings", "sensors.updates"]);
+        let from_publish: Vec<&str> = g.edges.iter().filter(|e| e.from == "publish").map(|e| e.to.as_str()).collect();
+        assert_eq!(from_publish, ["sensors.unrouted", "sensors.errors", "north_lastdata", "south_lastdata"]);
+    }
 
     #[test]
     fn the_transfers_graph_fans_out_and_joins() {

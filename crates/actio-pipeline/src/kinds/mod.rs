@@ -201,6 +201,11 @@ pub trait StageLogic: Send + Sync + fmt::Debug + 'static {
     fn outputs(&self) -> Vec<String> {
         Vec::new()
     }
+    /// Topic names it makes per message (a route's `{site}_lastdata`), as written:
+    /// the graph draws an edge to every declared topic one can name.
+    fn output_templates(&self) -> Vec<String> {
+        Vec::new()
+    }
     /// The stages whose outputs it joins: they may all write its input topic.
     fn waits_for(&self) -> &[String] {
         &[]
@@ -249,6 +254,8 @@ pub trait Logic: Send + Sync + fmt::Debug {
     fn counters(&self) -> Vec<HandlerCounter>;
     /// See [`StageLogic::outputs`].
     fn outputs(&self) -> Vec<String>;
+    /// See [`StageLogic::output_templates`].
+    fn output_templates(&self) -> Vec<String>;
     /// See [`StageLogic::waits_for`].
     fn waits_for(&self) -> &[String];
     /// See [`StageLogic::is_async`].
@@ -288,6 +295,9 @@ impl<L: StageLogic> Logic for L {
     }
     fn outputs(&self) -> Vec<String> {
         StageLogic::outputs(self)
+    }
+    fn output_templates(&self) -> Vec<String> {
+        StageLogic::output_templates(self)
     }
     fn waits_for(&self) -> &[String] {
         StageLogic::waits_for(self)

@@ -187,6 +187,10 @@ impl StageLogic for Route {
         self.routes.iter().filter_map(|r| r.to.literal().map(str::to_string)).collect()
     }
 
+    fn output_templates(&self) -> Vec<String> {
+        self.routes.iter().filter(|r| r.to.literal().is_none()).map(|r| r.to.source().to_string()).collect()
+    }
+
     fn new_state(&self) {}
 
     fn run(&self, _: &(), st: TxState, cx: &RunCx<'_>) -> Result<Produced, HandlerError> {
