@@ -302,7 +302,12 @@ impl StageLogic for Join {
         let mut w = state.inner.lock();
         let late = self.late_window;
         w.emitted.retain(|_, at| at.elapsed() < late);
-        let due: Vec<String> = w.pending.iter().filter(|(_, p)| p.since.elapsed() >= self.timeout).map(|(id, _)| id.clone()).collect();
+        // Oldest first: a key's transactions are first seen in their order (each
+        // branch hands them on in key order), so emitting by first arrival keeps a
+        // key's partial joins in order when several fall due in one tick.
+        let mut due: Vec<(Instant, String)> = w.pending.iter().filter(|(_, p)| p.since.elapsed() >= self.timeout).map(|(id, p)| (p.since, id.clone())).collect();
+        due.sort_unstable();
+        let due: Vec<String> = due.into_iter().map(|(_, id)| id).collect();
         let mut out = Vec::with_capacity(due.len());
         for id in due {
             let Some(p) = w.pending.remove(&id) else { continue };

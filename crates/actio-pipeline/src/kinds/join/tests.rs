@@ -135,6 +135,23 @@ fn a_join_that_times_out_emits_what_arrived_flagged_partial() {
 }
 
 #[test]
+fn joins_that_time_out_together_come_out_in_the_order_they_were_first_seen() {
+    let (_d, p) = monitored(JOIN, "");
+    let p = p.unwrap();
+    let [large, join] = [0, 2].map(|i| StageHandler::new(&p, &p.stages[i]));
+    // One account's transfers, each with only its first branch's result: all time
+    // out in the same tick, and must leave in the account's order.
+    let ids: Vec<String> = (0..50).map(|i| format!("t-{i:02}")).collect();
+    for (i, id) in ids.iter().enumerate() {
+        let r = branch(&large, &tx(id, 2000.0), i as i64);
+        join.handle(&r, &Context::first(&r)).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    let out: Vec<String> = join.tick().iter().map(|o| p.schema.id_of(&joined(o).tx).to_string()).collect();
+    assert_eq!(out, ids);
+}
+
+#[test]
 fn a_result_of_a_stage_that_is_no_branch_is_dead_lettered() {
     let (_d, p) = monitored(JOIN, "");
     let p = p.unwrap();
