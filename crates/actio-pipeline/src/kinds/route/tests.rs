@@ -124,6 +124,43 @@ fn a_target_that_does_not_exist_goes_to_the_output_or_the_dlq_never_nowhere() {
 }
 
 #[test]
+fn through_the_runtime_a_missing_target_is_dead_lettered_with_the_reason() {
+    use actio_bus_embedded::{EmbeddedBus, EmbeddedConfig};
+    use actio_core::bus::NoRebalanceListener;
+    use actio_core::{Bus, Consumer, ConsumerConfig, OutRecord, Producer, ProducerConfig, TopicSpec};
+    let (_d, p) = routed(&format!("unmatched = \"dlq\"\n{ROUTES}"));
+    let p = p.unwrap();
+    let bus = EmbeddedBus::new(EmbeddedConfig::default());
+    bus.create_topics(&p.topics.iter().map(|t| TopicSpec { name: t.name.clone(), partitions: t.partitions }).collect::<Vec<_>>()).unwrap();
+    let h = std::sync::Arc::new(StageHandler::new(&p, &p.stages[0]));
+    let stage = actio_runtime::Stage::spawn(&bus, h.spec(&[]), h.clone()).unwrap();
+    let producer = bus.producer(&ProducerConfig::default()).unwrap();
+    for service in ["payroll", "billing"] {
+        let r = update(service, "ok");
+        producer.send(OutRecord { topic: "in".into(), partition: None, key: r.key, payload: r.payload, headers: Headers::default() }, Box::new(|a| assert!(a.is_ok()))).unwrap();
+    }
+    let read = |topic: &str| {
+        let cfg = ConsumerConfig { group: format!("read-{topic}"), topics: vec![topic.into()], client_id: "t".into(), from_earliest: true, properties: vec![] };
+        let mut c = bus.consumer(&cfg, std::sync::Arc::new(NoRebalanceListener)).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            if let Some(r) = c.poll(std::time::Duration::from_millis(20)).unwrap() {
+                return r;
+            }
+            assert!(std::time::Instant::now() < deadline, "nothing on {topic}");
+        }
+    };
+    let dead = read("dlq");
+    let billed = read("billing_lastdata");
+    stage.stop(actio_runtime::StopMode::Graceful);
+    stage.join().unwrap();
+    let why = String::from_utf8_lossy(dead.headers.get(actio_core::headers::ERROR).unwrap()).into_owned();
+    assert!(why.contains("\"payroll_lastdata\" is not declared"), "{why}");
+    assert_eq!(dead.key.as_deref(), Some(&b"payroll"[..]), "the original message, dead-lettered");
+    assert_eq!(billed.key.as_deref(), Some(&b"billing"[..]), "the next goes on");
+}
+
+#[test]
 fn a_target_can_be_named_by_a_header() {
     let (_d, p) = routed("[[stage.route]]\nto = \"{header.tenant}_lastdata\"\n");
     let p = p.unwrap();
