@@ -18,8 +18,14 @@
 //!   "expect": { "decision": "<an outcome of schema.toml>",   // optional
 //!               "hits": ["rule_id", …],                  // must fire on `tx`
 //!               "not_hits": ["rule_id", …],              // optional: must not fire
-//!               "override_rule": "rule_id" | null } }    // optional
+//!               "override_rule": "rule_id" | null,      // optional
+//!               "egress": ["topic", …] } }              // optional: where it comes out, exactly
 //! ```
+//!
+//! A case may name its `"ingress"` topic (a pipeline with several flows; default the
+//! first declared). In a flow that ends without a decision (`pipelines/sensors`),
+//! `expect.egress` says which egress topics the transaction must come out on (`[]`:
+//! nowhere, e.g. dropped as older than its key's newest).
 //!
 //! `hits` are the rules that fired, shadow ones included (they fire but never reach
 //! the decision's `rule_hits`), read from the state the score stage is handed.
@@ -45,6 +51,10 @@ fn first_attempt(h: &dyn Handler, r: &Record) -> Result<Vec<Output>, HandlerErro
 #[serde(deny_unknown_fields)]
 struct Case {
     description: String,
+    /// The ingress topic the case's transactions enter (a pipeline with several
+    /// flows); default: the first declared.
+    #[serde(default)]
+    ingress: Option<String>,
     #[serde(default)]
     history: Vec<Value>,
     tx: Value,
@@ -62,6 +72,11 @@ struct Expect {
     /// Absent: not checked; `null`: no rule may override; an id: that rule overrides.
     #[serde(default, deserialize_with = "present")]
     override_rule: Option<Option<String>>,
+    /// The egress topics the transaction must come out on, exactly (a flow that
+    /// ends without a decision); `[]`: it must come out nowhere (dropped, as a
+    /// `latest` stage drops an older update). Absent: not checked.
+    #[serde(default)]
+    egress: Option<Vec<String>>,
 }
 
 fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<String>>, D::Error> {
@@ -70,9 +85,13 @@ fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<String>>, D:
 
 /// What the pipeline made of one transaction.
 struct Outcome {
-    /// The state after the last non-scoring stage: every hit (shadow ones too), the features.
-    state: TxState,
-    decision: Decision,
+    /// The state on the last topic between stages it passed: every hit (shadow ones
+    /// too), the features. `None` if it passed none.
+    state: Option<TxState>,
+    /// The decision, in a pipeline whose flow ends with one.
+    decision: Option<Decision>,
+    /// The egress topics it came out on, sorted.
+    egress: Vec<String>,
 }
 
 /// One fresh set of stage handlers, fed like the runtime feeds them.
@@ -91,24 +110,33 @@ impl<'p> Chain<'p> {
         self.pipeline.topic(topic).unwrap().codec
     }
 
-    fn run(&mut self, json: &Value) -> Result<Outcome, String> {
+    fn run(&mut self, json: &Value, ingress: Option<&str>) -> Result<Outcome, String> {
         let stages = &self.pipeline.stages;
         let payload = Bytes::from(json.to_string());
         let tx = self.pipeline.schema.decode_json(&payload).map_err(|e| format!("invalid tx: {e}"))?;
         let id = self.pipeline.schema.id_of(&tx).to_string();
         let key = Bytes::from(self.pipeline.key.key(&tx));
-        let ingress = self.pipeline.ingress().ok_or("no ingress topic")?.name.clone();
+        let ingress = match ingress {
+            Some(t) => self.pipeline.topic(t).filter(|t| t.role == actio_pipeline::TopicRole::Ingress).ok_or_else(|| format!("{t:?} is no ingress topic"))?.name.clone(),
+            None => self.pipeline.ingress().ok_or("no ingress topic")?.name.clone(),
+        };
         // The graph as the runtime runs it: every message on a topic goes to each stage
         // that reads it (fan-out), each output to its topic with the stage's trail hop
         // (a join tells its branches apart by it), until nothing is left to run.
         let mut queue = std::collections::VecDeque::from([(ingress, payload, Headers::default())]);
-        let (mut state, mut decision) = (None, None);
+        let (mut state, mut decision, mut egress) = (None, None, Vec::new());
+        let decisions: Vec<&str> = stages.iter().filter(|s| s.kind.writes == Writes::Decisions).map(|s| s.output.as_str()).collect();
         while let Some((topic, payload, hdrs)) = queue.pop_front() {
-            if stages.iter().any(|s| s.input == topic && s.kind.writes == Writes::Decisions) {
-                state = Some(self.codec(&topic).decode::<TxState>(&payload).map_err(|e| format!("{topic}: {e}"))?);
-            }
-            if self.pipeline.topic(&topic).is_some_and(|t| t.role == actio_pipeline::TopicRole::Egress) {
-                decision = Some(self.codec(&topic).decode::<Decision>(&payload).map_err(|e| format!("decision: {e}"))?);
+            match self.pipeline.topic(&topic).map(|t| t.role) {
+                Some(actio_pipeline::TopicRole::Internal) => {
+                    state = Some(self.codec(&topic).decode::<TxState>(&payload).map_err(|e| format!("{topic}: {e}"))?);
+                }
+                Some(actio_pipeline::TopicRole::Egress) if decisions.contains(&topic.as_str()) => {
+                    decision = Some(self.codec(&topic).decode::<Decision>(&payload).map_err(|e| format!("decision: {e}"))?);
+                    egress.push(topic.clone());
+                }
+                Some(actio_pipeline::TopicRole::Egress) => egress.push(topic.clone()),
+                _ => {}
             }
             for (stage, handler) in stages.iter().zip(&self.handlers).filter(|(s, _)| s.input == topic) {
                 let offset = self.offset;
@@ -124,9 +152,11 @@ impl<'p> Chain<'p> {
                 }
             }
         }
-        let decision = decision.ok_or_else(|| format!("tx {id:?}: no decision reached the egress topic"))?;
-        let state = state.ok_or("the pipeline has no stage before its score stage")?;
-        Ok(Outcome { state, decision })
+        if !decisions.is_empty() && decision.is_none() && !egress.is_empty() {
+            return Err(format!("tx {id:?}: came out on {egress:?} but no decision reached {decisions:?}"));
+        }
+        egress.sort();
+        Ok(Outcome { state, decision, egress })
     }
 }
 
@@ -156,15 +186,15 @@ fn rule_errors(p: &Pipeline, st: &TxState) -> Vec<String> {
 }
 
 fn describe(o: &Outcome) -> String {
-    let hits: Vec<String> = o.state.hits.iter().map(|h| if h.shadow { format!("{} (shadow)", h.id) } else { h.id.clone() }).collect();
-    let features: Vec<String> = o.state.features.iter().map(|f| format!("{}={}", f.name, f.value)).collect();
-    format!(
-        "  actual: decision {} (score {}, override {:?})\n  hits: {hits:?}\n  features: {}",
-        o.decision.decision,
-        o.decision.score,
-        o.decision.override_rule,
-        features.join(" ")
-    )
+    let empty = TxState::new(actio_core::Tx { values: Vec::new() });
+    let st = o.state.as_ref().unwrap_or(&empty);
+    let hits: Vec<String> = st.hits.iter().map(|h| if h.shadow { format!("{} (shadow)", h.id) } else { h.id.clone() }).collect();
+    let features: Vec<String> = st.features.iter().map(|f| format!("{}={}", f.name, f.value)).collect();
+    let decided = match &o.decision {
+        Some(d) => format!("decision {} (score {}, override {:?})", d.decision, d.score, d.override_rule),
+        None => "no decision".to_string(),
+    };
+    format!("  actual: {decided}, out on {:?}\n  hits: {hits:?}\n  features: {}", o.egress, features.join(" "))
 }
 
 /// Runs one case file; the rule ids it proves to fire, or what went wrong.
@@ -194,15 +224,16 @@ fn check(p: &Pipeline, known: &BTreeSet<String>, path: &Path) -> Result<Vec<Stri
     }
 
     let mut chain = Chain::new(p);
+    let ingress = case.ingress.as_deref();
     for tx in &case.history {
-        let o = chain.run(tx).map_err(|e| format!("history: {e}"))?;
-        let errors = rule_errors(p, &o.state);
+        let o = chain.run(tx, ingress).map_err(|e| format!("history: {e}"))?;
+        let errors = o.state.as_ref().map(|st| rule_errors(p, st)).unwrap_or_default();
         if !errors.is_empty() {
-            problems.push(format!("history tx {:?}: rules failed to evaluate: {errors:?}", o.decision.tx_id));
+            problems.push(format!("history tx {}: rules failed to evaluate: {errors:?}", tx));
         }
     }
-    let o = chain.run(&case.tx)?;
-    let fired: BTreeSet<&str> = o.state.hits.iter().map(|h| h.id.as_str()).collect();
+    let o = chain.run(&case.tx, ingress)?;
+    let fired: BTreeSet<&str> = o.state.iter().flat_map(|st| st.hits.iter().map(|h| h.id.as_str())).collect();
     let missing: Vec<&String> = case.expect.hits.iter().filter(|id| !fired.contains(id.as_str())).collect();
     if !missing.is_empty() {
         problems.push(format!("expected to fire but did not: {missing:?}"));
@@ -211,27 +242,46 @@ fn check(p: &Pipeline, known: &BTreeSet<String>, path: &Path) -> Result<Vec<Stri
     if !unwanted.is_empty() {
         problems.push(format!("fired but must not: {unwanted:?}"));
     }
+    let decided = o.decision.as_ref();
+    let decides = p.stages.iter().any(|s| s.kind.writes == Writes::Decisions);
+    if decides && decided.is_none() && case.expect.egress.as_ref().is_none_or(|e| !e.is_empty()) {
+        problems.push(format!("no decision came out (out on {:?})", o.egress));
+    }
     if let Some(want) = &case.expect.decision
-        && *want != o.decision.decision
+        && Some(want) != decided.map(|d| &d.decision)
     {
-        problems.push(format!("expected decision {want}, got {}", o.decision.decision));
+        problems.push(format!("expected decision {want}, got {:?}", decided.map(|d| &d.decision)));
     }
     if let Some(want) = &case.expect.override_rule
-        && *want != o.decision.override_rule
+        && Some(want) != decided.map(|d| &d.override_rule)
     {
-        problems.push(format!("expected override_rule {want:?}, got {:?}", o.decision.override_rule));
+        problems.push(format!("expected override_rule {want:?}, got {:?}", decided.map(|d| &d.override_rule)));
+    }
+    if let Some(want) = &case.expect.egress {
+        let mut want = want.clone();
+        want.sort();
+        if want != o.egress {
+            problems.push(format!("expected out on {want:?}, got {:?}", o.egress));
+        }
     }
     let want_id = case.tx.get(&schema.field(schema.id_slot()).name).and_then(Value::as_str).unwrap_or_default();
-    if o.decision.tx_id != want_id {
-        problems.push(format!("the decision is for tx {:?}, not {want_id:?}", o.decision.tx_id));
+    if let Some(d) = decided
+        && d.tx_id != want_id
+    {
+        problems.push(format!("the decision is for tx {:?}, not {want_id:?}", d.tx_id));
     }
-    let errors = rule_errors(p, &o.state);
-    if !errors.is_empty() || o.state.rule_errors != 0 {
-        problems.push(format!("{} rule evaluation error(s): {errors:?}", o.state.rule_errors));
+    if let Some(st) = &o.state {
+        let errors = rule_errors(p, st);
+        if !errors.is_empty() || st.rule_errors != 0 {
+            problems.push(format!("{} rule evaluation error(s): {errors:?}", st.rule_errors));
+        }
     }
     if problems.is_empty() {
         // Shown with --nocapture: how close each case sits to the thresholds.
-        eprintln!("{:<8} {:.6}  {}", o.decision.decision, o.decision.score, path.file_name().unwrap_or_default().to_string_lossy());
+        match decided {
+            Some(d) => eprintln!("{:<8} {:.6}  {}", d.decision, d.score, path.file_name().unwrap_or_default().to_string_lossy()),
+            None => eprintln!("{:<24} {}", o.egress.join(","), path.file_name().unwrap_or_default().to_string_lossy()),
+        }
         Ok(case.expect.hits)
     } else {
         Err(format!("{}\n  {}\n{}", case.description, problems.join("\n  "), describe(&o)))
