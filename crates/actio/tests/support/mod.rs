@@ -34,8 +34,20 @@ pub fn nanos() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 & 0xffff_ffff_ffff
 }
 
+/// A port free now, for a stage's `--http`, taken below Linux's ephemeral range
+/// (32768–60999). A port the OS hands out for `:0` comes from that range, and an
+/// outgoing connection (another stage's Kafka client) can take it as its source
+/// port before the stage binds it: "Address already in use", seen with four stages
+/// starting at once.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    let mut seed = nanos() ^ u64::from(std::process::id()) << 20;
+    loop {
+        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let port = 20_000 + (seed >> 33) as u16 % 12_000;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// A private copy of the fraud pipeline with its own name, topics and groups
