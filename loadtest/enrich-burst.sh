@@ -24,16 +24,8 @@ cargo build --release --quiet
 dir="$(mktemp -d)"
 cp -r loadtest/enrich/. "$dir/"
 sed -i "s/^concurrency = .*/concurrency = $CONCURRENCY/" "$dir/pipeline.toml"
-printf '\n[defaults]\nmax_in_flight = %s\nmax_in_flight_per_partition = %s\n' "$MAX_IN_FLIGHT" "$MAX_IN_FLIGHT" >>"$dir/pipeline.toml"
-# [defaults] must come before the tables: move it up.
-python3 - "$dir/pipeline.toml" <<'PY'
-import sys
-p = sys.argv[1]
-text = open(p).read()
-head, _, defaults = text.rpartition("\n[defaults]\n")
-i = head.index("[key]")
-open(p, "w").write(head[:i] + "[defaults]\n" + defaults + "\n" + head[i:])
-PY
+# The caps go in [defaults], which must come before the first table.
+sed -i "/^\[key\]/i [defaults]\nmax_in_flight = $MAX_IN_FLIGHT\nmax_in_flight_per_partition = $MAX_IN_FLIGHT\n" "$dir/pipeline.toml"
 scripts/test-api --port 18099 --latency-ms "$LATENCY_MS" >"$OUT/api.log" 2>&1 &
 api=$!
 trap 'kill $api 2>/dev/null || true; rm -rf "$dir"' EXIT

@@ -76,6 +76,8 @@ pub struct StageHandler {
 struct Encoder {
     output: Arc<str>,
     output_codec: Codec,
+    /// The output topic's codec and role: looked up once, not per message.
+    output_target: Option<(Codec, TopicRole)>,
     /// Every declared topic's codec and role: a route stage's targets are chosen per
     /// message.
     topics: AHashMap<Arc<str>, (Codec, TopicRole)>,
@@ -86,7 +88,8 @@ impl Encoder {
     /// `st` as topic `topic` carries transactions: in its codec between stages; at an
     /// egress topic, as the JSON the schema describes (what consumers outside read).
     fn tx(&self, topic: &str, st: &TxState) -> Result<Bytes, actio_core::CodecError> {
-        match self.topics.get(topic) {
+        let target = if *topic == *self.output { self.output_target } else { self.topics.get(topic).copied() };
+        match target {
             Some((_, TopicRole::Egress)) => Ok(Bytes::from(self.schema.encode_json(&st.tx))),
             Some((codec, _)) => codec.encode(st).map(Bytes::from),
             None => self.output_codec.encode(st).map(Bytes::from),
@@ -174,6 +177,7 @@ impl StageHandler {
             encoder: Arc::new(Encoder {
                 output: Arc::from(last.output.as_str()),
                 output_codec: output.map_or(Codec::Json, |t| t.codec),
+                output_target: output.map(|t| (t.codec, t.role)),
                 topics: pipeline.topics.iter().map(|t| (Arc::from(t.name.as_str()), (t.codec, t.role))).collect(),
                 schema: pipeline.schema.clone(),
             }),
@@ -231,10 +235,6 @@ impl StageHandler {
             self.schema.check(&st.tx).map_err(|e| bad(&e))?;
             Ok(st)
         }
-    }
-
-    fn encode_tx(&self, topic: &str, st: &TxState) -> Result<Bytes, actio_core::CodecError> {
-        self.encoder.tx(topic, st)
     }
 
     /// The runtime spec of this service: its first stage's limits, but the strictest
@@ -371,7 +371,7 @@ impl Handler for StageHandler {
         let mut out = Vec::new();
         for step in self.steps.iter().filter(|s| s.stage.logic.tick_interval().is_some()) {
             for t in step.runner.tick() {
-                match self.encode_tx(&step.output, &t.st) {
+                match self.encoder.tx(&step.output, &t.st) {
                     Ok(payload) => {
                         let mut o = Output::new(step.output.clone(), payload).with_headers(t.headers).releasing(t.releases);
                         o.key = t.key;

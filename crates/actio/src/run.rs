@@ -100,13 +100,12 @@ pub fn drive<B: Bus>(
     properties: &[(String, String)],
     broker_gc_log: Option<&std::path::Path>,
 ) -> anyhow::Result<ExitCode> {
-    let (_, egress, dlq) = match (pipeline.ingress(), pipeline.egress(), pipeline.dead_letter()) {
-        (Some(i), Some(e), Some(d)) => (i.clone(), e.clone(), d.clone()),
-        _ => bail!("the pipeline needs ingress, egress and dead-letter topics"),
-    };
     // Every flow: each ingress topic is driven, each egress topic collected.
-    let ingresses: Vec<String> = pipeline.topics.iter().filter(|t| t.role == actio_pipeline::TopicRole::Ingress).map(|t| t.name.clone()).collect();
-    let egresses: Vec<String> = pipeline.topics.iter().filter(|t| t.role == actio_pipeline::TopicRole::Egress).map(|t| t.name.clone()).collect();
+    let of_role = |role| -> Vec<String> { pipeline.topics.iter().filter(|t| t.role == role).map(|t| t.name.clone()).collect() };
+    let (ingresses, egresses) = (of_role(actio_pipeline::TopicRole::Ingress), of_role(actio_pipeline::TopicRole::Egress));
+    let (Some(dlq), false, false) = (pipeline.dead_letter().cloned(), ingresses.is_empty(), egresses.is_empty()) else {
+        bail!("the pipeline needs ingress, egress and dead-letter topics");
+    };
     launch::create_topics(&**bus, pipeline).context("creating the pipeline's topics")?;
 
     let started_unix = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
@@ -133,7 +132,7 @@ pub fn drive<B: Bus>(
     let config = CollectorConfig { run_id: run_id.clone(), egress: egresses.clone(), decisions, dlq: dlq.name.clone(), properties: properties.to_vec() };
     let mut collector = RunningCollector::spawn(&**bus, collector, &config)?;
     if !collector.wait_ready(COLLECTOR_START_TIMEOUT) {
-        eprintln!("actio: the collector has not caught up with {} within {COLLECTOR_START_TIMEOUT:?}; starting anyway (early decisions may show a longer e2e)", egress.name);
+        eprintln!("actio: the collector has not caught up with {} within {COLLECTOR_START_TIMEOUT:?}; starting anyway (early decisions may show a longer e2e)", egresses.join(", "));
     }
     let producer = bus.producer(&ProducerConfig { client_id: "actio-loadgen".into(), properties: properties.to_vec() }).context("creating the load generator's producer")?;
     let mut generator = Generator::new(pipeline.schema.clone(), &scenario(load, pipeline)?, &run_id)?;

@@ -59,8 +59,6 @@ pub fn kind(name: &str) -> Option<&'static Kind> {
 pub struct Kind {
     /// Its `kind = "…"` name.
     pub name: &'static str,
-    /// What it does, in one line (`actio validate`, errors).
-    pub summary: &'static str,
     /// What its stages write.
     pub writes: Writes,
     /// Reads the stage's own fields, loads and compiles what they name; `None` after
@@ -235,8 +233,6 @@ pub struct Ticked {
     pub key: Option<actio_core::bus::Bytes>,
     /// Headers to carry on (a held message's).
     pub headers: Headers,
-    /// The input partition and offset it stands for (its first held message).
-    pub source: (TopicPartition, i64),
     /// Released once it is delivered.
     pub releases: Vec<Hold>,
 }

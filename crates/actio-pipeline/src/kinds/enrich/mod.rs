@@ -49,7 +49,7 @@ use super::{Kind, Later, Logic, Produced, ResolveCx, RunCx, StageLogic, Writes};
 mod tests;
 
 /// The kind.
-pub static KIND: Kind = Kind { name: "enrich", summary: "an HTTP lookup per transaction, its answer written into declared fields", writes: Writes::Transactions, resolve };
+pub static KIND: Kind = Kind { name: "enrich", writes: Writes::Transactions, resolve };
 
 /// Default: per-call timeout, ms.
 pub const DEFAULT_TIMEOUT_MS: u64 = 1000;
@@ -248,11 +248,6 @@ impl Cache {
     }
 }
 
-/// Why a call failed, and whether another attempt may help.
-fn transient(m: String) -> HandlerError {
-    HandlerError::transient(m)
-}
-
 impl Enrich {
     /// The values of the targets in `answer`.
     fn values(targets: &[Target], answer: &serde_json::Value) -> Result<Vec<Value>, HandlerError> {
@@ -295,21 +290,23 @@ async fn call(client: &reqwest::Client, method: Method, url: &str, body: Option<
         (Method::Get, _) => client.get(url),
         (Method::Post, b) => client.post(url).header("content-type", "application/json").body(b.unwrap_or("{}").to_string()),
     };
-    let resp = req.send().await.map_err(|e| {
+    // A timeout, a refused connection, a reset: another attempt may get through.
+    let failed = |e: reqwest::Error| {
         if e.is_timeout() {
-            transient(format!("enrich: {url}: no answer within {} ms", timeout.as_millis()))
+            HandlerError::transient(format!("enrich: {url}: no answer within {} ms", timeout.as_millis()))
         } else {
-            transient(format!("enrich: {url}: {e}"))
+            HandlerError::transient(format!("enrich: {url}: {e}"))
         }
-    })?;
+    };
+    let resp = req.send().await.map_err(failed)?;
     let status = resp.status();
     if status.is_server_error() || status.as_u16() == 429 {
-        return Err(transient(format!("enrich: {url}: HTTP {status}")));
+        return Err(HandlerError::transient(format!("enrich: {url}: HTTP {status}")));
     }
     if !status.is_success() {
         return Err(HandlerError::permanent(format!("enrich: {url}: HTTP {status}")));
     }
-    let bytes = resp.bytes().await.map_err(|e| if e.is_timeout() { transient(format!("enrich: {url}: the answer did not arrive within {} ms", timeout.as_millis())) } else { transient(format!("enrich: {url}: {e}")) })?;
+    let bytes = resp.bytes().await.map_err(failed)?;
     serde_json::from_slice(&bytes).map_err(|e| HandlerError::permanent(format!("enrich: {url}: the answer is not JSON: {e}")))
 }
 

@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 
 use actio_core::bus::Bytes;
 use actio_core::tx::Feature;
-use actio_core::{Headers, TopicPartition, TxState, headers};
+use actio_core::{Headers, TxState, headers};
 use actio_runtime::{HandlerCounter, HandlerError, Hold};
 use ahash::{AHashMap, AHashSet};
 use parking_lot::Mutex;
@@ -46,7 +46,7 @@ use super::{Kind, Logic, Produced, ResolveCx, Restore, RunCx, StageLogic, StateP
 mod tests;
 
 /// The kind.
-pub static KIND: Kind = Kind { name: "join", summary: "waits per transaction for parallel branches' results; emits them merged, or partial after a timeout", writes: Writes::Transactions, resolve };
+pub static KIND: Kind = Kind { name: "join", writes: Writes::Transactions, resolve };
 
 /// Default: how long a transaction waits for its branches, ms.
 pub const DEFAULT_TIMEOUT_MS: u64 = 500;
@@ -188,7 +188,6 @@ struct Pending {
     since: Instant,
     key: Option<Bytes>,
     headers: Headers,
-    source: (TopicPartition, i64),
 }
 
 impl Join {
@@ -279,7 +278,6 @@ impl StageLogic for Join {
             since: Instant::now(),
             key: Some(Bytes::from(cx.key.key(&st.tx))),
             headers: Headers::default(),
-            source: (cx.ctx.source.clone(), cx.ctx.source_offset),
         });
         if entry.arrived[branch].is_some() {
             self.dropped.fetch_add(1, Ordering::Relaxed);
@@ -313,7 +311,7 @@ impl StageLogic for Join {
             let Some(p) = w.pending.remove(&id) else { continue };
             w.emitted.insert(id, Instant::now());
             self.partial.fetch_add(1, Ordering::Relaxed);
-            out.push(Ticked { st: self.merge(p.arrived, true), key: p.key, headers: p.headers, source: p.source, releases: p.holds });
+            out.push(Ticked { st: self.merge(p.arrived, true), key: p.key, headers: p.headers, releases: p.holds });
         }
         out
     }

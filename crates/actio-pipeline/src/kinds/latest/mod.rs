@@ -40,7 +40,7 @@ use super::{Kind, Logic, Produced, ResolveCx, Restore, RunCx, StageLogic, StateP
 mod tests;
 
 /// The kind.
-pub static KIND: Kind = Kind { name: "latest", summary: "the newest record per key by its own timestamp; older updates are dropped", writes: Writes::Transactions, resolve };
+pub static KIND: Kind = Kind { name: "latest", writes: Writes::Transactions, resolve };
 
 /// Default: what goes on.
 pub const DEFAULT_EMIT: Emit = Emit::Newer;

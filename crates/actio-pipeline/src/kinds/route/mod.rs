@@ -38,7 +38,7 @@ use crate::TopicRole;
 mod tests;
 
 /// The kind.
-pub static KIND: Kind = Kind { name: "route", summary: "each transaction to topics chosen by CEL conditions or named from its fields or headers", writes: Writes::Routes, resolve };
+pub static KIND: Kind = Kind { name: "route", writes: Writes::Routes, resolve };
 
 /// Messages no route took.
 pub const UNMATCHED: &str = "actio_route_unmatched_total";

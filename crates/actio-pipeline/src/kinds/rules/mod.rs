@@ -17,7 +17,7 @@ use serde::Deserialize;
 use super::{Kind, Logic, Produced, ResolveCx, RunCx, StageLogic, Writes};
 
 /// The kind.
-pub static KIND: Kind = Kind { name: "rules", summary: "CEL rules over the transaction and the features so far", writes: Writes::Transactions, resolve };
+pub static KIND: Kind = Kind { name: "rules", writes: Writes::Transactions, resolve };
 
 /// A `rules` stage's own fields.
 #[derive(Debug, Deserialize)]

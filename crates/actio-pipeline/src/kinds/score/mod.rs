@@ -17,7 +17,7 @@ use serde::Deserialize;
 use super::{Kind, Logic, Produced, ResolveCx, RunCx, StageLogic, Writes};
 
 /// The kind.
-pub static KIND: Kind = Kind { name: "score", summary: "the model: features and rule hits → score → decision", writes: Writes::Decisions, resolve };
+pub static KIND: Kind = Kind { name: "score", writes: Writes::Decisions, resolve };
 
 /// A `score` stage's own fields.
 #[derive(Debug, Deserialize)]

@@ -24,7 +24,7 @@ use serde::Deserialize;
 use super::{Kind, Logic, Produced, Restore, ResolveCx, RunCx, StageLogic, StatePolicy, Writes};
 
 /// The kind.
-pub static KIND: Kind = Kind { name: "velocity", summary: "features over sliding event-time windows per key, then optional rules", writes: Writes::Transactions, resolve };
+pub static KIND: Kind = Kind { name: "velocity", writes: Writes::Transactions, resolve };
 
 /// A `velocity` stage's own fields.
 #[derive(Debug, Deserialize)]
