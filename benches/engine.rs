@@ -30,7 +30,7 @@ fn engine(c: &mut Criterion) {
     let rules = kind(0).downcast_ref::<Rules>().expect("stage 0 of the fraud pipeline is rules").rules.current();
     let velocity = kind(1).downcast_ref::<Velocity>().expect("stage 1 of the fraud pipeline is velocity");
     let (vspec, vrules) = (velocity.spec.clone(), velocity.rules.as_ref().map(|r| r.current()));
-    let model = kind(2).downcast_ref::<Score>().expect("stage 2 of the fraud pipeline is score").model.clone();
+    let model = kind(2).downcast_ref::<Score>().expect("stage 2 of the fraud pipeline is score").model.current();
     let input = states(&p, N);
     let time = p.schema.time_slot();
     let time_of = |st: &TxState| p.schema.time_of(&st.tx);

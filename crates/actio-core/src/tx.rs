@@ -167,12 +167,16 @@ pub struct TxState {
     /// Rules that failed to evaluate (type errors, missing fields) so far.
     #[serde(default)]
     pub rule_errors: u32,
+    /// The rule sets that ran so far, `<stage>@<version>` each: the versions in
+    /// force when this transaction met them (rule files reload while stages run).
+    #[serde(default)]
+    pub rule_sets: Vec<std::sync::Arc<str>>,
 }
 
 impl TxState {
     /// A fresh state for a transaction that just entered.
     pub fn new(tx: Tx) -> Self {
-        TxState { tx, hits: Vec::new(), features: Vec::new(), rule_errors: 0 }
+        TxState { tx, hits: Vec::new(), features: Vec::new(), rule_errors: 0, rule_sets: Vec::new() }
     }
 
     /// The value of a feature by name.
@@ -202,7 +206,8 @@ pub struct Decision {
     pub override_rule: Option<String>,
     /// Version of the model that scored.
     pub model_version: String,
-    /// Version of the rule set(s) that ran.
+    /// The rule sets that evaluated the transaction, `<stage>@<version>` joined by
+    /// `+`, as they were when it met each stage.
     pub rules_version: String,
     /// The transaction's event time (echoed for latency measurement).
     #[serde(with = "timestamp")]

@@ -9,6 +9,8 @@
 //! - [`velocity`]: per-key sliding windows over event time (count, sum, min, max,
 //!   distinct) keyed by any declared field(s),
 //!   memory bounded by TTL and a key cap.
+//! - [`reload`]: rule sets and models that reload from their files while stages
+//!   run, swapped atomically between messages; a bad edit keeps what is in force.
 //! - [`score`]: a logistic model over features and rule hits, thresholds to a
 //!   verdict, hard rule actions overriding it.
 //!
@@ -20,6 +22,7 @@ pub mod derive;
 mod error;
 pub mod expr;
 pub mod rules;
+pub mod reload;
 pub mod score;
 pub mod velocity;
 

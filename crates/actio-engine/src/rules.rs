@@ -3,17 +3,17 @@
 //! A rule that fails at evaluation (type error, missing value) counts an error for
 //! that rule and the transaction's `rule_errors`; it never stops the stage.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use actio_core::Schema;
 use actio_core::tx::{RuleHit, TxState};
-use arc_swap::ArcSwap;
 use serde::Deserialize;
 
 use crate::error::{EngineError, ErrorKind, line_containing};
 use crate::expr::{self, Node, Scope};
+use crate::reload::{Reloadable, Versioned};
 
 /// A rule file as written.
 #[derive(Debug, Deserialize)]
@@ -69,15 +69,24 @@ pub struct Rule {
     /// Active or shadow.
     pub mode: Mode,
     node: Node,
+    /// Shared with the rule of the same id in the set this one replaced on reload,
+    /// so counts never go back.
+    counts: Arc<RuleCounts>,
+}
+
+#[derive(Debug, Default)]
+struct RuleCounts {
     hits: AtomicU64,
     errors: AtomicU64,
 }
 
-/// Hit and error counts of one rule.
+/// Hit and error counts of one rule, since start (across reloads).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RuleStats {
     /// Rule id.
     pub id: String,
+    /// Active or shadow.
+    pub mode: Mode,
     /// Times it fired.
     pub hits: u64,
     /// Times it failed to evaluate.
@@ -88,8 +97,37 @@ pub struct RuleStats {
 #[derive(Debug)]
 pub struct RuleSet {
     version: String,
+    /// `<stage>@<version>`, what each transaction it evaluates records
+    /// ([`TxState::rule_sets`]); the version alone until [`RuleSet::labelled`].
+    label: Arc<str>,
     scope: Scope,
     rules: Vec<Rule>,
+}
+
+/// A rule set that reloads from its file without a restart ([`crate::reload`]).
+pub type ReloadableRuleSet = Reloadable<RuleSet>;
+
+impl Versioned for RuleSet {
+    fn version(&self) -> &str {
+        &self.version
+    }
+
+    fn carry_from(&mut self, old: &Self) {
+        for r in &mut self.rules {
+            if let Some(o) = old.rules.iter().find(|o| o.id == r.id) {
+                r.counts = o.counts.clone();
+            }
+        }
+    }
+}
+
+impl ReloadableRuleSet {
+    /// Loads the rule file of `stage`, compiled against `schema` and the features
+    /// computed before it ([`RuleSet::load`]); its reloads compile the same way.
+    pub fn rules(stage: &str, path: &Path, schema: &Arc<Schema>, known_features: &[String]) -> Result<Self, EngineError> {
+        let (schema, features, label) = (schema.clone(), known_features.to_vec(), stage.to_string());
+        Reloadable::load("rules", stage, path, move |text, path| Ok(RuleSet::from_toml(text, path, &schema, &features)?.labelled(&label)))
+    }
 }
 
 impl RuleSet {
@@ -138,27 +176,34 @@ impl RuleSet {
                 tags: r.tags,
                 mode: r.mode,
                 node,
-                hits: AtomicU64::new(0),
-                errors: AtomicU64::new(0),
+                counts: Arc::default(),
             });
         }
-        Ok(RuleSet { version: file.version, scope, rules })
+        Ok(RuleSet { label: Arc::from(file.version.as_str()), version: file.version, scope, rules })
     }
 
-    /// Evaluates every rule; pushes hits onto `st.hits`.
+    /// The set as `stage`'s: transactions record `<stage>@<version>`.
+    pub fn labelled(mut self, stage: &str) -> Self {
+        self.label = Arc::from(format!("{stage}@{}", self.version));
+        self
+    }
+
+    /// Evaluates every rule; pushes hits onto `st.hits` and the set's label onto
+    /// `st.rule_sets`.
     pub fn eval(&self, st: &mut TxState) {
+        st.rule_sets.push(self.label.clone());
         let table = expr::feature_table(&self.scope.features, st);
         let mut hits = Vec::new();
         let mut errors = 0;
         for r in &self.rules {
             match r.node.eval_bool(st, &table) {
                 Ok(true) => {
-                    r.hits.fetch_add(1, Ordering::Relaxed);
+                    r.counts.hits.fetch_add(1, Ordering::Relaxed);
                     hits.push(RuleHit { id: r.id.clone(), weight: r.weight, action: r.action, shadow: r.mode == Mode::Shadow });
                 }
                 Ok(false) => {}
                 Err(_) => {
-                    r.errors.fetch_add(1, Ordering::Relaxed);
+                    r.counts.errors.fetch_add(1, Ordering::Relaxed);
                     errors += 1;
                 }
             }
@@ -198,43 +243,8 @@ impl RuleSet {
     pub fn stats(&self) -> Vec<RuleStats> {
         self.rules
             .iter()
-            .map(|r| RuleStats { id: r.id.clone(), hits: r.hits.load(Ordering::Relaxed), errors: r.errors.load(Ordering::Relaxed) })
+            .map(|r| RuleStats { id: r.id.clone(), mode: r.mode, hits: r.counts.hits.load(Ordering::Relaxed), errors: r.counts.errors.load(Ordering::Relaxed) })
             .collect()
-    }
-}
-
-/// A rule set that can be reloaded from its file without a restart. A bad edit is
-/// reported and the current rules stay in force.
-#[derive(Debug)]
-pub struct ReloadableRuleSet {
-    path: PathBuf,
-    schema: Arc<Schema>,
-    known_features: Vec<String>,
-    current: ArcSwap<RuleSet>,
-}
-
-impl ReloadableRuleSet {
-    /// Loads the file.
-    pub fn load(path: &Path, schema: &Arc<Schema>, known_features: &[String]) -> Result<Self, EngineError> {
-        let set = RuleSet::load(path, schema, known_features)?;
-        Ok(ReloadableRuleSet { path: path.to_path_buf(), schema: schema.clone(), known_features: known_features.to_vec(), current: ArcSwap::from_pointee(set) })
-    }
-
-    /// The rules in force.
-    pub fn current(&self) -> Arc<RuleSet> {
-        self.current.load_full()
-    }
-
-    /// Reloads from the file; on error the old rules stay.
-    pub fn reload(&self) -> Result<(), EngineError> {
-        let set = RuleSet::load(&self.path, &self.schema, &self.known_features)?;
-        self.current.store(Arc::new(set));
-        Ok(())
-    }
-
-    /// The file it reloads from.
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 }
 
@@ -366,17 +376,24 @@ weight = 1.0
     }
 
     #[test]
-    fn reload_keeps_old_rules_on_a_bad_edit() {
+    fn reload_keeps_old_rules_on_a_bad_edit_and_counts_across_reloads() {
+        use crate::reload::Reload;
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("r.toml");
-        let rule = |when: &str| format!("version = \"v\"\n[[rule]]\nid = \"a\"\ndescription = \"d\"\nwhen = \"{when}\"\nweight = 1.0\n");
-        std::fs::write(&p, rule("tx.amount > 1.0")).unwrap();
-        let r = ReloadableRuleSet::load(&p, &crate::tests::schema(), &[]).unwrap();
-        std::fs::write(&p, rule("tx.amount >")).unwrap();
+        let rule = |v: &str, when: &str| format!("version = \"{v}\"\n[[rule]]\nid = \"a\"\ndescription = \"d\"\nwhen = \"{when}\"\nweight = 1.0\n");
+        std::fs::write(&p, rule("v1", "tx.amount > 1.0")).unwrap();
+        let r = ReloadableRuleSet::rules("screen", &p, &crate::tests::schema(), &[]).unwrap();
+        let mut st = tx(); // amount 1.50
+        r.current().eval(&mut st);
+        assert_eq!(st.rule_sets.iter().map(|l| l.to_string()).collect::<Vec<_>>(), ["screen@v1"], "a transaction records the set it ran");
+        std::fs::write(&p, rule("v2", "tx.amount >")).unwrap();
         assert!(r.reload().is_err());
         assert_eq!(r.current().rules()[0].when, "tx.amount > 1.0");
-        std::fs::write(&p, rule("tx.amount > 100.0")).unwrap();
+        std::fs::write(&p, rule("v3", "tx.amount > 1.2")).unwrap();
         r.reload().unwrap();
-        assert_eq!(r.current().rules()[0].when, "tx.amount > 100.0");
+        assert_eq!(r.current().rules()[0].when, "tx.amount > 1.2");
+        r.current().eval(&mut st);
+        assert_eq!(st.rule_sets.last().map(|l| l.to_string()).as_deref(), Some("screen@v3"));
+        assert_eq!(r.current().stats()[0].hits, 2, "a rule's hits carry over a reload");
     }
 }

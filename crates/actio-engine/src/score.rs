@@ -64,6 +64,12 @@ fn sigmoid(z: f64) -> f64 {
     1.0 / (1.0 + (-z).exp())
 }
 
+impl crate::reload::Versioned for Model {
+    fn version(&self) -> &str {
+        &self.version
+    }
+}
+
 impl Model {
     /// Loads a model file; feature and rule names must be known.
     pub fn load(path: &Path, schema: &Arc<Schema>, known_features: &[String], known_rules: &[String]) -> Result<Model, EngineError> {

@@ -45,6 +45,15 @@ pub struct CollectorStats {
     pub outcomes: std::collections::BTreeMap<String, u64>,
     /// First deliveries by egress topic: what each flow delivered.
     pub by_egress: std::collections::BTreeMap<String, u64>,
+    /// Decisions by the versions they were made with (`rules <…> model <…>`): rule
+    /// files and models reload while the stages run.
+    pub by_version: std::collections::BTreeMap<String, u64>,
+    /// Decisions made with an older version than an earlier decision of their key
+    /// (versions ordered by first sight): a reload must switch each key once.
+    pub version_flips_back: u64,
+    /// Per egress partition (`topic[p]`), how often the version changed from one
+    /// decision to the next as they arrived; partitions with no change are left out.
+    pub version_switches: std::collections::BTreeMap<String, u64>,
 }
 
 /// Trail-derived latencies of one stage (µs).
@@ -192,6 +201,12 @@ pub struct Collector {
     pub e2e_by_second: E2eBySecond,
     /// Per stage, from the trail header, by stage name.
     pub stages: BTreeMap<String, TrailStage>,
+    /// Versions (rules, model, their name) in the order first seen.
+    versions: Vec<(String, String, String)>,
+    /// Per key, the newest version (index in `versions`) its decisions carried.
+    version_of_key: AHashMap<String, u16>,
+    /// Per egress partition, the version of its last decision.
+    version_of_partition: AHashMap<TopicPartition, u16>,
 }
 
 impl Collector {
@@ -211,6 +226,36 @@ impl Collector {
             interval: latency_histogram(),
             e2e_by_second: E2eBySecond::default(),
             stages: BTreeMap::new(),
+            versions: Vec::new(),
+            version_of_key: AHashMap::new(),
+            version_of_partition: AHashMap::new(),
+        }
+    }
+
+    /// Counts a decision's versions: per version, flips back per key, switches per
+    /// partition in arrival order.
+    fn versions(&mut self, d: &Decision, tp: &TopicPartition) {
+        let at = match self.versions.iter().position(|(r, m, _)| *r == d.rules_version && *m == d.model_version) {
+            Some(i) => i,
+            None => {
+                let name = format!("rules {} model {}", d.rules_version, d.model_version);
+                self.versions.push((d.rules_version.clone(), d.model_version.clone(), name));
+                self.versions.len() - 1
+            }
+        };
+        *self.stats.by_version.entry(self.versions[at].2.clone()).or_default() += 1;
+        let at = at as u16;
+        match self.version_of_key.get_mut(&d.key) {
+            Some(v) if at < *v => self.stats.version_flips_back += 1,
+            Some(v) => *v = at,
+            None => {
+                self.version_of_key.insert(d.key.clone(), at);
+            }
+        }
+        if let Some(last) = self.version_of_partition.insert(tp.clone(), at)
+            && last != at
+        {
+            *self.stats.version_switches.entry(format!("{}[{}]", tp.topic, tp.partition)).or_default() += 1;
         }
     }
 
@@ -346,6 +391,7 @@ impl Collector {
         }
         self.stats.decided += 1;
         *self.stats.by_egress.entry(rec.tp.topic.to_string()).or_default() += 1;
+        self.versions(&d, &rec.tp);
         match self.stats.outcomes.get_mut(&d.decision) {
             Some(n) => *n += 1,
             None => {

@@ -232,6 +232,12 @@ pub struct RunReport {
     /// First deliveries per egress topic (decisions, or the transactions a flow ends
     /// with): what each flow delivered.
     pub by_egress: std::collections::BTreeMap<String, u64>,
+    /// Decisions by the rule and model versions they were made with.
+    pub by_version: std::collections::BTreeMap<String, u64>,
+    /// Decisions made with an older version than an earlier one of their key.
+    pub version_flips_back: u64,
+    /// Per egress partition, version changes between consecutive decisions.
+    pub version_switches: std::collections::BTreeMap<String, u64>,
 }
 
 /// A pipeline's graph as the report draws it: stages and the topics between them.
@@ -388,6 +394,16 @@ impl RunReport {
         if self.by_egress.len() > 1 || self.decisions.total() < self.decided {
             let parts: Vec<String> = self.by_egress.iter().map(|(t, n)| format!("{t} {n}")).collect();
             let _ = writeln!(o, "delivered by egress topic (each flow's end): {}", parts.join("  "));
+        }
+        if self.by_version.len() > 1 {
+            let parts: Vec<String> = self.by_version.iter().map(|(v, n)| format!("{v}: {n}")).collect();
+            let _ = writeln!(
+                o,
+                "decided by version (rules reloaded during the run): {}; {} partition switch(es), {} flipped back",
+                parts.join("  "),
+                self.version_switches.values().sum::<u64>(),
+                self.version_flips_back
+            );
         }
         let d = &self.decisions;
         let total = d.total().max(1) as f64;
@@ -698,6 +714,9 @@ mod tests {
             seconds: Vec::new(),
             graph: None,
             by_egress: std::collections::BTreeMap::new(),
+            by_version: std::collections::BTreeMap::new(),
+            version_flips_back: 0,
+            version_switches: std::collections::BTreeMap::new(),
         };
         (r, vec![("e2e".into(), e2e), ("rules.queue".into(), st.queue), ("rules.service".into(), st.service), ("rules.stage".into(), st.stage)])
     }

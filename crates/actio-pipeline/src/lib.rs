@@ -14,6 +14,7 @@ pub mod faults;
 pub mod graph;
 pub mod kinds;
 pub mod launch;
+pub mod reload;
 mod resolve;
 pub mod services;
 pub mod stages;

@@ -71,8 +71,6 @@ pub struct Stage {
     pub replicas: u32,
     /// What it computes, compiled.
     pub logic: Arc<dyn Logic>,
-    /// Versions of the rule sets that ran up to and including this stage.
-    pub rules_version: String,
     /// Injected faults (`[[stage.fault]]`), for drills; empty by default.
     pub faults: Arc<Faults>,
 }
@@ -132,6 +130,12 @@ impl Pipeline {
     /// A stage by name.
     pub fn stage(&self, name: &str) -> Option<&Stage> {
         self.stages.iter().find(|s| s.name == name)
+    }
+
+    /// Every file the pipeline's stages reload while they run (rule sets, models),
+    /// in stage order.
+    pub fn reloadables(&self) -> Vec<Arc<dyn actio_engine::reload::Reload>> {
+        self.stages.iter().flat_map(|s| s.logic.reloadables()).collect()
     }
 
     /// The ingress topic (first one declared with role `ingress`).
@@ -238,7 +242,6 @@ impl Resolver<'_> {
         let mut stages: Vec<Stage> = Vec::new();
         let mut features: Vec<String> = Vec::new();
         let mut rule_ids: Vec<String> = Vec::new();
-        let mut versions: Vec<String> = Vec::new();
         // Topic → the stages that write it, with where each says so. Several writers
         // are allowed only into a join's input (checked after the stages).
         let mut written: Written = HashMap::new();
@@ -342,7 +345,6 @@ impl Resolver<'_> {
             }
             if let Some(r) = logic.as_ref().and_then(|l| l.rules()) {
                 let r = r.current();
-                versions.push(format!("{}@{}", name, r.version()));
                 rule_ids.extend(r.stats().into_iter().map(|s| s.id));
             }
             if let (Some(kind), Some(logic), Some(input), Some(output)) = (kind, logic, input, output) {
@@ -356,7 +358,6 @@ impl Resolver<'_> {
                     limits,
                     replicas,
                     logic,
-                    rules_version: versions.join("+"),
                     faults: Arc::new(faults),
                 });
             }

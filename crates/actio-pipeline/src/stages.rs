@@ -27,7 +27,6 @@
 //! fire, the transaction goes on) are counted per service as `actio_rule_errors_total`.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use actio_core::bus::{Bus, BusError, Bytes, ReplayRange};
 use actio_core::latency::{latency_histogram, record_ns};
@@ -64,8 +63,6 @@ pub struct StageHandler {
     schema: Arc<Schema>,
     derived: Arc<DerivedFields>,
     key: KeyExtractor,
-    /// Rule evaluations of this service that failed, since start.
-    rule_errors: AtomicU64,
     /// Reads back an input partition's history (see the module docs).
     restore: Option<Restore>,
 }
@@ -140,8 +137,19 @@ impl std::fmt::Debug for Restore {
     }
 }
 
-/// Rule evaluations that failed (the rule did not fire; the transaction went on).
+/// Per rule, evaluations that failed (the rule did not fire; the transaction went on).
 pub const RULE_ERRORS: &str = "actio_rule_errors_total";
+/// Per rule and mode (`active` / `shadow`), times it fired.
+pub const RULE_HITS: &str = "actio_rule_hits_total";
+/// Per reloadable file, versions swapped in since start.
+pub const RELOADS: &str = "actio_reloads_total";
+/// Per reloadable file, reloads that failed (the version in force stayed).
+pub const RELOAD_FAILURES: &str = "actio_reload_failures_total";
+/// Per reloadable file, 1 while its last reload failed (the file on disk is not the
+/// version in force), else 0.
+pub const RELOAD_FAILING: &str = "actio_reload_failing";
+/// Per reloadable file, 1, labelled with the version in force.
+pub const CONFIG_INFO: &str = "actio_config_info";
 
 impl StageHandler {
     /// The handler of one stage of `pipeline`, alone.
@@ -184,7 +192,6 @@ impl StageHandler {
             schema: pipeline.schema.clone(),
             derived: pipeline.derived.clone(),
             key: pipeline.key.clone(),
-            rule_errors: AtomicU64::new(0),
             restore: None,
         }
     }
@@ -289,8 +296,6 @@ impl StageHandler {
             let cx = RunCx {
                 ctx,
                 key: &self.key,
-                rules_version: &step.stage.rules_version,
-                rule_errors: &self.rule_errors,
                 input: &self.input,
                 output: &step.output,
                 headers: &record.headers,
@@ -388,14 +393,29 @@ impl Handler for StageHandler {
     }
 
     fn counters(&self) -> Vec<HandlerCounter> {
-        let mut out = vec![HandlerCounter {
-            name: RULE_ERRORS,
-            help: "Rule evaluations that failed (type error, missing value): the rule did not fire, the transaction went on.",
-            value: self.rule_errors.load(Ordering::Relaxed),
-        }];
+        let mut out: Vec<HandlerCounter> = Vec::new();
         for step in &self.steps {
-            for c in step.stage.logic.counters() {
-                match out.iter_mut().find(|o| o.name == c.name) {
+            let logic = &step.stage.logic;
+            if let Some(rules) = logic.rules() {
+                for r in rules.current().stats() {
+                    let mode = match r.mode {
+                        actio_engine::rules::Mode::Active => "active",
+                        actio_engine::rules::Mode::Shadow => "shadow",
+                    };
+                    out.push(HandlerCounter::new(RULE_HITS, "Times a rule fired, by rule and mode (a shadow rule's hits never change a decision).", r.hits).label("rule", r.id.clone()).label("mode", mode));
+                    out.push(HandlerCounter::new(RULE_ERRORS, "Rule evaluations that failed (type error, missing value): the rule did not fire, the transaction went on.", r.errors).label("rule", r.id));
+                }
+            }
+            for f in logic.reloadables() {
+                let st = f.status();
+                let file = st.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                out.push(HandlerCounter::new(RELOADS, "New versions of a rule or model file swapped in since start.", st.swaps).label("file", file.clone()));
+                out.push(HandlerCounter::new(RELOAD_FAILURES, "Reloads of a rule or model file that failed to compile (the version in force stayed).", st.failures).label("file", file.clone()));
+                out.push(HandlerCounter::gauge(RELOAD_FAILING, "1 while a rule or model file's last reload failed: the file on disk is not what runs.", u64::from(st.last_error.is_some())).label("file", file.clone()));
+                out.push(HandlerCounter::gauge(CONFIG_INFO, "The version in force of each rule or model file (always 1).", 1).label("file", file).label("what", st.what).label("version", st.version));
+            }
+            for c in logic.counters() {
+                match out.iter_mut().find(|o| o.name == c.name && o.labels == c.labels) {
                     Some(o) => o.value += c.value,
                     None => out.push(c),
                 }
@@ -635,15 +655,16 @@ mod tests {
         std::fs::write(&rules, format!("{text}\n[[rule]]\nid = \"reads_attr_without_has\"\ndescription = \"fails without the attribute\"\nwhen = \"tx.attrs.risk_score > 0.5\"\nweight = 0.1\n")).unwrap();
         let p2 = Pipeline::load(d.path()).unwrap();
         let h = StageHandler::new(&p2, &p2.stages[0]);
-        let errors = || h.counters().into_iter().find(|c| c.name == RULE_ERRORS).unwrap().value;
+        let errors = || h.counters().into_iter().filter(|c| c.name == RULE_ERRORS).map(|c| c.value).sum::<u64>();
+        let of_rule = || h.counters().into_iter().find(|c| c.name == RULE_ERRORS && c.labels == [("rule", "reads_attr_without_has".to_string())]).unwrap().value;
         assert_eq!(errors(), 0);
         first(&h, &record("m-1", "{}")).unwrap();
         first(&h, &record("m-1", "{}")).unwrap();
         first(&h, &record("m-1", r#"{"risk_score": 0.9}"#)).unwrap();
-        assert_eq!(errors(), 2, "the rule fails on the transactions without the attribute, and only it");
+        assert_eq!((errors(), of_rule()), (2, 2), "the rule fails on the transactions without the attribute, and only it");
         // The shipped rules evaluate cleanly on an ordinary transaction.
         let shipped = StageHandler::new(&p, &p.stages[0]);
         first(&shipped, &record("m-1", "{}")).unwrap();
-        assert_eq!(shipped.counters()[0].value, 0);
+        assert_eq!(shipped.counters().iter().filter(|c| c.name == RULE_ERRORS).map(|c| c.value).sum::<u64>(), 0);
     }
 }

@@ -22,7 +22,8 @@ fn the_shipped_fraud_pipeline_loads() {
     let velocity_rules = p.stages[1].logic.rules().expect("a velocity stage with rules").current().len();
     assert!((40..=60).contains(&(rules + velocity_rules)), "{rules} + {velocity_rules} rules");
     assert!(p.warnings.is_empty(), "{:?}", p.warnings);
-    assert!(p.stages[2].rules_version.contains("rules@") && p.stages[2].rules_version.contains("velocity@"));
+    let files: Vec<_> = p.reloadables().iter().map(|r| r.path().file_name().unwrap().to_string_lossy().into_owned()).collect();
+    assert_eq!(files, ["rules.toml", "velocity_rules.toml", "model.toml"], "the files the stages reload");
 }
 
 #[test]

@@ -57,7 +57,7 @@ mod stage;
 pub mod watermark;
 
 pub use lanes::{KeyLanes, Ordering};
-pub use metrics::{HandlerCounter, StageMetrics};
+pub use metrics::{HandlerCounter, LATENCY_BUCKETS, PROMETHEUS_CONTENT_TYPE, StageMetrics};
 pub use stage::{
     Context, Deferred, FailureKind, Handler, HandlerError, HandlerHistogram, Hold, Output, RetryPolicy, RetryTopic, Stage, StageError, StageHandle, StageSpec,
     StepTime, StopMode,

@@ -82,7 +82,8 @@ pub enum Command {
     /// embedded bus (an in-process partitioned log with consumer groups; no
     /// broker needed). Prints progress every second, then a latency report per
     /// stage; writes report.json, .hgrm files and report.html under --out.
-    /// Exit code 1 if any transaction was lost.
+    /// Exit code 1 if any transaction was lost. Rule and model files reload while
+    /// it runs (on a change, or SIGHUP); the report counts decisions per version.
     ///
     /// Examples:
     ///
@@ -99,8 +100,16 @@ pub enum Command {
     ///   /metrics  Prometheus text: queue/service/stage latency, counters, in-flight, lag
     ///   /healthz  200 while the stage runs
     ///   /readyz   200 once partitions are assigned and the group has caught up
+    ///   POST /admin/reload  reload the rule and model files now (JSON: what changed)
+    ///   GET  /admin/reload  the versions in force, reloads and failures per file
     /// SIGTERM or SIGINT: stop fetching, drain in-flight work, commit, flush, exit 0
     /// (exit 1 if that takes longer than --grace).
+    ///
+    /// Rules and models reload without a restart: when their files change (watched;
+    /// --no-watch turns that off), on SIGHUP, or on POST /admin/reload. The new
+    /// version is compiled off the hot path and swapped in between messages; a file
+    /// that does not compile keeps the version in force and is logged with its file,
+    /// line and field (and counted: actio_reload_failures_total).
     ///
     /// Secrets and any other librdkafka property come from the pipeline's [kafka]
     /// table and from ACTIO_KAFKA_PROPERTY_<NAME> environment variables, NAME being
@@ -193,6 +202,10 @@ pub struct StageArgs {
     /// without connecting.
     #[arg(long)]
     pub dry_run: bool,
+    /// Do not watch the rule and model files for changes (SIGHUP and
+    /// POST /admin/reload still reload them).
+    #[arg(long, env = "ACTIO_NO_WATCH")]
+    pub no_watch: bool,
 }
 
 #[derive(Debug, Args)]
@@ -329,6 +342,9 @@ pub struct RunArgs {
     /// Run every stage as its own service, ignoring the pipeline's [[service]]s.
     #[arg(long)]
     pub each_stage: bool,
+    /// Do not watch the rule and model files for changes (SIGHUP still reloads them).
+    #[arg(long)]
+    pub no_watch: bool,
     #[command(flatten)]
     pub kafka: KafkaArgs,
 }

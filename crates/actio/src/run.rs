@@ -15,6 +15,7 @@ use actio_loadgen::drive::{CollectorConfig, CollectorFailure, Drain, DrainEnd, R
 use actio_loadgen::{Collector, Generator, Scenario, Schedule, Sender, StageHistograms};
 use actio_pipeline::Pipeline;
 use actio_pipeline::launch::{self, LaunchOptions, Selection};
+use actio_pipeline::reload::Reloader;
 use actio_runtime::StopMode;
 use anyhow::{Context, bail};
 
@@ -61,14 +62,14 @@ pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
     match args.bus {
         BusKind::Embedded => {
             let bus = Arc::new(EmbeddedBus::new(EmbeddedConfig::default()));
-            drive(&bus, "embedded", &pipeline, &args.load, Some(args.services()), args.threads, &[], None)
+            drive(&bus, "embedded", &pipeline, &args.load, Some(args.services()), args.threads, &[], None, !args.no_watch)
         }
         BusKind::Kafka => {
             let bus = match crate::kafka::bus_or_exit(&pipeline, &args.kafka) {
                 Ok(b) => Arc::new(b),
                 Err(code) => return Ok(code),
             };
-            drive(&bus, "kafka", &pipeline, &args.load, Some(args.services()), args.threads, &[], None)
+            drive(&bus, "kafka", &pipeline, &args.load, Some(args.services()), args.threads, &[], None, !args.no_watch)
         }
     }
 }
@@ -83,12 +84,13 @@ pub fn loadgen(args: LoadgenArgs) -> anyhow::Result<ExitCode> {
         Ok(b) => Arc::new(b),
         Err(code) => return Ok(code),
     };
-    drive(&bus, "kafka", &pipeline, &args.load, None, None, &[], args.broker_gc_log.as_deref())
+    drive(&bus, "kafka", &pipeline, &args.load, None, None, &[], args.broker_gc_log.as_deref(), false)
 }
 
 /// Offers load to `pipeline` on `bus`, running its stages in-process when
 /// `in_process`, and reports; with `broker_gc_log`, the seconds the broker stood still
-/// are marked. Exit code 1 if anything was lost.
+/// are marked; with `watch`, the stages' rule and model files reload when they change
+/// (and on SIGHUP, whenever stages run here). Exit code 1 if anything was lost.
 #[allow(clippy::too_many_arguments)]
 pub fn drive<B: Bus>(
     bus: &Arc<B>,
@@ -99,6 +101,7 @@ pub fn drive<B: Bus>(
     threads: Option<usize>,
     properties: &[(String, String)],
     broker_gc_log: Option<&std::path::Path>,
+    watch: bool,
 ) -> anyhow::Result<ExitCode> {
     // Every flow: each ingress topic is driven, each egress topic collected.
     let of_role = |role| -> Vec<String> { pipeline.topics.iter().filter(|t| t.role == role).map(|t| t.name.clone()).collect() };
@@ -152,6 +155,12 @@ pub fn drive<B: Bus>(
     let term = Arc::new(AtomicBool::new(false));
     let _ = signal_hook::flag::register(signal_hook::consts::SIGINT, term.clone());
     let _ = signal_hook::flag::register(signal_hook::consts::SIGTERM, term.clone());
+    let (reloader, hup) = (Reloader::new(if stages.is_empty() { Vec::new() } else { pipeline.reloadables() }), Arc::new(AtomicBool::new(false)));
+    let _ = signal_hook::flag::register(signal_hook::consts::SIGHUP, hup.clone());
+    let _watch = match watch && !stages.is_empty() {
+        true => reloader.watch().map_err(|e| eprintln!("actio: not watching the rule and model files ({e}); SIGHUP reloads them")).ok(),
+        false => None,
+    };
 
     let tty = std::io::stderr().is_terminal();
     eprintln!(
@@ -195,6 +204,9 @@ pub fn drive<B: Bus>(
         }
         if term.load(Ordering::Relaxed) && !stop_sending.swap(true, Ordering::Relaxed) {
             eprintln!("\nactio: interrupted; draining");
+        }
+        if hup.swap(false, Ordering::Relaxed) {
+            reloader.reload_all("SIGHUP");
         }
         if let Some(dead) = stages.iter().find(|s| s.is_finished()) {
             eprintln!("\nactio: stage {} stopped unexpectedly; ending the run", dead.name());

@@ -3,8 +3,10 @@
 //!
 //! The stage runtime does the work (key lanes, watermark commits, back-pressure,
 //! drain on revocation); this module adds what a service needs around it: an HTTP
-//! endpoint for Prometheus and Kubernetes probes, the group's lag, and a graceful
-//! stop on SIGTERM bounded by `--grace` (Kubernetes' `terminationGracePeriodSeconds`).
+//! endpoint for Prometheus and Kubernetes probes, the group's lag, hot reload of the
+//! stages' rule and model files (watched, SIGHUP, `POST /admin/reload`), and a
+//! graceful stop on SIGTERM bounded by `--grace` (Kubernetes'
+//! `terminationGracePeriodSeconds`).
 //!
 //! Readiness: a replica is ready once it holds partitions and its group's lag on the
 //! input topic is within the stage's in-flight cap (it has caught up). Once ready it
@@ -26,6 +28,7 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
+use actio_pipeline::reload::Reloader;
 
 use crate::cli::StageArgs;
 
@@ -41,6 +44,7 @@ struct Health {
     retry_lag: AtomicI64,
     ready: AtomicBool,
     stopping: AtomicBool,
+    reloader: Arc<Reloader>,
 }
 
 impl Health {
@@ -52,7 +56,22 @@ impl Health {
 async fn metrics(State(h): State<Arc<Health>>) -> impl IntoResponse {
     let known = |l: &AtomicI64| Some(l.load(Ordering::Relaxed)).filter(|l| *l != LAG_UNKNOWN);
     let text = (h.metrics)().prometheus_text(known(&h.lag), known(&h.retry_lag));
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
+    ([(header::CONTENT_TYPE, actio_runtime::PROMETHEUS_CONTENT_TYPE)], text)
+}
+
+/// `POST /admin/reload`: reloads every rule and model file now; 200 with what each
+/// did, 422 if one failed to compile (it keeps its version in force).
+async fn reload(State(h): State<Arc<Health>>) -> impl IntoResponse {
+    let r = h.reloader.clone();
+    let done = tokio::task::spawn_blocking(move || r.reload_all("POST /admin/reload")).await.unwrap_or_default();
+    let failed = done.iter().any(|f| f.outcome.is_err());
+    let body = serde_json::Value::Array(done.iter().map(|f| f.to_json()).collect());
+    (if failed { StatusCode::UNPROCESSABLE_ENTITY } else { StatusCode::OK }, [(header::CONTENT_TYPE, "application/json")], format!("{body:#}\n"))
+}
+
+/// `GET /admin/reload`: the version in force, reloads and failures of each file.
+async fn reload_status(State(h): State<Arc<Health>>) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/json")], format!("{:#}\n", h.reloader.status_json()))
 }
 
 async fn healthz() -> impl IntoResponse {
@@ -100,6 +119,7 @@ fn serve_http(addr: SocketAddr, health: Arc<Health>) -> anyhow::Result<()> {
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/admin/reload", get(reload_status).post(reload))
         .with_state(health);
     std::thread::Builder::new()
         .name("http".into())
@@ -202,6 +222,15 @@ pub fn main(args: StageArgs) -> anyhow::Result<ExitCode> {
         .context("installing the SIGTERM handler")?;
     signal_hook::flag::register(signal_hook::consts::SIGINT, term.clone())
         .context("installing the SIGINT handler")?;
+    let hup = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGHUP, hup.clone()).context("installing the SIGHUP handler")?;
+    // Only this service's stages' files: another service's are not in force here.
+    let reloader = Reloader::new(stages.iter().flat_map(|s| s.logic.reloadables()).collect());
+    let _watch = if args.no_watch {
+        None
+    } else {
+        Some(reloader.watch().context("watching the rule and model files (--no-watch turns that off)")?)
+    };
 
     // The velocity stage rebuilds an assigned partition's windows from its input.
     let handle = plan.start(&bus)?;
@@ -211,6 +240,7 @@ pub fn main(args: StageArgs) -> anyhow::Result<ExitCode> {
         retry_lag: AtomicI64::new(LAG_UNKNOWN),
         ready: AtomicBool::new(false),
         stopping: AtomicBool::new(false),
+        reloader: reloader.clone(),
     });
     serve_http(args.http, health.clone())?;
     tracing::info!("{summary}");
@@ -219,6 +249,9 @@ pub fn main(args: StageArgs) -> anyhow::Result<ExitCode> {
 
     while !term.load(Ordering::Relaxed) && !handle.is_finished() {
         std::thread::sleep(Duration::from_millis(50));
+        if hup.swap(false, Ordering::Relaxed) {
+            reloader.reload_all("SIGHUP");
+        }
     }
     health.stopping.store(true, Ordering::Relaxed);
     let failed_on_its_own = handle.is_finished();

@@ -233,3 +233,69 @@ fn run_drives_and_collects_every_flow_of_the_sensors_pipeline() {
     }
     assert!(stdout.contains("delivered by egress topic"), "{stdout}");
 }
+
+/// Writes `text` to `path` the way editors save: a temporary file renamed over it.
+fn save(path: &std::path::Path, text: &str) {
+    let tmp = path.with_extension("swp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// Runs a copy of fraud (`ordering` for every stage) for 8 s at 1,000 tx/s, saving
+/// a new rules version at ~2.5 s, a broken rules file at ~4.5 s and a new model
+/// version at ~6 s; the report and stderr.
+fn run_with_edits(ordering: &str) -> (serde_json::Value, String) {
+    let dir = match ordering {
+        "key" => actio_testkit::copy_of("fraud"),
+        _ => copy_of_fraud_with("pipeline.toml", |t| t.replace("ordering = \"key\"", &format!("ordering = \"{ordering}\""))),
+    };
+    let out_dir = tempfile::tempdir().unwrap();
+    let child = actio()
+        .args(["run", "--rate", "1000", "--duration", "8s", "--out"])
+        .arg(out_dir.path())
+        .arg(dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (rules, model) = (dir.path().join("rules.toml"), dir.path().join("model.toml"));
+    let (rules_text, model_text) = (std::fs::read_to_string(&rules).unwrap(), std::fs::read_to_string(&model).unwrap());
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    let v2 = rules_text.replace("version = \"2026.11.1\"", "version = \"2026.12.1\"");
+    save(&rules, &v2);
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    save(&rules, &v2.replacen("when = \"", "when = \"tx.amount >> ", 1));
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    save(&model, &model_text.replace("version = \"fraud-lr-2026.11.1\"", "version = \"fraud-lr-2026.12.1\""));
+    let out = child.wait_with_output().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr).into_owned());
+    assert!(out.status.success(), "{stdout}{stderr}");
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out_dir.path().join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["lost"], 0, "{stdout}");
+    (report, stderr)
+}
+
+#[test]
+fn edited_rules_and_model_reload_during_a_run_and_a_broken_edit_changes_nothing() {
+    let (report, stderr) = run_with_edits("key");
+    let versions: Vec<&String> = report["by_version"].as_object().unwrap().keys().collect();
+    let v = |rules: &str, model: &str| format!("rules rules@{rules}+velocity@2026.11.1 model fraud-lr-{model}");
+    let mut want = [v("2026.11.1", "2026.11.1"), v("2026.12.1", "2026.11.1"), v("2026.12.1", "2026.12.1")];
+    want.sort();
+    assert_eq!(versions, want.iter().collect::<Vec<_>>(), "three versions, the broken edit none: {report}");
+    for (version, n) in report["by_version"].as_object().unwrap() {
+        assert!(n.as_u64().unwrap() >= 500, "{version}: {n}");
+    }
+    assert_eq!(report["version_flips_back"], 0, "each key switches once per reload: {report}");
+    assert!(stderr.contains("reload failed") && stderr.contains("rules.toml:"), "the broken edit is logged with its file and line:\n{stderr}");
+}
+
+#[test]
+fn with_partition_order_each_partition_switches_once_per_reload() {
+    let (report, _) = run_with_edits("partition");
+    let switches = report["version_switches"].as_object().unwrap();
+    assert_eq!(switches.len(), 3, "every egress partition switched: {report}");
+    for (partition, n) in switches {
+        assert_eq!(n, 2, "{partition}: once for the rules, once for the model: {report}");
+    }
+}

@@ -21,9 +21,9 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use actio_core::{Decision, Headers, KeyExtractor, Schema, TopicPartition, TxState};
+use actio_engine::reload::Reload;
 use actio_engine::rules::ReloadableRuleSet;
 use actio_runtime::{Context, HandlerCounter, HandlerError, Hold};
 use serde::de::DeserializeOwned;
@@ -113,10 +113,6 @@ pub struct RunCx<'a> {
     pub ctx: &'a Context,
     /// Builds the message key from the transaction.
     pub key: &'a KeyExtractor,
-    /// The versions of the rule sets that ran up to and including this stage.
-    pub rules_version: &'a str,
-    /// The service's count of failed rule evaluations.
-    pub rule_errors: &'a AtomicU64,
     /// The service's input topic (a stateful stage's state is per partition of it).
     pub input: &'a str,
     /// The stage's `output` topic.
@@ -152,17 +148,6 @@ impl RunCx<'_> {
     pub fn release_on_output(&self, holds: Vec<Hold>) {
         self.holds.releases.borrow_mut().extend(holds);
     }
-
-    /// Evaluates `rules` on `st`, counting the evaluations that failed (such a rule
-    /// does not fire; the transaction goes on).
-    pub fn eval_rules(&self, rules: &ReloadableRuleSet, st: &mut TxState) {
-        let before = st.rule_errors;
-        rules.current().eval(st);
-        let failed = st.rule_errors.saturating_sub(before);
-        if failed > 0 {
-            self.rule_errors.fetch_add(u64::from(failed), Ordering::Relaxed);
-        }
-    }
 }
 
 /// What a kind computes, compiled at load: immutable, shared by every handler that
@@ -176,6 +161,11 @@ pub trait StageLogic: Send + Sync + fmt::Debug + 'static {
     /// The rule set the stage evaluates, if any (rule versions and ids, tests).
     fn rules(&self) -> Option<&Arc<ReloadableRuleSet>> {
         None
+    }
+    /// The files the stage reloads while it runs (its rule set by default, if it
+    /// has one): the service watches them and swaps each in when it compiles.
+    fn reloadables(&self) -> Vec<Arc<dyn Reload>> {
+        self.rules().map(|r| vec![r.clone() as Arc<dyn Reload>]).unwrap_or_default()
     }
     /// How the kind keeps state per partition; `None` (the default): it keeps none,
     /// and one `State` serves every message.
@@ -244,6 +234,8 @@ pub trait Logic: Send + Sync + fmt::Debug {
     fn describe(&self) -> Vec<String>;
     /// See [`StageLogic::rules`].
     fn rules(&self) -> Option<&Arc<ReloadableRuleSet>>;
+    /// See [`StageLogic::reloadables`].
+    fn reloadables(&self) -> Vec<Arc<dyn Reload>>;
     /// See [`StageLogic::state_policy`].
     fn state_policy(&self) -> Option<StatePolicy>;
     /// See [`StageLogic::counters`].
@@ -282,6 +274,9 @@ impl<L: StageLogic> Logic for L {
     }
     fn rules(&self) -> Option<&Arc<ReloadableRuleSet>> {
         StageLogic::rules(self)
+    }
+    fn reloadables(&self) -> Vec<Arc<dyn Reload>> {
+        StageLogic::reloadables(self)
     }
     fn state_policy(&self) -> Option<StatePolicy> {
         StageLogic::state_policy(self)
@@ -400,9 +395,9 @@ impl ResolveCx<'_> {
     }
 
     /// The rule file named by field `key`, compiled against the schema and the
-    /// features so far.
+    /// features so far (and so on each reload).
     pub fn rules(&mut self, key: &str, relative: &str) -> Option<Arc<ReloadableRuleSet>> {
         let path = self.file(key, relative)?;
-        ReloadableRuleSet::load(&path, self.schema, self.features).map_err(|e| self.engine_error(e)).ok().map(Arc::new)
+        ReloadableRuleSet::rules(self.stage, &path, self.schema, self.features).map_err(|e| self.engine_error(e)).ok().map(Arc::new)
     }
 }

@@ -111,13 +111,19 @@ impl TestPipeline {
     }
 
     pub fn stage(&self, stage: &str) -> StageProcess {
+        self.stage_with(stage, &[])
+    }
+
+    /// A stage service with more flags.
+    pub fn stage_with(&self, stage: &str, flags: &[&str]) -> StageProcess {
         let port = free_port();
         let log = self.path().join(format!("{stage}-{port}.log"));
         let child = actio()
             .args(["stage", "--stage", stage, "--brokers", &self.brokers, "--http", &format!("127.0.0.1:{port}"), "--grace", "20s"])
+            .args(flags)
             .arg("--pipeline")
             .arg(self.path())
-            .env("RUST_LOG", "warn,actio=info,actio_runtime=info")
+            .env("RUST_LOG", "warn,actio=info,actio_runtime=info,actio_pipeline::reload=info")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
@@ -180,11 +186,20 @@ impl StageProcess {
         panic!("stage on port {} not ready within {within:?}:\n{}", self.port, self.log());
     }
 
-    /// A counter of the stage's /metrics, e.g. `actio_stage_dead_lettered_total`.
+    /// A counter or gauge of the stage's /metrics, e.g.
+    /// `actio_stage_dead_lettered_total`, summed over its label sets (per rule, per
+    /// file); the exposition is read with a Prometheus text-format parser.
     pub fn counter(&self, name: &str) -> u64 {
         let (_, body) = http_get(self.port, "/metrics").unwrap();
-        let line = body.lines().find(|l| l.starts_with(&format!("{name}{{"))).unwrap_or_else(|| panic!("no {name}:\n{body}"));
-        line.rsplit(' ').next().unwrap().parse().unwrap()
+        let samples = metric_samples(&body, name);
+        assert!(!samples.is_empty(), "no {name}:\n{body}");
+        samples.iter().map(|(_, v)| *v).sum::<f64>() as u64
+    }
+
+    /// The stage's /metrics, parsed.
+    pub fn scrape(&self) -> prometheus_parse::Scrape {
+        let (_, body) = http_get(self.port, "/metrics").unwrap();
+        parse_metrics(&body)
     }
 
     pub fn signal(&self, sig: &str) {
@@ -211,10 +226,33 @@ impl Drop for StageProcess {
     }
 }
 
+/// A Prometheus text exposition, parsed (a panic if it does not parse).
+pub fn parse_metrics(body: &str) -> prometheus_parse::Scrape {
+    prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).unwrap_or_else(|e| panic!("/metrics does not parse: {e}\n{body}"))
+}
+
+/// The samples of counter or gauge `name`: labels and value.
+pub fn metric_samples(body: &str, name: &str) -> Vec<(prometheus_parse::Labels, f64)> {
+    parse_metrics(body)
+        .samples
+        .into_iter()
+        .filter(|s| s.metric == name)
+        .filter_map(|s| match s.value {
+            prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Gauge(v) | prometheus_parse::Value::Untyped(v) => Some((s.labels, v)),
+            _ => None,
+        })
+        .collect()
+}
+
 pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    http_request(port, "GET", path)
+}
+
+/// One HTTP/1.1 request without a body: status and body.
+pub fn http_request(port: u16, method: &str, path: &str) -> Option<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_secs(2)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").ok()?;
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").ok()?;
     let mut text = String::new();
     s.read_to_string(&mut text).ok()?;
     let status = text.split_whitespace().nth(1)?.parse().ok()?;

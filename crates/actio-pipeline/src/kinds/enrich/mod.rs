@@ -378,10 +378,10 @@ impl StageLogic for Enrich {
     fn counters(&self) -> Vec<HandlerCounter> {
         let c = &self.counts;
         vec![
-            HandlerCounter { name: CALLS, help: "HTTP calls an enrich stage made (each attempt).", value: c.calls.load(Ordering::Relaxed) },
-            HandlerCounter { name: CACHE_HITS, help: "Transactions an enrich stage answered from its cache.", value: c.hits.load(Ordering::Relaxed) },
-            HandlerCounter { name: RETRIES, help: "Calls an enrich stage retried in place after a transient failure.", value: c.retries.load(Ordering::Relaxed) },
-            HandlerCounter { name: FAILED, help: "Transactions an enrich stage failed after their attempts (to the retry topic or the DLQ).", value: c.failed.load(Ordering::Relaxed) },
+            HandlerCounter::new(CALLS, "HTTP calls an enrich stage made (each attempt).", c.calls.load(Ordering::Relaxed)),
+            HandlerCounter::new(CACHE_HITS, "Transactions an enrich stage answered from its cache.", c.hits.load(Ordering::Relaxed)),
+            HandlerCounter::new(RETRIES, "Calls an enrich stage retried in place after a transient failure.", c.retries.load(Ordering::Relaxed)),
+            HandlerCounter::new(FAILED, "Transactions an enrich stage failed after their attempts (to the retry topic or the DLQ).", c.failed.load(Ordering::Relaxed)),
         ]
     }
 }

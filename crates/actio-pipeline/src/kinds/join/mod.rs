@@ -192,7 +192,7 @@ struct Pending {
 
 impl Join {
     /// The branch results merged: the first's transaction with every branch's rule
-    /// hits and features, then the join's own features.
+    /// hits, features and rule-set versions, then the join's own features.
     fn merge(&self, arrived: Vec<Option<TxState>>, partial: bool) -> TxState {
         let n = arrived.iter().filter(|a| a.is_some()).count();
         let mut parts = arrived.into_iter().flatten();
@@ -209,6 +209,11 @@ impl Join {
                 }
             }
             st.rule_errors += other.rule_errors;
+            for r in other.rule_sets {
+                if !st.rule_sets.contains(&r) {
+                    st.rule_sets.push(r);
+                }
+            }
         }
         st.features.push(Feature { name: self.branches_feature.clone(), value: n as f64 });
         st.features.push(Feature { name: self.partial_feature.clone(), value: f64::from(u8::from(partial)) });
@@ -318,8 +323,8 @@ impl StageLogic for Join {
 
     fn counters(&self) -> Vec<HandlerCounter> {
         vec![
-            HandlerCounter { name: PARTIAL, help: "Transactions a join emitted partial: some branch did not arrive within timeout_ms.", value: self.partial.load(Ordering::Relaxed) },
-            HandlerCounter { name: DROPPED, help: "Branch results a join dropped: late (their transaction was emitted) or a branch's second.", value: self.dropped.load(Ordering::Relaxed) },
+            HandlerCounter::new(PARTIAL, "Transactions a join emitted partial: some branch did not arrive within timeout_ms.", self.partial.load(Ordering::Relaxed)),
+            HandlerCounter::new(DROPPED, "Branch results a join dropped: late (their transaction was emitted) or a branch's second.", self.dropped.load(Ordering::Relaxed)),
         ]
     }
 }

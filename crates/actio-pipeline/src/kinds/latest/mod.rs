@@ -267,8 +267,8 @@ impl StageLogic for Latest {
 
     fn counters(&self) -> Vec<HandlerCounter> {
         vec![
-            HandlerCounter { name: STALE, help: "Updates dropped by a latest stage: not newer than their key's newest.", value: self.stale.load(Ordering::Relaxed) },
-            HandlerCounter { name: UNCHANGED, help: "Newer updates a latest stage did not emit: their fields equal the newest's (emit = \"changed\").", value: self.unchanged.load(Ordering::Relaxed) },
+            HandlerCounter::new(STALE, "Updates dropped by a latest stage: not newer than their key's newest.", self.stale.load(Ordering::Relaxed)),
+            HandlerCounter::new(UNCHANGED, "Newer updates a latest stage did not emit: their fields equal the newest's (emit = \"changed\").", self.unchanged.load(Ordering::Relaxed)),
         ]
     }
 }

@@ -162,13 +162,12 @@ proptest! {
             Ok((n, 0))
         };
         taker.assigned(&[TopicPartition::new("in", 0)], &History { service: "newest", input: "in", replay: Some(&replay) });
-        let rule_errors = std::sync::atomic::AtomicU64::new(0);
         let output: std::sync::Arc<str> = std::sync::Arc::from("newest");
         for r in &records[cut..] {
             let ctx = Context::first(r);
             let mut st = TxState::new(p.schema.decode_json(&r.payload).unwrap());
             p.derived.fill(&mut st).unwrap();
-            let cx = crate::kinds::RunCx { ctx: &ctx, key: &p.key, rules_version: "", rule_errors: &rule_errors, input: "in", output: &output, headers: &r.headers, schema: &p.schema, holds: &Default::default(), retry: &p.stages[0].limits.retry };
+            let cx = crate::kinds::RunCx { ctx: &ctx, key: &p.key, input: "in", output: &output, headers: &r.headers, schema: &p.schema, holds: &Default::default(), retry: &p.stages[0].limits.retry };
             let took = matches!(taker.run(st, &cx).unwrap(), crate::kinds::Produced::Tx(_));
             prop_assert_eq!(took, emitted(&first, r).is_some(), "record {}", r.offset);
         }

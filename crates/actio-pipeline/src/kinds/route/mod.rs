@@ -229,8 +229,8 @@ impl StageLogic for Route {
 
     fn counters(&self) -> Vec<HandlerCounter> {
         vec![
-            HandlerCounter { name: UNMATCHED, help: "Messages a route stage sent to its output or the DLQ because no route's `when` held.", value: self.unmatched_count.load(Ordering::Relaxed) },
-            HandlerCounter { name: MISSING_TARGET, help: "Messages a route stage sent to its output or the DLQ because a route's templated target is not a declared topic.", value: self.missing.load(Ordering::Relaxed) },
+            HandlerCounter::new(UNMATCHED, "Messages a route stage sent to its output or the DLQ because no route's `when` held.", self.unmatched_count.load(Ordering::Relaxed)),
+            HandlerCounter::new(MISSING_TARGET, "Messages a route stage sent to its output or the DLQ because a route's templated target is not a declared topic.", self.missing.load(Ordering::Relaxed)),
         ]
     }
 }

@@ -54,8 +54,8 @@ impl StageLogic for Rules {
 
     fn new_state(&self) {}
 
-    fn run(&self, _: &(), mut st: TxState, cx: &RunCx<'_>) -> Result<Produced, HandlerError> {
-        cx.eval_rules(&self.rules, &mut st);
+    fn run(&self, _: &(), mut st: TxState, _: &RunCx<'_>) -> Result<Produced, HandlerError> {
+        self.rules.current().eval(&mut st);
         Ok(Produced::Tx(st))
     }
 }

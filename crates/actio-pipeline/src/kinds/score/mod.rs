@@ -10,6 +10,7 @@
 use std::sync::Arc;
 
 use actio_core::TxState;
+use actio_engine::reload::{Reload, Reloadable};
 use actio_engine::score::Model;
 use actio_runtime::HandlerError;
 use serde::Deserialize;
@@ -30,28 +31,37 @@ pub struct ScoreConfig {
 fn resolve(cx: &mut ResolveCx<'_>) -> Option<Arc<dyn Logic>> {
     let c: ScoreConfig = cx.config()?;
     let path = cx.file("model", &c.model)?;
-    let model = Model::load(&path, cx.schema, cx.features, cx.rule_ids).map_err(|e| cx.engine_error(e)).ok()?;
+    let (schema, features, rules) = (cx.schema.clone(), cx.features.clone(), cx.rule_ids.to_vec());
+    let model = Reloadable::load("model", cx.stage, &path, move |text, path| Model::from_toml(text, path, &schema, &features, &rules))
+        .map_err(|e| cx.engine_error(e))
+        .ok()?;
     Some(Arc::new(Score { model: Arc::new(model) }))
 }
 
 /// A compiled `score` stage.
 #[derive(Debug)]
 pub struct Score {
-    /// Its model.
-    pub model: Arc<Model>,
+    /// Its model (reloads without a restart; rule weights may name only the rules
+    /// the pipeline had when it loaded).
+    pub model: Arc<Reloadable<Model>>,
 }
 
 impl StageLogic for Score {
     type State = ();
 
     fn describe(&self) -> Vec<String> {
-        vec![format!("model version {}", self.model.version())]
+        vec![format!("model version {}", self.model.current().version())]
+    }
+
+    fn reloadables(&self) -> Vec<Arc<dyn Reload>> {
+        vec![self.model.clone() as Arc<dyn Reload>]
     }
 
     fn new_state(&self) {}
 
     fn run(&self, _: &(), st: TxState, cx: &RunCx<'_>) -> Result<Produced, HandlerError> {
         let key = cx.key.key(&st.tx);
-        Ok(Produced::Decision(self.model.decide(&st, &key, cx.rules_version)))
+        let rules_version = st.rule_sets.join("+");
+        Ok(Produced::Decision(self.model.current().decide(&st, &key, &rules_version)))
     }
 }

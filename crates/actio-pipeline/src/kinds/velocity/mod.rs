@@ -94,10 +94,10 @@ impl StageLogic for Velocity {
         self.spec.update(state, st);
     }
 
-    fn run(&self, state: &VelocityState, mut st: TxState, cx: &RunCx<'_>) -> Result<Produced, HandlerError> {
+    fn run(&self, state: &VelocityState, mut st: TxState, _: &RunCx<'_>) -> Result<Produced, HandlerError> {
         self.spec.update(state, &mut st);
         if let Some(rules) = &self.rules {
-            cx.eval_rules(rules, &mut st);
+            rules.current().eval(&mut st);
         }
         Ok(Produced::Tx(st))
     }
