@@ -147,6 +147,7 @@ fn resolved(pipeline: &Pipeline) -> Value {
                 "threads": s.threads,
                 "retry_topic": retry.map(|t| &*t.topic),
                 "retry_group": retry.map(|t| &t.group),
+                "metrics": served_metrics(&s.name, &p.handler),
             })
         })
         .collect();
@@ -160,6 +161,26 @@ fn resolved(pipeline: &Pipeline) -> Value {
         "outcomes": pipeline.schema.decision().outcomes,
         "warnings": pipeline.warnings.iter().cloned().chain(pipeline.fault_warnings()).collect::<Vec<_>>(),
     })
+}
+
+/// The names of the series a service serves on `/metrics` (`_bucket`, `_sum` and
+/// `_count` for a histogram), from the exposition itself: what k8s/'s alerts and
+/// dashboard may query (scripts/k8s-validate checks them against this).
+fn served_metrics(service: &str, handler: &actio_pipeline::stages::StageHandler) -> Vec<String> {
+    use actio_runtime::Handler as _;
+    let mut m = actio_runtime::StageMetrics::new(service);
+    m.handler = handler.counters();
+    let text = m.prometheus_text(Some(0), Some(0));
+    let mut names: Vec<String> = Vec::new();
+    for line in text.lines().filter_map(|l| l.strip_prefix("# TYPE ")) {
+        let mut parts = line.split_whitespace();
+        let (Some(name), Some(kind)) = (parts.next(), parts.next()) else { continue };
+        match kind {
+            "histogram" => names.extend(["_bucket", "_sum", "_count"].map(|s| format!("{name}{s}"))),
+            _ => names.push(name.to_string()),
+        }
+    }
+    names
 }
 
 fn millis(d: Duration) -> u64 {
