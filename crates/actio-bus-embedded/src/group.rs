@@ -241,7 +241,7 @@ impl EmbeddedConsumer {
             return self.enter();
         }
         if !revoke.is_empty() {
-            let offsets = self.listener.revoking(&revoke);
+            let offsets = self.listener.revoking(&revoke, None);
             let mut st = g.state.lock();
             for (tp, o) in offsets {
                 if st.owner.get(&key(&tp)) == Some(&self.id) {
@@ -377,7 +377,7 @@ impl Consumer for EmbeddedConsumer {
     fn close(mut self) -> Result<(), BusError> {
         let all = self.assignment();
         if !all.is_empty() {
-            let offsets = self.listener.revoking(&all);
+            let offsets = self.listener.revoking(&all, None);
             let g = self.group.clone();
             let mut st = g.state.lock();
             for (tp, o) in offsets {

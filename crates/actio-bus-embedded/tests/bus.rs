@@ -59,7 +59,7 @@ impl RebalanceListener for Recorder {
     fn assigned(&self, p: &[TopicPartition]) {
         self.assigned.lock().extend_from_slice(p);
     }
-    fn revoking(&self, p: &[TopicPartition]) -> Vec<(TopicPartition, Offset)> {
+    fn revoking(&self, p: &[TopicPartition], _: Option<actio_core::GroupToken>) -> Vec<(TopicPartition, Offset)> {
         self.revoked.lock().extend_from_slice(p);
         let c = self.commit.lock();
         p.iter().filter_map(|tp| c.get(tp).map(|o| (tp.clone(), *o))).collect()

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actio_core::bus::{
-    BusError, BusErrorKind, Bytes, Consumer, Headers, Offset, RebalanceListener, Record, TopicPartition,
+    BusError, BusErrorKind, Bytes, Consumer, GroupToken, Headers, Offset, RebalanceListener, Record, TopicPartition,
 };
 use parking_lot::Mutex;
 use rdkafka::client::ClientContext;
@@ -78,7 +78,8 @@ impl ClientContext for GroupContext {
 impl GroupContext {
     /// Drains through the listener and commits synchronously before release.
     fn revoke(&self, consumer: &BaseConsumer<Self>, tpl: &TopicPartitionList, tps: &[TopicPartition]) {
-        let from_listener = self.listener.revoking(tps);
+        let group = consumer.group_metadata().map(|m| Arc::new(m) as GroupToken);
+        let from_listener = self.listener.revoking(tps, group);
         let mut offsets: HashMap<TopicPartition, Offset> = {
             let mut sh = self.shared.lock();
             tps.iter().filter_map(|tp| sh.stored.remove(tp).map(|o| (tp.clone(), o))).collect()
@@ -321,6 +322,10 @@ impl Consumer for KafkaConsumer {
                 format!("not owned by this member (rebalanced away): {}", refused.join(", ")),
             ))
         }
+    }
+
+    fn group_token(&self) -> Option<GroupToken> {
+        self.inner.group_metadata().map(|m| Arc::new(m) as GroupToken)
     }
 
     fn assignment(&self) -> Vec<TopicPartition> {

@@ -108,8 +108,16 @@ impl Bus for KafkaBus {
         if !config.client_id.is_empty() {
             defaults.push(("client.id", &config.client_id));
         }
-        let c = config::layered(&self.config.brokers, &defaults, &[&self.config.properties, &config.properties], &[]);
-        KafkaProducer::create(&c)
+        // A transactional producer: its id, and a short transaction timeout, so a
+        // member that died with a transaction open holds back `read_committed`
+        // readers of its outputs for 10 s at most (librdkafka's default is 60 s; a
+        // member restarted under the same id fences and aborts it at once).
+        let fixed: Vec<(&str, &str)> = config.transactional_id.as_deref().map(|id| vec![("transactional.id", id)]).unwrap_or_default();
+        if config.transactional_id.is_some() {
+            defaults.push(("transaction.timeout.ms", "10000"));
+        }
+        let c = config::layered(&self.config.brokers, &defaults, &[&self.config.properties, &config.properties], &fixed);
+        KafkaProducer::create(&c, config.transactional_id.is_some())
     }
 
     fn create_topics(&self, topics: &[TopicSpec]) -> Result<(), BusError> {
@@ -196,7 +204,7 @@ mod tests {
         };
         let e = bus.consumer(&cc, Arc::new(NoRebalanceListener)).err();
         assert!(e.as_ref().is_some_and(|e| e.kind == BusErrorKind::Config && e.message.contains("no.such.property")), "{e:?}");
-        let pc = ProducerConfig { client_id: "p".into(), properties: vec![kv("acks", "sometimes")] };
+        let pc = ProducerConfig { client_id: "p".into(), properties: vec![kv("acks", "sometimes")], transactional_id: None };
         let e = bus.producer(&pc).err();
         assert!(e.as_ref().is_some_and(|e| e.kind == BusErrorKind::Config && e.message.contains("acks")), "{e:?}");
     }

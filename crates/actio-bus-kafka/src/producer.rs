@@ -12,7 +12,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use actio_core::bus::{AckFn, BusError, BusErrorKind, Delivered, OutRecord, Producer};
+use actio_core::bus::{AckFn, BusError, BusErrorKind, Delivered, GroupToken, Offset, OutRecord, Producer, TopicPartition};
+use rdkafka::consumer::ConsumerGroupMetadata;
+use rdkafka::topic_partition_list::{Offset as RdOffset, TopicPartitionList};
 use rdkafka::client::ClientContext;
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Message, OwnedHeaders};
@@ -72,7 +74,12 @@ impl ProducerContext for AckContext {
 #[derive(Clone)]
 pub struct KafkaProducer {
     inner: Arc<ThreadedProducer<AckContext>>,
+    transactional: bool,
 }
+
+/// How long a transaction's calls (init, offsets, commit) may take before the stage
+/// gives up on them.
+pub const TRANSACTION_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl std::fmt::Debug for KafkaProducer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -81,16 +88,22 @@ impl std::fmt::Debug for KafkaProducer {
 }
 
 impl KafkaProducer {
-    pub(crate) fn create(config: &ClientConfig) -> Result<Self, BusError> {
+    pub(crate) fn create(config: &ClientConfig, transactional: bool) -> Result<Self, BusError> {
         let p: ThreadedProducer<AckContext> =
             config.create_with_context(AckContext).map_err(|e| bus_error_ctx("creating producer", &e))?;
+        if transactional {
+            // Fences an earlier producer with the same id (its open transaction is
+            // aborted), then opens the first transaction.
+            p.init_transactions(TRANSACTION_TIMEOUT).map_err(|e| bus_error_ctx("initializing transactions", &e))?;
+            p.begin_transaction().map_err(|e| bus_error_ctx("beginning a transaction", &e))?;
+        }
         // Connect now rather than on the first send: the first messages of a load run
         // otherwise waited ~0.5 s for connections, metadata and the idempotent
         // producer id. Best effort: a broker that is down is retried by librdkafka.
         if let Err(e) = p.client().fetch_metadata(None, Duration::from_secs(5)) {
             tracing::debug!(error = %e, "producer warm-up: metadata not fetched yet");
         }
-        Ok(KafkaProducer { inner: Arc::new(p) })
+        Ok(KafkaProducer { inner: Arc::new(p), transactional })
     }
 
     /// Messages queued or in flight (not yet acknowledged).
@@ -151,5 +164,30 @@ impl Producer for KafkaProducer {
             let b = bus_error(&e);
             BusError::new(b.kind, format!("flush: {} message(s) still in flight: {}", self.inner.in_flight_count(), b.message))
         })
+    }
+
+    fn is_transactional(&self) -> bool {
+        self.transactional
+    }
+
+    /// `send_offsets_to_transaction` per group (with its consumer group metadata,
+    /// which carries the generation: a zombie member's offsets are refused, KIP-447),
+    /// `commit_transaction` (flushes first), `begin_transaction`. Any failure is
+    /// fatal for the stage: the open transaction is aborted by the broker when the
+    /// producer goes, or fenced by the member that replaces it.
+    fn commit_transaction(&self, offsets: &[(GroupToken, Vec<(TopicPartition, Offset)>)]) -> Result<(), BusError> {
+        let fatal = |what: &str, e: &KafkaError| BusError::new(BusErrorKind::Fatal, bus_error_ctx(what, e).message);
+        for (token, tps) in offsets {
+            let Some(meta) = token.downcast_ref::<ConsumerGroupMetadata>() else {
+                return Err(BusError::new(BusErrorKind::Fatal, "a group token that is not a Kafka consumer's"));
+            };
+            let mut tpl = TopicPartitionList::with_capacity(tps.len());
+            for (tp, o) in tps {
+                tpl.add_partition_offset(&tp.topic, tp.partition, RdOffset::Offset(*o)).map_err(|e| fatal("offsets for the transaction", &e))?;
+            }
+            self.inner.send_offsets_to_transaction(&tpl, meta, TRANSACTION_TIMEOUT).map_err(|e| fatal("sending offsets to the transaction", &e))?;
+        }
+        self.inner.commit_transaction(TRANSACTION_TIMEOUT).map_err(|e| fatal("committing the transaction", &e))?;
+        self.inner.begin_transaction().map_err(|e| fatal("beginning a transaction", &e))
     }
 }

@@ -45,7 +45,7 @@ fn consumer_config(group: &str, topic: &str) -> ConsumerConfig {
 /// Produces `ids` as keyed records (`key-<id>`, payload `<id>`, two headers) and waits
 /// for every ack; returns where each landed.
 fn produce(bus: &KafkaBus, topic: &str, ids: std::ops::Range<u32>) -> BTreeMap<u32, Delivered> {
-    let producer = bus.producer(&ProducerConfig { client_id: rand_name("producer"), properties: Vec::new() }).expect("producer");
+    let producer = bus.producer(&ProducerConfig { client_id: rand_name("producer"), properties: Vec::new(), transactional_id: None }).expect("producer");
     let (tx, rx) = mpsc::channel();
     let n = ids.len();
     for id in ids {
@@ -103,7 +103,7 @@ impl RebalanceListener for Recorder {
     fn assigned(&self, partitions: &[TopicPartition]) {
         self.assigned.lock().extend_from_slice(partitions);
     }
-    fn revoking(&self, partitions: &[TopicPartition]) -> Vec<(TopicPartition, Offset)> {
+    fn revoking(&self, partitions: &[TopicPartition], _: Option<actio_core::GroupToken>) -> Vec<(TopicPartition, Offset)> {
         self.revoked.lock().extend_from_slice(partitions);
         let p = self.processed.lock();
         partitions.iter().filter_map(|tp| p.get(tp).map(|o| (tp.clone(), *o))).collect()
@@ -198,7 +198,7 @@ fn a_send_that_cannot_be_delivered_still_gets_its_ack() {
     let bus = KafkaBus::new(KafkaConfig::new(&b)).expect("bus");
     // The broker does not auto-create topics: this one never exists.
     let props = vec![("message.timeout.ms".to_string(), "1500".to_string())];
-    let producer = bus.producer(&ProducerConfig { client_id: "undeliverable".into(), properties: props }).expect("producer");
+    let producer = bus.producer(&ProducerConfig { client_id: "undeliverable".into(), properties: props, transactional_id: None }).expect("producer");
     let (tx, rx) = mpsc::channel();
     let rec = OutRecord {
         topic: rand_name("missing").into(),

@@ -196,7 +196,17 @@ pub struct ProducerConfig {
     pub client_id: String,
     /// Extra transport properties, passed through unchanged (librdkafka's for Kafka).
     pub properties: Vec<(String, String)>,
+    /// For an exactly-once stage: the producer's transactional id, unique among the
+    /// live members of its group (a restarted member that reuses it fences its
+    /// predecessor at once). A bus without transactions ignores it and says so
+    /// through [`Producer::is_transactional`].
+    pub transactional_id: Option<String>,
 }
+
+/// A consumer's group membership as a transaction needs it (Kafka: the consumer
+/// group metadata, generation included, that fences a zombie member, KIP-447).
+/// Opaque: only the bus that made it reads it.
+pub type GroupToken = Arc<dyn std::any::Any + Send + Sync>;
 
 /// Told about partitions coming and going. Called from inside [`Consumer::poll`].
 pub trait RebalanceListener: Send + Sync {
@@ -204,8 +214,11 @@ pub trait RebalanceListener: Send + Sync {
     fn assigned(&self, partitions: &[TopicPartition]);
     /// These partitions are being taken away. Stop dispatching them, let their
     /// in-flight work finish (bounded by a timeout), and return the offsets to commit
-    /// for them (next offset to consume). The bus commits them before releasing.
-    fn revoking(&self, partitions: &[TopicPartition]) -> Vec<(TopicPartition, Offset)>;
+    /// for them (next offset to consume). The bus commits them before releasing. A
+    /// listener that commits in a transaction instead commits them itself, with
+    /// `group` (the consumer's membership, if the bus has transactions), and returns
+    /// none.
+    fn revoking(&self, partitions: &[TopicPartition], group: Option<GroupToken>) -> Vec<(TopicPartition, Offset)>;
     /// These partitions were lost without a chance to commit (session timeout,
     /// fencing): drop their in-flight state; another member may already own them.
     fn lost(&self, partitions: &[TopicPartition]);
@@ -218,7 +231,7 @@ pub struct NoRebalanceListener;
 
 impl RebalanceListener for NoRebalanceListener {
     fn assigned(&self, _: &[TopicPartition]) {}
-    fn revoking(&self, _: &[TopicPartition]) -> Vec<(TopicPartition, Offset)> {
+    fn revoking(&self, _: &[TopicPartition], _: Option<GroupToken>) -> Vec<(TopicPartition, Offset)> {
         Vec::new()
     }
     fn lost(&self, _: &[TopicPartition]) {}
@@ -238,6 +251,11 @@ pub trait Consumer: Send {
     fn commit(&mut self, offsets: &[(TopicPartition, Offset)]) -> Result<(), BusError>;
     /// Partitions currently assigned to this member.
     fn assignment(&self) -> Vec<TopicPartition>;
+    /// The member's current group membership, for committing its offsets in a
+    /// producer's transaction; `None` on a bus without transactions (the default).
+    fn group_token(&self) -> Option<GroupToken> {
+        None
+    }
     /// Leaves the group gracefully: revokes all partitions through the listener
     /// (so their offsets are committed), then releases them.
     fn close(self) -> Result<(), BusError>
@@ -252,6 +270,21 @@ pub trait Producer: Send + Sync + Clone + 'static {
     fn send(&self, record: OutRecord, ack: AckFn) -> Result<(), BusError>;
     /// Waits until every queued message is acknowledged or `timeout` passes.
     fn flush(&self, timeout: Duration) -> Result<(), BusError>;
+    /// Whether it produces in transactions ([`Producer::commit_transaction`]): made
+    /// with a transactional id on a bus that has them. `false` by default.
+    fn is_transactional(&self) -> bool {
+        false
+    }
+    /// Commits the open transaction — every message sent since the last commit,
+    /// together with these consumer offsets (next offset to consume) of each group —
+    /// atomically, then opens the next. Blocks until the bus confirms (a few broker
+    /// round trips); no message may be sent meanwhile. On error the transaction did
+    /// not commit, and the producer may be unusable (fenced): the caller stops
+    /// rather than send more.
+    fn commit_transaction(&self, offsets: &[(GroupToken, Vec<(TopicPartition, Offset)>)]) -> Result<(), BusError> {
+        let _ = offsets;
+        Err(BusError::new(BusErrorKind::Unsupported, "this bus has no transactions"))
+    }
 }
 
 /// What [`Bus::replay`] reads of a partition: the records from the first whose

@@ -15,7 +15,7 @@ pub mod time;
 pub mod tx;
 
 pub use bus::{
-    AckFn, Bus, BusError, BusErrorKind, Consumer, ConsumerConfig, Headers, Offset, OutRecord,
+    AckFn, Bus, BusError, BusErrorKind, Consumer, ConsumerConfig, GroupToken, Headers, Offset, OutRecord,
     Producer, ProducerConfig, RebalanceListener, Record, TopicPartition, TopicSpec,
 };
 pub use codec::{Codec, CodecError};

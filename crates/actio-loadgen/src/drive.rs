@@ -96,7 +96,7 @@ impl RebalanceListener for CollectorStart {
         self.check(&mut p);
     }
 
-    fn revoking(&self, _: &[TopicPartition]) -> Vec<(TopicPartition, Offset)> {
+    fn revoking(&self, _: &[TopicPartition], _: Option<actio_core::GroupToken>) -> Vec<(TopicPartition, Offset)> {
         Vec::new()
     }
 

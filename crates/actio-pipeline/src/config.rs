@@ -118,10 +118,18 @@ pub struct StageLimits {
     pub retry_backoff_ms: Option<Spanned<u64>>,
     /// The stage's latency budget, ms: reports flag a p99 above it.
     pub budget_ms: Option<Spanned<f64>>,
+    /// Commit outputs and input offsets in one Kafka transaction every
+    /// `commit_interval_ms`, so a crash repeats nothing `read_committed` readers
+    /// see (default [`DEFAULT_EXACTLY_ONCE`]).
+    pub exactly_once: Option<Spanned<bool>>,
 }
 
 /// Default: ordering.
 pub const DEFAULT_ORDERING: OrderingConfig = OrderingConfig::Key;
+/// Default: at-least-once (commit watermarks; a crash may repeat the outputs of up
+/// to ~100 ms of work). `exactly_once = true` costs a transaction commit per
+/// `commit_interval_ms` (BENCHMARKS.md, "Exactly-once").
+pub const DEFAULT_EXACTLY_ONCE: bool = false;
 /// Default: per-partition in-flight cap.
 pub const DEFAULT_MAX_IN_FLIGHT_PER_PARTITION: usize = 10_000;
 /// Default: per-stage in-flight cap.

@@ -45,6 +45,9 @@ pub struct LaunchOptions {
     /// A bus's own adjustment of each spec, applied before `threads` (the Kafka
     /// bus's retry-consumer fetch wait; other buses ignore such properties).
     pub tune: Option<fn(&mut StageSpec)>,
+    /// This member's name in its groups, for an exactly-once stage's transactional
+    /// id [default: host and process id, `actio_runtime::default_instance`].
+    pub instance: Option<String>,
 }
 
 /// A stage that cannot start.
@@ -91,6 +94,9 @@ impl StagePlan {
         }
         if let Some(t) = options.threads {
             spec.threads = t.max(1);
+        }
+        if let Some(i) = &options.instance {
+            spec.instance = i.clone();
         }
         StagePlan { handler, spec }
     }
@@ -159,7 +165,7 @@ mod tests {
     #[test]
     fn a_plan_applies_the_options_to_every_spec() {
         let p = fraud();
-        let opts = LaunchOptions { properties: vec![("a".into(), "b".into())], threads: Some(0), tune: Some(|s| s.max_in_flight = 7) };
+        let opts = LaunchOptions { properties: vec![("a".into(), "b".into())], threads: Some(0), tune: Some(|s| s.max_in_flight = 7), instance: None };
         let plans = plan(&p, Selection::All, &opts).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(plans.len(), p.stages.len());
         for (plan, stage) in plans.iter().zip(&p.stages) {

@@ -48,6 +48,8 @@ pub struct Limits {
     pub retry: actio_runtime::RetryPolicy,
     /// Latency budget (ms), if any.
     pub budget_ms: Option<f64>,
+    /// Outputs and input offsets committed in transactions.
+    pub exactly_once: bool,
 }
 
 /// A stage of the pipeline.
@@ -341,6 +343,17 @@ impl Resolver<'_> {
                 let writers = written.entry(t).or_default();
                 if !writers.iter().any(|(w, _, _)| *w == name) {
                     writers.push((name.clone(), s.fields.get("route").map(|r| r.span()), format!("{at}.route")));
+                }
+            }
+            if let Some(l) = logic.as_ref().filter(|l| limits.exactly_once && !l.waits_for().is_empty()) {
+                let span = s.limits.exactly_once.as_ref().or(raw.defaults.exactly_once.as_ref());
+                let message = format!(
+                    "stage {name:?} waits for {} and holds their results uncommitted, which a transaction cannot commit: set exactly_once = false in its [stage.limits]",
+                    l.waits_for().join(", ")
+                );
+                match span {
+                    Some(v) => self.err(v, format!("{at}.limits.exactly_once"), message),
+                    None => self.err(&s.name, format!("{at}.limits.exactly_once"), message),
                 }
             }
             if let Some(r) = logic.as_ref().and_then(|l| l.rules()) {
@@ -660,6 +673,7 @@ impl Resolver<'_> {
                 topic: None,
             },
             budget_ms: budget.map(|b| *b.get_ref()),
+            exactly_once: pick(&s.exactly_once, &d.exactly_once).map_or(DEFAULT_EXACTLY_ONCE, |v| *v.get_ref()),
         }
     }
 }

@@ -276,6 +276,9 @@ impl StageHandler {
             threads,
             from_earliest: true,
             properties: properties.to_vec(),
+            // A fused service commits in transactions if any of its stages asks to.
+            exactly_once: self.stages().any(|s| s.limits.exactly_once),
+            instance: actio_runtime::default_instance(),
         }
     }
 }

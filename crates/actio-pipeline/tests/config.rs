@@ -309,3 +309,18 @@ fn a_declared_service_fuses_consecutive_stages_and_bad_ones_are_named() {
         assert!(e.contains("pipeline.toml:") && e.contains(field) && e.contains(says), "{body}: {e}");
     }
 }
+
+#[test]
+fn exactly_once_resolves_per_stage_and_is_refused_for_a_join() {
+    let dir = copy_of_fraud_with("pipeline.toml", |t| t.replacen("[defaults]\n", "[defaults]\nexactly_once = true\n", 1));
+    let p = Pipeline::load(dir.path()).unwrap();
+    assert!(p.stages.iter().all(|s| s.limits.exactly_once));
+    assert!(Pipeline::load(&fraud()).unwrap().stages.iter().all(|s| !s.limits.exactly_once), "off by default");
+    // A join holds its branches' results uncommitted: no transaction can commit that.
+    let transfers = actio_testkit::copy_of("transfers");
+    let path = transfers.path().join("pipeline.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, text.replacen("[defaults]\n", "[defaults]\nexactly_once = true\n", 1)).unwrap();
+    let err = Pipeline::load(transfers.path()).unwrap_err().to_string();
+    assert!(err.contains("pipeline.toml:") && err.contains(".limits.exactly_once") && err.contains("waits for"), "{err}");
+}

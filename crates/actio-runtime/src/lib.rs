@@ -60,6 +60,6 @@ pub use lanes::{KeyLanes, Ordering};
 pub use metrics::{HandlerCounter, LATENCY_BUCKETS, PROMETHEUS_CONTENT_TYPE, StageMetrics};
 pub use stage::{
     Context, Deferred, FailureKind, Handler, HandlerError, HandlerHistogram, Hold, Output, RetryPolicy, RetryTopic, Stage, StageError, StageHandle, StageSpec,
-    StepTime, StopMode,
+    StepTime, StopMode, default_instance,
 };
 pub use watermark::Watermark;

@@ -88,6 +88,8 @@ pub struct StageMetrics {
     pub pauses: u64,
     /// Offsets commits sent to the bus.
     pub commits: u64,
+    /// Exactly-once stages: how long each transaction commit took (µs).
+    pub commit_latency: Histogram<u64>,
     /// Input partitions currently assigned.
     pub partitions: u64,
     /// Retry-topic partitions currently assigned.
@@ -118,6 +120,7 @@ impl StageMetrics {
             in_flight_peak: 0,
             pauses: 0,
             commits: 0,
+            commit_latency: latency_histogram(),
             partitions: 0,
             retry_partitions: 0,
             rebalances: 0,
@@ -179,6 +182,14 @@ impl Collector for Scrape {
             let (b, sum) = buckets(h);
             f.encode_family(&labels)?.encode_histogram::<NoLabelSet>(sum, h.len(), &b, None)?;
         }
+        let mut f = enc.encode_descriptor(
+            "actio_stage_transaction_commit_seconds",
+            "Exactly-once stages: time to commit each transaction (its outputs and input offsets), during which finished outputs wait.",
+            None,
+            MetricType::Histogram,
+        )?;
+        let (b, sum) = buckets(&m.commit_latency);
+        f.encode_family(&stage())?.encode_histogram::<NoLabelSet>(sum, m.commit_latency.len(), &b, None)?;
         let counters = [
             ("actio_stage_processed", "Messages fully processed (outputs acknowledged).", m.processed),
             ("actio_stage_dead_lettered", "Messages routed to the dead-letter topic.", m.dead_lettered),

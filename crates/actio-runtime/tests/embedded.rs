@@ -43,6 +43,8 @@ fn spec(group: &str) -> StageSpec {
         threads: 4,
         from_earliest: true,
         properties: vec![],
+        exactly_once: false,
+        instance: actio_runtime::default_instance(),
     }
 }
 

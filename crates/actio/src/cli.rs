@@ -206,6 +206,13 @@ pub struct StageArgs {
     /// POST /admin/reload still reload them).
     #[arg(long, env = "ACTIO_NO_WATCH")]
     pub no_watch: bool,
+    /// This replica's name, unique among the live replicas of the stage; an
+    /// exactly-once stage's transactional id is <group>.<instance-id>, and a replica
+    /// restarted under the same name aborts its predecessor's open transaction at
+    /// once (k8s/: the pod's name) [default: host-pid; a replica that died then holds
+    /// back its outputs' readers until its transaction times out, 10 s].
+    #[arg(long, env = "ACTIO_INSTANCE_ID")]
+    pub instance_id: Option<String>,
 }
 
 #[derive(Debug, Args)]

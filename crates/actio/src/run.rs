@@ -119,7 +119,7 @@ pub fn drive<B: Bus>(
 
     // Stages first, so they are consuming when load starts.
     let stages = if let Some(selection) = in_process {
-        let options = LaunchOptions { properties: properties.to_vec(), threads, tune: Some(crate::kafka::tune_retry_consumer) };
+        let options = LaunchOptions { properties: properties.to_vec(), threads, tune: Some(crate::kafka::tune_retry_consumer), instance: None };
         launch::start(bus, pipeline, selection, &options)?
     } else {
         Vec::new()
@@ -137,7 +137,7 @@ pub fn drive<B: Bus>(
     if !collector.wait_ready(COLLECTOR_START_TIMEOUT) {
         eprintln!("actio: the collector has not caught up with {} within {COLLECTOR_START_TIMEOUT:?}; starting anyway (early decisions may show a longer e2e)", egresses.join(", "));
     }
-    let producer = bus.producer(&ProducerConfig { client_id: "actio-loadgen".into(), properties: properties.to_vec() }).context("creating the load generator's producer")?;
+    let producer = bus.producer(&ProducerConfig { client_id: "actio-loadgen".into(), properties: properties.to_vec(), transactional_id: None }).context("creating the load generator's producer")?;
     let mut generator = Generator::new(pipeline.schema.clone(), &scenario(load, pipeline)?, &run_id)?;
     let stop_sending = Arc::new(AtomicBool::new(false));
     let sender_thread = {

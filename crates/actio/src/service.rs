@@ -179,6 +179,7 @@ pub fn main(args: StageArgs) -> anyhow::Result<ExitCode> {
         properties: crate::kafka::properties(&pipeline, &args.kafka),
         threads: args.threads,
         tune: Some(crate::kafka::tune_retry_consumer),
+        instance: args.instance_id.clone(),
     };
     let plan = StagePlan::new(&pipeline, &service, &options);
     let stages = service.stages(&pipeline);
@@ -196,8 +197,9 @@ pub fn main(args: StageArgs) -> anyhow::Result<ExitCode> {
         Some(t) => format!(", then {} × {:?} via {}", t.attempts, t.delay, t.topic),
         None => String::new(),
     };
+    let eos = if spec.exactly_once { format!("; exactly-once, transactional id {}.{}, a transaction per {:?}", spec.group, spec.instance, spec.commit_interval) } else { String::new() };
     let summary = format!(
-        "{what} of {}: {} → {} in group {group}, {} threads, in flight ≤ {}/partition and {cap}/stage; retries {} in place{retry}; brokers {}; http {}; grace {:?}",
+        "{what} of {}: {} → {} in group {group}, {} threads, in flight ≤ {}/partition and {cap}/stage; retries {} in place{retry}{eos}; brokers {}; http {}; grace {:?}",
         pipeline.name,
         first.input,
         last.output,

@@ -29,7 +29,7 @@ use actio_core::bus::{
 /// Produces `records` in order (one key: one partition, so offsets follow the
 /// order) and waits for every ack.
 fn produce(bus: &KafkaBus, records: Vec<OutRecord>) -> Vec<Delivered> {
-    let producer = bus.producer(&ProducerConfig { client_id: "reliability-test".into(), properties: Vec::new() }).unwrap();
+    let producer = bus.producer(&ProducerConfig { client_id: "reliability-test".into(), properties: Vec::new(), transactional_id: None }).unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     let count = records.len();
     for (i, r) in records.into_iter().enumerate() {

@@ -100,8 +100,11 @@ impl<B: Bus> Driver<B> {
                 Ok(s.snapshot())
             }
             Err(e) => {
-                // Commit what is safely done; nothing past a failed message.
-                let _ = self.commit();
+                // Commit what is safely done; nothing past a failed message. Not a
+                // transaction: what the open one holds is aborted with the stage.
+                if !s.eos {
+                    let _ = self.commit();
+                }
                 Err(e)
             }
         }
@@ -127,6 +130,9 @@ impl<B: Bus> Driver<B> {
             let Some(part) = st.parts.get_mut(&tp) else { return Ok(()) };
             if part.revoking || !part.wm.consumed(rec.offset) {
                 return Ok(());
+            }
+            if let Some(seq) = part.seq.as_mut() {
+                seq.consumed(rec.offset);
             }
             let lane = part.lanes.lane_of(rec.key.as_deref());
             let from_retry = part.retry;
@@ -186,6 +192,9 @@ impl<B: Bus> Driver<B> {
     /// releasing the holds each output carries once it is delivered.
     fn tick(&self) {
         let s = &self.shared;
+        if s.eos {
+            return; // outputs of no message have no offset to commit with (refused at load)
+        }
         for o in s.handler.tick() {
             if o.hold.is_some() {
                 continue; // no message to hold
@@ -207,6 +216,12 @@ impl<B: Bus> Driver<B> {
 
     fn commit(&mut self) -> Result<(), StageError> {
         let s = &self.shared;
+        if s.eos {
+            // Outputs and offsets in one transaction, with each consumer's membership
+            // as it is now.
+            let tokens = [self.consumer.group_token(), self.retry.as_ref().and_then(|r| r.group_token())];
+            return s.commit_transaction(tokens);
+        }
         let offsets: Vec<((TopicPartition, Offset), bool)> = {
             let mut st = s.state.lock();
             for p in st.parts.values_mut().filter(|p| !p.holds.is_empty()) {

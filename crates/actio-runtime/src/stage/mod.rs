@@ -29,13 +29,14 @@ mod rebalance;
 mod retry_topic;
 mod settle;
 mod state;
+mod txn;
 mod worker;
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use actio_core::{Bus, BusError, ConsumerConfig, Offset, ProducerConfig, TopicPartition};
+use actio_core::{Bus, BusError, ConsumerConfig, Offset, Producer as _, ProducerConfig, TopicPartition};
 use ahash::AHashMap;
 use parking_lot::Mutex;
 
@@ -102,6 +103,22 @@ pub struct StageSpec {
     pub from_earliest: bool,
     /// Transport properties for the consumer and producer (Kafka: librdkafka's).
     pub properties: Vec<(String, String)>,
+    /// Commit outputs and input offsets in one transaction every `commit_interval`
+    /// (see the `txn` module): a crash repeats nothing that `read_committed`
+    /// readers see. Needs a bus with transactions (Kafka); on another the stage
+    /// says so and runs at-least-once. Handlers that hold messages (a join) cannot
+    /// run this way.
+    pub exactly_once: bool,
+    /// This member's name among its group's, unique among the live ones: its
+    /// transactional id is `<group>.<instance>`, and a restarted member that reuses
+    /// it fences its predecessor's open transaction at once.
+    pub instance: String,
+}
+
+/// A member name unique on this machine: host and process id.
+pub fn default_instance() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "host".into());
+    format!("{host}-{}", std::process::id())
 }
 
 impl StageSpec {
@@ -220,12 +237,20 @@ impl Stage {
         let bus_err = |source| StageError::Bus { stage: name.clone(), source };
         let pool = WorkerPool::new(&name, spec.threads)
             .map_err(|e| StageError::Pool { stage: name.clone(), message: e.to_string() })?;
+        let transactional_id = spec.exactly_once.then(|| format!("{}.{}", spec.group, spec.instance));
         let producer = bus
-            .producer(&ProducerConfig { client_id: format!("{}-producer", spec.group), properties: spec.properties.clone() })
+            .producer(&ProducerConfig { client_id: format!("{}-producer", spec.group), properties: spec.properties.clone(), transactional_id: transactional_id.clone() })
             .map_err(bus_err)?;
+        let eos = spec.exactly_once && producer.is_transactional();
+        if spec.exactly_once && !eos {
+            tracing::warn!(stage = %name, "exactly_once: this bus has no transactions; running at-least-once");
+        } else if let Some(id) = &transactional_id {
+            tracing::info!(stage = %name, transactional_id = %id, commit_interval = ?spec.commit_interval, "exactly-once: outputs and offsets commit in transactions");
+        }
         let (done_tx, done_rx) = crossbeam_channel::unbounded();
         let shared = Arc::new(Shared {
-            state: Mutex::new(State { parts: AHashMap::new(), epoch: 0, metrics: StageMetrics::new(&spec.name), fatal: None }),
+            state: Mutex::new(State { parts: AHashMap::new(), epoch: 0, metrics: StageMetrics::new(&spec.name), fatal: None, txn_open: true, tokens: [None, None] }),
+            eos,
             spec,
             handler,
             producer,
@@ -244,7 +269,8 @@ impl Stage {
                 from_earliest: shared.spec.from_earliest,
                 properties: shared.spec.properties.iter().chain(extra).cloned().collect(),
             };
-            bus.consumer(&config, Arc::new(Listener(shared.clone()))).map_err(bus_err)
+            let retry = group != shared.spec.group;
+            bus.consumer(&config, Arc::new(Listener { shared: shared.clone(), retry })).map_err(bus_err)
         };
         let consumer = join(&shared.spec.group, shared.spec.input.clone(), &[])?;
         let retry = match &shared.spec.retry.topic {

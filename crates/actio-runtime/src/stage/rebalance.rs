@@ -6,17 +6,24 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use actio_core::{Offset, Producer, RebalanceListener, TopicPartition};
+use actio_core::{GroupToken, Offset, Producer, RebalanceListener, TopicPartition};
 
+use super::StageError;
 use super::state::{Part, Shared};
+use super::txn::Sequencer;
 use crate::lanes::KeyLanes;
 use crate::watermark::Watermark;
 
-/// Rebalance callbacks, run inside the driver's `poll`.
-pub(super) struct Listener<P: Producer>(pub(super) Arc<Shared<P>>);
+/// Rebalance callbacks, run inside the driver's `poll`: of the input consumer, or
+/// (`retry`) of the retry topic's.
+pub(super) struct Listener<P: Producer> {
+    pub(super) shared: Arc<Shared<P>>,
+    pub(super) retry: bool,
+}
+
 impl<P: Producer> RebalanceListener for Listener<P> {
     fn assigned(&self, partitions: &[TopicPartition]) {
-        let s = &self.0;
+        let s = &self.shared;
         // The handler first: it may rebuild state for these partitions (the velocity
         // stage replays their input), and the stage counts them as held, and so can
         // turn ready, only once it has.
@@ -37,6 +44,7 @@ impl<P: Producer> RebalanceListener for Listener<P> {
                         revoking: false,
                         last_committed: None,
                         holds: Vec::new(),
+                        seq: s.eos.then(Sequencer::default),
                     };
                     st.parts.insert(tp.clone(), part);
                 }
@@ -46,8 +54,8 @@ impl<P: Producer> RebalanceListener for Listener<P> {
         tracing::info!(stage = %s.spec.name, partitions = ?partitions.iter().map(|t| t.to_string()).collect::<Vec<_>>(), "assigned");
     }
 
-    fn revoking(&self, partitions: &[TopicPartition]) -> Vec<(TopicPartition, Offset)> {
-        let s = &self.0;
+    fn revoking(&self, partitions: &[TopicPartition], group: Option<GroupToken>) -> Vec<(TopicPartition, Offset)> {
+        let s = &self.shared;
         s.dispatch_ready(false);
         let mut holds = Vec::new();
         {
@@ -77,7 +85,14 @@ impl<P: Producer> RebalanceListener for Listener<P> {
                 while let Ok(done) = s.done_rx.try_recv() {
                     st.apply(done, &s.spec.name);
                 }
-                let busy = partitions.iter().any(|tp| st.parts.get(tp).is_some_and(|p| p.wm.in_flight() > p.dropped));
+                // Exactly-once: running messages must finish (their outputs go into the
+                // transaction committed below); delivery is the commit's to wait for.
+                let busy = partitions.iter().any(|tp| {
+                    st.parts.get(tp).is_some_and(|p| match &p.seq {
+                        Some(seq) => seq.unfinished() > p.dropped,
+                        None => p.wm.in_flight() > p.dropped,
+                    })
+                });
                 if !busy || st.fatal.is_some() {
                     break;
                 }
@@ -90,6 +105,25 @@ impl<P: Producer> RebalanceListener for Listener<P> {
             if let Ok(done) = s.done_rx.recv_timeout(left.min(Duration::from_millis(5))) {
                 s.state.lock().apply(done, &s.spec.name);
             }
+        }
+        if s.eos {
+            // The partitions' frontiers (and everyone else's) in one transaction; the
+            // bus commits nothing itself.
+            let mut tokens = [None, None];
+            tokens[usize::from(self.retry)] = group;
+            if let Err(e) = s.commit_transaction(tokens) {
+                tracing::error!(stage = %s.spec.name, error = %e, "exactly-once: commit on revocation failed: stopping");
+                s.state.lock().fatal.get_or_insert(e);
+            }
+            let mut st = s.state.lock();
+            for tp in partitions {
+                st.parts.remove(tp);
+            }
+            st.metrics.rebalances += 1;
+            drop(st);
+            tracing::info!(stage = %s.spec.name, partitions = ?partitions.iter().map(|t| t.to_string()).collect::<Vec<_>>(), "revoked (committed in a transaction)");
+            s.handler.partitions_revoked(partitions);
+            return Vec::new();
         }
         let mut commits = Vec::new();
         {
@@ -110,13 +144,25 @@ impl<P: Producer> RebalanceListener for Listener<P> {
     }
 
     fn lost(&self, partitions: &[TopicPartition]) {
-        let s = &self.0;
+        let s = &self.shared;
         {
             let mut st = s.state.lock();
             for tp in partitions {
                 st.parts.remove(tp);
             }
             st.metrics.rebalances += 1;
+            if s.eos && st.fatal.is_none() {
+                // The open transaction holds outputs of these partitions, whose offsets
+                // can no longer be committed: stop, so it is never committed. The next
+                // member's (or this one's, restarted) transactions resume from the last.
+                st.fatal = Some(StageError::Bus {
+                    stage: s.spec.name.clone(),
+                    source: actio_core::BusError::new(
+                        actio_core::BusErrorKind::Fatal,
+                        format!("exactly-once: partitions {} lost without a revocation; stopping so the open transaction is never committed", partitions.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(", ")),
+                    ),
+                });
+            }
         }
         tracing::warn!(stage = %s.spec.name, partitions = ?partitions.iter().map(|t| t.to_string()).collect::<Vec<_>>(), "partitions lost");
         s.handler.partitions_revoked(partitions);

@@ -6,11 +6,12 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use actio_core::{Offset, Producer, Record, TopicPartition};
+use actio_core::{GroupToken, Offset, Producer, Record, TopicPartition};
 use ahash::AHashMap;
 use crossbeam_channel::{Receiver, Sender};
 use parking_lot::Mutex;
 
+use super::txn::{Sends, Sequencer};
 use super::{Handler, Hold, StageError, StageSpec};
 use crate::lanes::KeyLanes;
 use crate::metrics::{StageMetrics, record_ns};
@@ -62,6 +63,8 @@ pub(super) struct Part {
     /// Holds of this partition's messages (see `hold`), abandoned on revocation;
     /// finished ones are pruned at commit time.
     pub(super) holds: Vec<Hold>,
+    /// Exactly-once stages only: the outputs released in offset order (see `txn`).
+    pub(super) seq: Option<Sequencer>,
 }
 
 pub(super) struct State {
@@ -69,6 +72,12 @@ pub(super) struct State {
     pub(super) epoch: u64,
     pub(super) metrics: StageMetrics,
     pub(super) fatal: Option<StageError>,
+    /// Exactly-once: whether released outputs may be sent (closed while a
+    /// transaction commits).
+    pub(super) txn_open: bool,
+    /// Exactly-once: the group membership of the input consumer and of the retry
+    /// consumer, as last seen (their offsets go into each transaction).
+    pub(super) tokens: [Option<GroupToken>; 2],
 }
 
 impl State {
@@ -111,6 +120,9 @@ impl State {
 
 pub(super) struct Shared<P: Producer> {
     pub(super) spec: StageSpec,
+    /// Outputs and offsets committed in transactions (`txn`): the stage asked for
+    /// exactly-once and its producer is transactional.
+    pub(super) eos: bool,
     pub(super) handler: Arc<dyn Handler>,
     pub(super) producer: P,
     pub(super) pool: WorkerPool,
@@ -134,6 +146,100 @@ impl<P: Producer> Shared<P> {
         m.handler = self.handler.counters();
         m.steps = self.handler.histograms();
         m
+    }
+
+    /// Exactly-once: a message of `tp` finished with `sends`; sends what its partition
+    /// now releases (in offset order) if no commit is under way. Sent under the state
+    /// lock, so a commit's frontier never covers an output not yet handed over. Of a
+    /// partition revoked meanwhile the outputs are dropped unsent: its next owner
+    /// runs the message again.
+    pub(super) fn sequence(&self, tp: &TopicPartition, epoch: u64, offset: Offset, sends: Sends) {
+        let mut st = self.state.lock();
+        let open = st.txn_open;
+        let Some(seq) = st.parts.get_mut(tp).filter(|p| p.epoch == epoch).and_then(|p| p.seq.as_mut()) else { return };
+        seq.finished(offset, sends);
+        if open {
+            let out = seq.release();
+            self.send_all(&mut st, out);
+        }
+    }
+
+    /// Exactly-once: sends what every partition releases (after a commit).
+    pub(super) fn release_all(&self, st: &mut State) {
+        let out: Sends = st.parts.values_mut().filter_map(|p| p.seq.as_mut()).flat_map(|s| s.release()).collect();
+        self.send_all(st, out);
+    }
+
+    /// Sends released outputs. One the producer refuses is past the frontier already,
+    /// so the stage stops before any further commit (the transaction is aborted).
+    fn send_all(&self, st: &mut State, out: Sends) {
+        for (rec, ack) in out {
+            let topic = rec.topic.clone();
+            if let Err(source) = self.producer.send(rec, ack)
+                && st.fatal.is_none()
+            {
+                tracing::error!(stage = %self.spec.name, %topic, error = %source, "send in a transaction refused: stopping");
+                st.fatal = Some(StageError::Bus { stage: self.spec.name.clone(), source });
+            }
+        }
+    }
+
+    /// Exactly-once: commits the open transaction with every partition's sent
+    /// frontier (`tokens` override the stored group memberships), then sends what
+    /// waited. While it runs, finishing messages are held, not sent.
+    pub(super) fn commit_transaction(&self, tokens: [Option<GroupToken>; 2]) -> Result<(), StageError> {
+        let (groups, tokens) = {
+            let mut st = self.state.lock();
+            for (slot, t) in st.tokens.iter_mut().zip(tokens) {
+                if t.is_some() {
+                    *slot = t;
+                }
+            }
+            let mut by_group: [Vec<(TopicPartition, Offset)>; 2] = [Vec::new(), Vec::new()];
+            for (tp, p) in &st.parts {
+                if let Some(o) = p.seq.as_ref().and_then(|s| s.to_commit()) {
+                    by_group[usize::from(p.retry)].push((tp.clone(), o));
+                }
+            }
+            if st.fatal.is_some() {
+                // Never commit past a failure: the stage is stopping.
+                return Ok(());
+            }
+            if by_group.iter().all(Vec::is_empty) {
+                return Ok(());
+            }
+            st.txn_open = false;
+            (by_group, st.tokens.clone())
+        };
+        let mut commit = Vec::new();
+        for (offsets, token) in groups.iter().zip(tokens) {
+            if offsets.is_empty() {
+                continue;
+            }
+            let Some(token) = token else {
+                return Err(StageError::Bus {
+                    stage: self.spec.name.clone(),
+                    source: actio_core::BusError::new(actio_core::BusErrorKind::Fatal, "exactly-once: the consumer has no group membership to commit in a transaction"),
+                });
+            };
+            commit.push((token, offsets.clone()));
+        }
+        let t0 = std::time::Instant::now();
+        self.producer.commit_transaction(&commit).map_err(|source| StageError::Bus { stage: self.spec.name.clone(), source })?;
+        let mut st = self.state.lock();
+        for (tp, o) in groups.iter().flatten() {
+            if let Some(p) = st.parts.get_mut(tp) {
+                p.last_committed = Some(*o);
+                if let Some(s) = p.seq.as_mut() {
+                    s.committed = Some(*o);
+                }
+            }
+        }
+        st.metrics.commits += 1;
+        record_ns(&mut st.metrics.commit_latency, t0.elapsed().as_nanos() as i64);
+        st.txn_open = true;
+        self.release_all(&mut st);
+        Ok(())
     }
 
     pub(super) fn apply_pending_done(&self) {
