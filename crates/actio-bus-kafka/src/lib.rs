@@ -115,6 +115,11 @@ impl Bus for KafkaBus {
         let fixed: Vec<(&str, &str)> = config.transactional_id.as_deref().map(|id| vec![("transactional.id", id)]).unwrap_or_default();
         if config.transactional_id.is_some() {
             defaults.push(("transaction.timeout.ms", "10000"));
+            // A transaction's first AddOffsetsToTxn often meets the previous one still
+            // completing (CONCURRENT_TRANSACTIONS) and is retried after
+            // retry.backoff.ms: 100 ms by default, 5 ms here. Measured on the test
+            // broker: send_offsets 65 ms → 3.4 ms per commit.
+            defaults.push(("retry.backoff.ms", "5"));
         }
         let c = config::layered(&self.config.brokers, &defaults, &[&self.config.properties, &config.properties], &fixed);
         KafkaProducer::create(&c, config.transactional_id.is_some())

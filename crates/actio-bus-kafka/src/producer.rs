@@ -187,6 +187,14 @@ impl Producer for KafkaProducer {
             }
             self.inner.send_offsets_to_transaction(&tpl, meta, TRANSACTION_TIMEOUT).map_err(|e| fatal("sending offsets to the transaction", &e))?;
         }
+        // rdkafka's commit_transaction flushes first, and its flush polls in steps of
+        // 100 ms while anything is in flight, though this producer's own thread
+        // serves the delivery reports: every commit cost ≥ 100 ms. Waiting here for
+        // the acknowledgements (a few ms) leaves it nothing to wait for: ~2 ms.
+        let deadline = Instant::now() + TRANSACTION_TIMEOUT;
+        while self.inner.in_flight_count() > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_micros(200));
+        }
         self.inner.commit_transaction(TRANSACTION_TIMEOUT).map_err(|e| fatal("committing the transaction", &e))?;
         self.inner.begin_transaction().map_err(|e| fatal("beginning a transaction", &e))
     }

@@ -71,6 +71,9 @@ pub fn main(args: ValidateArgs) -> anyhow::Result<ExitCode> {
             };
             println!("    retries: {} in place, then up to {} trips through {} ({wait}), then {}", s.limits.retry.attempts, t.attempts, t.topic, s.dlq);
         }
+        if s.limits.exactly_once {
+            println!("    exactly-once: outputs and input offsets commit in a Kafka transaction every {:?}", s.limits.commit_interval);
+        }
     }
     for f in &pipeline.fused {
         let names: Vec<&str> = f.stages(&pipeline).iter().map(|s| s.name.as_str()).collect();
@@ -121,6 +124,7 @@ fn resolved(pipeline: &Pipeline) -> Value {
                 "commit_interval_ms": millis(l.commit_interval),
                 "threads": l.threads,
                 "budget_ms": l.budget_ms,
+                "exactly_once": l.exactly_once,
                 "retry_topic": retry.map(|t| &*t.topic),
                 "retry_group": retry.map(|t| &t.group),
             })
