@@ -45,25 +45,34 @@ const POLL_TIMEOUT: Duration = Duration::from_millis(5);
 /// How long the collector waits after a retriable poll failure.
 const RETRY_PAUSE: Duration = Duration::from_millis(50);
 
+/// How long the collector, holding every partition it reads, may see nothing before
+/// it counts the rest of their history as read: the last offsets of a topic written in
+/// transactions are commit markers (and aborted records), which a `read_committed`
+/// consumer is never given, so the end offset is never reached by a record.
+const QUIET_AFTER_HISTORY: Duration = Duration::from_secs(1);
+
 /// The collector's start-up: which partitions of the egress and DLQ topics it must
 /// still be assigned or read up to their end offsets from before the run.
 struct CollectorStart {
     ready: AtomicBool,
     /// Per partition: its end offset before the run, and whether it is assigned.
     pending: Mutex<HashMap<TopicPartition, (Offset, bool)>>,
+    /// Since when every pending partition is assigned and nothing was read.
+    quiet_since: Mutex<Option<Instant>>,
 }
 
 impl CollectorStart {
     fn new(ends: Vec<(TopicPartition, Offset)>) -> Self {
         let pending = ends.into_iter().map(|(tp, end)| (tp, (end, false))).collect();
-        CollectorStart { ready: AtomicBool::new(false), pending: Mutex::new(pending) }
+        CollectorStart { ready: AtomicBool::new(false), pending: Mutex::new(pending), quiet_since: Mutex::new(None) }
     }
 
     fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Relaxed)
     }
 
-    /// Notes what the collector read; sets `ready` once nothing is pending.
+    /// Notes what the collector read; sets `ready` once nothing is pending, or once
+    /// it held every pending partition and read nothing for [`QUIET_AFTER_HISTORY`].
     fn read(&self, batch: &[Record]) {
         let mut p = self.pending.lock();
         for r in batch {
@@ -72,6 +81,12 @@ impl CollectorStart {
             {
                 p.remove(&r.tp);
             }
+        }
+        let mut quiet = self.quiet_since.lock();
+        if !batch.is_empty() || p.values().any(|(_, assigned)| !assigned) {
+            *quiet = None;
+        } else if quiet.get_or_insert_with(Instant::now).elapsed() >= QUIET_AFTER_HISTORY {
+            p.clear();
         }
         self.check(&mut p);
     }

@@ -48,6 +48,8 @@ pub struct LaunchOptions {
     /// This member's name in its groups, for an exactly-once stage's transactional
     /// id [default: host and process id, `actio_runtime::default_instance`].
     pub instance: Option<String>,
+    /// OpenTelemetry spans of every stage, if tracing is on.
+    pub tracer: Option<actio_runtime::trace::Tracer>,
 }
 
 /// A stage that cannot start.
@@ -98,6 +100,7 @@ impl StagePlan {
         if let Some(i) = &options.instance {
             spec.instance = i.clone();
         }
+        spec.tracer = options.tracer.clone();
         StagePlan { handler, spec }
     }
 
@@ -165,7 +168,7 @@ mod tests {
     #[test]
     fn a_plan_applies_the_options_to_every_spec() {
         let p = fraud();
-        let opts = LaunchOptions { properties: vec![("a".into(), "b".into())], threads: Some(0), tune: Some(|s| s.max_in_flight = 7), instance: None };
+        let opts = LaunchOptions { properties: vec![("a".into(), "b".into())], threads: Some(0), tune: Some(|s| s.max_in_flight = 7), instance: None, tracer: None };
         let plans = plan(&p, Selection::All, &opts).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(plans.len(), p.stages.len());
         for (plan, stage) in plans.iter().zip(&p.stages) {

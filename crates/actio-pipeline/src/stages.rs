@@ -279,6 +279,7 @@ impl StageHandler {
             // A fused service commits in transactions if any of its stages asks to.
             exactly_once: self.stages().any(|s| s.limits.exactly_once),
             instance: actio_runtime::default_instance(),
+            tracer: None,
         }
     }
 }

@@ -52,6 +52,7 @@
 
 pub mod lanes;
 pub mod metrics;
+pub mod trace;
 #[doc(hidden)] pub mod pool;
 mod stage;
 pub mod watermark;

@@ -45,6 +45,7 @@ fn spec(group: &str) -> StageSpec {
         properties: vec![],
         exactly_once: false,
         instance: actio_runtime::default_instance(),
+        tracer: None,
     }
 }
 

@@ -149,3 +149,101 @@ impl Drop for TestApi {
         let _ = self.child.wait();
     }
 }
+
+/// actio's test OpenTelemetry Collector (`scripts/otelcol`: the collector's OTLP
+/// receiver and file exporter, built from its Go modules), a real process on
+/// 127.0.0.1 (a free port), killed when dropped. What it receives it writes as OTLP
+/// JSON lines, which [`OtelCollector::spans`] reads.
+#[derive(Debug)]
+pub struct OtelCollector {
+    child: std::process::Child,
+    dir: tempfile::TempDir,
+    /// Its OTLP/HTTP base URL, `http://127.0.0.1:<port>`.
+    pub endpoint: String,
+}
+
+/// One span as the collector received it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReceivedSpan {
+    /// `service.name` of the resource that sent it.
+    pub service: String,
+    /// Hex trace id.
+    pub trace: String,
+    /// Hex span id.
+    pub span: String,
+    /// Hex parent span id ("" for a root).
+    pub parent: String,
+    /// Its name.
+    pub name: String,
+}
+
+impl OtelCollector {
+    /// Starts the binary at `bin` (`scripts/otelcol path`).
+    pub fn start(bin: &str) -> OtelCollector {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+            l.local_addr().expect("its address").port()
+        };
+        let config = format!(
+            "receivers:\n  otlp:\n    protocols:\n      http:\n        endpoint: 127.0.0.1:{port}\n\
+             exporters:\n  file:\n    path: {}\n    flush_interval: 100ms\n\
+             service:\n  telemetry:\n    metrics:\n      level: none\n  pipelines:\n    traces:\n      receivers: [otlp]\n      exporters: [file]\n",
+            dir.path().join("traces.jsonl").display()
+        );
+        let cfg = dir.path().join("config.yaml");
+        std::fs::write(&cfg, config).expect("the collector's config");
+        let log = std::fs::File::create(dir.path().join("collector.log")).expect("its log");
+        let child = std::process::Command::new(bin)
+            .arg(format!("--config=file:{}", cfg.display()))
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting the test collector {bin}: {e}"));
+        let c = OtelCollector { child, dir, endpoint: format!("http://127.0.0.1:{port}") };
+        let t0 = std::time::Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(t0.elapsed() < std::time::Duration::from_secs(30), "the collector did not listen on {port}:\n{}", c.log());
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        c
+    }
+
+    /// What it logged.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("collector.log")).unwrap_or_default()
+    }
+
+    /// Every span received so far.
+    pub fn spans(&self) -> Vec<ReceivedSpan> {
+        let text = std::fs::read_to_string(self.dir.path().join("traces.jsonl")).unwrap_or_default();
+        let mut out = Vec::new();
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("the collector wrote {line:?}: {e}"));
+            for rs in v["resourceSpans"].as_array().into_iter().flatten() {
+                let service = rs["resource"]["attributes"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .find(|a| a["key"] == "service.name")
+                    .and_then(|a| a["value"]["stringValue"].as_str())
+                    .unwrap_or_default()
+                    .to_string();
+                for ss in rs["scopeSpans"].as_array().into_iter().flatten() {
+                    for s in ss["spans"].as_array().into_iter().flatten() {
+                        let f = |k: &str| s[k].as_str().unwrap_or_default().to_string();
+                        out.push(ReceivedSpan { service: service.clone(), trace: f("traceId"), span: f("spanId"), parent: f("parentSpanId"), name: f("name") });
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+impl Drop for OtelCollector {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -102,6 +102,8 @@ pub enum Command {
     ///   /readyz   200 once partitions are assigned and the group has caught up
     ///   POST /admin/reload  reload the rule and model files now (JSON: what changed)
     ///   GET  /admin/reload  the versions in force, reloads and failures per file
+    /// Traces: --otlp-endpoint http://collector:4318 (OTEL_EXPORTER_OTLP_ENDPOINT) and
+    /// --trace-ratio 0.01 export a span per message per stage over OTLP.
     /// SIGTERM or SIGINT: stop fetching, drain in-flight work, commit, flush, exit 0
     /// (exit 1 if that takes longer than --grace).
     ///
@@ -213,6 +215,22 @@ pub struct StageArgs {
     /// back its outputs' readers until its transaction times out, 10 s].
     #[arg(long, env = "ACTIO_INSTANCE_ID")]
     pub instance_id: Option<String>,
+    /// Send OpenTelemetry traces to this OTLP/HTTP endpoint (a collector's base URL,
+    /// e.g. http://127.0.0.1:4318): a span per message per stage, consumed → outputs
+    /// acknowledged, child of its traceparent header. Off when unset.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
+    /// With --otlp-endpoint: the share of new traces sampled (a message with a
+    /// traceparent follows its sampled flag).
+    #[arg(long, env = "ACTIO_TRACE_RATIO", default_value_t = 0.01, value_parser = parse_ratio)]
+    pub trace_ratio: f64,
+}
+
+fn parse_ratio(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
+        _ => Err(format!("expected a ratio between 0 and 1 (0.01 = one trace in a hundred), got {s:?}")),
+    }
 }
 
 #[derive(Debug, Args)]

@@ -14,6 +14,7 @@ use mimalloc::MiMalloc;
 mod cli;
 mod graph;
 mod kafka;
+mod otel;
 mod run;
 mod schema;
 mod service;

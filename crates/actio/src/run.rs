@@ -119,7 +119,7 @@ pub fn drive<B: Bus>(
 
     // Stages first, so they are consuming when load starts.
     let stages = if let Some(selection) = in_process {
-        let options = LaunchOptions { properties: properties.to_vec(), threads, tune: Some(crate::kafka::tune_retry_consumer), instance: None };
+        let options = LaunchOptions { properties: properties.to_vec(), threads, tune: Some(crate::kafka::tune_retry_consumer), instance: None, tracer: None };
         launch::start(bus, pipeline, selection, &options)?
     } else {
         Vec::new()

@@ -175,11 +175,17 @@ pub fn main(args: StageArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(crate::EXIT_CONFIG));
         }
     };
+    // Traces, if asked for: one exporter for the service's stages.
+    let export = match &args.otlp_endpoint {
+        Some(endpoint) if !args.dry_run => Some(crate::otel::Export::start(endpoint, args.trace_ratio, format!("{}.{}", pipeline.name, service.name))?),
+        _ => None,
+    };
     let options = LaunchOptions {
         properties: crate::kafka::properties(&pipeline, &args.kafka),
         threads: args.threads,
         tune: Some(crate::kafka::tune_retry_consumer),
         instance: args.instance_id.clone(),
+        tracer: export.as_ref().map(|(t, _)| t.clone()),
     };
     let plan = StagePlan::new(&pipeline, &service, &options);
     let stages = service.stages(&pipeline);
@@ -197,9 +203,13 @@ pub fn main(args: StageArgs) -> anyhow::Result<ExitCode> {
         Some(t) => format!(", then {} × {:?} via {}", t.attempts, t.delay, t.topic),
         None => String::new(),
     };
+    let traces = match &args.otlp_endpoint {
+        Some(e) => format!("; traces to {e} (ratio {})", args.trace_ratio),
+        None => String::new(),
+    };
     let eos = if spec.exactly_once { format!("; exactly-once, transactional id {}.{}, a transaction per {:?}", spec.group, spec.instance, spec.commit_interval) } else { String::new() };
     let summary = format!(
-        "{what} of {}: {} → {} in group {group}, {} threads, in flight ≤ {}/partition and {cap}/stage; retries {} in place{retry}{eos}; brokers {}; http {}; grace {:?}",
+        "{what} of {}: {} → {} in group {group}, {} threads, in flight ≤ {}/partition and {cap}/stage; retries {} in place{retry}{eos}{traces}; brokers {}; http {}; grace {:?}",
         pipeline.name,
         first.input,
         last.output,
@@ -272,7 +282,11 @@ pub fn main(args: StageArgs) -> anyhow::Result<ExitCode> {
         );
         return Ok(ExitCode::from(1));
     }
-    match handle.join() {
+    let joined = handle.join();
+    if let Some((_, e)) = export {
+        e.shutdown();
+    }
+    match joined {
         Ok(m) => {
             tracing::info!(processed = m.processed, dead_lettered = m.dead_lettered, commits = m.commits, took = ?t0.elapsed(), "stopped");
             Ok(if failed_on_its_own {

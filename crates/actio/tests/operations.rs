@@ -121,3 +121,67 @@ fn rules_reload_by_endpoint_and_sighup_and_metrics_add_up_across_replicas() {
     let versions: Vec<&String> = r["by_version"].as_object().unwrap().keys().collect();
     assert_eq!(versions, ["rules rules@2026.12.1+velocity@2026.11.1 model fraud-lr-2026.11.1"], "{r}");
 }
+
+/// The test collector's binary (`ACTIO_OTELCOL`, exported by `scripts/test` from
+/// `scripts/otelcol path`); without it the test says so and passes, unless the full
+/// run asks for everything (`ACTIO_REQUIRE_KAFKA=1`).
+fn otelcol() -> Option<String> {
+    match std::env::var("ACTIO_OTELCOL") {
+        Ok(b) if !b.is_empty() => Some(b),
+        _ if std::env::var("ACTIO_REQUIRE_KAFKA").is_ok_and(|v| v == "1") => panic!("ACTIO_OTELCOL is not set: scripts/test builds the test collector (scripts/otelcol path)"),
+        _ => {
+            eprintln!("skipped: no test OpenTelemetry Collector (ACTIO_OTELCOL; scripts/otelcol path builds one)");
+            None
+        }
+    }
+}
+
+#[test]
+fn a_three_stage_run_sends_one_trace_per_sampled_transaction_to_a_real_collector() {
+    let Some(b) = brokers("traces") else { return };
+    let Some(bin) = otelcol() else { return };
+    let _serial = serial();
+    let collector = actio_testkit::OtelCollector::start(&bin);
+    let p = TestPipeline::new(&b);
+    p.create_topics();
+    let flags = ["--otlp-endpoint", collector.endpoint.as_str(), "--trace-ratio", "0.1"];
+    let mut stages: Vec<StageProcess> = ["rules", "velocity", "score"].into_iter().map(|s| p.stage_with(s, &flags)).collect();
+    for s in &mut stages {
+        s.wait_ready(Duration::from_secs(60));
+    }
+    let out = p.path().join("report");
+    let r = finished_report(p.loadgen(200, "3s", &out).spawn().unwrap(), &out, || stages[0].log());
+    let sent = n(&r, "sent");
+    assert_eq!(n(&r, "lost"), 0, "{r}");
+    // A graceful stop flushes each exporter's queue.
+    for s in &stages {
+        s.signal("-TERM");
+    }
+    for s in &mut stages {
+        assert!(s.wait_exit(Duration::from_secs(30)).success(), "{}", s.log());
+    }
+    let t0 = Instant::now();
+    let mut spans = collector.spans();
+    while t0.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(300));
+        let again = collector.spans();
+        if again.len() == spans.len() && !spans.is_empty() {
+            break;
+        }
+        spans = again;
+    }
+    let mut traces: std::collections::BTreeMap<&str, Vec<&actio_testkit::ReceivedSpan>> = Default::default();
+    for s in &spans {
+        traces.entry(s.trace.as_str()).or_default().push(s);
+    }
+    // About a tenth of the transactions: their traces start at the first stage.
+    assert!((sent / 40..=sent / 5).contains(&(traces.len() as u64)), "{} traces of {sent} transactions at ratio 0.1:\n{}", traces.len(), collector.log());
+    for (trace, hops) in &traces {
+        let by = |stage: &str| hops.iter().find(|s| s.name == format!("{stage} process")).copied();
+        let (Some(rules), Some(velocity), Some(score)) = (by("rules"), by("velocity"), by("score")) else { panic!("trace {trace}: {hops:?}") };
+        assert_eq!(hops.len(), 3, "trace {trace}: one span per stage: {hops:?}");
+        assert_eq!(rules.parent, "", "the first stage starts the trace");
+        assert_eq!((velocity.parent.as_str(), score.parent.as_str()), (rules.span.as_str(), velocity.span.as_str()), "each hop a child of the one before");
+        assert_eq!(score.service, format!("{}.score", p.name));
+    }
+}

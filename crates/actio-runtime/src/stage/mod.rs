@@ -113,6 +113,9 @@ pub struct StageSpec {
     /// transactional id is `<group>.<instance>`, and a restarted member that reuses
     /// it fences its predecessor's open transaction at once.
     pub instance: String,
+    /// OpenTelemetry: a span per message, child of its `traceparent` (see
+    /// [`crate::trace`]); `None` (the default) traces nothing and costs nothing.
+    pub tracer: Option<crate::trace::Tracer>,
 }
 
 /// A member name unique on this machine: host and process id.

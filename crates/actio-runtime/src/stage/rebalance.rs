@@ -83,7 +83,7 @@ impl<P: Producer> RebalanceListener for Listener<P> {
             {
                 let mut st = s.state.lock();
                 while let Ok(done) = s.done_rx.try_recv() {
-                    st.apply(done, &s.spec.name);
+                    st.apply(done, &s.spec.name, s.spec.tracer.as_ref());
                 }
                 // Exactly-once: running messages must finish (their outputs go into the
                 // transaction committed below); delivery is the commit's to wait for.
@@ -103,7 +103,7 @@ impl<P: Producer> RebalanceListener for Listener<P> {
                 break;
             }
             if let Ok(done) = s.done_rx.recv_timeout(left.min(Duration::from_millis(5))) {
-                s.state.lock().apply(done, &s.spec.name);
+                s.state.lock().apply(done, &s.spec.name, s.spec.tracer.as_ref());
             }
         }
         if s.eos {

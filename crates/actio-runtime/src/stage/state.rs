@@ -7,6 +7,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use actio_core::{GroupToken, Offset, Producer, Record, TopicPartition};
+use opentelemetry::KeyValue;
 use ahash::AHashMap;
 use crossbeam_channel::{Receiver, Sender};
 use parking_lot::Mutex;
@@ -43,6 +44,8 @@ pub(super) struct Done {
     pub(super) error: Option<String>,
     /// Held, and its partition revoked: not done here, never will be.
     pub(super) abandoned: bool,
+    /// Its sampled span, recorded when it is done.
+    pub(super) span: Option<crate::trace::SpanIds>,
 }
 
 pub(super) struct Part {
@@ -90,7 +93,7 @@ impl State {
         self.parts.values().map(|p| p.held.len()).sum()
     }
 
-    pub(super) fn apply(&mut self, done: Done, stage: &str) {
+    pub(super) fn apply(&mut self, done: Done, stage: &str, tracer: Option<&crate::trace::Tracer>) {
         let Some(part) = self.parts.get_mut(&done.tp).filter(|p| p.epoch == done.epoch) else {
             return; // the partition was revoked or lost meanwhile
         };
@@ -106,6 +109,17 @@ impl State {
             return;
         }
         if part.wm.done(done.offset) {
+            if let (Some(t), Some(ids)) = (tracer, done.span) {
+                let attributes = vec![
+                    KeyValue::new("messaging.system", "kafka"),
+                    KeyValue::new("messaging.source.name", done.tp.topic.to_string()),
+                    KeyValue::new("messaging.kafka.source.partition", i64::from(done.tp.partition)),
+                    KeyValue::new("messaging.kafka.message.offset", done.offset),
+                    KeyValue::new("actio.stage", stage.to_string()),
+                ];
+                let error = done.dead_lettered.then(|| "dead-lettered".to_string());
+                t.end(stage, ids, done.consumed_ns, done.acked_ns, attributes, error);
+            }
             let m = &mut self.metrics;
             record_ns(&mut m.queue, done.queue_ns);
             record_ns(&mut m.service, done.service_ns);
@@ -245,7 +259,7 @@ impl<P: Producer> Shared<P> {
     pub(super) fn apply_pending_done(&self) {
         let mut st = self.state.lock();
         while let Ok(done) = self.done_rx.try_recv() {
-            st.apply(done, &self.spec.name);
+            st.apply(done, &self.spec.name, self.spec.tracer.as_ref());
         }
     }
 }

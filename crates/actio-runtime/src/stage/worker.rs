@@ -163,6 +163,8 @@ impl<P: Producer> Shared<P> {
         let Attempted { rec, consumed_ns, queue_ns, from_retry, marks, ctx, retried, started } = run;
         let service_ns = started.elapsed().as_nanos() as i64;
         let mut holds = Vec::new();
+        // Its span at this stage, which its outputs name as their parent.
+        let span = self.spec.tracer.as_ref().map(|t| t.ids(rec.headers.get(crate::trace::TRACEPARENT)));
         let (records, dead_lettered, sent_to_retry) = match result {
             Ok(outputs) => {
                 let retried_as = from_retry.then_some(marks.trips);
@@ -172,7 +174,11 @@ impl<P: Producer> Shared<P> {
                         Some(h) => holds.push(h),
                         None => {
                             let releases = std::mem::take(&mut o.releases);
-                            records.push((self.output(&rec, consumed_ns, o, retried_as), releases));
+                            let mut out = self.output(&rec, consumed_ns, o, retried_as);
+                            if let Some(ids) = &span {
+                                out.headers.set(crate::trace::TRACEPARENT, crate::trace::traceparent(ids));
+                            }
+                            records.push((out, releases));
                         }
                     }
                 }
@@ -196,6 +202,7 @@ impl<P: Producer> Shared<P> {
             retried,
             error: None,
             abandoned: false,
+            span: span.filter(|s| s.sampled),
         };
         if self.eos && !holds.is_empty() {
             // A held message's release comes with another's output: in a transaction
