@@ -18,12 +18,14 @@ use actio_testkit::repo;
 use serde_json::Value;
 
 /// The env vars `actio stage` and `actio loadgen` read, besides ACTIO_KAFKA_PROPERTY_*.
-const ENV_READ: [&str; 6] = [
+const ENV_READ: [&str; 8] = [
     "ACTIO_KAFKA_BROKERS",
     "ACTIO_HTTP",
     "ACTIO_GRACE",
     "ACTIO_LOG_FORMAT",
     "ACTIO_INSTANCE_ID",
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "ACTIO_TRACE_RATIO",
     "RUST_LOG",
 ];
 const PROPERTY_PREFIX: &str = "ACTIO_KAFKA_PROPERTY_";
