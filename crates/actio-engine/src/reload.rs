@@ -129,13 +129,17 @@ impl<T: Versioned> Reloadable<T> {
         self.current.load_full()
     }
 
-    fn try_reload(&self) -> Result<ReloadOutcome, EngineError> {
+    /// Under the `source` lock (held by the caller), so reloads from several
+    /// triggers run one at a time and their outcomes are recorded in order.
+    fn try_reload(&self, source: &mut String) -> Result<ReloadOutcome, EngineError> {
         let text = crate::read(&self.path)?;
-        let mut source = self.source.lock();
         if *source == text {
             return Ok(ReloadOutcome::Unchanged);
         }
-        let mut value = (self.compile)(&text, &self.path)?;
+        // A compile that panics (a bug) keeps the version in force like any error.
+        let compiled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (self.compile)(&text, &self.path)))
+            .unwrap_or_else(|_| Err(EngineError::new(crate::ErrorKind::Invalid, &self.path, None, None, "compiling it panicked (a bug: please report it); the version in force stays")));
+        let mut value = compiled?;
         let old = self.current.load_full();
         value.carry_from(&old);
         let to = value.version().to_string();
@@ -152,7 +156,8 @@ impl<T: Versioned> Reload for Reloadable<T> {
     }
 
     fn reload(&self) -> Result<ReloadOutcome, EngineError> {
-        match self.try_reload() {
+        let mut source = self.source.lock();
+        match self.try_reload(&mut source) {
             Ok(o) => {
                 *self.last_error.lock() = None;
                 Ok(o)

@@ -63,7 +63,9 @@ async fn metrics(State(h): State<Arc<Health>>) -> impl IntoResponse {
 /// did, 422 if one failed to compile (it keeps its version in force).
 async fn reload(State(h): State<Arc<Health>>) -> impl IntoResponse {
     let r = h.reloader.clone();
-    let done = tokio::task::spawn_blocking(move || r.reload_all("POST /admin/reload")).await.unwrap_or_default();
+    let Ok(done) = tokio::task::spawn_blocking(move || r.reload_all("POST /admin/reload")).await else {
+        return (StatusCode::INTERNAL_SERVER_ERROR, [(header::CONTENT_TYPE, "application/json")], "{\"error\": \"the reload did not finish; see the log\"}\n".to_string());
+    };
     let failed = done.iter().any(|f| f.outcome.is_err());
     let body = serde_json::Value::Array(done.iter().map(|f| f.to_json()).collect());
     (if failed { StatusCode::UNPROCESSABLE_ENTITY } else { StatusCode::OK }, [(header::CONTENT_TYPE, "application/json")], format!("{body:#}\n"))
@@ -186,6 +188,7 @@ pub fn main(args: StageArgs) -> anyhow::Result<ExitCode> {
         tune: Some(crate::kafka::tune_retry_consumer),
         instance: args.instance_id.clone(),
         tracer: export.as_ref().map(|(t, _)| t.clone()),
+        trail: None,
     };
     let plan = StagePlan::new(&pipeline, &service, &options);
     let stages = service.stages(&pipeline);

@@ -37,7 +37,13 @@ impl<B: Bus> Driver<B> {
                 break Ok(mode);
             }
             s.apply_pending_done();
-            if let Some(e) = s.state.lock().fatal.take() {
+            let fatal = {
+                let mut st = s.state.lock();
+                // Once failed, nothing more is committed: not even by the revocation
+                // that dropping a Kafka consumer runs.
+                st.fatal.take().inspect(|_| st.no_more_commits = true)
+            };
+            if let Some(e) = fatal {
                 break Err(e);
             }
             if last_commit.elapsed() >= s.spec.commit_interval {
@@ -84,7 +90,10 @@ impl<B: Bus> Driver<B> {
         };
         match outcome {
             Ok(StopMode::Abort) => {
-                drop(self.consumer); // no commit, no graceful leave: like a crash
+                // No commit, no graceful leave: like a crash. Dropping a Kafka consumer
+                // still runs its revocation, which must not commit a transaction.
+                s.state.lock().no_more_commits = true;
+                drop(self.consumer);
                 drop(self.retry);
                 Ok(s.snapshot())
             }

@@ -214,4 +214,7 @@ pub trait Handler: Send + Sync + 'static {
     fn partitions_assigned(&self, _partitions: &[TopicPartition]) {}
     /// Partitions were revoked or lost: drop their state.
     fn partitions_revoked(&self, _partitions: &[TopicPartition]) {}
+    /// `record` goes to the dead-letter topic for `error` (told before its copy is
+    /// sent; the decision trail records the event).
+    fn dead_lettered(&self, _record: &Record, _error: &HandlerError) {}
 }

@@ -252,7 +252,7 @@ impl Stage {
         }
         let (done_tx, done_rx) = crossbeam_channel::unbounded();
         let shared = Arc::new(Shared {
-            state: Mutex::new(State { parts: AHashMap::new(), epoch: 0, metrics: StageMetrics::new(&spec.name), fatal: None, txn_open: true, tokens: [None, None] }),
+            state: Mutex::new(State { parts: AHashMap::new(), epoch: 0, metrics: StageMetrics::new(&spec.name), fatal: None, txn_open: true, tokens: [None, None], no_more_commits: false }),
             eos,
             spec,
             handler,

@@ -45,6 +45,7 @@ impl<P: Producer> RebalanceListener for Listener<P> {
                         last_committed: None,
                         holds: Vec::new(),
                         seq: s.eos.then(Sequencer::default),
+                        closed: false,
                     };
                     st.parts.insert(tp.clone(), part);
                 }
@@ -108,7 +109,16 @@ impl<P: Producer> RebalanceListener for Listener<P> {
         }
         if s.eos {
             // The partitions' frontiers (and everyone else's) in one transaction; the
-            // bus commits nothing itself.
+            // bus commits nothing itself. What of theirs finishes after this (a drain
+            // that timed out) is not sent: it is past the committed frontier.
+            {
+                let mut st = s.state.lock();
+                for tp in partitions {
+                    if let Some(p) = st.parts.get_mut(tp) {
+                        p.closed = true;
+                    }
+                }
+            }
             let mut tokens = [None, None];
             tokens[usize::from(self.retry)] = group;
             if let Err(e) = s.commit_transaction(tokens) {

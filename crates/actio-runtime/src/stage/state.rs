@@ -68,6 +68,9 @@ pub(super) struct Part {
     pub(super) holds: Vec<Hold>,
     /// Exactly-once stages only: the outputs released in offset order (see `txn`).
     pub(super) seq: Option<Sequencer>,
+    /// Exactly-once: being revoked, its last frontier about to be committed; what
+    /// finishes from now on is not sent.
+    pub(super) closed: bool,
 }
 
 pub(super) struct State {
@@ -81,6 +84,9 @@ pub(super) struct State {
     /// Exactly-once: the group membership of the input consumer and of the retry
     /// consumer, as last seen (their offsets go into each transaction).
     pub(super) tokens: [Option<GroupToken>; 2],
+    /// The stage failed or is aborted: no transaction commits any more (the open
+    /// one is aborted with the producer, or fenced by the next member).
+    pub(super) no_more_commits: bool,
 }
 
 impl State {
@@ -170,7 +176,9 @@ impl<P: Producer> Shared<P> {
     pub(super) fn sequence(&self, tp: &TopicPartition, epoch: u64, offset: Offset, sends: Sends) {
         let mut st = self.state.lock();
         let open = st.txn_open;
-        let Some(seq) = st.parts.get_mut(tp).filter(|p| p.epoch == epoch).and_then(|p| p.seq.as_mut()) else { return };
+        // A partition whose revocation committed its last transaction takes no more:
+        // its next owner runs what finishes now again.
+        let Some(seq) = st.parts.get_mut(tp).filter(|p| p.epoch == epoch && !p.closed).and_then(|p| p.seq.as_mut()) else { return };
         seq.finished(offset, sends);
         if open {
             let out = seq.release();
@@ -180,7 +188,7 @@ impl<P: Producer> Shared<P> {
 
     /// Exactly-once: sends what every partition releases (after a commit).
     pub(super) fn release_all(&self, st: &mut State) {
-        let out: Sends = st.parts.values_mut().filter_map(|p| p.seq.as_mut()).flat_map(|s| s.release()).collect();
+        let out: Sends = st.parts.values_mut().filter(|p| !p.closed).filter_map(|p| p.seq.as_mut()).flat_map(|s| s.release()).collect();
         self.send_all(st, out);
     }
 
@@ -215,7 +223,7 @@ impl<P: Producer> Shared<P> {
                     by_group[usize::from(p.retry)].push((tp.clone(), o));
                 }
             }
-            if st.fatal.is_some() {
+            if st.fatal.is_some() || st.no_more_commits {
                 // Never commit past a failure: the stage is stopping.
                 return Ok(());
             }

@@ -187,7 +187,10 @@ impl<P: Producer> Shared<P> {
             Err(e) if e.kind == FailureKind::Transient && let Some(t) = self.spec.retry.topic.as_ref().filter(|t| marks.trips < t.attempts) => {
                 (vec![(self.retry_copy(&rec, &e, t, &ctx, marks.trips + 1), Vec::new())], false, true)
             }
-            Err(e) => (vec![(self.dead_letter(&rec, &e, &ctx), Vec::new())], true, false),
+            Err(e) => {
+                self.handler.dead_lettered(&rec, &e);
+                (vec![(self.dead_letter(&rec, &e, &ctx), Vec::new())], true, false)
+            }
         };
         let done = Done {
             tp: tp.clone(),
