@@ -50,6 +50,8 @@ pub struct LaunchOptions {
     pub instance: Option<String>,
     /// OpenTelemetry spans of every stage, if tracing is on.
     pub tracer: Option<actio_runtime::trace::Tracer>,
+    /// Where decisions and dead letters are recorded (the decision trail), if anywhere.
+    pub trail: Option<Arc<actio_trail::TrailWriter>>,
 }
 
 /// A stage that cannot start.
@@ -89,7 +91,7 @@ impl StagePlan {
                 tracing::warn!("{w}");
             }
         }
-        let handler = StageHandler::of_service(pipeline, service);
+        let handler = StageHandler::of_service(pipeline, service).with_trail(options.trail.clone());
         let mut spec = handler.spec(&options.properties);
         if let Some(tune) = options.tune {
             tune(&mut spec);
@@ -168,7 +170,7 @@ mod tests {
     #[test]
     fn a_plan_applies_the_options_to_every_spec() {
         let p = fraud();
-        let opts = LaunchOptions { properties: vec![("a".into(), "b".into())], threads: Some(0), tune: Some(|s| s.max_in_flight = 7), instance: None, tracer: None };
+        let opts = LaunchOptions { properties: vec![("a".into(), "b".into())], threads: Some(0), tune: Some(|s| s.max_in_flight = 7), instance: None, tracer: None, trail: None };
         let plans = plan(&p, Selection::All, &opts).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(plans.len(), p.stages.len());
         for (plan, stage) in plans.iter().zip(&p.stages) {

@@ -31,7 +31,7 @@ use std::sync::Arc;
 use actio_core::bus::{Bus, BusError, Bytes, ReplayRange};
 use actio_core::latency::{latency_histogram, record_ns};
 use actio_core::time::now_ns;
-use actio_core::{Codec, KeyExtractor, Record, Schema, TopicPartition, TxState};
+use actio_core::{Codec, Decision, KeyExtractor, Record, Schema, TopicPartition, TxState, headers};
 use actio_engine::derive::DerivedFields;
 use actio_runtime::{Context, Deferred, Handler, HandlerCounter, HandlerError, HandlerHistogram, Hold, Output, StageSpec, StepTime};
 use ahash::AHashMap;
@@ -65,6 +65,8 @@ pub struct StageHandler {
     key: KeyExtractor,
     /// Reads back an input partition's history (see the module docs).
     restore: Option<Restore>,
+    /// Where each decision's and dead letter's evaluation is recorded, if anywhere.
+    trail: Option<Arc<actio_trail::TrailWriter>>,
 }
 
 /// Encodes what a service's last stage produced, for its output topic: shared with
@@ -98,7 +100,7 @@ impl Encoder {
         let cannot = |e: actio_core::CodecError| HandlerError::permanent(format!("cannot encode output: {e}"));
         match produced {
             Produced::Tx(st) => Ok(vec![Output::new(self.output.clone(), self.tx(&self.output, &st).map_err(cannot)?).with_steps(times)]),
-            Produced::Decision(d) => Ok(vec![Output::new(self.output.clone(), Bytes::from(self.output_codec.encode(&d).map_err(cannot)?)).with_steps(times)]),
+            Produced::Decision(ds) => Ok(vec![Output::new(self.output.clone(), Bytes::from(self.output_codec.encode(&ds.0).map_err(cannot)?)).with_steps(times)]),
             Produced::Routed(to, st) => to
                 .into_iter()
                 .map(|topic| Ok(Output::new(topic.clone(), self.tx(&topic, &st).map_err(cannot)?).with_steps(times.clone())))
@@ -193,6 +195,55 @@ impl StageHandler {
             derived: pipeline.derived.clone(),
             key: pipeline.key.clone(),
             restore: None,
+            trail: None,
+        }
+    }
+
+    /// Records each decision's and each dead letter's evaluation in `trail`.
+    pub fn with_trail(mut self, trail: Option<Arc<actio_trail::TrailWriter>>) -> Self {
+        self.trail = trail;
+        self
+    }
+
+    /// The trail record of `record`, decided as `decision` from `st`, or
+    /// dead-lettered (`decision` `None`, `dead_letter` the reason), at `now_ns`.
+    fn trail_record(&self, record: &Record, decided: Option<(&Decision, &TxState)>, dead_letter: Option<String>, started_ns: i64) -> actio_trail::TrailRecord {
+        let hdr = |name: &str| record.headers.get(name).map(|v| String::from_utf8_lossy(v).into_owned());
+        let mut hops: Vec<actio_trail::Hop> = record
+            .headers
+            .get(headers::TRAIL)
+            .map(headers::parse_trail)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|h| actio_trail::Hop { stage: h.stage, consumed_ns: h.consumed_ns, produced_ns: h.produced_ns })
+            .collect();
+        let now = now_ns();
+        hops.push(actio_trail::Hop { stage: self.name.clone(), consumed_ns: started_ns, produced_ns: now });
+        let (outcome, score, rules_version, model_version, key, created) = match decided {
+            Some((d, _)) => (Some(d.decision.clone()), Some(d.score), d.rules_version.clone(), d.model_version.clone(), d.key.clone(), d.created_at),
+            None => (
+                None,
+                None,
+                String::new(),
+                String::new(),
+                record.key.as_ref().map(|k| String::from_utf8_lossy(k).into_owned()).unwrap_or_default(),
+                hdr(headers::CREATED).and_then(|c| c.parse().ok()).unwrap_or(0),
+            ),
+        };
+        actio_trail::TrailRecord {
+            tx_id: decided.map(|(d, _)| d.tx_id.clone()).or_else(|| hdr(headers::ID)).unwrap_or_default(),
+            key,
+            outcome,
+            score,
+            rules_version,
+            model_version,
+            created_at_ns: created,
+            recorded_at_ns: now,
+            hits: decided.map(|(_, st)| st.hits.iter().map(|h| actio_trail::Hit { rule: h.id.clone(), shadow: h.shadow }).collect()).unwrap_or_default(),
+            features: decided.map(|(_, st)| st.features.iter().map(|f| (f.name.to_string(), f.value)).collect()).unwrap_or_default(),
+            hops,
+            retried: record.headers.get(headers::RETRIED).is_some(),
+            dead_letter: dead_letter.map(|error| actio_trail::DeadLetter { stage: self.name.clone(), error }),
         }
     }
 
@@ -344,9 +395,15 @@ impl StageHandler {
 impl Handler for StageHandler {
     fn handle(&self, record: &Record, ctx: &Context) -> Result<Vec<Output>, HandlerError> {
         let holds = MessageHolds::default();
+        let started_ns = if self.trail.is_some() { now_ns() } else { 0 };
         let result = match self.run_steps(record, ctx, &holds) {
             Ok((Produced::Later(later), times)) => return Ok(vec![self.deferred(later, times)]),
-            Ok((produced, times)) => self.encoder.outputs(produced, times),
+            Ok((produced, times)) => {
+                if let (Some(trail), Produced::Decision(ds)) = (&self.trail, &produced) {
+                    trail.record(self.trail_record(record, Some((&ds.0, &ds.1)), None, started_ns));
+                }
+                self.encoder.outputs(produced, times)
+            }
             Err(e) => Err(e),
         };
         let (held, releases) = (holds.held.take(), holds.releases.take());
@@ -372,6 +429,12 @@ impl Handler for StageHandler {
     fn tick_interval(&self) -> Option<std::time::Duration> {
         self.steps
             .iter().filter_map(|s| s.stage.logic.tick_interval()).min()
+    }
+
+    fn dead_lettered(&self, record: &Record, error: &HandlerError) {
+        if let Some(trail) = &self.trail {
+            trail.record(self.trail_record(record, None, Some(error.message.clone()), now_ns()));
+        }
     }
 
     fn tick(&self) -> Vec<Output> {

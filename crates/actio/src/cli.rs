@@ -146,6 +146,50 @@ pub enum Command {
     ///   actio loadgen --pipeline pipelines/fraud --brokers 127.0.0.1:9092 --rate 3000 --duration 60s
     #[command(verbatim_doc_comment)]
     Loadgen(LoadgenArgs),
+    /// Show what a run recorded of each transaction's evaluation (the decision trail).
+    ///
+    /// `actio run` writes trail.db beside its report: per transaction the stages it
+    /// passed with their times, the rules that fired (shadow ones too), its
+    /// features, score, outcome, the rules and model versions, whether it was retried
+    /// and its dead-letter event. With a transaction id, that one; otherwise the
+    /// newest that match the filters.
+    ///
+    /// Examples:
+    ///   actio trail results/run-1/trail.db run-1-42
+    ///   actio trail results/run-1/trail.db --outcome decline --limit 5
+    ///   actio trail results/run-1/trail.db --rule micro_ecom --json
+    ///   actio trail results/run-1/trail.db --outcome dead_letter
+    #[command(verbatim_doc_comment)]
+    Trail(TrailArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TrailArgs {
+    /// The trail database (trail.db beside a run's report).
+    pub db: PathBuf,
+    /// A transaction id: show its evaluation.
+    pub tx_id: Option<String>,
+    /// Only this outcome (one of the schema's, or dead_letter).
+    #[arg(long)]
+    pub outcome: Option<String>,
+    /// Only transactions on which this rule fired (active or shadow).
+    #[arg(long)]
+    pub rule: Option<String>,
+    /// Only this message key.
+    #[arg(long)]
+    pub key: Option<String>,
+    /// Only transactions created at or after (RFC 3339, e.g. 2026-12-01T10:00:00Z).
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Only transactions created before (RFC 3339).
+    #[arg(long)]
+    pub until: Option<String>,
+    /// At most this many, newest first.
+    #[arg(long, default_value_t = 20)]
+    pub limit: usize,
+    /// JSON lines instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Which bus `actio run` uses.
@@ -370,6 +414,10 @@ pub struct RunArgs {
     /// Do not watch the rule and model files for changes (SIGHUP still reloads them).
     #[arg(long)]
     pub no_watch: bool,
+    /// Do not record the decision trail (trail.db beside the report; `actio trail`
+    /// reads it).
+    #[arg(long)]
+    pub no_trail: bool,
     #[command(flatten)]
     pub kafka: KafkaArgs,
 }

@@ -19,6 +19,7 @@ mod run;
 mod schema;
 mod service;
 mod topics;
+mod trail;
 mod validate;
 
 #[global_allocator]
@@ -38,6 +39,7 @@ fn main() -> ExitCode {
         cli::Command::Stage(a) => service::main(a),
         cli::Command::Topics(a) => topics::main(a),
         cli::Command::Loadgen(a) => run::loadgen(a),
+        cli::Command::Trail(a) => trail::main(a),
     };
     match result {
         Ok(code) => code,

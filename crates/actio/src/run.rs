@@ -16,6 +16,7 @@ use actio_loadgen::{Collector, Generator, Scenario, Schedule, Sender, StageHisto
 use actio_pipeline::Pipeline;
 use actio_pipeline::launch::{self, LaunchOptions, Selection};
 use actio_pipeline::reload::Reloader;
+use actio_trail::TrailWriter;
 use actio_runtime::StopMode;
 use anyhow::{Context, bail};
 
@@ -62,14 +63,14 @@ pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
     match args.bus {
         BusKind::Embedded => {
             let bus = Arc::new(EmbeddedBus::new(EmbeddedConfig::default()));
-            drive(&bus, "embedded", &pipeline, &args.load, Some(args.services()), args.threads, &[], None, !args.no_watch)
+            drive(&bus, "embedded", &pipeline, &args.load, Some(args.services()), args.threads, &[], None, Extras { watch: !args.no_watch, trail: !args.no_trail })
         }
         BusKind::Kafka => {
             let bus = match crate::kafka::bus_or_exit(&pipeline, &args.kafka) {
                 Ok(b) => Arc::new(b),
                 Err(code) => return Ok(code),
             };
-            drive(&bus, "kafka", &pipeline, &args.load, Some(args.services()), args.threads, &[], None, !args.no_watch)
+            drive(&bus, "kafka", &pipeline, &args.load, Some(args.services()), args.threads, &[], None, Extras { watch: !args.no_watch, trail: !args.no_trail })
         }
     }
 }
@@ -84,7 +85,16 @@ pub fn loadgen(args: LoadgenArgs) -> anyhow::Result<ExitCode> {
         Ok(b) => Arc::new(b),
         Err(code) => return Ok(code),
     };
-    drive(&bus, "kafka", &pipeline, &args.load, None, None, &[], args.broker_gc_log.as_deref(), false)
+    drive(&bus, "kafka", &pipeline, &args.load, None, None, &[], args.broker_gc_log.as_deref(), Extras { watch: false, trail: false })
+}
+
+/// What a run does beside driving load, for stages it runs in-process.
+#[derive(Debug, Clone, Copy)]
+pub struct Extras {
+    /// Reload the stages' rule and model files when they change (and on SIGHUP).
+    pub watch: bool,
+    /// Record each decision's evaluation in `trail.db` beside the report.
+    pub trail: bool,
 }
 
 /// Offers load to `pipeline` on `bus`, running its stages in-process when
@@ -101,8 +111,9 @@ pub fn drive<B: Bus>(
     threads: Option<usize>,
     properties: &[(String, String)],
     broker_gc_log: Option<&std::path::Path>,
-    watch: bool,
+    extras: Extras,
 ) -> anyhow::Result<ExitCode> {
+    let watch = extras.watch;
     // Every flow: each ingress topic is driven, each egress topic collected.
     let of_role = |role| -> Vec<String> { pipeline.topics.iter().filter(|t| t.role == role).map(|t| t.name.clone()).collect() };
     let (ingresses, egresses) = (of_role(actio_pipeline::TopicRole::Ingress), of_role(actio_pipeline::TopicRole::Egress));
@@ -117,9 +128,23 @@ pub fn drive<B: Bus>(
     let run_id = format!("run-{started_unix}-{}", std::process::id());
     let out = load.out.clone().unwrap_or_else(|| PathBuf::from("results").join(&run_id));
 
+    // The scenario first: a bad one stops the run before anything is written.
+    let scenario = scenario(load, pipeline)?;
+    // The decision trail, beside the report: a fresh database per run.
+    let trail = match (extras.trail, in_process.is_some()) {
+        (true, true) => {
+            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+            let path = out.join("trail.db");
+            for f in ["trail.db", "trail.db-wal", "trail.db-shm"] {
+                let _ = std::fs::remove_file(out.join(f));
+            }
+            Some(Arc::new(TrailWriter::sqlite(&path, actio_trail::DEFAULT_CAPACITY).context("opening the decision trail (--no-trail runs without)")?))
+        }
+        _ => None,
+    };
     // Stages first, so they are consuming when load starts.
     let stages = if let Some(selection) = in_process {
-        let options = LaunchOptions { properties: properties.to_vec(), threads, tune: Some(crate::kafka::tune_retry_consumer), instance: None, tracer: None };
+        let options = LaunchOptions { properties: properties.to_vec(), threads, tune: Some(crate::kafka::tune_retry_consumer), instance: None, tracer: None, trail: trail.clone() };
         launch::start(bus, pipeline, selection, &options)?
     } else {
         Vec::new()
@@ -138,7 +163,7 @@ pub fn drive<B: Bus>(
         eprintln!("actio: the collector has not caught up with {} within {COLLECTOR_START_TIMEOUT:?}; starting anyway (early decisions may show a longer e2e)", egresses.join(", "));
     }
     let producer = bus.producer(&ProducerConfig { client_id: "actio-loadgen".into(), properties: properties.to_vec(), transactional_id: None }).context("creating the load generator's producer")?;
-    let mut generator = Generator::new(pipeline.schema.clone(), &scenario(load, pipeline)?, &run_id)?;
+    let mut generator = Generator::new(pipeline.schema.clone(), &scenario, &run_id)?;
     let stop_sending = Arc::new(AtomicBool::new(false));
     let sender_thread = {
         let sender = sender.clone();
@@ -250,6 +275,22 @@ pub fn drive<B: Bus>(
             }
         }
     }
+    // Every handler is gone with its stage: the trail writes what is queued.
+    let trail_summary = trail.map(|t| {
+        let path = t.path().to_path_buf();
+        let t0 = Instant::now();
+        let mut t = t;
+        loop {
+            match Arc::try_unwrap(t) {
+                Ok(w) => break (path, Some(w.close())),
+                Err(still) if t0.elapsed() < Duration::from_secs(5) => {
+                    t = still;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(_) => break (path, None),
+            }
+        }
+    });
     match collector.stop() {
         Err(CollectorFailure::Panicked) => eprintln!("actio: collector panicked"),
         Err(e) => eprintln!("actio: collector failed: {e}"),
@@ -282,6 +323,12 @@ pub fn drive<B: Bus>(
     report.write(&out, &histograms).with_context(|| format!("writing the report under {}", out.display()))?;
     print!("{}", report.render_text());
     println!("report: {}/report.html (also report.json and *.hgrm)", out.display());
+    match trail_summary {
+        Some((path, Some((written, 0)))) => println!("trail: {written} records in {} (actio trail {} --help)", path.display(), path.display()),
+        Some((path, Some((written, dropped)))) => println!("trail: {written} records in {}; {dropped} DROPPED (the writer fell behind; decisions were not slowed)", path.display()),
+        Some((path, None)) => eprintln!("actio: the trail in {} was still in use at the end; its count is unknown", path.display()),
+        None => {}
+    }
     Ok(if report.lost > 0 || stage_failed || report.send_failures > 0 {
         eprintln!("actio: FAILED — {} lost, {} send failures{}", report.lost, report.send_failures, if stage_failed { ", a stage failed" } else { "" });
         ExitCode::from(1)

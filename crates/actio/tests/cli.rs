@@ -88,6 +88,22 @@ fn run_drives_the_pipeline_and_writes_the_report() {
     for f in ["report.html", "e2e.hgrm", "rules.queue.hgrm", "score.stage.hgrm"] {
         assert!(out_dir.path().join(f).is_file(), "{f}");
     }
+    // The decision trail: one record per transaction, read back by `actio trail`.
+    let db = out_dir.path().join("trail.db");
+    assert!(stdout.contains("trail: 4000 records in"), "{stdout}");
+    let newest = actio().arg("trail").arg(&db).args(["--limit", "1", "--json"]).output().unwrap();
+    assert!(newest.status.success(), "{}", String::from_utf8_lossy(&newest.stderr));
+    let rec: serde_json::Value = serde_json::from_slice(&newest.stdout).unwrap();
+    let id = rec["tx_id"].as_str().unwrap();
+    assert_eq!(rec["hops"].as_array().unwrap().iter().map(|h| h["stage"].as_str().unwrap()).collect::<Vec<_>>(), ["rules", "velocity", "score"], "{rec}");
+    let one = actio().arg("trail").arg(&db).arg(id).output().unwrap();
+    let text = String::from_utf8_lossy(&one.stdout);
+    assert!(one.status.success() && text.contains(&format!("transaction {id}")) && text.contains("versions  rules rules@"), "{text}");
+    let missing = actio().arg("trail").arg(&db).arg("no-such-tx").output().unwrap();
+    assert_eq!(missing.status.code(), Some(1), "{}", String::from_utf8_lossy(&missing.stderr));
+    let declined = actio().arg("trail").arg(&db).args(["--outcome", "decline", "--limit", "1000", "--json"]).output().unwrap();
+    let n = String::from_utf8_lossy(&declined.stdout).lines().count() as u64;
+    assert_eq!(n, report["decisions"]["decline"].as_u64().unwrap_or(0).min(1000), "the query finds what the report counts");
 }
 
 #[test]

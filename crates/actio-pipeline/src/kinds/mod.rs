@@ -88,8 +88,9 @@ pub enum Produced {
     /// The transaction, to each of these topics (declared ones: a kind that routes
     /// checks its targets against the pipeline's topics).
     Routed(Vec<Arc<str>>, TxState),
-    /// The decision, to the egress topic.
-    Decision(Decision),
+    /// The decision, to the egress topic, with the transaction it decided (for the
+    /// decision trail: its shadow hits and every feature). Boxed: the largest variant.
+    Decision(Box<(Decision, TxState)>),
     /// Nothing goes on (e.g. an update older than the state's); the input is done.
     Nothing,
     /// The transaction, once this future resolves (an I/O-bound stage's call). Only

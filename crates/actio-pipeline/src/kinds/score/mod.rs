@@ -62,6 +62,7 @@ impl StageLogic for Score {
     fn run(&self, _: &(), st: TxState, cx: &RunCx<'_>) -> Result<Produced, HandlerError> {
         let key = cx.key.key(&st.tx);
         let rules_version = st.rule_sets.join("+");
-        Ok(Produced::Decision(self.model.current().decide(&st, &key, &rules_version)))
+        let decision = self.model.current().decide(&st, &key, &rules_version);
+        Ok(Produced::Decision(Box::new((decision, st))))
     }
 }
