@@ -148,7 +148,7 @@ pub enum Command {
     Loadgen(LoadgenArgs),
     /// Show what a run recorded of each transaction's evaluation (the decision trail).
     ///
-    /// `actio run` writes trail.db beside its report: per transaction the stages it
+    /// `actio run --trail` writes trail.db beside its report: per transaction the stages it
     /// passed with their times, the rules that fired (shadow ones too), its
     /// features, score, outcome, the rules and model versions, whether it was retried
     /// and its dead-letter event. With a transaction id, that one; otherwise the
@@ -414,10 +414,11 @@ pub struct RunArgs {
     /// Do not watch the rule and model files for changes (SIGHUP still reloads them).
     #[arg(long)]
     pub no_watch: bool,
-    /// Do not record the decision trail (trail.db beside the report; `actio trail`
-    /// reads it).
+    /// Record each transaction's evaluation, the decision trail, in trail.db beside
+    /// the report (`actio trail` reads it). Off by default: on two cores its writer
+    /// costs the stages' tail (BENCHMARKS.md, "Decision trail").
     #[arg(long)]
-    pub no_trail: bool,
+    pub trail: bool,
     #[command(flatten)]
     pub kafka: KafkaArgs,
 }

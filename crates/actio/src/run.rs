@@ -63,14 +63,14 @@ pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
     match args.bus {
         BusKind::Embedded => {
             let bus = Arc::new(EmbeddedBus::new(EmbeddedConfig::default()));
-            drive(&bus, "embedded", &pipeline, &args.load, Some(args.services()), args.threads, &[], None, Extras { watch: !args.no_watch, trail: !args.no_trail })
+            drive(&bus, "embedded", &pipeline, &args.load, Some(args.services()), args.threads, &[], None, Extras { watch: !args.no_watch, trail: args.trail })
         }
         BusKind::Kafka => {
             let bus = match crate::kafka::bus_or_exit(&pipeline, &args.kafka) {
                 Ok(b) => Arc::new(b),
                 Err(code) => return Ok(code),
             };
-            drive(&bus, "kafka", &pipeline, &args.load, Some(args.services()), args.threads, &[], None, Extras { watch: !args.no_watch, trail: !args.no_trail })
+            drive(&bus, "kafka", &pipeline, &args.load, Some(args.services()), args.threads, &[], None, Extras { watch: !args.no_watch, trail: args.trail })
         }
     }
 }
@@ -138,7 +138,7 @@ pub fn drive<B: Bus>(
             for f in ["trail.db", "trail.db-wal", "trail.db-shm"] {
                 let _ = std::fs::remove_file(out.join(f));
             }
-            Some(Arc::new(TrailWriter::sqlite(&path, actio_trail::DEFAULT_CAPACITY).context("opening the decision trail (--no-trail runs without)")?))
+            Some(Arc::new(TrailWriter::sqlite(&path, actio_trail::DEFAULT_CAPACITY).context("opening the decision trail (run without --trail to skip it)")?))
         }
         _ => None,
     };

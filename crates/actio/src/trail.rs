@@ -13,7 +13,7 @@ pub fn main(args: TrailArgs) -> anyhow::Result<ExitCode> {
     let reader = match TrailReader::sqlite(&args.db) {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("error: {e} (a run's trail is trail.db beside its report; `actio run` writes it unless --no-trail)");
+            eprintln!("error: {e} (a run's trail is trail.db beside its report; `actio run --trail` writes it)");
             return Ok(ExitCode::from(crate::EXIT_CONFIG));
         }
     };

@@ -66,7 +66,7 @@ fn validate_json_prints_the_pipeline_with_defaults_applied() {
 fn run_drives_the_pipeline_and_writes_the_report() {
     let out_dir = tempfile::tempdir().unwrap();
     let out = actio()
-        .args(["run", fraud().to_str().unwrap(), "--rate", "2000", "--duration", "2s", "--out"])
+        .args(["run", fraud().to_str().unwrap(), "--trail", "--rate", "2000", "--duration", "2s", "--out"])
         .arg(out_dir.path())
         .output()
         .unwrap();
