@@ -24,8 +24,8 @@ use opentelemetry::trace::{SpanContext, SpanId, SpanKind, Status, TraceFlags, Tr
 use opentelemetry::{InstrumentationScope, KeyValue};
 use opentelemetry_sdk::trace::{IdGenerator, RandomIdGenerator, SpanData, SpanEvents, SpanLinks, SpanProcessor};
 
-/// The W3C trace-context header.
-pub const TRACEPARENT: &str = "traceparent";
+/// The W3C trace-context header (the one the runtime already carries over).
+pub use actio_core::headers::TRACEPARENT;
 
 /// Where a stage's sampled spans go, and how often a new trace is sampled.
 #[derive(Clone)]
