@@ -45,9 +45,6 @@ pub struct CollectorStats {
     pub outcomes: std::collections::BTreeMap<String, u64>,
     /// First deliveries by egress topic: what each flow delivered.
     pub by_egress: std::collections::BTreeMap<String, u64>,
-    /// Decisions by the versions they were made with (`rules <…> model <…>`): rule
-    /// files and models reload while the stages run.
-    pub by_version: std::collections::BTreeMap<String, u64>,
     /// Decisions made with an older version than an earlier decision of their key
     /// (versions ordered by first sight): a reload must switch each key once.
     pub version_flips_back: u64,
@@ -201,8 +198,8 @@ pub struct Collector {
     pub e2e_by_second: E2eBySecond,
     /// Per stage, from the trail header, by stage name.
     pub stages: BTreeMap<String, TrailStage>,
-    /// Versions (rules, model, their name) in the order first seen.
-    versions: Vec<(String, String, String)>,
+    /// Versions (rules, model) in the order first seen, with their decisions.
+    versions: Vec<(String, String, u64)>,
     /// Per key, the newest version (index in `versions`) its decisions carried.
     version_of_key: AHashMap<String, u16>,
     /// Per egress partition, the version of its last decision.
@@ -232,18 +229,23 @@ impl Collector {
         }
     }
 
+    /// Decisions by the versions they were made with (`rules <…> model <…>`): rule
+    /// files and models reload while the stages run.
+    pub fn by_version(&self) -> std::collections::BTreeMap<String, u64> {
+        self.versions.iter().map(|(r, m, n)| (format!("rules {r} model {m}"), *n)).collect()
+    }
+
     /// Counts a decision's versions: per version, flips back per key, switches per
     /// partition in arrival order.
     fn versions(&mut self, d: &Decision, tp: &TopicPartition) {
         let at = match self.versions.iter().position(|(r, m, _)| *r == d.rules_version && *m == d.model_version) {
             Some(i) => i,
             None => {
-                let name = format!("rules {} model {}", d.rules_version, d.model_version);
-                self.versions.push((d.rules_version.clone(), d.model_version.clone(), name));
+                self.versions.push((d.rules_version.clone(), d.model_version.clone(), 0));
                 self.versions.len() - 1
             }
         };
-        *self.stats.by_version.entry(self.versions[at].2.clone()).or_default() += 1;
+        self.versions[at].2 += 1;
         let at = at as u16;
         match self.version_of_key.get_mut(&d.key) {
             Some(v) if at < *v => self.stats.version_flips_back += 1,

@@ -532,7 +532,7 @@ pub fn run_report(facts: &RunFacts<'_>, c: &Collector, sender: &SenderStats, run
         seconds: seconds.seconds,
         graph: facts.graph.cloned(),
         by_egress: c.stats.by_egress.clone(),
-        by_version: c.stats.by_version.clone(),
+        by_version: c.by_version(),
         version_flips_back: c.stats.version_flips_back,
         version_switches: c.stats.version_switches.clone(),
     };

@@ -255,11 +255,11 @@ impl StageMetrics {
     /// replicas add up), counters, gauges, the handler's own series. `lag` (messages
     /// behind the end of the input, if known) and `retry_lag` (the same for the
     /// stage's retry group on its retry topic) come from the caller that can measure
-    /// them. Runs at scrape time only: the hot path records into the histograms and
-    /// counters it always did.
-    pub fn prometheus_text(&self, lag: Option<i64>, retry_lag: Option<i64>) -> String {
+    /// them. Runs at scrape time only, on a snapshot it takes over: the hot path
+    /// records into the histograms and counters it always did.
+    pub fn prometheus_text(self, lag: Option<i64>, retry_lag: Option<i64>) -> String {
         let mut registry = Registry::default();
-        registry.register_collector(Box::new(Scrape { m: self.clone(), lag, retry_lag }));
+        registry.register_collector(Box::new(Scrape { m: self, lag, retry_lag }));
         let mut out = String::with_capacity(8192);
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::prometheus_text::encode(&mut out, &registry);
@@ -300,14 +300,14 @@ mod tests {
         m.handler.push(HandlerCounter::new("actio_rule_hits_total", "Times a rule fired.", 4).label("rule", "r1").label("mode", "active"));
         m.handler.push(HandlerCounter::new("actio_rule_hits_total", "Times a rule fired.", 2).label("rule", "r2").label("mode", "shadow"));
         m.handler.push(HandlerCounter::gauge("actio_reload_failing", "Whether the file's last reload failed.", 1).label("file", "rules.toml"));
-        let text = m.prometheus_text(Some(3), Some(5));
+        let text = m.clone().prometheus_text(Some(3), Some(5));
         let p = parse(&text);
         assert_eq!(value(&p, "actio_rule_hits_total", &[("stage", "rules"), ("rule", "r2"), ("mode", "shadow")]), 2.0, "{text}");
         assert_eq!(value(&p, "actio_reload_failing", &[("file", "rules.toml")]), 1.0, "{text}");
         assert_eq!(value(&p, "actio_stage_processed_total", &[("stage", "rules")]), 7.0);
         assert_eq!(value(&p, "actio_stage_lag", &[("stage", "rules")]), 3.0);
         assert_eq!(value(&p, "actio_stage_retry_lag", &[("stage", "rules")]), 5.0);
-        assert!(!m.prometheus_text(None, None).contains("_lag{"), "no lag series before it is measured");
+        assert!(!m.clone().prometheus_text(None, None).contains("_lag{"), "no lag series before it is measured");
         let h = p
             .samples
             .iter()
