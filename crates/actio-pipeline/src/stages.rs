@@ -152,6 +152,12 @@ pub const RELOAD_FAILURES: &str = "actio_reload_failures_total";
 pub const RELOAD_FAILING: &str = "actio_reload_failing";
 /// Per reloadable file, 1, labelled with the version in force.
 pub const CONFIG_INFO: &str = "actio_config_info";
+/// Decision-trail records, by result (`written`, `dropped`: the queue was full).
+pub const TRAIL_RECORDS: &str = "actio_trail_records_total";
+/// Decision-trail records queued, not yet written.
+pub const TRAIL_QUEUED: &str = "actio_trail_queued";
+/// Decision-trail batches the database refused (each written again).
+pub const TRAIL_FAILED_BATCHES: &str = "actio_trail_failed_batches_total";
 
 impl StageHandler {
     /// The handler of one stage of `pipeline`, alone.
@@ -487,6 +493,14 @@ impl Handler for StageHandler {
                     None => out.push(c),
                 }
             }
+        }
+        if let Some(t) = &self.trail {
+            use std::sync::atomic::Ordering::Relaxed;
+            let st = t.stats();
+            out.push(HandlerCounter::new(TRAIL_RECORDS, "Decision-trail records, by result: written to the database, or dropped because its queue was full (the database was slow or gone; decisions were not slowed).", st.written.load(Relaxed)).label("result", "written"));
+            out.push(HandlerCounter::new(TRAIL_RECORDS, "Decision-trail records, by result: written to the database, or dropped because its queue was full (the database was slow or gone; decisions were not slowed).", st.dropped.load(Relaxed)).label("result", "dropped"));
+            out.push(HandlerCounter::gauge(TRAIL_QUEUED, "Decision-trail records queued for the database, not yet written.", st.queued.load(Relaxed)));
+            out.push(HandlerCounter::new(TRAIL_FAILED_BATCHES, "Decision-trail batches the database refused; each is kept and written again.", st.failed_batches.load(Relaxed)));
         }
         out
     }

@@ -15,18 +15,24 @@
 //! One record per transaction (its id is the key): a redelivered transaction
 //! replaces its earlier record, so at-least-once delivery leaves no duplicates here.
 //!
-//! Backend: SQLite (`rusqlite`, with the library bundled: nothing to install), the
-//! embedded default — `actio run` writes `trail.db` beside its report.
+//! Stores ([`Location`]): SQLite, a file (the embedded default — `actio run` writes
+//! `trail.db` beside its report), and PostgreSQL (`postgres://…`), for production,
+//! where every replica of the deciding stage writes one table. Both keep the same
+//! columns, hits / features / hops as JSON, and answer the same [`Query`].
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError, bounded};
-use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
+
+mod postgres;
+mod sqlite;
+
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Records queued at most (the rest are dropped and counted).
 pub const DEFAULT_CAPACITY: usize = 100_000;
@@ -99,15 +105,57 @@ pub struct DeadLetter {
     pub error: String,
 }
 
+/// Where a trail is kept: a SQLite file, or a PostgreSQL database.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Location {
+    /// A SQLite database file.
+    Sqlite(PathBuf),
+    /// A PostgreSQL connection URL (`postgres://user@host:port/db`).
+    Postgres(String),
+}
+
+impl Location {
+    /// `postgres://…` or `postgresql://…` is PostgreSQL; anything else a file path.
+    pub fn parse(s: &str) -> Location {
+        if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+            Location::Postgres(s.to_string())
+        } else {
+            Location::Sqlite(PathBuf::from(s))
+        }
+    }
+}
+
+impl std::fmt::Display for Location {
+    /// The file, or the URL with its password hidden (it goes into logs).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Location::Sqlite(p) => write!(f, "{}", p.display()),
+            Location::Postgres(url) => match (url.find("://"), url.rfind('@')) {
+                (Some(s), Some(at)) if url[s + 3..at].contains(':') => {
+                    let user_end = s + 3 + url[s + 3..at].find(':').unwrap_or(0);
+                    write!(f, "{}:***{}", &url[..user_end], &url[at..])
+                }
+                _ => f.write_str(url),
+            },
+        }
+    }
+}
+
 /// A trail that cannot be opened or read.
 #[derive(Debug, thiserror::Error)]
-#[error("trail database {path}: {source}")]
+#[error("trail database {location}: {source}")]
 pub struct TrailError {
-    /// The database file.
-    pub path: PathBuf,
-    /// What SQLite said.
+    /// Where (password hidden).
+    pub location: String,
+    /// What the database said.
     #[source]
-    pub source: rusqlite::Error,
+    pub source: BoxError,
+}
+
+impl TrailError {
+    fn at(location: &Location, source: impl Into<BoxError>) -> Self {
+        TrailError { location: location.to_string(), source: source.into() }
+    }
 }
 
 /// What the writer did so far.
@@ -119,6 +167,15 @@ pub struct TrailStats {
     pub dropped: AtomicU64,
     /// Batches the database refused (each written again later).
     pub failed_batches: AtomicU64,
+    /// Records queued, not yet written.
+    pub queued: AtomicU64,
+}
+
+/// A database the writer's thread writes batches into.
+pub(crate) trait Store: Send {
+    /// Writes `batch` in one database transaction, replacing earlier records of
+    /// the same transactions.
+    fn write(&mut self, batch: &[TrailRecord]) -> Result<(), BoxError>;
 }
 
 /// Queues records and writes them on its own thread; see the crate docs.
@@ -127,63 +184,44 @@ pub struct TrailWriter {
     tx: Option<Sender<TrailRecord>>,
     stats: Arc<TrailStats>,
     thread: Option<JoinHandle<()>>,
-    path: PathBuf,
-}
-
-const SCHEMA: &str = "
-PRAGMA journal_mode = WAL;
-PRAGMA synchronous = NORMAL;
-CREATE TABLE IF NOT EXISTS trail (
-    tx_id TEXT PRIMARY KEY,
-    key TEXT NOT NULL,
-    outcome TEXT,
-    score REAL,
-    rules_version TEXT NOT NULL,
-    model_version TEXT NOT NULL,
-    created_at INTEGER NOT NULL,
-    recorded_at INTEGER NOT NULL,
-    retried INTEGER NOT NULL,
-    dlq_stage TEXT,
-    dlq_error TEXT,
-    hits TEXT NOT NULL,
-    features TEXT NOT NULL,
-    hops TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS trail_by_outcome ON trail (outcome, created_at);
-CREATE INDEX IF NOT EXISTS trail_by_key ON trail (key, created_at);
-CREATE INDEX IF NOT EXISTS trail_by_time ON trail (created_at);
-";
-
-fn open(path: &Path) -> Result<Connection, TrailError> {
-    let err = |source| TrailError { path: path.to_path_buf(), source };
-    let c = Connection::open(path).map_err(err)?;
-    c.busy_timeout(Duration::from_secs(5)).map_err(err)?;
-    c.execute_batch(SCHEMA).map_err(err)?;
-    Ok(c)
+    location: Location,
 }
 
 impl TrailWriter {
-    /// A writer to the SQLite database at `path` (created with its tables if
-    /// missing), queueing at most `capacity` records.
-    pub fn sqlite(path: &Path, capacity: usize) -> Result<Self, TrailError> {
-        let conn = open(path)?;
+    /// A writer to `location`, queueing at most `capacity` records. A SQLite file is
+    /// created with its tables if missing (an error here if it cannot be); a
+    /// PostgreSQL URL is checked here and connected to by the writer's thread, which
+    /// keeps trying while the database does not answer (the stage starts anyway).
+    pub fn open(location: &Location, capacity: usize) -> Result<Self, TrailError> {
+        let store: Box<dyn Store> = match location {
+            Location::Sqlite(path) => Box::new(sqlite::SqliteStore(sqlite::open(path).map_err(|e| TrailError::at(location, e))?)),
+            Location::Postgres(url) => Box::new(postgres::PostgresStore::new(postgres::config(url).map_err(|e| TrailError::at(location, e))?)),
+        };
         let (tx, rx) = bounded(capacity.max(1));
         let stats = Arc::new(TrailStats::default());
         let thread = {
             let stats = stats.clone();
+            let shown = location.to_string();
             std::thread::Builder::new()
                 .name("trail-writer".into())
-                .spawn(move || write_loop(conn, &rx, &stats))
-                .map_err(|e| TrailError { path: path.to_path_buf(), source: rusqlite::Error::ToSqlConversionFailure(Box::new(e)) })?
+                .spawn(move || write_loop(store, &rx, &stats, &shown))
+                .map_err(|e| TrailError::at(location, e))?
         };
-        Ok(TrailWriter { tx: Some(tx), stats, thread: Some(thread), path: path.to_path_buf() })
+        Ok(TrailWriter { tx: Some(tx), stats, thread: Some(thread), location: location.clone() })
+    }
+
+    /// A writer to the SQLite database at `path`; see [`TrailWriter::open`].
+    pub fn sqlite(path: &std::path::Path, capacity: usize) -> Result<Self, TrailError> {
+        Self::open(&Location::Sqlite(path.to_path_buf()), capacity)
     }
 
     /// Queues `record`; drops it (counted) if the queue is full. Never blocks.
     pub fn record(&self, record: TrailRecord) {
         let Some(tx) = &self.tx else { return };
         match tx.try_send(record) {
-            Ok(()) => {}
+            Ok(()) => {
+                self.stats.queued.fetch_add(1, Ordering::Relaxed);
+            }
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
                 self.stats.dropped.fetch_add(1, Ordering::Relaxed);
             }
@@ -195,9 +233,9 @@ impl TrailWriter {
         &self.stats
     }
 
-    /// The database file.
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// Where it writes.
+    pub fn location(&self) -> &Location {
+        &self.location
     }
 
     /// Writes what is queued and stops; returns (written, dropped). Of a shared
@@ -220,9 +258,15 @@ impl Drop for TrailWriter {
     }
 }
 
-fn write_loop(mut conn: Connection, rx: &Receiver<TrailRecord>, stats: &TrailStats) {
+/// At shutdown, how many refused attempts at the last batch before it is given up
+/// (and counted as dropped): ~10 s of a database that does not come back.
+const SHUTDOWN_ATTEMPTS: u32 = 20;
+
+fn write_loop(mut store: Box<dyn Store>, rx: &Receiver<TrailRecord>, stats: &TrailStats, location: &str) {
     let mut batch: Vec<TrailRecord> = Vec::with_capacity(BATCH);
     let mut open = true;
+    let mut failing_since: Option<Instant> = None;
+    let mut attempts_closed = 0u32;
     while open || !batch.is_empty() {
         if open && batch.len() < BATCH {
             let deadline = Instant::now() + BATCH_WAIT;
@@ -240,60 +284,57 @@ fn write_loop(mut conn: Connection, rx: &Receiver<TrailRecord>, stats: &TrailSta
         if batch.is_empty() {
             continue;
         }
-        match write_batch(&mut conn, &batch) {
+        match store.write(&batch) {
             Ok(()) => {
-                stats.written.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                let n = batch.len() as u64;
+                stats.written.fetch_add(n, Ordering::Relaxed);
+                stats.queued.fetch_sub(n.min(stats.queued.load(Ordering::Relaxed)), Ordering::Relaxed);
                 batch.clear();
+                if let Some(t) = failing_since.take() {
+                    tracing::info!(trail = location, after = ?t.elapsed(), "trail: the database answers again; catching up");
+                }
             }
             Err(e) => {
                 // Kept and written again: a database that is back catches up.
                 stats.failed_batches.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(error = %e, records = batch.len(), "trail: writing a batch failed; retrying");
+                if failing_since.is_none() {
+                    failing_since = Some(Instant::now());
+                    tracing::warn!(trail = location, error = %e, records = batch.len(), "trail: writing a batch failed; keeping it and retrying (decisions are not slowed; records past the queue are dropped and counted)");
+                }
                 std::thread::sleep(RETRY_PAUSE);
-                if !open && stats.failed_batches.load(Ordering::Relaxed) > 20 {
-                    tracing::error!(records = batch.len(), "trail: giving up on the last batch at shutdown");
-                    stats.dropped.fetch_add(batch.len() as u64, Ordering::Relaxed);
-                    batch.clear();
+                if !open {
+                    attempts_closed += 1;
+                    if attempts_closed > SHUTDOWN_ATTEMPTS {
+                        tracing::error!(trail = location, records = batch.len(), "trail: giving up on the last batch at shutdown");
+                        stats.dropped.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                        batch.clear();
+                    }
                 }
             }
         }
     }
 }
 
-fn write_batch(conn: &mut Connection, batch: &[TrailRecord]) -> rusqlite::Result<()> {
-    let t = conn.transaction()?;
-    {
-        // One statement per transaction (hits, features and hops as JSON columns):
-        // a row per hit cost the writer's thread twice the CPU, which the stages on
-        // the same cores felt in their tail.
-        let mut put = t.prepare_cached(
-            "INSERT OR REPLACE INTO trail (tx_id, key, outcome, score, rules_version, model_version, created_at, recorded_at, retried, dlq_stage, dlq_error, hits, features, hops)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
-        )?;
-        for r in batch {
-            let hits = serde_json::to_string(&r.hits).unwrap_or_default();
-            let features = serde_json::to_string(&r.features).unwrap_or_default();
-            let hops = serde_json::to_string(&r.hops).unwrap_or_default();
-            let (dlq_stage, dlq_error) = r.dead_letter.as_ref().map_or((None, None), |d| (Some(&d.stage), Some(&d.error)));
-            put.execute(params![
-                r.tx_id,
-                r.key,
-                r.outcome,
-                r.score,
-                r.rules_version,
-                r.model_version,
-                r.created_at_ns,
-                r.recorded_at_ns,
-                r.retried,
-                dlq_stage,
-                dlq_error,
-                hits,
-                features,
-                hops
-            ])?;
+/// The JSON columns of a record.
+pub(crate) struct JsonColumns {
+    pub hits: String,
+    pub features: String,
+    pub hops: String,
+}
+
+impl TrailRecord {
+    pub(crate) fn json_columns(&self) -> JsonColumns {
+        JsonColumns {
+            hits: serde_json::to_string(&self.hits).unwrap_or_default(),
+            features: serde_json::to_string(&self.features).unwrap_or_default(),
+            hops: serde_json::to_string(&self.hops).unwrap_or_default(),
         }
     }
-    t.commit()
+}
+
+/// A JSON column back (a column some other program mangled reads as empty).
+pub(crate) fn decode_json<T: serde::de::DeserializeOwned + Default>(s: &str) -> T {
+    serde_json::from_str(s).unwrap_or_default()
 }
 
 /// What to look for in a trail ([`TrailReader::query`]); every field narrows.
@@ -313,94 +354,106 @@ pub struct Query {
     pub limit: usize,
 }
 
-/// Reads a trail database.
-#[derive(Debug)]
+/// A bound argument of a query.
+pub(crate) enum Arg {
+    Text(String),
+    Int(i64),
+}
+
+/// The `WHERE` clause of `q` and its arguments, with `placeholder(n)` for the n-th
+/// (1-based) argument and `rule_hit` the store's test of a hit (`{}`: the rule's
+/// placeholder): the one place both stores' filters are spelled.
+pub(crate) fn where_clause(q: &Query, placeholder: impl Fn(usize) -> String, rule_hit: &str) -> (String, Vec<Arg>) {
+    let mut sql = String::from("WHERE 1 = 1");
+    let mut args = Vec::new();
+    let bind = |a: Arg, args: &mut Vec<Arg>| {
+        args.push(a);
+        placeholder(args.len())
+    };
+    match q.outcome.as_deref() {
+        Some("dead_letter") => sql.push_str(" AND dlq_stage IS NOT NULL"),
+        Some(o) => sql.push_str(&format!(" AND outcome = {}", bind(Arg::Text(o.into()), &mut args))),
+        None => {}
+    }
+    if let Some(rule) = &q.rule {
+        let p = bind(Arg::Text(rule.clone()), &mut args);
+        sql.push_str(" AND ");
+        sql.push_str(&rule_hit.replace("{}", &p));
+    }
+    if let Some(k) = &q.key {
+        sql.push_str(&format!(" AND key = {}", bind(Arg::Text(k.clone()), &mut args)));
+    }
+    if let Some(t) = q.since_ns {
+        sql.push_str(&format!(" AND created_at >= {}", bind(Arg::Int(t), &mut args)));
+    }
+    if let Some(t) = q.until_ns {
+        sql.push_str(&format!(" AND created_at < {}", bind(Arg::Int(t), &mut args)));
+    }
+    (sql, args)
+}
+
+/// A store a [`TrailReader`] reads.
+pub(crate) trait ReadStore: Send {
+    fn count(&mut self, q: &Query) -> Result<u64, BoxError>;
+    fn get(&mut self, tx_id: &str) -> Result<Option<TrailRecord>, BoxError>;
+    fn query(&mut self, q: &Query) -> Result<Vec<TrailRecord>, BoxError>;
+}
+
+/// Reads a trail.
 pub struct TrailReader {
-    conn: Connection,
-    path: PathBuf,
+    store: Box<dyn ReadStore>,
+    location: Location,
+}
+
+impl std::fmt::Debug for TrailReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TrailReader").field("location", &self.location.to_string()).finish()
+    }
 }
 
 impl TrailReader {
-    /// Opens the SQLite trail at `path` (which must exist).
-    pub fn sqlite(path: &Path) -> Result<Self, TrailError> {
-        if !path.is_file() {
-            return Err(TrailError { path: path.to_path_buf(), source: rusqlite::Error::InvalidPath(path.to_path_buf()) });
-        }
-        Ok(TrailReader { conn: open(path)?, path: path.to_path_buf() })
+    /// Opens the trail at `location` (a SQLite file must exist; a PostgreSQL
+    /// database must answer; its table is created if missing).
+    pub fn open(location: &Location) -> Result<Self, TrailError> {
+        let store: Box<dyn ReadStore> = match location {
+            Location::Sqlite(path) => Box::new(sqlite::SqliteReader::open(path).map_err(|e| TrailError::at(location, e))?),
+            Location::Postgres(url) => {
+                let config = postgres::config(url).map_err(|e| TrailError::at(location, e))?;
+                Box::new(postgres::PostgresReader::open(&config).map_err(|e| TrailError::at(location, e))?)
+            }
+        };
+        Ok(TrailReader { store, location: location.clone() })
     }
 
-    fn err(&self, source: rusqlite::Error) -> TrailError {
-        TrailError { path: self.path.clone(), source }
+    /// Opens the SQLite trail at `path` (which must exist).
+    pub fn sqlite(path: &std::path::Path) -> Result<Self, TrailError> {
+        Self::open(&Location::Sqlite(path.to_path_buf()))
+    }
+
+    /// Where it reads.
+    pub fn location(&self) -> &Location {
+        &self.location
     }
 
     /// How many transactions it holds.
-    pub fn count(&self) -> Result<u64, TrailError> {
-        self.conn.query_row("SELECT COUNT(*) FROM trail", [], |r| r.get::<_, i64>(0)).map(|n| n as u64).map_err(|e| self.err(e))
+    pub fn count(&mut self) -> Result<u64, TrailError> {
+        self.count_matching(&Query::default())
+    }
+
+    /// How many transactions `q` selects (its limit aside).
+    pub fn count_matching(&mut self, q: &Query) -> Result<u64, TrailError> {
+        self.store.count(q).map_err(|e| TrailError::at(&self.location, e))
     }
 
     /// One transaction's evaluation.
-    pub fn get(&self, tx_id: &str) -> Result<Option<TrailRecord>, TrailError> {
-        self.conn.query_row(&format!("{SELECT} WHERE tx_id = ?1"), params![tx_id], row).optional().map_err(|e| self.err(e))
+    pub fn get(&mut self, tx_id: &str) -> Result<Option<TrailRecord>, TrailError> {
+        self.store.get(tx_id).map_err(|e| TrailError::at(&self.location, e))
     }
 
     /// The transactions `q` selects, newest event time first.
-    pub fn query(&self, q: &Query) -> Result<Vec<TrailRecord>, TrailError> {
-        let mut sql = format!("{SELECT} WHERE 1 = 1");
-        let mut args: Vec<rusqlite::types::Value> = Vec::new();
-        match q.outcome.as_deref() {
-            Some("dead_letter") => sql.push_str(" AND dlq_stage IS NOT NULL"),
-            Some(o) => {
-                args.push(o.to_string().into());
-                sql.push_str(&format!(" AND outcome = ?{}", args.len()));
-            }
-            None => {}
-        }
-        if let Some(rule) = &q.rule {
-            args.push(rule.clone().into());
-            sql.push_str(&format!(" AND EXISTS (SELECT 1 FROM json_each(trail.hits) WHERE json_extract(json_each.value, '$.rule') = ?{})", args.len()));
-        }
-        if let Some(k) = &q.key {
-            args.push(k.clone().into());
-            sql.push_str(&format!(" AND key = ?{}", args.len()));
-        }
-        if let Some(t) = q.since_ns {
-            args.push(t.into());
-            sql.push_str(&format!(" AND created_at >= ?{}", args.len()));
-        }
-        if let Some(t) = q.until_ns {
-            args.push(t.into());
-            sql.push_str(&format!(" AND created_at < ?{}", args.len()));
-        }
-        sql.push_str(&format!(" ORDER BY created_at DESC LIMIT {}", q.limit.max(1)));
-        let mut stmt = self.conn.prepare(&sql).map_err(|e| self.err(e))?;
-        stmt.query_map(rusqlite::params_from_iter(args), row).map_err(|e| self.err(e))?.collect::<Result<_, _>>().map_err(|e| self.err(e))
+    pub fn query(&mut self, q: &Query) -> Result<Vec<TrailRecord>, TrailError> {
+        self.store.query(q).map_err(|e| TrailError::at(&self.location, e))
     }
-}
-
-const SELECT: &str = "SELECT tx_id, key, outcome, score, rules_version, model_version, created_at, recorded_at, retried, dlq_stage, dlq_error, hits, features, hops FROM trail";
-
-fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TrailRecord> {
-    let json = |i: usize| -> rusqlite::Result<String> { r.get(i) };
-    let hits: String = json(11)?;
-    let features: String = json(12)?;
-    let hops: String = json(13)?;
-    let dlq_stage: Option<String> = r.get(9)?;
-    let dlq_error: Option<String> = r.get(10)?;
-    Ok(TrailRecord {
-        tx_id: r.get(0)?,
-        key: r.get(1)?,
-        outcome: r.get(2)?,
-        score: r.get(3)?,
-        rules_version: r.get(4)?,
-        model_version: r.get(5)?,
-        created_at_ns: r.get(6)?,
-        recorded_at_ns: r.get(7)?,
-        retried: r.get(8)?,
-        dead_letter: dlq_stage.map(|stage| DeadLetter { stage, error: dlq_error.unwrap_or_default() }),
-        features: serde_json::from_str(&features).unwrap_or_default(),
-        hops: serde_json::from_str(&hops).unwrap_or_default(),
-        hits: serde_json::from_str(&hits).unwrap_or_default(),
-    })
 }
 
 #[cfg(test)]
@@ -429,31 +482,60 @@ mod tests {
     #[test]
     fn records_are_written_in_batches_read_back_and_queried() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("trail.db");
-        let w = TrailWriter::sqlite(&path, 100).unwrap();
+        written_read_back_and_queried(&Location::Sqlite(dir.path().join("trail.db")));
+    }
+
+    #[test]
+    fn postgres_records_are_written_in_batches_read_back_and_queried() {
+        let Some(db) = postgres_database("trail_roundtrip") else { return };
+        written_read_back_and_queried(&db);
+    }
+
+    /// A fresh database on the test server (`scripts/postgres`, whose URL
+    /// `scripts/test` exports as ACTIO_POSTGRES_URL); `None` (skipped, with a note)
+    /// without one, unless ACTIO_REQUIRE_POSTGRES=1.
+    pub(crate) fn postgres_database(name: &str) -> Option<Location> {
+        let Ok(url) = std::env::var("ACTIO_POSTGRES_URL") else {
+            assert_ne!(std::env::var("ACTIO_REQUIRE_POSTGRES").as_deref(), Ok("1"), "{name}: ACTIO_REQUIRE_POSTGRES=1 but ACTIO_POSTGRES_URL is not set (scripts/postgres start prints it)");
+            eprintln!("{name}: skipped, no ACTIO_POSTGRES_URL (scripts/postgres start)");
+            return None;
+        };
+        let mut admin = ::postgres::Client::connect(&url, ::postgres::NoTls).unwrap();
+        let db = format!("{name}_{}", std::process::id());
+        admin.batch_execute(&format!("DROP DATABASE IF EXISTS {db}")).unwrap();
+        admin.batch_execute(&format!("CREATE DATABASE {db}")).unwrap();
+        let base = url.rsplit_once('/').map_or(url.as_str(), |(b, _)| b).to_string();
+        Some(Location::Postgres(format!("{base}/{db}")))
+    }
+
+    fn written_read_back_and_queried(location: &Location) {
+        let path = location;
+        let w = TrailWriter::open(path, 100).unwrap();
         w.record(rec("t1", Some("approve"), &[], 100));
         w.record(rec("t2", Some("decline"), &[("big", false), ("trial", true)], 200));
         w.record(rec("t3", None, &[], 300));
         w.record(rec("t2", Some("decline"), &[("big", false), ("trial", true)], 200)); // redelivered
         assert_eq!(w.close(), (4, 0));
-        let r = TrailReader::sqlite(&path).unwrap();
+        let mut r = TrailReader::open(path).unwrap();
         assert_eq!(r.count().unwrap(), 3, "one record per transaction");
         assert_eq!(r.get("t2").unwrap().unwrap(), rec("t2", Some("decline"), &[("big", false), ("trial", true)], 200));
         assert_eq!(r.get("nope").unwrap(), None);
-        let ids = |q: Query| r.query(&Query { limit: 10, ..q }).unwrap().into_iter().map(|t| t.tx_id).collect::<Vec<_>>();
+        let mut ids = |q: Query| r.query(&Query { limit: 10, ..q }).unwrap().into_iter().map(|t| t.tx_id).collect::<Vec<_>>();
         assert_eq!(ids(Query::default()), ["t3", "t2", "t1"], "newest first");
         assert_eq!(ids(Query { outcome: Some("decline".into()), ..Default::default() }), ["t2"]);
         assert_eq!(ids(Query { outcome: Some("dead_letter".into()), ..Default::default() }), ["t3"]);
         assert_eq!(ids(Query { rule: Some("trial".into()), ..Default::default() }), ["t2"], "shadow hits are queryable");
         assert_eq!(ids(Query { since_ns: Some(150), until_ns: Some(300), ..Default::default() }), ["t2"]);
         assert_eq!(ids(Query { key: Some("k-1".into()), ..Default::default() }), ["t1"]);
+        assert_eq!(r.count_matching(&Query { rule: Some("big".into()), ..Default::default() }).unwrap(), 1);
+        assert_eq!(r.count_matching(&Query { outcome: Some("approve".into()), ..Default::default() }).unwrap(), 1);
     }
 
     #[test]
     fn a_full_queue_drops_and_counts_and_never_blocks() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("trail.db");
-        let blocker = open(&path).unwrap();
+        let blocker = sqlite::open(&path).unwrap();
         let w = TrailWriter::sqlite(&path, 10).unwrap();
         // Another connection holds the write lock: the writer's first batch waits on it.
         blocker.execute_batch("BEGIN IMMEDIATE").unwrap();

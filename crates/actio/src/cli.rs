@@ -148,7 +148,8 @@ pub enum Command {
     Loadgen(LoadgenArgs),
     /// Show what a run recorded of each transaction's evaluation (the decision trail).
     ///
-    /// `actio run --trail` writes trail.db beside its report: per transaction the stages it
+    /// `actio run --trail` writes trail.db beside its report (`--trail=postgres://…`
+    /// and `actio stage --trail` a database): per transaction the stages it
     /// passed with their times, the rules that fired (shadow ones too), its
     /// features, score, outcome, the rules and model versions, whether it was retried
     /// and its dead-letter event. With a transaction id, that one; otherwise the
@@ -159,14 +160,16 @@ pub enum Command {
     ///   actio trail results/run-1/trail.db --outcome decline --limit 5
     ///   actio trail results/run-1/trail.db --rule micro_ecom --json
     ///   actio trail results/run-1/trail.db --outcome dead_letter
+    ///   actio trail postgres://actio@127.0.0.1:54329/postgres --since 2026-12-01T10:00:00Z
     #[command(verbatim_doc_comment)]
     Trail(TrailArgs),
 }
 
 #[derive(Debug, Args)]
 pub struct TrailArgs {
-    /// The trail database (trail.db beside a run's report).
-    pub db: PathBuf,
+    /// The trail: a SQLite file (trail.db beside a run's report) or a postgres:// URL.
+    #[arg(env = "ACTIO_TRAIL", value_name = "FILE|URL")]
+    pub db: String,
     /// A transaction id: show its evaluation.
     pub tx_id: Option<String>,
     /// Only this outcome (one of the schema's, or dead_letter).
@@ -190,6 +193,9 @@ pub struct TrailArgs {
     /// JSON lines instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Print only how many transactions match the filters (--limit aside).
+    #[arg(long, conflicts_with = "tx_id")]
+    pub count: bool,
 }
 
 /// Which bus `actio run` uses.
@@ -268,6 +274,17 @@ pub struct StageArgs {
     /// traceparent follows its sampled flag).
     #[arg(long, env = "ACTIO_TRACE_RATIO", default_value_t = 0.01, value_parser = parse_ratio)]
     pub trace_ratio: f64,
+    /// Record the evaluation of each transaction this service decides or
+    /// dead-letters (the decision trail) in this database: a postgres:// URL, where
+    /// every replica writes one table, or a SQLite file. Written in batches off the
+    /// latency path; GET /trail/<tx_id> and GET /trail?outcome=… on --http read it
+    /// back. Off when unset.
+    #[arg(long, env = "ACTIO_TRAIL", value_name = "LOCATION")]
+    pub trail: Option<String>,
+    /// With --trail: records queued at most while the database is slow or away; past
+    /// that they are dropped and counted (actio_trail_records_total{result="dropped"}).
+    #[arg(long, env = "ACTIO_TRAIL_BUFFER", default_value_t = actio_trail::DEFAULT_CAPACITY, value_name = "RECORDS")]
+    pub trail_buffer: usize,
 }
 
 fn parse_ratio(s: &str) -> Result<f64, String> {
@@ -414,11 +431,17 @@ pub struct RunArgs {
     /// Do not watch the rule and model files for changes (SIGHUP still reloads them).
     #[arg(long)]
     pub no_watch: bool,
-    /// Record each transaction's evaluation, the decision trail, in trail.db beside
-    /// the report (`actio trail` reads it). Off by default: on two cores its writer
-    /// costs the stages' tail (BENCHMARKS.md, "Decision trail").
-    #[arg(long)]
-    pub trail: bool,
+    /// Record each transaction's evaluation, the decision trail (`actio trail` reads
+    /// it): `--trail` alone writes a fresh trail.db beside the report;
+    /// `--trail=postgres://user@host:port/db` writes to PostgreSQL (kept across runs;
+    /// a transaction's record is replaced if it is decided again). Off by default: on
+    /// two cores its writer costs the stages' tail (BENCHMARKS.md, "Decision trail").
+    #[arg(long, value_name = "LOCATION", num_args = 0..=1, require_equals = true, default_missing_value = "")]
+    pub trail: Option<String>,
+    /// With --trail: records queued at most while the database is slow or away; past
+    /// that they are dropped and counted (decisions never wait for the trail).
+    #[arg(long, default_value_t = actio_trail::DEFAULT_CAPACITY, value_name = "RECORDS")]
+    pub trail_buffer: usize,
     #[command(flatten)]
     pub kafka: KafkaArgs,
 }

@@ -55,7 +55,7 @@ fn init_logging(json: bool) {
     use tracing_subscriber::util::SubscriberInitExt as _;
     use tracing_subscriber::{EnvFilter, Layer as _};
     let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn,actio=info,actio_pipeline::reload=info"));
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn,actio=info,actio_pipeline::reload=info,actio_trail=info"));
     let json =
         json || std::env::var("ACTIO_LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("json"));
     // rdkafka's `BaseConsumer` closes its queue again when dropped and logs the

@@ -16,7 +16,7 @@ use actio_loadgen::{Collector, Generator, Scenario, Schedule, Sender, StageHisto
 use actio_pipeline::Pipeline;
 use actio_pipeline::launch::{self, LaunchOptions, Selection};
 use actio_pipeline::reload::Reloader;
-use actio_trail::TrailWriter;
+use actio_trail::{Location, TrailWriter};
 use actio_runtime::StopMode;
 use anyhow::{Context, bail};
 
@@ -63,14 +63,14 @@ pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
     match args.bus {
         BusKind::Embedded => {
             let bus = Arc::new(EmbeddedBus::new(EmbeddedConfig::default()));
-            drive(&bus, "embedded", &pipeline, &args.load, Some(args.services()), args.threads, &[], None, Extras { watch: !args.no_watch, trail: args.trail })
+            drive(&bus, "embedded", &pipeline, &args.load, Some(args.services()), args.threads, &[], None, Extras::of_run(&args))
         }
         BusKind::Kafka => {
             let bus = match crate::kafka::bus_or_exit(&pipeline, &args.kafka) {
                 Ok(b) => Arc::new(b),
                 Err(code) => return Ok(code),
             };
-            drive(&bus, "kafka", &pipeline, &args.load, Some(args.services()), args.threads, &[], None, Extras { watch: !args.no_watch, trail: args.trail })
+            drive(&bus, "kafka", &pipeline, &args.load, Some(args.services()), args.threads, &[], None, Extras::of_run(&args))
         }
     }
 }
@@ -85,16 +85,25 @@ pub fn loadgen(args: LoadgenArgs) -> anyhow::Result<ExitCode> {
         Ok(b) => Arc::new(b),
         Err(code) => return Ok(code),
     };
-    drive(&bus, "kafka", &pipeline, &args.load, None, None, &[], args.broker_gc_log.as_deref(), Extras { watch: false, trail: false })
+    drive(&bus, "kafka", &pipeline, &args.load, None, None, &[], args.broker_gc_log.as_deref(), Extras { watch: false, trail: None })
 }
 
 /// What a run does beside driving load, for stages it runs in-process.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Extras {
     /// Reload the stages' rule and model files when they change (and on SIGHUP).
     pub watch: bool,
-    /// Record each decision's evaluation in `trail.db` beside the report.
-    pub trail: bool,
+    /// Record each decision's evaluation: `Some(None)` in a fresh `trail.db` beside
+    /// the report, `Some(Some(location))` there; with the queue's capacity.
+    pub trail: Option<(Option<Location>, usize)>,
+}
+
+impl Extras {
+    /// What `actio run`'s flags ask for.
+    pub fn of_run(args: &RunArgs) -> Self {
+        let trail = args.trail.as_deref().map(|t| ((!t.is_empty()).then(|| Location::parse(t)), args.trail_buffer));
+        Extras { watch: !args.no_watch, trail }
+    }
 }
 
 /// Offers load to `pipeline` on `bus`, running its stages in-process when
@@ -132,13 +141,18 @@ pub fn drive<B: Bus>(
     let scenario = scenario(load, pipeline)?;
     // The decision trail, beside the report: a fresh database per run.
     let trail = match (extras.trail, in_process.is_some()) {
-        (true, true) => {
-            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-            let path = out.join("trail.db");
-            for f in ["trail.db", "trail.db-wal", "trail.db-shm"] {
-                let _ = std::fs::remove_file(out.join(f));
-            }
-            Some(Arc::new(TrailWriter::sqlite(&path, actio_trail::DEFAULT_CAPACITY).context("opening the decision trail (run without --trail to skip it)")?))
+        (Some((location, buffer)), true) => {
+            let location = match location {
+                Some(l) => l,
+                None => {
+                    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+                    for f in ["trail.db", "trail.db-wal", "trail.db-shm"] {
+                        let _ = std::fs::remove_file(out.join(f));
+                    }
+                    Location::Sqlite(out.join("trail.db"))
+                }
+            };
+            Some(Arc::new(TrailWriter::open(&location, buffer).context("opening the decision trail (run without --trail to skip it)")?))
         }
         _ => None,
     };
@@ -277,7 +291,7 @@ pub fn drive<B: Bus>(
     }
     // Every handler is gone with its stage: the trail writes what is queued.
     let trail_summary = trail.map(|t| {
-        let path = t.path().to_path_buf();
+        let path = t.location().to_string();
         let t0 = Instant::now();
         let mut t = t;
         loop {
@@ -324,9 +338,9 @@ pub fn drive<B: Bus>(
     print!("{}", report.render_text());
     println!("report: {}/report.html (also report.json and *.hgrm)", out.display());
     match trail_summary {
-        Some((path, Some((written, 0)))) => println!("trail: {written} records in {} (actio trail {} --help)", path.display(), path.display()),
-        Some((path, Some((written, dropped)))) => println!("trail: {written} records in {}; {dropped} DROPPED (the writer fell behind; decisions were not slowed)", path.display()),
-        Some((path, None)) => eprintln!("actio: the trail in {} was still in use at the end; its count is unknown", path.display()),
+        Some((path, Some((written, 0)))) => println!("trail: {written} records in {path} (see them: actio trail {path} --limit 5)"),
+        Some((path, Some((written, dropped)))) => println!("trail: {written} records in {path}; {dropped} DROPPED (the queue was full: the database was slow or away; decisions were not slowed)"),
+        Some((path, None)) => eprintln!("actio: the trail in {path} was still in use at the end; its count is unknown"),
         None => {}
     }
     Ok(if report.lost > 0 || stage_failed || report.send_failures > 0 {

@@ -24,11 +24,12 @@ use actio_pipeline::launch::{LaunchOptions, StagePlan};
 use actio_runtime::{StageMetrics, StopMode};
 use anyhow::Context;
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use actio_pipeline::reload::Reloader;
+use actio_trail::{Location, TrailReader, TrailWriter};
 
 use crate::cli::StageArgs;
 
@@ -45,6 +46,8 @@ struct Health {
     ready: AtomicBool,
     stopping: AtomicBool,
     reloader: Arc<Reloader>,
+    /// Where this service's decision trail goes (`--trail`), read back by `/trail`.
+    trail: Option<Location>,
 }
 
 impl Health {
@@ -74,6 +77,66 @@ async fn reload(State(h): State<Arc<Health>>) -> impl IntoResponse {
 /// `GET /admin/reload`: the version in force, reloads and failures of each file.
 async fn reload_status(State(h): State<Arc<Health>>) -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "application/json")], format!("{:#}\n", h.reloader.status_json()))
+}
+
+/// `GET /trail/<tx_id>`: one transaction's evaluation, as `actio trail --json` shows it.
+async fn trail_one(State(h): State<Arc<Health>>, Path(tx_id): Path<String>) -> impl IntoResponse {
+    trail_answer(&h, move |r| match r.get(&tx_id)? {
+        Some(t) => Ok((StatusCode::OK, serde_json::to_value(t).unwrap_or_default())),
+        None => Ok((StatusCode::NOT_FOUND, serde_json::json!({ "error": format!("no transaction {tx_id:?} in the trail"), "recorded": r.count()? }))),
+    })
+    .await
+}
+
+/// The filters of `GET /trail?…`, the same as `actio trail`'s flags.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TrailFilter {
+    outcome: Option<String>,
+    rule: Option<String>,
+    key: Option<String>,
+    since: Option<String>,
+    until: Option<String>,
+    limit: Option<usize>,
+}
+
+/// `GET /trail?outcome=&rule=&key=&since=&until=&limit=`: the newest matching
+/// transactions (limit 20, at most 1,000), as a JSON array.
+async fn trail_query(State(h): State<Arc<Health>>, filter: Result<Query<TrailFilter>, axum::extract::rejection::QueryRejection>) -> axum::response::Response {
+    let Query(f) = match filter {
+        Ok(f) => f,
+        Err(e) => return json_response(StatusCode::BAD_REQUEST, serde_json::json!({ "error": e.body_text(), "fields": ["outcome", "rule", "key", "since", "until", "limit"] })),
+    };
+    let time = |name: &str, v: &Option<String>| -> Result<Option<i64>, String> {
+        v.as_deref().map(|s| actio_core::time::parse_rfc3339_ns(s).ok_or_else(|| format!("{name}={s:?}: expected an RFC 3339 time such as 2026-12-01T10:00:00Z"))).transpose()
+    };
+    let (since_ns, until_ns) = match (time("since", &f.since), time("until", &f.until)) {
+        (Ok(s), Ok(u)) => (s, u),
+        (Err(e), _) | (_, Err(e)) => return json_response(StatusCode::BAD_REQUEST, serde_json::json!({ "error": e })),
+    };
+    let q = actio_trail::Query { outcome: f.outcome, rule: f.rule, key: f.key, since_ns, until_ns, limit: f.limit.unwrap_or(20).min(1000) };
+    trail_answer(&h, move |r| Ok((StatusCode::OK, serde_json::to_value(r.query(&q)?).unwrap_or_default()))).await
+}
+
+fn json_response(status: StatusCode, body: serde_json::Value) -> axum::response::Response {
+    (status, [(header::CONTENT_TYPE, "application/json")], format!("{body:#}\n")).into_response()
+}
+
+/// Opens the trail (a connection per request: reads are rare, and a database that
+/// was away answers the next one) and runs `read` off the async thread.
+async fn trail_answer(
+    h: &Health,
+    read: impl FnOnce(&mut TrailReader) -> Result<(StatusCode, serde_json::Value), actio_trail::TrailError> + Send + 'static,
+) -> axum::response::Response {
+    let Some(location) = h.trail.clone() else {
+        return json_response(StatusCode::NOT_FOUND, serde_json::json!({ "error": "this service records no decision trail (start it with --trail)" }));
+    };
+    let answer = tokio::task::spawn_blocking(move || TrailReader::open(&location).and_then(|mut r| read(&mut r))).await;
+    match answer {
+        Ok(Ok((status, body))) => json_response(status, body),
+        Ok(Err(e)) => json_response(StatusCode::SERVICE_UNAVAILABLE, serde_json::json!({ "error": e.to_string() })),
+        Err(_) => json_response(StatusCode::INTERNAL_SERVER_ERROR, serde_json::json!({ "error": "the trail read did not finish; see the log" })),
+    }
 }
 
 async fn healthz() -> impl IntoResponse {
@@ -122,6 +185,8 @@ fn serve_http(addr: SocketAddr, health: Arc<Health>) -> anyhow::Result<()> {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/admin/reload", get(reload_status).post(reload))
+        .route("/trail", get(trail_query))
+        .route("/trail/{tx_id}", get(trail_one))
         .with_state(health);
     std::thread::Builder::new()
         .name("http".into())
@@ -182,13 +247,20 @@ pub fn main(args: StageArgs) -> anyhow::Result<ExitCode> {
         Some(endpoint) if !args.dry_run => Some(crate::otel::Export::start(endpoint, args.trace_ratio, format!("{}.{}", pipeline.name, service.name))?),
         _ => None,
     };
+    // The decision trail, if asked for: a bad URL is an error now; a database that
+    // does not answer yet is the writer's to wait for (the stage starts anyway).
+    let trail_location = args.trail.as_deref().map(Location::parse);
+    let trail = match &trail_location {
+        Some(l) if !args.dry_run => Some(Arc::new(TrailWriter::open(l, args.trail_buffer).context("opening the decision trail (--trail / ACTIO_TRAIL)")?)),
+        _ => None,
+    };
     let options = LaunchOptions {
         properties: crate::kafka::properties(&pipeline, &args.kafka),
         threads: args.threads,
         tune: Some(crate::kafka::tune_retry_consumer),
         instance: args.instance_id.clone(),
         tracer: export.as_ref().map(|(t, _)| t.clone()),
-        trail: None,
+        trail: trail.clone(),
     };
     let plan = StagePlan::new(&pipeline, &service, &options);
     let stages = service.stages(&pipeline);
@@ -209,7 +281,7 @@ pub fn main(args: StageArgs) -> anyhow::Result<ExitCode> {
     let traces = match &args.otlp_endpoint {
         Some(e) => format!("; traces to {e} (ratio {})", args.trace_ratio),
         None => String::new(),
-    };
+    } + &trail_location.as_ref().map(|l| format!("; decision trail to {l} (buffer {})", args.trail_buffer)).unwrap_or_default();
     let eos = if spec.exactly_once { format!("; exactly-once, transactional id {}.{}, a transaction per {:?}", spec.group, spec.instance, spec.commit_interval) } else { String::new() };
     let summary = format!(
         "{what} of {}: {} → {} in group {group}, {} threads, in flight ≤ {}/partition and {cap}/stage; retries {} in place{retry}{eos}{traces}; brokers {}; http {}; grace {:?}",
@@ -256,6 +328,7 @@ pub fn main(args: StageArgs) -> anyhow::Result<ExitCode> {
         ready: AtomicBool::new(false),
         stopping: AtomicBool::new(false),
         reloader: reloader.clone(),
+        trail: trail_location.clone(),
     });
     serve_http(args.http, health.clone())?;
     tracing::info!("{summary}");
@@ -288,6 +361,12 @@ pub fn main(args: StageArgs) -> anyhow::Result<ExitCode> {
     let joined = handle.join();
     if let Some((_, e)) = export {
         e.shutdown();
+    }
+    // The handlers are gone with the stage: the trail writes what is queued.
+    if let Some(t) = trail.and_then(|t| Arc::try_unwrap(t).ok()) {
+        let location = t.location().to_string();
+        let (written, dropped) = t.close();
+        tracing::info!(trail = %location, written, dropped, "decision trail closed");
     }
     match joined {
         Ok(m) => {

@@ -5,15 +5,16 @@ use std::fmt::Write as _;
 use std::process::ExitCode;
 
 use actio_core::time::{format_rfc3339_ns, parse_rfc3339_ns};
-use actio_trail::{Query, TrailReader, TrailRecord};
+use actio_trail::{Location, Query, TrailReader, TrailRecord};
 
 use crate::cli::TrailArgs;
 
 pub fn main(args: TrailArgs) -> anyhow::Result<ExitCode> {
-    let reader = match TrailReader::sqlite(&args.db) {
+    let location = Location::parse(&args.db);
+    let mut reader = match TrailReader::open(&location) {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("error: {e} (a run's trail is trail.db beside its report; `actio run --trail` writes it)");
+            eprintln!("error: {e} (a run's trail is trail.db beside its report, written by `actio run --trail`; a service's is the database of its --trail)");
             return Ok(ExitCode::from(crate::EXIT_CONFIG));
         }
     };
@@ -27,15 +28,20 @@ pub fn main(args: TrailArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(crate::EXIT_CONFIG));
         }
     };
+    let query = Query { outcome: args.outcome, rule: args.rule, key: args.key, since_ns, until_ns, limit: args.limit };
+    if args.count {
+        println!("{}", reader.count_matching(&query)?);
+        return Ok(ExitCode::SUCCESS);
+    }
     let records = match &args.tx_id {
         Some(id) => match reader.get(id)? {
             Some(r) => vec![r],
             None => {
-                eprintln!("error: no transaction {id:?} in {} ({} recorded)", args.db.display(), reader.count()?);
+                eprintln!("error: no transaction {id:?} in {} ({} recorded)", location, reader.count()?);
                 return Ok(ExitCode::from(1));
             }
         },
-        None => reader.query(&Query { outcome: args.outcome, rule: args.rule, key: args.key, since_ns, until_ns, limit: args.limit })?,
+        None => reader.query(&query)?,
     };
     for r in &records {
         if args.json {
