@@ -99,7 +99,8 @@ impl Sender {
     /// with several flows has an ingress topic each): the topic is chosen by the key,
     /// so one key's transactions stay in one flow, in order. `start_ns` is the
     /// wall-clock time of the schedule's start (the intended times are `start_ns +
-    /// due(i)`).
+    /// due(i)`). `record` sees each transaction's payload as it goes out (`actio run
+    /// --record-traffic` writes them to a file, for `actio replay`).
     #[allow(clippy::too_many_arguments)]
     pub fn run<P: Producer>(
         &self,
@@ -111,13 +112,10 @@ impl Sender {
         key_of: impl Fn(&Tx) -> String,
         stop: &AtomicBool,
         progress: impl Fn(u64),
+        mut record: impl FnMut(&[u8]),
     ) {
         let topics: Vec<Arc<str>> = topics.iter().map(|t| Arc::from(t.as_str())).collect();
-        let flow_of = |key: &str| -> usize {
-            // FNV-1a: stable across runs and processes, unlike the std hasher.
-            let h = key.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
-            (h % topics.len().max(1) as u64) as usize
-        };
+        let flow_of = |key: &str| flow_of(key, topics.len());
         let start = Instant::now();
         let start_ns = actio_core::time::now_ns();
         // Sized for the run up front: growing a map of ~10^5 keys rehashes it at once,
@@ -148,6 +146,7 @@ impl Sender {
             *ks += 1;
             self.key_seq[i as usize].store(*ks, Ordering::Relaxed);
             let payload = schema.encode_json(&tx);
+            record(&payload);
             let mut h = Headers::default();
             h.set(headers::ID, schema.id_of(&tx).as_bytes().to_vec());
             h.set(headers::CREATED, intended_ns.to_string().into_bytes());
@@ -173,6 +172,14 @@ impl Sender {
         }
         self.stats.done.store(true, Ordering::Release);
     }
+}
+
+/// Which of `flows` ingress topics a key's transactions go to: FNV-1a, stable across
+/// runs and processes (unlike the std hasher), so one key stays in one flow — the
+/// load generator and `actio replay` agree.
+pub fn flow_of(key: &str, flows: usize) -> usize {
+    let h = key.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+    (h % flows.max(1) as u64) as usize
 }
 
 #[cfg(test)]

@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError, bounded};
 use serde::{Deserialize, Serialize};
 
+pub mod diff;
 mod postgres;
 mod sqlite;
 
@@ -112,6 +113,8 @@ pub enum Location {
     Sqlite(PathBuf),
     /// A PostgreSQL connection URL (`postgres://user@host:port/db`).
     Postgres(String),
+    /// This process's memory ([`TrailWriter::collecting`]).
+    Memory,
 }
 
 impl Location {
@@ -130,6 +133,7 @@ impl std::fmt::Display for Location {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Location::Sqlite(p) => write!(f, "{}", p.display()),
+            Location::Memory => f.write_str("memory"),
             Location::Postgres(url) => match (url.find("://"), url.rfind('@')) {
                 (Some(s), Some(at)) if url[s + 3..at].contains(':') => {
                     let user_end = s + 3 + url[s + 3..at].find(':').unwrap_or(0);
@@ -196,7 +200,20 @@ impl TrailWriter {
         let store: Box<dyn Store> = match location {
             Location::Sqlite(path) => Box::new(sqlite::SqliteStore(sqlite::open(path).map_err(|e| TrailError::at(location, e))?)),
             Location::Postgres(url) => Box::new(postgres::PostgresStore::new(postgres::config(url).map_err(|e| TrailError::at(location, e))?)),
+            Location::Memory => Box::new(MemoryStore(Collected::default())),
         };
+        Self::start(store, location, capacity)
+    }
+
+    /// A writer that keeps its records in memory, by transaction id (a
+    /// transaction's last record wins, as in the databases): what `actio replay`
+    /// compares with the recorded trail.
+    pub fn collecting(capacity: usize) -> Result<(Self, Collected), TrailError> {
+        let collected = Collected::default();
+        Ok((Self::start(Box::new(MemoryStore(collected.clone())), &Location::Memory, capacity)?, collected))
+    }
+
+    fn start(store: Box<dyn Store>, location: &Location, capacity: usize) -> Result<Self, TrailError> {
         let (tx, rx) = bounded(capacity.max(1));
         let stats = Arc::new(TrailStats::default());
         let thread = {
@@ -249,12 +266,46 @@ impl TrailWriter {
     }
 }
 
+impl TrailWriter {
+    /// Closes a shared writer once every other holder has let go (a stage's
+    /// handlers, after it stopped), waiting at most `within` for them; `None` if one
+    /// still holds it then (its records are written when that one drops it).
+    pub fn close_shared(mut shared: Arc<Self>, within: Duration) -> Option<(u64, u64)> {
+        let t0 = Instant::now();
+        loop {
+            match Arc::try_unwrap(shared) {
+                Ok(w) => return Some(w.close()),
+                Err(still) if t0.elapsed() < within => {
+                    shared = still;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(_) => return None,
+            }
+        }
+    }
+}
+
 impl Drop for TrailWriter {
     fn drop(&mut self) {
         self.tx.take();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+/// Records a [`TrailWriter::collecting`] kept, by transaction id.
+pub type Collected = Arc<std::sync::Mutex<std::collections::HashMap<String, TrailRecord>>>;
+
+struct MemoryStore(Collected);
+
+impl Store for MemoryStore {
+    fn write(&mut self, batch: &[TrailRecord]) -> Result<(), BoxError> {
+        let mut kept = self.0.lock().map_err(|_| "the collected records' lock was poisoned")?;
+        for r in batch {
+            kept.insert(r.tx_id.clone(), r.clone());
+        }
+        Ok(())
     }
 }
 
@@ -416,6 +467,7 @@ impl TrailReader {
     /// database must answer; its table is created if missing).
     pub fn open(location: &Location) -> Result<Self, TrailError> {
         let store: Box<dyn ReadStore> = match location {
+            Location::Memory => return Err(TrailError::at(location, "a collected trail is read through its Collected map")),
             Location::Sqlite(path) => Box::new(sqlite::SqliteReader::open(path).map_err(|e| TrailError::at(location, e))?),
             Location::Postgres(url) => {
                 let config = postgres::config(url).map_err(|e| TrailError::at(location, e))?;
@@ -453,6 +505,12 @@ impl TrailReader {
     /// The transactions `q` selects, newest event time first.
     pub fn query(&mut self, q: &Query) -> Result<Vec<TrailRecord>, TrailError> {
         self.store.query(q).map_err(|e| TrailError::at(&self.location, e))
+    }
+
+    /// Every transaction created in `[since_ns, until_ns)`, by id.
+    pub fn between(&mut self, since_ns: i64, until_ns: i64) -> Result<std::collections::HashMap<String, TrailRecord>, TrailError> {
+        let q = Query { since_ns: Some(since_ns), until_ns: Some(until_ns), limit: i64::MAX as usize, ..Query::default() };
+        Ok(self.query(&q)?.into_iter().map(|r| (r.tx_id.clone(), r)).collect())
     }
 }
 

@@ -163,6 +163,54 @@ pub enum Command {
     ///   actio trail postgres://actio@127.0.0.1:54329/postgres --since 2026-12-01T10:00:00Z
     #[command(verbatim_doc_comment)]
     Trail(TrailArgs),
+    /// Backtest a change: re-run a pipeline over recorded traffic and diff its
+    /// decisions against the recorded ones.
+    ///
+    /// The transactions of --input (ingress JSON, one per line, as `actio run
+    /// --record-traffic` writes traffic.jsonl) go through PIPELINE — typically a copy
+    /// with edited rules, thresholds or model — in one process on the embedded log,
+    /// never to live topics, as fast as the machine allows. Each key's transactions
+    /// are replayed in their recorded order, so velocity windows are rebuilt as the
+    /// live pipeline built them. The new decisions are compared with --against (the
+    /// recorded trail) or with --baseline (another pipeline replayed over the same
+    /// traffic): outcome transitions, per-rule hit deltas, the score's distribution
+    /// and the changed transactions with the rules they gained and lost. Writes
+    /// diff.json and diff.html to --out.
+    ///
+    /// Examples:
+    ///   actio run pipelines/fraud --trail --record-traffic --out results/live
+    ///   actio replay pipelines/fraud --input results/live/traffic.jsonl --against results/live/trail.db
+    ///   actio replay /tmp/fraud-edited --input results/live/traffic.jsonl --baseline pipelines/fraud
+    #[command(verbatim_doc_comment)]
+    Replay(ReplayArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("recorded").required(true).args(["against", "baseline"])))]
+pub struct ReplayArgs {
+    /// The pipeline to replay (its directory).
+    pub pipeline: PathBuf,
+    /// The recorded traffic: ingress JSON, one transaction per line.
+    #[arg(long, value_name = "FILE.jsonl")]
+    pub input: PathBuf,
+    /// The recorded decisions: a trail (SQLite file or postgres:// URL).
+    #[arg(long, value_name = "FILE|URL")]
+    pub against: Option<String>,
+    /// Instead of a trail: replay this pipeline too, and compare with it.
+    #[arg(long, value_name = "PIPELINE")]
+    pub baseline: Option<PathBuf>,
+    /// Where to write diff.json and diff.html [default: results/replay-<time>].
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// How many changed transactions to list.
+    #[arg(long, default_value_t = 20)]
+    pub top: usize,
+    /// Worker threads per stage [default: the pipeline's, else all cores].
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Print the diff as JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -442,6 +490,10 @@ pub struct RunArgs {
     /// that they are dropped and counted (decisions never wait for the trail).
     #[arg(long, default_value_t = actio_trail::DEFAULT_CAPACITY, value_name = "RECORDS")]
     pub trail_buffer: usize,
+    /// Write every transaction sent, as its ingress JSON, one per line, to
+    /// traffic.jsonl beside the report: the recorded traffic `actio replay` re-runs.
+    #[arg(long)]
+    pub record_traffic: bool,
     #[command(flatten)]
     pub kafka: KafkaArgs,
 }

@@ -15,6 +15,7 @@ mod cli;
 mod graph;
 mod kafka;
 mod otel;
+mod replay;
 mod run;
 mod schema;
 mod service;
@@ -40,6 +41,7 @@ fn main() -> ExitCode {
         cli::Command::Topics(a) => topics::main(a),
         cli::Command::Loadgen(a) => run::loadgen(a),
         cli::Command::Trail(a) => trail::main(a),
+        cli::Command::Replay(a) => replay::main(a),
     };
     match result {
         Ok(code) => code,

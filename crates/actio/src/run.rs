@@ -85,7 +85,7 @@ pub fn loadgen(args: LoadgenArgs) -> anyhow::Result<ExitCode> {
         Ok(b) => Arc::new(b),
         Err(code) => return Ok(code),
     };
-    drive(&bus, "kafka", &pipeline, &args.load, None, None, &[], args.broker_gc_log.as_deref(), Extras { watch: false, trail: None })
+    drive(&bus, "kafka", &pipeline, &args.load, None, None, &[], args.broker_gc_log.as_deref(), Extras { watch: false, trail: None, record_traffic: false })
 }
 
 /// What a run does beside driving load, for stages it runs in-process.
@@ -96,13 +96,15 @@ pub struct Extras {
     /// Record each decision's evaluation: `Some(None)` in a fresh `trail.db` beside
     /// the report, `Some(Some(location))` there; with the queue's capacity.
     pub trail: Option<(Option<Location>, usize)>,
+    /// Write each transaction sent to `traffic.jsonl` beside the report.
+    pub record_traffic: bool,
 }
 
 impl Extras {
     /// What `actio run`'s flags ask for.
     pub fn of_run(args: &RunArgs) -> Self {
         let trail = args.trail.as_deref().map(|t| ((!t.is_empty()).then(|| Location::parse(t)), args.trail_buffer));
-        Extras { watch: !args.no_watch, trail }
+        Extras { watch: !args.no_watch, trail, record_traffic: args.record_traffic }
     }
 }
 
@@ -179,6 +181,14 @@ pub fn drive<B: Bus>(
     let producer = bus.producer(&ProducerConfig { client_id: "actio-loadgen".into(), properties: properties.to_vec(), transactional_id: None }).context("creating the load generator's producer")?;
     let mut generator = Generator::new(pipeline.schema.clone(), &scenario, &run_id)?;
     let stop_sending = Arc::new(AtomicBool::new(false));
+    let traffic_path = out.join("traffic.jsonl");
+    let mut traffic = match extras.record_traffic {
+        true => {
+            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+            Some(std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&traffic_path).with_context(|| format!("creating {}", traffic_path.display()))?))
+        }
+        false => None,
+    };
     let sender_thread = {
         let sender = sender.clone();
         let stop = stop_sending.clone();
@@ -186,8 +196,19 @@ pub fn drive<B: Bus>(
         let key = pipeline.key.clone();
         let schema = pipeline.schema.clone();
         std::thread::Builder::new().name("loadgen".into()).spawn(move || {
-            sender.run(&producer, &topics, &mut generator, &schema, &schedule, |tx| key.key(tx), &stop, |_| {});
+            let mut failed = None;
+            let record = |payload: &[u8]| {
+                if let (Some(w), None) = (traffic.as_mut(), &failed)
+                    && let Err(e) = w.write_all(payload).and_then(|()| w.write_all(b"\n"))
+                {
+                    failed = Some(e);
+                }
+            };
+            sender.run(&producer, &topics, &mut generator, &schema, &schedule, |tx| key.key(tx), &stop, |_| {}, record);
             let _ = actio_core::Producer::flush(&producer, Duration::from_secs(30));
+            if let Some(e) = failed.or_else(|| traffic.as_mut().and_then(|w| w.flush().err())) {
+                eprintln!("actio: writing traffic.jsonl failed: {e}; the recorded traffic is incomplete");
+            }
         })?
     };
 
@@ -290,21 +311,7 @@ pub fn drive<B: Bus>(
         }
     }
     // Every handler is gone with its stage: the trail writes what is queued.
-    let trail_summary = trail.map(|t| {
-        let path = t.location().to_string();
-        let t0 = Instant::now();
-        let mut t = t;
-        loop {
-            match Arc::try_unwrap(t) {
-                Ok(w) => break (path, Some(w.close())),
-                Err(still) if t0.elapsed() < Duration::from_secs(5) => {
-                    t = still;
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-                Err(_) => break (path, None),
-            }
-        }
-    });
+    let trail_summary = trail.map(|t| (t.location().to_string(), TrailWriter::close_shared(t, Duration::from_secs(5))));
     match collector.stop() {
         Err(CollectorFailure::Panicked) => eprintln!("actio: collector panicked"),
         Err(e) => eprintln!("actio: collector failed: {e}"),
@@ -337,6 +344,9 @@ pub fn drive<B: Bus>(
     report.write(&out, &histograms).with_context(|| format!("writing the report under {}", out.display()))?;
     print!("{}", report.render_text());
     println!("report: {}/report.html (also report.json and *.hgrm)", out.display());
+    if extras.record_traffic {
+        println!("traffic: {} transactions in {} (actio replay {} --input {})", sender.stats.sent.load(Ordering::Relaxed), traffic_path.display(), pipeline.dir.display(), traffic_path.display());
+    }
     match trail_summary {
         Some((path, Some((written, 0)))) => println!("trail: {written} records in {path} (see them: actio trail {path} --limit 5)"),
         Some((path, Some((written, dropped)))) => println!("trail: {written} records in {path}; {dropped} DROPPED (the queue was full: the database was slow or away; decisions were not slowed)"),

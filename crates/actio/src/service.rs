@@ -363,10 +363,11 @@ pub fn main(args: StageArgs) -> anyhow::Result<ExitCode> {
         e.shutdown();
     }
     // The handlers are gone with the stage: the trail writes what is queued.
-    if let Some(t) = trail.and_then(|t| Arc::try_unwrap(t).ok()) {
+    if let Some(t) = trail {
         let location = t.location().to_string();
-        let (written, dropped) = t.close();
-        tracing::info!(trail = %location, written, dropped, "decision trail closed");
+        if let Some((written, dropped)) = TrailWriter::close_shared(t, Duration::from_secs(5)) {
+            tracing::info!(trail = %location, written, dropped, "decision trail closed");
+        }
     }
     match joined {
         Ok(m) => {

@@ -90,7 +90,7 @@ fn a_run_at_3000_per_second_keeps_every_trail_record_through_a_10_s_outage() {
     let server = PrivateServer::start();
     let out_dir = tempfile::tempdir().unwrap();
     let run = actio()
-        .args(["run", fraud().to_str().unwrap(), "--rate", "3000", "--duration", "20s", "--no-watch"])
+        .args(["run", fraud().to_str().unwrap(), "--rate", "3000", "--duration", "20s", "--no-watch", "--record-traffic"])
         .arg(format!("--trail={}", server.url))
         .arg("--out")
         .arg(out_dir.path())
@@ -116,6 +116,21 @@ fn a_run_at_3000_per_second_keeps_every_trail_record_through_a_10_s_outage() {
     for (outcome, count) in report["decisions"].as_object().unwrap() {
         assert_eq!(trail_count(&server.url, &["--outcome", outcome]), count.as_u64().unwrap(), "{outcome}: the trail agrees with the decisions");
     }
+    // Every decision made during the outage is the one the pipeline makes without
+    // it: the recorded traffic replayed against the PostgreSQL trail differs in nothing.
+    let replay = actio()
+        .arg("replay")
+        .arg(fraud())
+        .arg("--input")
+        .arg(out_dir.path().join("traffic.jsonl"))
+        .args(["--against", &server.url, "--json", "--out"])
+        .arg(out_dir.path().join("replay"))
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(replay.status.success(), "{}", String::from_utf8_lossy(&replay.stderr));
+    let diff: serde_json::Value = serde_json::from_slice(&replay.stdout).unwrap();
+    assert_eq!((n(&diff["diff"], "compared"), n(&diff["diff"], "differing")), (60_000, 0), "{:#}", diff["diff"]);
 }
 
 #[test]

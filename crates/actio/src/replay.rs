@@ -1,0 +1,195 @@
+//! `actio replay`: backtest a change. Re-runs a pipeline over recorded traffic on a
+//! private embedded log (nothing reaches a live topic) and diffs its decisions with
+//! the recorded ones (a trail) or with another pipeline's over the same traffic.
+//!
+//! The replay runs the pipeline's own services (`launch::start`, as `actio run`
+//! does), so every stage kind and graph shape replays as it runs live; the decisions
+//! are caught by a trail writer that keeps them in memory, and compared by
+//! transaction id (`actio_trail::diff`). Transactions go in their recorded order,
+//! keyed as live, so each key's stream — and with it every velocity window — is
+//! rebuilt in the order the live pipeline saw it. The log is fed as fast as the
+//! stages take it, with at most [`IN_FLIGHT`] transactions undecided, so memory
+//! stays bounded whatever the file's size.
+
+use std::collections::{HashMap, HashSet};
+use std::io::BufRead;
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use actio_bus_embedded::{EmbeddedBus, EmbeddedConfig};
+use actio_core::bus::Bytes;
+use actio_core::{Bus, Headers, OutRecord, Producer, ProducerConfig, headers};
+use actio_pipeline::launch::{self, LaunchOptions, Selection};
+use actio_pipeline::Pipeline;
+use actio_runtime::StopMode;
+use actio_trail::{Location, TrailReader, TrailRecord, TrailWriter};
+use anyhow::{Context, bail};
+
+use crate::cli::ReplayArgs;
+
+/// Most transactions sent and not yet decided.
+const IN_FLIGHT: u64 = 50_000;
+/// With no new decision for this long, the undecided ones are given up on.
+const IDLE: Duration = Duration::from_secs(10);
+
+/// What one replay decided.
+struct Replayed {
+    records: HashMap<String, TrailRecord>,
+    sent: u64,
+    secs: f64,
+}
+
+pub fn main(args: ReplayArgs) -> anyhow::Result<ExitCode> {
+    let Ok(pipeline) = crate::run::load_pipeline(&args.pipeline) else { return Ok(ExitCode::from(crate::EXIT_CONFIG)) };
+    let baseline = match &args.baseline {
+        Some(dir) => match crate::run::load_pipeline(dir) {
+            Ok(p) => Some(p),
+            Err(code) => return Ok(code),
+        },
+        None => None,
+    };
+    if !args.input.is_file() {
+        eprintln!("error: --input {}: no such file (`actio run --record-traffic` writes traffic.jsonl beside its report)", args.input.display());
+        return Ok(ExitCode::from(crate::EXIT_CONFIG));
+    }
+    // A trail that cannot be opened is an error before minutes of replay.
+    let mut against = match &args.against {
+        Some(l) => match TrailReader::open(&Location::parse(l)) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                eprintln!("error: --against: {e}");
+                return Ok(ExitCode::from(crate::EXIT_CONFIG));
+            }
+        },
+        None => None,
+    };
+
+    let new = replay(&pipeline, &args.input, args.threads)?;
+    eprintln!("replayed {} of {} transactions through {} in {:.1} s ({:.0} tx/s)", new.records.len(), new.sent, pipeline.name, new.secs, new.sent as f64 / new.secs.max(1e-3));
+    let (old, old_name) = match (&baseline, &mut against) {
+        (Some(b), _) => {
+            let old = replay(b, &args.input, args.threads)?;
+            eprintln!("replayed the baseline {}: {} in {:.1} s", b.dir.display(), old.records.len(), old.secs);
+            (old.records, b.dir.display().to_string())
+        }
+        (None, Some(reader)) => (recorded(reader, &new.records).context("reading the recorded trail")?, reader.location().to_string()),
+        (None, None) => bail!("--against or --baseline is required"),
+    };
+    let diff = actio_trail::diff::diff(&old, &new.records, args.top);
+
+    let out = args.out.clone().unwrap_or_else(|| {
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        Path::new("results").join(format!("replay-{t}"))
+    });
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let title = format!("replay of {} ({}) against {old_name}", pipeline.name, args.pipeline.display());
+    let json = serde_json::json!({
+        "pipeline": args.pipeline.display().to_string(),
+        "input": args.input.display().to_string(),
+        "against": old_name,
+        "sent": new.sent,
+        "replayed": new.records.len(),
+        "replay_secs": new.secs,
+        "diff": diff,
+    });
+    std::fs::write(out.join("diff.json"), format!("{json:#}\n")).with_context(|| format!("writing {}/diff.json", out.display()))?;
+    std::fs::write(out.join("diff.html"), diff.render_html(&title)).with_context(|| format!("writing {}/diff.html", out.display()))?;
+    if args.json {
+        println!("{json:#}");
+    } else {
+        println!("{title}");
+        print!("{}", diff.render_text());
+        println!("diff: {}/diff.html (also diff.json)", out.display());
+    }
+    if diff.only_recorded > 0 {
+        eprintln!("actio: {} recorded transactions were not decided by the replay (dead-lettered before deciding, or still undecided after {IDLE:?})", diff.only_recorded);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The recorded trail's records of the transactions `replayed` decided.
+fn recorded(reader: &mut TrailReader, replayed: &HashMap<String, TrailRecord>) -> Result<HashMap<String, TrailRecord>, actio_trail::TrailError> {
+    // The replayed decisions carry the transactions' event times: read that range,
+    // not the whole table, then keep the replayed ids.
+    let times = replayed.values().filter(|r| r.outcome.is_some()).map(|r| r.created_at_ns);
+    let (lo, hi) = times.fold((i64::MAX, i64::MIN), |(lo, hi), t| (lo.min(t), hi.max(t)));
+    let (lo, hi) = if lo > hi { (i64::MIN, i64::MAX) } else { (lo, hi.saturating_add(1)) };
+    let mut all = reader.between(lo, hi)?;
+    let ids: HashSet<&String> = replayed.keys().collect();
+    all.retain(|id, _| ids.contains(id));
+    Ok(all)
+}
+
+/// Sends every line of `input` through `pipeline` on a fresh embedded log and
+/// returns the records of what it decided or dead-lettered.
+fn replay(pipeline: &Pipeline, input: &Path, threads: Option<usize>) -> anyhow::Result<Replayed> {
+    if !pipeline.stages.iter().any(|s| s.kind.writes == actio_pipeline::Writes::Decisions) {
+        bail!("{}: replay compares decisions, and no stage of this pipeline decides", pipeline.dir.display());
+    }
+    let ingresses: Vec<Arc<str>> = pipeline.topics.iter().filter(|t| t.role == actio_pipeline::TopicRole::Ingress).map(|t| Arc::from(t.name.as_str())).collect();
+    if ingresses.is_empty() {
+        bail!("{}: the pipeline has no ingress topic", pipeline.dir.display());
+    }
+    let bus = Arc::new(EmbeddedBus::new(EmbeddedConfig::default()));
+    launch::create_topics(&*bus, pipeline).context("creating the replay's topics")?;
+    let (writer, collected) = TrailWriter::collecting((IN_FLIGHT * 4) as usize)?;
+    let writer = Arc::new(writer);
+    let options = LaunchOptions { threads, trail: Some(writer.clone()), ..LaunchOptions::default() };
+    let stages = launch::start(&bus, pipeline, Selection::All, &options)?;
+    drop(options); // the stages' handlers hold the writer now; it closes after them
+    let producer = bus.producer(&ProducerConfig { client_id: "actio-replay".into(), properties: Vec::new(), transactional_id: None })?;
+    let decided = |w: &TrailWriter| w.stats().written.load(Ordering::Relaxed) + w.stats().queued.load(Ordering::Relaxed);
+
+    let file = std::fs::File::open(input).with_context(|| format!("opening {}", input.display()))?;
+    let t0 = Instant::now();
+    let mut last_progress = Instant::now();
+    let mut sent = 0u64;
+    for (i, line) in std::io::BufReader::with_capacity(1 << 20, file).lines().enumerate() {
+        let line = line.with_context(|| format!("reading {}", input.display()))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let tx = pipeline.schema.decode_json(line.as_bytes()).map_err(|e| anyhow::anyhow!("{}:{}: {e}", input.display(), i + 1))?;
+        let key = pipeline.key.key(&tx);
+        let mut h = Headers::default();
+        h.set(headers::ID, pipeline.schema.id_of(&tx).as_bytes().to_vec());
+        h.set(headers::CREATED, actio_core::time::now_ns().to_string().into_bytes());
+        let topic = ingresses[actio_loadgen::schedule::flow_of(&key, ingresses.len())].clone();
+        while sent - decided(&writer) >= IN_FLIGHT {
+            if let Some(dead) = stages.iter().find(|s| s.is_finished()) {
+                bail!("stage {} stopped during the replay", dead.name());
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        producer.send(OutRecord { topic, partition: None, key: Some(Bytes::from(key.into_bytes())), payload: Bytes::from(line.into_bytes()), headers: h }, Box::new(|_| {}))?;
+        sent += 1;
+        if last_progress.elapsed() >= Duration::from_secs(1) {
+            eprintln!("  {:>6.1}s  sent {sent:>9}  decided {:>9}", t0.elapsed().as_secs_f64(), decided(&writer));
+            last_progress = Instant::now();
+        }
+    }
+    let _ = producer.flush(Duration::from_secs(30));
+    // Every transaction sent is decided (or dead-lettered) before the stages stop.
+    let (mut seen, mut since) = (decided(&writer), Instant::now());
+    while seen < sent && since.elapsed() < IDLE && !stages.iter().any(|s| s.is_finished()) {
+        std::thread::sleep(Duration::from_millis(2));
+        let now = decided(&writer);
+        if now > seen {
+            (seen, since) = (now, Instant::now());
+        }
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    for s in stages {
+        let name = s.name().to_string();
+        s.stop(StopMode::Graceful);
+        s.join().with_context(|| format!("stage {name} of the replay"))?;
+    }
+    if TrailWriter::close_shared(writer, Duration::from_secs(10)).is_none() {
+        bail!("the replay's decisions were still being written after its stages stopped");
+    }
+    let records = std::mem::take(&mut *collected.lock().map_err(|_| anyhow::anyhow!("the replay's decisions were lost to a panic"))?);
+    Ok(Replayed { records, sent, secs })
+}
