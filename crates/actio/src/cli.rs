@@ -211,6 +211,10 @@ pub struct ReplayArgs {
     /// Print the diff as JSON instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Run the stages fused into one service (no topic between them; a chain only):
+    /// faster, and the same decisions.
+    #[arg(long)]
+    pub fuse: bool,
 }
 
 #[derive(Debug, Args)]

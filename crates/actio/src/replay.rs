@@ -67,11 +67,11 @@ pub fn main(args: ReplayArgs) -> anyhow::Result<ExitCode> {
         None => None,
     };
 
-    let new = replay(&pipeline, &args.input, args.threads)?;
+    let new = replay(&pipeline, &args.input, args.threads, args.fuse)?;
     eprintln!("replayed {} of {} transactions through {} in {:.1} s ({:.0} tx/s)", new.records.len(), new.sent, pipeline.name, new.secs, new.sent as f64 / new.secs.max(1e-3));
     let (old, old_name) = match (&baseline, &mut against) {
         (Some(b), _) => {
-            let old = replay(b, &args.input, args.threads)?;
+            let old = replay(b, &args.input, args.threads, args.fuse)?;
             eprintln!("replayed the baseline {}: {} in {:.1} s", b.dir.display(), old.records.len(), old.secs);
             (old.records, b.dir.display().to_string())
         }
@@ -125,7 +125,7 @@ fn recorded(reader: &mut TrailReader, replayed: &HashMap<String, TrailRecord>) -
 
 /// Sends every line of `input` through `pipeline` on a fresh embedded log and
 /// returns the records of what it decided or dead-lettered.
-fn replay(pipeline: &Pipeline, input: &Path, threads: Option<usize>) -> anyhow::Result<Replayed> {
+fn replay(pipeline: &Pipeline, input: &Path, threads: Option<usize>, fuse: bool) -> anyhow::Result<Replayed> {
     if !pipeline.stages.iter().any(|s| s.kind.writes == actio_pipeline::Writes::Decisions) {
         bail!("{}: replay compares decisions, and no stage of this pipeline decides", pipeline.dir.display());
     }
@@ -138,7 +138,7 @@ fn replay(pipeline: &Pipeline, input: &Path, threads: Option<usize>) -> anyhow::
     let (writer, collected) = TrailWriter::collecting((IN_FLIGHT * 4) as usize)?;
     let writer = Arc::new(writer);
     let options = LaunchOptions { threads, trail: Some(writer.clone()), ..LaunchOptions::default() };
-    let stages = launch::start(&bus, pipeline, Selection::All, &options)?;
+    let stages = launch::start(&bus, pipeline, if fuse { Selection::Fused } else { Selection::All }, &options)?;
     drop(options); // the stages' handlers hold the writer now; it closes after them
     let producer = bus.producer(&ProducerConfig { client_id: "actio-replay".into(), properties: Vec::new(), transactional_id: None })?;
     let decided = |w: &TrailWriter| w.stats().written.load(Ordering::Relaxed) + w.stats().queued.load(Ordering::Relaxed);
