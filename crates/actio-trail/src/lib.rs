@@ -107,7 +107,7 @@ pub struct DeadLetter {
 }
 
 /// Where a trail is kept: a SQLite file, or a PostgreSQL database.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub enum Location {
     /// A SQLite database file.
     Sqlite(PathBuf),
@@ -134,15 +134,32 @@ impl std::fmt::Display for Location {
         match self {
             Location::Sqlite(p) => write!(f, "{}", p.display()),
             Location::Memory => f.write_str("memory"),
-            Location::Postgres(url) => match (url.find("://"), url.rfind('@')) {
-                (Some(s), Some(at)) if url[s + 3..at].contains(':') => {
-                    let user_end = s + 3 + url[s + 3..at].find(':').unwrap_or(0);
-                    write!(f, "{}:***{}", &url[..user_end], &url[at..])
-                }
-                _ => f.write_str(url),
-            },
+            Location::Postgres(url) => f.write_str(&redact(url)),
         }
     }
+}
+
+impl std::fmt::Debug for Location {
+    /// As shown, password hidden: a Debug print of a config must not leak it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Location({self})")
+    }
+}
+
+/// `url` with the password of its user-info and of a `password=` parameter hidden.
+fn redact(url: &str) -> String {
+    let mut out = match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s && url[s + 3..at].contains(':') => {
+            let user_end = s + 3 + url[s + 3..at].find(':').unwrap_or(0);
+            format!("{}:***{}", &url[..user_end], &url[at..])
+        }
+        _ => url.to_string(),
+    };
+    if let Some(i) = out.find("password=") {
+        let end = out[i..].find('&').map_or(out.len(), |e| i + e);
+        out.replace_range(i + "password=".len()..end, "***");
+    }
+    out
 }
 
 /// A trail that cannot be opened or read.
@@ -173,13 +190,42 @@ pub struct TrailStats {
     pub failed_batches: AtomicU64,
     /// Records queued, not yet written.
     pub queued: AtomicU64,
+    /// Records the database refused for what they hold (not for being away), each
+    /// written alone and then given up on; counted in `dropped` too.
+    pub rejected: AtomicU64,
+    /// Set when the writer is closing: a database that does not answer then is
+    /// waited for [`SHUTDOWN_WAIT`] at most.
+    closing: std::sync::atomic::AtomicBool,
 }
 
 /// A database the writer's thread writes batches into.
 pub(crate) trait Store: Send {
     /// Writes `batch` in one database transaction, replacing earlier records of
     /// the same transactions.
-    fn write(&mut self, batch: &[TrailRecord]) -> Result<(), BoxError>;
+    fn write(&mut self, batch: &[TrailRecord]) -> Result<(), WriteError>;
+}
+
+/// Why a batch was not written.
+pub(crate) enum WriteError {
+    /// The database is away or busy: keep the batch and try again.
+    Unavailable(BoxError),
+    /// The database refused what the batch holds (a value it cannot store): trying
+    /// the same again fails the same way.
+    Refused(BoxError),
+}
+
+impl std::fmt::Display for WriteError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WriteError::Unavailable(e) | WriteError::Refused(e) => e.fmt(f),
+        }
+    }
+}
+
+impl<E: Into<BoxError>> From<E> for WriteError {
+    fn from(e: E) -> Self {
+        WriteError::Unavailable(e.into())
+    }
 }
 
 /// Queues records and writes them on its own thread; see the crate docs.
@@ -235,11 +281,12 @@ impl TrailWriter {
     /// Queues `record`; drops it (counted) if the queue is full. Never blocks.
     pub fn record(&self, record: TrailRecord) {
         let Some(tx) = &self.tx else { return };
+        // Counted before the send: the writer may take and write it at once.
+        self.stats.queued.fetch_add(1, Ordering::Relaxed);
         match tx.try_send(record) {
-            Ok(()) => {
-                self.stats.queued.fetch_add(1, Ordering::Relaxed);
-            }
+            Ok(()) => {}
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                self.stats.queued.fetch_sub(1, Ordering::Relaxed);
                 self.stats.dropped.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -258,6 +305,7 @@ impl TrailWriter {
     /// Writes what is queued and stops; returns (written, dropped). Of a shared
     /// writer, call it once the last other holder has let go (`Arc::try_unwrap`).
     pub fn close(mut self) -> (u64, u64) {
+        self.stats.closing.store(true, Ordering::Relaxed);
         self.tx.take();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -287,6 +335,7 @@ impl TrailWriter {
 
 impl Drop for TrailWriter {
     fn drop(&mut self) {
+        self.stats.closing.store(true, Ordering::Relaxed);
         self.tx.take();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -300,7 +349,7 @@ pub type Collected = Arc<std::sync::Mutex<std::collections::HashMap<String, Trai
 struct MemoryStore(Collected);
 
 impl Store for MemoryStore {
-    fn write(&mut self, batch: &[TrailRecord]) -> Result<(), BoxError> {
+    fn write(&mut self, batch: &[TrailRecord]) -> Result<(), WriteError> {
         let mut kept = self.0.lock().map_err(|_| "the collected records' lock was poisoned")?;
         for r in batch {
             kept.insert(r.tx_id.clone(), r.clone());
@@ -309,15 +358,20 @@ impl Store for MemoryStore {
     }
 }
 
-/// At shutdown, how many refused attempts at the last batch before it is given up
-/// (and counted as dropped): ~10 s of a database that does not come back.
-const SHUTDOWN_ATTEMPTS: u32 = 20;
+/// Once closing, how long a database that does not answer is waited for before
+/// what is left is dropped and counted (within k8s' default grace period).
+pub const SHUTDOWN_WAIT: Duration = Duration::from_secs(10);
 
 fn write_loop(mut store: Box<dyn Store>, rx: &Receiver<TrailRecord>, stats: &TrailStats, location: &str) {
     let mut batch: Vec<TrailRecord> = Vec::with_capacity(BATCH);
     let mut open = true;
     let mut failing_since: Option<Instant> = None;
-    let mut attempts_closed = 0u32;
+    let mut closing_since: Option<Instant> = None;
+    let done = |n: usize, written: bool| {
+        stats.queued.fetch_sub(n as u64, Ordering::Relaxed);
+        let c = if written { &stats.written } else { &stats.dropped };
+        c.fetch_add(n as u64, Ordering::Relaxed);
+    };
     while open || !batch.is_empty() {
         if open && batch.len() < BATCH {
             let deadline = Instant::now() + BATCH_WAIT;
@@ -337,30 +391,46 @@ fn write_loop(mut store: Box<dyn Store>, rx: &Receiver<TrailRecord>, stats: &Tra
         }
         match store.write(&batch) {
             Ok(()) => {
-                let n = batch.len() as u64;
-                stats.written.fetch_add(n, Ordering::Relaxed);
-                stats.queued.fetch_sub(n.min(stats.queued.load(Ordering::Relaxed)), Ordering::Relaxed);
+                done(batch.len(), true);
                 batch.clear();
                 if let Some(t) = failing_since.take() {
                     tracing::info!(trail = location, after = ?t.elapsed(), "trail: the database answers again; catching up");
                 }
             }
-            Err(e) => {
+            Err(WriteError::Refused(e)) => {
+                // Something in the batch cannot be stored: write each record alone,
+                // so one bad record costs only itself.
+                tracing::warn!(trail = location, error = %e, records = batch.len(), "trail: the database refused a batch; writing its records one by one");
+                for r in batch.drain(..) {
+                    match store.write(std::slice::from_ref(&r)) {
+                        Ok(()) => done(1, true),
+                        Err(e) => {
+                            stats.rejected.fetch_add(1, Ordering::Relaxed);
+                            tracing::warn!(trail = location, tx_id = %r.tx_id, error = %e, "trail: record dropped, the database refused it");
+                            done(1, false);
+                        }
+                    }
+                }
+            }
+            Err(WriteError::Unavailable(e)) => {
                 // Kept and written again: a database that is back catches up.
                 stats.failed_batches.fetch_add(1, Ordering::Relaxed);
                 if failing_since.is_none() {
                     failing_since = Some(Instant::now());
                     tracing::warn!(trail = location, error = %e, records = batch.len(), "trail: writing a batch failed; keeping it and retrying (decisions are not slowed; records past the queue are dropped and counted)");
                 }
-                std::thread::sleep(RETRY_PAUSE);
-                if !open {
-                    attempts_closed += 1;
-                    if attempts_closed > SHUTDOWN_ATTEMPTS {
-                        tracing::error!(trail = location, records = batch.len(), "trail: giving up on the last batch at shutdown");
-                        stats.dropped.fetch_add(batch.len() as u64, Ordering::Relaxed);
-                        batch.clear();
+                if stats.closing.load(Ordering::Relaxed) {
+                    let since = *closing_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= SHUTDOWN_WAIT {
+                        // Closing, and the database is still away: what is left goes
+                        // uncounted as written, counted as dropped.
+                        let left = batch.len() + rx.try_iter().count();
+                        tracing::error!(trail = location, records = left, "trail: the database did not answer at shutdown; dropping what was left");
+                        done(left, false);
+                        return;
                     }
                 }
+                std::thread::sleep(RETRY_PAUSE);
             }
         }
     }
@@ -535,6 +605,15 @@ mod tests {
             retried: false,
             dead_letter: outcome.is_none().then(|| DeadLetter { stage: "score".into(), error: "bad".into() }),
         }
+    }
+
+    #[test]
+    fn passwords_never_show() {
+        for url in ["postgres://u:secret@h:5432/db", "postgres://u@h/db?password=secret&sslmode=disable", "postgresql://u:secret@h/db?password=secret"] {
+            let l = Location::parse(url);
+            assert!(!l.to_string().contains("secret") && !format!("{l:?}").contains("secret"), "{l}");
+        }
+        assert_eq!(Location::parse("postgres://u:p@h/db").to_string(), "postgres://u:***@h/db");
     }
 
     #[test]

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use postgres::{Client, Config, NoTls};
 
-use crate::{Arg, BoxError, Query, ReadStore, Store, TrailRecord, decode_json, where_clause};
+use crate::{Arg, BoxError, Query, ReadStore, Store, TrailRecord, WriteError, decode_json, where_clause};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS trail (
@@ -64,18 +64,49 @@ pub(crate) fn config(url: &str) -> Result<Config, BoxError> {
     if c.get_application_name().is_none() {
         c.application_name("actio-trail");
     }
+    // A connection that went half-open (failover, partition) fails in seconds, not
+    // at the kernel's TCP timeout, and no statement waits longer than a batch may.
+    c.keepalives(true).tcp_user_timeout(STATEMENT_TIMEOUT);
+    if c.get_options().is_none() {
+        c.options(&format!("-c statement_timeout={}", STATEMENT_TIMEOUT.as_millis()));
+    }
     Ok(c)
 }
 
-fn connect(config: &Config) -> Result<Client, BoxError> {
+/// Longest a statement (a batch's upsert, a read) may run.
+const STATEMENT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connects; a writer creates the table if it is missing (only then, so a role
+/// that may write rows but not create tables works), a reader never does.
+fn connect(config: &Config, create: bool) -> Result<Client, BoxError> {
     let mut client = config.connect(NoTls)?;
-    // Replicas starting together race on CREATE … IF NOT EXISTS (a unique violation
-    // in the catalogue); the loser's retry finds the table.
-    if let Err(e) = client.batch_execute(SCHEMA) {
-        tracing::debug!(error = %e, "trail: creating the schema raced another writer; retrying once");
-        client.batch_execute(SCHEMA)?;
+    let exists: bool = client.query_one("SELECT to_regclass('trail') IS NOT NULL", &[])?.try_get(0)?;
+    if !exists {
+        if !create {
+            return Err("no trail table in this database (a service started with --trail creates it)".into());
+        }
+        // Replicas starting together race on CREATE … IF NOT EXISTS (a unique
+        // violation in the catalogue); the loser's retry finds the table.
+        if let Err(e) = client.batch_execute(SCHEMA) {
+            tracing::debug!(error = %e, "trail: creating the schema raced another writer; retrying once");
+            client.batch_execute(SCHEMA)?;
+        }
     }
     Ok(client)
+}
+
+/// PostgreSQL stores no NUL in text or jsonb: without this, one record holding
+/// one would make its batch fail forever.
+fn no_nul(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.contains('\0') || s.contains("\\u0000") { s.replace('\0', "").replace("\\u0000", "").into() } else { s.into() }
+}
+
+/// A refusal of the data itself (SQLSTATE class 22, data exception; 23, integrity;
+/// 42, syntax or access) fails the same on every retry; anything else (connection,
+/// shutdown, timeout) may pass later.
+fn classify(e: postgres::Error) -> WriteError {
+    let refused = e.code().map(|c| matches!(&c.code()[..2], "22" | "23" | "42")).unwrap_or(false);
+    if refused { WriteError::Refused(e.into()) } else { WriteError::Unavailable(e.into()) }
 }
 
 /// Writes batches into PostgreSQL, connecting when it must.
@@ -91,9 +122,9 @@ impl PostgresStore {
 }
 
 impl Store for PostgresStore {
-    fn write(&mut self, batch: &[TrailRecord]) -> Result<(), BoxError> {
+    fn write(&mut self, batch: &[TrailRecord]) -> Result<(), WriteError> {
         if self.client.is_none() {
-            self.client = Some(connect(&self.config)?);
+            self.client = Some(connect(&self.config, true)?);
         }
         let Some(client) = self.client.as_mut() else { return Err("not connected".into()) };
         // ON CONFLICT may not touch a row twice in one statement: keep each
@@ -106,29 +137,32 @@ impl Store for PostgresStore {
         keep.sort_unstable();
         let rows: Vec<&TrailRecord> = keep.into_iter().map(|i| &batch[i]).collect();
         let json: Vec<_> = rows.iter().map(|r| r.json_columns()).collect();
-        let col = |f: fn(&TrailRecord) -> &str| rows.iter().map(|r| f(r)).collect::<Vec<&str>>();
+        let col = |f: fn(&TrailRecord) -> &str| rows.iter().map(|r| no_nul(f(r))).collect::<Vec<_>>();
         let tx_id = col(|r| &r.tx_id);
         let key = col(|r| &r.key);
-        let outcome: Vec<Option<&str>> = rows.iter().map(|r| r.outcome.as_deref()).collect();
+        let outcome: Vec<Option<std::borrow::Cow<'_, str>>> = rows.iter().map(|r| r.outcome.as_deref().map(no_nul)).collect();
         let score: Vec<Option<f64>> = rows.iter().map(|r| r.score).collect();
         let rules = col(|r| &r.rules_version);
         let model = col(|r| &r.model_version);
         let created: Vec<i64> = rows.iter().map(|r| r.created_at_ns).collect();
         let recorded: Vec<i64> = rows.iter().map(|r| r.recorded_at_ns).collect();
         let retried: Vec<bool> = rows.iter().map(|r| r.retried).collect();
-        let dlq_stage: Vec<Option<&str>> = rows.iter().map(|r| r.dead_letter.as_ref().map(|d| d.stage.as_str())).collect();
-        let dlq_error: Vec<Option<&str>> = rows.iter().map(|r| r.dead_letter.as_ref().map(|d| d.error.as_str())).collect();
-        let hits: Vec<&str> = json.iter().map(|j| j.hits.as_str()).collect();
-        let features: Vec<&str> = json.iter().map(|j| j.features.as_str()).collect();
-        let hops: Vec<&str> = json.iter().map(|j| j.hops.as_str()).collect();
+        let dlq_stage: Vec<Option<std::borrow::Cow<'_, str>>> = rows.iter().map(|r| r.dead_letter.as_ref().map(|d| no_nul(&d.stage))).collect();
+        let dlq_error: Vec<Option<std::borrow::Cow<'_, str>>> = rows.iter().map(|r| r.dead_letter.as_ref().map(|d| no_nul(&d.error))).collect();
+        let hits: Vec<_> = json.iter().map(|j| no_nul(&j.hits)).collect();
+        let features: Vec<_> = json.iter().map(|j| no_nul(&j.features)).collect();
+        let hops: Vec<_> = json.iter().map(|j| no_nul(&j.hops)).collect();
         let result = client.execute(
             UPSERT,
             &[&tx_id, &key, &outcome, &score, &rules, &model, &created, &recorded, &retried, &dlq_stage, &dlq_error, &hits, &features, &hops],
         );
         if let Err(e) = result {
-            // Whatever broke, the next batch starts on a fresh connection.
-            self.client = None;
-            return Err(e.into());
+            let e = classify(e);
+            if matches!(e, WriteError::Unavailable(_)) {
+                // The connection may be what broke: the next try starts on a fresh one.
+                self.client = None;
+            }
+            return Err(e);
         }
         Ok(())
     }
@@ -139,7 +173,7 @@ pub(crate) struct PostgresReader(Client);
 
 impl PostgresReader {
     pub(crate) fn open(config: &Config) -> Result<Self, BoxError> {
-        Ok(PostgresReader(connect(config)?))
+        Ok(PostgresReader(connect(config, false)?))
     }
 }
 

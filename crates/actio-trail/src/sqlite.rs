@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, params};
 
-use crate::{BoxError, Query, ReadStore, Store, TrailRecord, decode_json, where_clause};
+use crate::{BoxError, Query, ReadStore, Store, TrailRecord, WriteError, decode_json, where_clause};
 
 const SCHEMA: &str = "
 PRAGMA journal_mode = WAL;
@@ -43,7 +43,7 @@ pub(crate) fn open(path: &Path) -> rusqlite::Result<Connection> {
 pub(crate) struct SqliteStore(pub(crate) Connection);
 
 impl Store for SqliteStore {
-    fn write(&mut self, batch: &[TrailRecord]) -> Result<(), BoxError> {
+    fn write(&mut self, batch: &[TrailRecord]) -> Result<(), WriteError> {
         let t = self.0.transaction()?;
         {
             // One statement per transaction (hits, features and hops as JSON columns):

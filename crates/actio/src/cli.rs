@@ -220,7 +220,7 @@ pub struct ReplayArgs {
 #[derive(Debug, Args)]
 pub struct TrailArgs {
     /// The trail: a SQLite file (trail.db beside a run's report) or a postgres:// URL.
-    #[arg(env = "ACTIO_TRAIL", value_name = "FILE|URL")]
+    #[arg(value_name = "FILE|URL")]
     pub db: String,
     /// A transaction id: show its evaluation.
     pub tx_id: Option<String>,

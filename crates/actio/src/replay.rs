@@ -16,7 +16,6 @@ use std::io::BufRead;
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use actio_bus_embedded::{EmbeddedBus, EmbeddedConfig};
@@ -38,6 +37,8 @@ const IDLE: Duration = Duration::from_secs(10);
 /// What one replay decided.
 struct Replayed {
     records: HashMap<String, TrailRecord>,
+    /// The ids of every transaction sent.
+    ids: HashSet<String>,
     sent: u64,
     secs: f64,
 }
@@ -75,7 +76,7 @@ pub fn main(args: ReplayArgs) -> anyhow::Result<ExitCode> {
             eprintln!("replayed the baseline {}: {} in {:.1} s", b.dir.display(), old.records.len(), old.secs);
             (old.records, b.dir.display().to_string())
         }
-        (None, Some(reader)) => (recorded(reader, &new.records).context("reading the recorded trail")?, reader.location().to_string()),
+        (None, Some(reader)) => (recorded(reader, &new).context("reading the recorded trail")?, reader.location().to_string()),
         (None, None) => bail!("--against or --baseline is required"),
     };
     let diff = actio_trail::diff::diff(&old, &new.records, args.top);
@@ -110,16 +111,17 @@ pub fn main(args: ReplayArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// The recorded trail's records of the transactions `replayed` decided.
-fn recorded(reader: &mut TrailReader, replayed: &HashMap<String, TrailRecord>) -> Result<HashMap<String, TrailRecord>, actio_trail::TrailError> {
+/// The recorded trail's records of the transactions the replay sent.
+fn recorded(reader: &mut TrailReader, replayed: &Replayed) -> Result<HashMap<String, TrailRecord>, actio_trail::TrailError> {
     // The replayed decisions carry the transactions' event times: read that range,
-    // not the whole table, then keep the replayed ids.
-    let times = replayed.values().filter(|r| r.outcome.is_some()).map(|r| r.created_at_ns);
+    // not the whole table (the whole table when the replay decided nothing), then
+    // keep the ids of the input, so a transaction the replay did not decide counts
+    // as only recorded.
+    let times = replayed.records.values().filter(|r| r.outcome.is_some()).map(|r| r.created_at_ns);
     let (lo, hi) = times.fold((i64::MAX, i64::MIN), |(lo, hi), t| (lo.min(t), hi.max(t)));
     let (lo, hi) = if lo > hi { (i64::MIN, i64::MAX) } else { (lo, hi.saturating_add(1)) };
     let mut all = reader.between(lo, hi)?;
-    let ids: HashSet<&String> = replayed.keys().collect();
-    all.retain(|id, _| ids.contains(id));
+    all.retain(|id, _| replayed.ids.contains(id));
     Ok(all)
 }
 
@@ -141,7 +143,13 @@ fn replay(pipeline: &Pipeline, input: &Path, threads: Option<usize>, fuse: bool)
     let stages = launch::start(&bus, pipeline, if fuse { Selection::Fused } else { Selection::All }, &options)?;
     drop(options); // the stages' handlers hold the writer now; it closes after them
     let producer = bus.producer(&ProducerConfig { client_id: "actio-replay".into(), properties: Vec::new(), transactional_id: None })?;
-    let decided = |w: &TrailWriter| w.stats().written.load(Ordering::Relaxed) + w.stats().queued.load(Ordering::Relaxed);
+    // Distinct transactions decided (or dead-lettered) so far: one transaction may
+    // leave several records (a branch's dead letter, then the join's decision).
+    let decided = || collected.lock().map_or(0, |m| m.len() as u64);
+    let mut ids = HashSet::new();
+    // Transactions given up on: no record for IDLE while the feed waited (a route
+    // straight to an egress, a `latest` that drops stale updates decide nothing).
+    let mut given_up = 0u64;
 
     let file = std::fs::File::open(input).with_context(|| format!("opening {}", input.display()))?;
     let t0 = Instant::now();
@@ -154,29 +162,38 @@ fn replay(pipeline: &Pipeline, input: &Path, threads: Option<usize>, fuse: bool)
         }
         let tx = pipeline.schema.decode_json(line.as_bytes()).map_err(|e| anyhow::anyhow!("{}:{}: {e}", input.display(), i + 1))?;
         let key = pipeline.key.key(&tx);
+        ids.insert(pipeline.schema.id_of(&tx).to_string());
         let mut h = Headers::default();
         h.set(headers::ID, pipeline.schema.id_of(&tx).as_bytes().to_vec());
         h.set(headers::CREATED, actio_core::time::now_ns().to_string().into_bytes());
         let topic = ingresses[actio_loadgen::schedule::flow_of(&key, ingresses.len())].clone();
-        while sent - decided(&writer) >= IN_FLIGHT {
+        let (mut seen, mut since) = (decided(), Instant::now());
+        while sent.saturating_sub(seen + given_up) >= IN_FLIGHT {
             if let Some(dead) = stages.iter().find(|s| s.is_finished()) {
                 bail!("stage {} stopped during the replay", dead.name());
             }
             std::thread::sleep(Duration::from_micros(200));
+            let now = decided();
+            if now > seen {
+                (seen, since) = (now, Instant::now());
+            } else if since.elapsed() >= IDLE {
+                eprintln!("actio: no decision for {IDLE:?} with {} undecided; going on without them", sent.saturating_sub(seen + given_up));
+                given_up = sent.saturating_sub(seen);
+            }
         }
         producer.send(OutRecord { topic, partition: None, key: Some(Bytes::from(key.into_bytes())), payload: Bytes::from(line.into_bytes()), headers: h }, Box::new(|_| {}))?;
         sent += 1;
         if last_progress.elapsed() >= Duration::from_secs(1) {
-            eprintln!("  {:>6.1}s  sent {sent:>9}  decided {:>9}", t0.elapsed().as_secs_f64(), decided(&writer));
+            eprintln!("  {:>6.1}s  sent {sent:>9}  decided {:>9}", t0.elapsed().as_secs_f64(), decided());
             last_progress = Instant::now();
         }
     }
     let _ = producer.flush(Duration::from_secs(30));
     // Every transaction sent is decided (or dead-lettered) before the stages stop.
-    let (mut seen, mut since) = (decided(&writer), Instant::now());
+    let (mut seen, mut since) = (decided(), Instant::now());
     while seen < sent && since.elapsed() < IDLE && !stages.iter().any(|s| s.is_finished()) {
         std::thread::sleep(Duration::from_millis(2));
-        let now = decided(&writer);
+        let now = decided();
         if now > seen {
             (seen, since) = (now, Instant::now());
         }
@@ -191,5 +208,5 @@ fn replay(pipeline: &Pipeline, input: &Path, threads: Option<usize>, fuse: bool)
         bail!("the replay's decisions were still being written after its stages stopped");
     }
     let records = std::mem::take(&mut *collected.lock().map_err(|_| anyhow::anyhow!("the replay's decisions were lost to a panic"))?);
-    Ok(Replayed { records, sent, secs })
+    Ok(Replayed { records, ids, sent, secs })
 }

@@ -18,7 +18,8 @@ use actio_testkit::repo;
 use serde_json::Value;
 
 /// The env vars `actio stage` and `actio loadgen` read, besides ACTIO_KAFKA_PROPERTY_*.
-const ENV_READ: [&str; 8] = [
+const ENV_READ: [&str; 9] = [
+    "ACTIO_TRAIL",
     "ACTIO_KAFKA_BROKERS",
     "ACTIO_HTTP",
     "ACTIO_GRACE",

@@ -157,7 +157,7 @@ fn a_stage_service_writes_its_trail_to_postgres_and_serves_it() {
         std::thread::sleep(Duration::from_millis(50));
     }
     let written: u64 = metric_samples(&score.get("/metrics").unwrap().1, "actio_trail_records_total").iter().filter(|(l, _)| l.get("result") == Some("written")).map(|(_, v)| *v as u64).sum();
-    assert_eq!(written, sent, "every decision's record written");
+    assert!(written >= sent, "every decision's record written ({written} of {sent}; a redelivery writes one again)");
     assert_eq!(trail_count(&db, &[]), sent);
 
     let (code, body) = score.get("/trail?limit=1").unwrap();
