@@ -67,16 +67,37 @@ pub fn copy_of_fraud_with(file: &str, edit: impl Fn(String) -> String) -> tempfi
 /// stderr), unless `ACTIO_REQUIRE_KAFKA=1` (set by `scripts/test`): then it panics, so
 /// a run that should have used the broker cannot pass by skipping.
 pub fn brokers(test: &str) -> Option<String> {
-    match std::env::var("ACTIO_KAFKA_BROKERS") {
-        Ok(b) if !b.trim().is_empty() => Some(b),
-        _ if std::env::var("ACTIO_REQUIRE_KAFKA").is_ok_and(|v| v == "1") => {
-            panic!("{test}: ACTIO_REQUIRE_KAFKA=1 but ACTIO_KAFKA_BROKERS is not set")
-        }
+    server(test, "ACTIO_KAFKA_BROKERS", "ACTIO_REQUIRE_KAFKA", "run scripts/test")
+}
+
+/// The PostgreSQL server for tests of the decision trail: `ACTIO_POSTGRES_URL`, which
+/// `scripts/test` sets after `scripts/postgres start`; skipped or required as
+/// [`brokers`] is, by `ACTIO_REQUIRE_POSTGRES`.
+pub fn postgres(test: &str) -> Option<String> {
+    server(test, "ACTIO_POSTGRES_URL", "ACTIO_REQUIRE_POSTGRES", "scripts/postgres start prints it")
+}
+
+/// A server's address from `var`: `None` (skip, with a line on stderr) when unset,
+/// unless `require` is `1`, where a test that should have used it panics.
+fn server(test: &str, var: &str, require: &str, how: &str) -> Option<String> {
+    match std::env::var(var) {
+        Ok(v) if !v.trim().is_empty() => Some(v),
+        _ if std::env::var(require).is_ok_and(|v| v == "1") => panic!("{test}: {require}=1 but {var} is not set ({how})"),
         _ => {
-            eprintln!("{test}: skipped: ACTIO_KAFKA_BROKERS not set (run scripts/test)");
+            eprintln!("{test}: skipped: {var} not set ({how})");
             None
         }
     }
+}
+
+/// A fresh, empty database named `name` on the PostgreSQL server at `url` (dropped
+/// first if a run before left it); its URL.
+pub fn fresh_database(url: &str, name: &str) -> String {
+    let mut admin = postgres::Client::connect(url, postgres::NoTls).unwrap_or_else(|e| panic!("connecting to {url}: {e}"));
+    admin.batch_execute(&format!("DROP DATABASE IF EXISTS {name}")).unwrap_or_else(|e| panic!("{e}"));
+    admin.batch_execute(&format!("CREATE DATABASE {name}")).unwrap_or_else(|e| panic!("{e}"));
+    let base = url.rsplit_once('/').map_or(url, |(b, _)| b);
+    format!("{base}/{name}")
 }
 
 #[cfg(test)]

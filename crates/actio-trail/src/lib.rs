@@ -246,7 +246,7 @@ impl TrailWriter {
         let store: Box<dyn Store> = match location {
             Location::Sqlite(path) => Box::new(sqlite::SqliteStore(sqlite::open(path).map_err(|e| TrailError::at(location, e))?)),
             Location::Postgres(url) => Box::new(postgres::PostgresStore::new(postgres::config(url).map_err(|e| TrailError::at(location, e))?)),
-            Location::Memory => Box::new(MemoryStore(Collected::default())),
+            Location::Memory => return Err(TrailError::at(location, "a memory trail is made by TrailWriter::collecting, which hands back its records")),
         };
         Self::start(store, location, capacity)
     }
@@ -271,11 +271,6 @@ impl TrailWriter {
                 .map_err(|e| TrailError::at(location, e))?
         };
         Ok(TrailWriter { tx: Some(tx), stats, thread: Some(thread), location: location.clone() })
-    }
-
-    /// A writer to the SQLite database at `path`; see [`TrailWriter::open`].
-    pub fn sqlite(path: &std::path::Path, capacity: usize) -> Result<Self, TrailError> {
-        Self::open(&Location::Sqlite(path.to_path_buf()), capacity)
     }
 
     /// Queues `record`; drops it (counted) if the queue is full. Never blocks.
@@ -547,11 +542,6 @@ impl TrailReader {
         Ok(TrailReader { store, location: location.clone() })
     }
 
-    /// Opens the SQLite trail at `path` (which must exist).
-    pub fn sqlite(path: &std::path::Path) -> Result<Self, TrailError> {
-        Self::open(&Location::Sqlite(path.to_path_buf()))
-    }
-
     /// Where it reads.
     pub fn location(&self) -> &Location {
         &self.location
@@ -629,20 +619,10 @@ mod tests {
     }
 
     /// A fresh database on the test server (`scripts/postgres`, whose URL
-    /// `scripts/test` exports as ACTIO_POSTGRES_URL); `None` (skipped, with a note)
-    /// without one, unless ACTIO_REQUIRE_POSTGRES=1.
+    /// `scripts/test` exports as ACTIO_POSTGRES_URL).
     pub(crate) fn postgres_database(name: &str) -> Option<Location> {
-        let Ok(url) = std::env::var("ACTIO_POSTGRES_URL") else {
-            assert_ne!(std::env::var("ACTIO_REQUIRE_POSTGRES").as_deref(), Ok("1"), "{name}: ACTIO_REQUIRE_POSTGRES=1 but ACTIO_POSTGRES_URL is not set (scripts/postgres start prints it)");
-            eprintln!("{name}: skipped, no ACTIO_POSTGRES_URL (scripts/postgres start)");
-            return None;
-        };
-        let mut admin = ::postgres::Client::connect(&url, ::postgres::NoTls).unwrap();
-        let db = format!("{name}_{}", std::process::id());
-        admin.batch_execute(&format!("DROP DATABASE IF EXISTS {db}")).unwrap();
-        admin.batch_execute(&format!("CREATE DATABASE {db}")).unwrap();
-        let base = url.rsplit_once('/').map_or(url.as_str(), |(b, _)| b).to_string();
-        Some(Location::Postgres(format!("{base}/{db}")))
+        let url = actio_testkit::postgres(name)?;
+        Some(Location::Postgres(actio_testkit::fresh_database(&url, &format!("{name}_{}", std::process::id()))))
     }
 
     fn written_read_back_and_queried(location: &Location) {
@@ -673,7 +653,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("trail.db");
         let blocker = sqlite::open(&path).unwrap();
-        let w = TrailWriter::sqlite(&path, 10).unwrap();
+        let w = TrailWriter::open(&Location::Sqlite(path.clone()), 10).unwrap();
         // Another connection holds the write lock: the writer's first batch waits on it.
         blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
         w.record(rec("t-first", Some("approve"), &[], 0));
@@ -686,6 +666,6 @@ mod tests {
         assert_eq!(w.stats().dropped.load(Ordering::Relaxed), 990, "the queue holds 10; the rest are counted");
         blocker.execute_batch("COMMIT").unwrap();
         assert_eq!(w.close(), (11, 990), "what fit the queue is written once the database answers");
-        assert_eq!(TrailReader::sqlite(&path).unwrap().count().unwrap(), 11);
+        assert_eq!(TrailReader::open(&Location::Sqlite(path)).unwrap().count().unwrap(), 11);
     }
 }

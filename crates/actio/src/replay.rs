@@ -150,6 +150,9 @@ fn replay(pipeline: &Pipeline, input: &Path, threads: Option<usize>, fuse: bool)
     // Transactions given up on: no record for IDLE while the feed waited (a route
     // straight to an egress, a `latest` that drops stale updates decide nothing).
     let mut given_up = 0u64;
+    // Decided as last looked at: the feed looks again only at the in-flight cap, not
+    // per line (the collected map's lock is the writer's too).
+    let mut seen = 0u64;
 
     let file = std::fs::File::open(input).with_context(|| format!("opening {}", input.display()))?;
     let t0 = Instant::now();
@@ -167,16 +170,17 @@ fn replay(pipeline: &Pipeline, input: &Path, threads: Option<usize>, fuse: bool)
         h.set(headers::ID, pipeline.schema.id_of(&tx).as_bytes().to_vec());
         h.set(headers::CREATED, actio_core::time::now_ns().to_string().into_bytes());
         let topic = ingresses[actio_loadgen::schedule::flow_of(&key, ingresses.len())].clone();
-        let (mut seen, mut since) = (decided(), Instant::now());
+        let mut since = None;
         while sent.saturating_sub(seen + given_up) >= IN_FLIGHT {
             if let Some(dead) = stages.iter().find(|s| s.is_finished()) {
                 bail!("stage {} stopped during the replay", dead.name());
             }
             std::thread::sleep(Duration::from_micros(200));
             let now = decided();
+            let waiting = *since.get_or_insert_with(Instant::now);
             if now > seen {
-                (seen, since) = (now, Instant::now());
-            } else if since.elapsed() >= IDLE {
+                (seen, since) = (now, Some(Instant::now()));
+            } else if waiting.elapsed() >= IDLE {
                 eprintln!("actio: no decision for {IDLE:?} with {} undecided; going on without them", sent.saturating_sub(seen + given_up));
                 given_up = sent.saturating_sub(seen);
             }
@@ -190,7 +194,8 @@ fn replay(pipeline: &Pipeline, input: &Path, threads: Option<usize>, fuse: bool)
     }
     let _ = producer.flush(Duration::from_secs(30));
     // Every transaction sent is decided (or dead-lettered) before the stages stop.
-    let (mut seen, mut since) = (decided(), Instant::now());
+    seen = decided();
+    let mut since = Instant::now();
     while seen < sent && since.elapsed() < IDLE && !stages.iter().any(|s| s.is_finished()) {
         std::thread::sleep(Duration::from_millis(2));
         let now = decided();

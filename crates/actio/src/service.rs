@@ -64,19 +64,19 @@ async fn metrics(State(h): State<Arc<Health>>) -> impl IntoResponse {
 
 /// `POST /admin/reload`: reloads every rule and model file now; 200 with what each
 /// did, 422 if one failed to compile (it keeps its version in force).
-async fn reload(State(h): State<Arc<Health>>) -> impl IntoResponse {
+async fn reload(State(h): State<Arc<Health>>) -> axum::response::Response {
     let r = h.reloader.clone();
     let Ok(done) = tokio::task::spawn_blocking(move || r.reload_all("POST /admin/reload")).await else {
-        return (StatusCode::INTERNAL_SERVER_ERROR, [(header::CONTENT_TYPE, "application/json")], "{\"error\": \"the reload did not finish; see the log\"}\n".to_string());
+        return json_response(StatusCode::INTERNAL_SERVER_ERROR, serde_json::json!({ "error": "the reload did not finish; see the log" }));
     };
     let failed = done.iter().any(|f| f.outcome.is_err());
     let body = serde_json::Value::Array(done.iter().map(|f| f.to_json()).collect());
-    (if failed { StatusCode::UNPROCESSABLE_ENTITY } else { StatusCode::OK }, [(header::CONTENT_TYPE, "application/json")], format!("{body:#}\n"))
+    json_response(if failed { StatusCode::UNPROCESSABLE_ENTITY } else { StatusCode::OK }, body)
 }
 
 /// `GET /admin/reload`: the version in force, reloads and failures of each file.
-async fn reload_status(State(h): State<Arc<Health>>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "application/json")], format!("{:#}\n", h.reloader.status_json()))
+async fn reload_status(State(h): State<Arc<Health>>) -> axum::response::Response {
+    json_response(StatusCode::OK, h.reloader.status_json())
 }
 
 /// `GET /trail/<tx_id>`: one transaction's evaluation, as `actio trail --json` shows it.
@@ -107,12 +107,9 @@ async fn trail_query(State(h): State<Arc<Health>>, filter: Result<Query<TrailFil
         Ok(f) => f,
         Err(e) => return json_response(StatusCode::BAD_REQUEST, serde_json::json!({ "error": e.body_text(), "fields": ["outcome", "rule", "key", "since", "until", "limit"] })),
     };
-    let time = |name: &str, v: &Option<String>| -> Result<Option<i64>, String> {
-        v.as_deref().map(|s| actio_core::time::parse_rfc3339_ns(s).ok_or_else(|| format!("{name}={s:?}: expected an RFC 3339 time such as 2026-12-01T10:00:00Z"))).transpose()
-    };
-    let (since_ns, until_ns) = match (time("since", &f.since), time("until", &f.until)) {
-        (Ok(s), Ok(u)) => (s, u),
-        (Err(e), _) | (_, Err(e)) => return json_response(StatusCode::BAD_REQUEST, serde_json::json!({ "error": e })),
+    let (since_ns, until_ns) = match crate::trail::time_range(f.since.as_deref(), f.until.as_deref(), |name| format!("{name}=")) {
+        Ok(range) => range,
+        Err(e) => return json_response(StatusCode::BAD_REQUEST, serde_json::json!({ "error": e })),
     };
     let q = actio_trail::Query { outcome: f.outcome, rule: f.rule, key: f.key, since_ns, until_ns, limit: f.limit.unwrap_or(20).min(1000) };
     trail_answer(&h, move |r| Ok((StatusCode::OK, serde_json::to_value(r.query(&q)?).unwrap_or_default()))).await

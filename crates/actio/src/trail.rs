@@ -9,6 +9,15 @@ use actio_trail::{Location, Query, TrailReader, TrailRecord};
 
 use crate::cli::TrailArgs;
 
+/// The `since` / `until` filters as ns since the epoch; an error names the filter as
+/// `label(name)` spells it (`--since ` on the command line, `since=` in a URL).
+pub fn time_range(since: Option<&str>, until: Option<&str>, label: impl Fn(&str) -> String) -> Result<(Option<i64>, Option<i64>), String> {
+    let time = |name: &str, v: Option<&str>| {
+        v.map(|s| parse_rfc3339_ns(s).ok_or_else(|| format!("{}{s:?}: expected an RFC 3339 time such as 2026-12-01T10:00:00Z", label(name)))).transpose()
+    };
+    Ok((time("since", since)?, time("until", until)?))
+}
+
 pub fn main(args: TrailArgs) -> anyhow::Result<ExitCode> {
     let location = Location::parse(&args.db);
     let mut reader = match TrailReader::open(&location) {
@@ -18,12 +27,9 @@ pub fn main(args: TrailArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(crate::EXIT_CONFIG));
         }
     };
-    let time = |flag: &str, v: &Option<String>| -> Result<Option<i64>, String> {
-        v.as_deref().map(|s| parse_rfc3339_ns(s).ok_or_else(|| format!("--{flag} {s:?}: expected an RFC 3339 time such as 2026-12-01T10:00:00Z"))).transpose()
-    };
-    let (since_ns, until_ns) = match (time("since", &args.since), time("until", &args.until)) {
-        (Ok(s), Ok(u)) => (s, u),
-        (Err(e), _) | (_, Err(e)) => {
+    let (since_ns, until_ns) = match time_range(args.since.as_deref(), args.until.as_deref(), |name| format!("--{name} ")) {
+        Ok(range) => range,
+        Err(e) => {
             eprintln!("error: {e}");
             return Ok(ExitCode::from(crate::EXIT_CONFIG));
         }

@@ -14,29 +14,6 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// The test server's URL, or `None` (skip) without one.
-fn postgres(test: &str) -> Option<String> {
-    match std::env::var("ACTIO_POSTGRES_URL") {
-        Ok(url) => Some(url),
-        Err(_) if std::env::var("ACTIO_REQUIRE_POSTGRES").is_ok_and(|v| v == "1") => {
-            panic!("{test}: ACTIO_REQUIRE_POSTGRES=1 but ACTIO_POSTGRES_URL is not set (scripts/postgres start prints it)")
-        }
-        Err(_) => {
-            eprintln!("{test}: skipped, no ACTIO_POSTGRES_URL (scripts/postgres start)");
-            None
-        }
-    }
-}
-
-/// A fresh database named `name` on the server at `url`; its URL.
-fn fresh_database(url: &str, name: &str) -> String {
-    let mut admin = postgres::Client::connect(url, postgres::NoTls).unwrap();
-    admin.batch_execute(&format!("DROP DATABASE IF EXISTS {name}")).unwrap();
-    admin.batch_execute(&format!("CREATE DATABASE {name}")).unwrap();
-    let base = url.rsplit_once('/').unwrap().0;
-    format!("{base}/{name}")
-}
-
 /// A private PostgreSQL server of this test's own (its own port and data), so that
 /// stopping it disturbs no other test; stopped when dropped.
 struct PrivateServer {
@@ -84,7 +61,7 @@ fn trail_count(location: &str, flags: &[&str]) -> u64 {
 
 #[test]
 fn a_run_at_3000_per_second_keeps_every_trail_record_through_a_10_s_outage() {
-    if postgres("trail_outage").is_none() {
+    if actio_testkit::postgres("trail_outage").is_none() {
         return;
     }
     let server = PrivateServer::start();
@@ -135,10 +112,10 @@ fn a_run_at_3000_per_second_keeps_every_trail_record_through_a_10_s_outage() {
 
 #[test]
 fn a_stage_service_writes_its_trail_to_postgres_and_serves_it() {
-    let Some(url) = postgres("trail_service") else { return };
+    let Some(url) = actio_testkit::postgres("trail_service") else { return };
     let Some(b) = brokers("trail_service") else { return };
     let _serial = serial();
-    let db = fresh_database(&url, &format!("trail_service_{}", std::process::id()));
+    let db = actio_testkit::fresh_database(&url, &format!("trail_service_{}", std::process::id()));
     let p = TestPipeline::new(&b);
     p.create_topics();
     let mut stages: Vec<StageProcess> = vec![p.stage("rules"), p.stage("velocity"), p.stage_with("score", &["--trail", &db])];
