@@ -124,9 +124,16 @@ impl<T: Versioned> Reloadable<T> {
         })
     }
 
-    /// The content in force: load it once per message and keep it.
+    /// The content in force, to keep (describe, status, counters).
     pub fn current(&self) -> Arc<T> {
         self.current.load_full()
+    }
+
+    /// The content in force for one message: load it once and use it for the
+    /// message. Unlike [`Reloadable::current`] it touches no shared reference
+    /// count, which every worker would otherwise write on every message.
+    pub fn for_message(&self) -> arc_swap::Guard<Arc<T>> {
+        self.current.load()
     }
 
     /// Under the `source` lock (held by the caller), so reloads from several

@@ -166,7 +166,7 @@ impl Model {
     /// Decides: the most severe outcome whose threshold the score reaches (the
     /// default outcome below every threshold), then the most severe action of an
     /// active rule that fired overrides a milder outcome (shadow rules never act).
-    pub fn decide(&self, st: &TxState, key: &str, rules_version: &str) -> Decision {
+    pub fn decide(&self, st: &TxState, key: &str, rules_version: impl Into<String>) -> Decision {
         let score = self.score(st);
         let mut outcome = self.thresholds.iter().rev().find(|(_, t)| score >= *t).map_or(0, |(i, _)| *i);
         let outcomes = self.schema.decision().outcomes.len();
@@ -190,7 +190,7 @@ impl Model {
             rule_hits: st.hits.iter().filter(|h| !h.shadow).map(|h| h.id.clone()).collect(),
             override_rule,
             model_version: self.version.clone(),
-            rules_version: rules_version.to_string(),
+            rules_version: rules_version.into(),
             created_at: schema.time_of(&st.tx),
             fields: d.fields.iter().map(|slot| (schema.field(*slot).name.clone(), schema.json_value(&st.tx, *slot))).collect(),
             features: d.features.iter().filter_map(|(name, _)| st.feature(name).map(|v| (name.clone(), v))).collect(),

@@ -55,7 +55,7 @@ impl StageLogic for Rules {
     fn new_state(&self) {}
 
     fn run(&self, _: &(), mut st: TxState, _: &RunCx<'_>) -> Result<Produced, HandlerError> {
-        self.rules.current().eval(&mut st);
+        self.rules.for_message().eval(&mut st);
         Ok(Produced::Tx(st))
     }
 }

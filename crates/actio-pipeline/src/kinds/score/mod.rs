@@ -61,8 +61,7 @@ impl StageLogic for Score {
 
     fn run(&self, _: &(), st: TxState, cx: &RunCx<'_>) -> Result<Produced, HandlerError> {
         let key = cx.key.key(&st.tx);
-        let rules_version = st.rule_sets.join("+");
-        let decision = self.model.current().decide(&st, &key, &rules_version);
+        let decision = self.model.for_message().decide(&st, &key, st.rule_sets.join("+"));
         Ok(Produced::Decision(Box::new((decision, st))))
     }
 }

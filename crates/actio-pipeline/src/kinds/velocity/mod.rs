@@ -97,7 +97,7 @@ impl StageLogic for Velocity {
     fn run(&self, state: &VelocityState, mut st: TxState, _: &RunCx<'_>) -> Result<Produced, HandlerError> {
         self.spec.update(state, &mut st);
         if let Some(rules) = &self.rules {
-            rules.current().eval(&mut st);
+            rules.for_message().eval(&mut st);
         }
         Ok(Produced::Tx(st))
     }
