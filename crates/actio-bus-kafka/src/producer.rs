@@ -110,6 +110,17 @@ impl KafkaProducer {
     pub fn in_flight(&self) -> i32 {
         self.inner.in_flight_count()
     }
+
+    /// Waits, until `deadline` at most, for every message sent to be acknowledged.
+    /// rdkafka's flush (and commit_transaction, which flushes first) polls in steps
+    /// of 100 ms while anything is in flight, though this producer's own thread
+    /// serves the delivery reports: a commit cost ≥ 100 ms, and so did a flush at
+    /// stop. Waiting here (a few ms) leaves them nothing to wait for: ~2 ms.
+    fn wait_acknowledged(&self, deadline: Instant) {
+        while self.inner.in_flight_count() > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
 }
 
 impl Producer for KafkaProducer {
@@ -160,7 +171,9 @@ impl Producer for KafkaProducer {
     }
 
     fn flush(&self, timeout: Duration) -> Result<(), BusError> {
-        self.inner.flush(timeout).map_err(|e| {
+        let deadline = Instant::now() + timeout;
+        self.wait_acknowledged(deadline);
+        self.inner.flush(deadline.saturating_duration_since(Instant::now())).map_err(|e| {
             let b = bus_error(&e);
             BusError::new(b.kind, format!("flush: {} message(s) still in flight: {}", self.inner.in_flight_count(), b.message))
         })
@@ -187,14 +200,8 @@ impl Producer for KafkaProducer {
             }
             self.inner.send_offsets_to_transaction(&tpl, meta, TRANSACTION_TIMEOUT).map_err(|e| fatal("sending offsets to the transaction", &e))?;
         }
-        // rdkafka's commit_transaction flushes first, and its flush polls in steps of
-        // 100 ms while anything is in flight, though this producer's own thread
-        // serves the delivery reports: every commit cost ≥ 100 ms. Waiting here for
-        // the acknowledgements (a few ms) leaves it nothing to wait for: ~2 ms.
-        let deadline = Instant::now() + TRANSACTION_TIMEOUT;
-        while self.inner.in_flight_count() > 0 && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_micros(200));
-        }
+        // commit_transaction flushes first: wait for the acknowledgements here.
+        self.wait_acknowledged(Instant::now() + TRANSACTION_TIMEOUT);
         self.inner.commit_transaction(TRANSACTION_TIMEOUT).map_err(|e| fatal("committing the transaction", &e))?;
         self.inner.begin_transaction().map_err(|e| fatal("beginning a transaction", &e))
     }

@@ -299,7 +299,7 @@ impl<B: Bus> Driver<B> {
 }
 
 /// Splits flagged items into (the retry topic's, the input's), in order.
-fn split_by_retry<T>(items: Vec<(T, bool)>) -> (Vec<T>, Vec<T>) {
+pub(super) fn split_by_retry<T>(items: Vec<(T, bool)>) -> (Vec<T>, Vec<T>) {
     let (mut on_retry, mut on_input) = (Vec::new(), Vec::new());
     for (item, retry) in items {
         if retry { on_retry.push(item) } else { on_input.push(item) }

@@ -125,21 +125,14 @@ impl<P: Producer> RebalanceListener for Listener<P> {
                 tracing::error!(stage = %s.spec.name, error = %e, "exactly-once: commit on revocation failed: stopping");
                 s.state.lock().fatal.get_or_insert(e);
             }
-            let mut st = s.state.lock();
-            for tp in partitions {
-                st.parts.remove(tp);
-            }
-            st.metrics.rebalances += 1;
-            drop(st);
-            tracing::info!(stage = %s.spec.name, partitions = ?partitions.iter().map(|t| t.to_string()).collect::<Vec<_>>(), "revoked (committed in a transaction)");
-            s.handler.partitions_revoked(partitions);
-            return Vec::new();
         }
+        // Exactly-once committed above, in the transaction: the bus commits nothing.
         let mut commits = Vec::new();
         {
             let mut st = s.state.lock();
             for tp in partitions {
                 if let Some(p) = st.parts.remove(tp)
+                    && !s.eos
                     && let Some(o) = p.wm.committable()
                 {
                     commits.push((tp.clone(), o));
@@ -148,7 +141,11 @@ impl<P: Producer> RebalanceListener for Listener<P> {
             st.metrics.rebalances += 1;
             st.metrics.commits += !commits.is_empty() as u64;
         }
-        tracing::info!(stage = %s.spec.name, commits = ?commits.iter().map(|(t, o)| format!("{t}@{o}")).collect::<Vec<_>>(), "revoked");
+        if s.eos {
+            tracing::info!(stage = %s.spec.name, partitions = ?partitions.iter().map(|t| t.to_string()).collect::<Vec<_>>(), "revoked (committed in a transaction)");
+        } else {
+            tracing::info!(stage = %s.spec.name, commits = ?commits.iter().map(|(t, o)| format!("{t}@{o}")).collect::<Vec<_>>(), "revoked");
+        }
         s.handler.partitions_revoked(partitions);
         commits
     }

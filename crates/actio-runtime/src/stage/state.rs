@@ -217,24 +217,21 @@ impl<P: Producer> Shared<P> {
                     *slot = t;
                 }
             }
-            let mut by_group: [Vec<(TopicPartition, Offset)>; 2] = [Vec::new(), Vec::new()];
-            for (tp, p) in &st.parts {
-                if let Some(o) = p.seq.as_ref().and_then(|s| s.to_commit()) {
-                    by_group[usize::from(p.retry)].push((tp.clone(), o));
-                }
-            }
+            let frontiers = st.parts.iter().filter_map(|(tp, p)| p.seq.as_ref()?.to_commit(p.last_committed).map(|o| ((tp.clone(), o), p.retry)));
+            let (on_retry, on_input) = super::driver::split_by_retry(frontiers.collect());
             if st.fatal.is_some() || st.no_more_commits {
                 // Never commit past a failure: the stage is stopping.
                 return Ok(());
             }
-            if by_group.iter().all(Vec::is_empty) {
+            if on_retry.is_empty() && on_input.is_empty() {
                 return Ok(());
             }
             st.txn_open = false;
-            (by_group, st.tokens.clone())
+            // Indexed as the group tokens are: the input's group, then the retry topic's.
+            ([on_input, on_retry], st.tokens.clone())
         };
         let mut commit = Vec::new();
-        for (offsets, token) in groups.iter().zip(tokens) {
+        for (offsets, token) in groups.into_iter().zip(tokens) {
             if offsets.is_empty() {
                 continue;
             }
@@ -244,17 +241,14 @@ impl<P: Producer> Shared<P> {
                     source: actio_core::BusError::new(actio_core::BusErrorKind::Fatal, "exactly-once: the consumer has no group membership to commit in a transaction"),
                 });
             };
-            commit.push((token, offsets.clone()));
+            commit.push((token, offsets));
         }
         let t0 = std::time::Instant::now();
         self.producer.commit_transaction(&commit).map_err(|source| StageError::Bus { stage: self.spec.name.clone(), source })?;
         let mut st = self.state.lock();
-        for (tp, o) in groups.iter().flatten() {
+        for (tp, o) in commit.iter().flat_map(|(_, offsets)| offsets) {
             if let Some(p) = st.parts.get_mut(tp) {
                 p.last_committed = Some(*o);
-                if let Some(s) = p.seq.as_mut() {
-                    s.committed = Some(*o);
-                }
             }
         }
         st.metrics.commits += 1;

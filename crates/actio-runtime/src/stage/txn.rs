@@ -40,8 +40,6 @@ pub(super) struct Sequencer {
     /// One past the last message whose outputs were released: what a commit of this
     /// partition may commit.
     sent_upto: Option<Offset>,
-    /// What the last transaction committed.
-    pub(super) committed: Option<Offset>,
 }
 
 impl Sequencer {
@@ -75,9 +73,10 @@ impl Sequencer {
         out
     }
 
-    /// The offset a commit would commit now, if it moved since the last.
-    pub(super) fn to_commit(&self) -> Option<Offset> {
-        self.sent_upto.filter(|o| Some(*o) != self.committed)
+    /// The offset a commit would commit now, if it moved since `committed` (the
+    /// partition's last commit).
+    pub(super) fn to_commit(&self, committed: Option<Offset>) -> Option<Offset> {
+        self.sent_upto.filter(|o| Some(*o) != committed)
     }
 
     /// Messages consumed and not released yet.
@@ -118,16 +117,16 @@ mod tests {
         }
         assert!(s.finished(11, out(11)));
         assert!(s.release().is_empty(), "11 waits for 10");
-        assert_eq!(s.to_commit(), None);
+        assert_eq!(s.to_commit(None), None);
         assert!(s.finished(10, Vec::new())); // 10 produced nothing
         assert_eq!(offsets(&s.release()), [11]);
-        assert_eq!(s.to_commit(), Some(12));
+        assert_eq!(s.to_commit(None), Some(12));
         assert!(!s.finished(11, out(11)), "finished twice");
-        s.committed = Some(12);
-        assert_eq!(s.to_commit(), None);
+        let committed = Some(12);
+        assert_eq!(s.to_commit(committed), None);
         assert!(s.finished(13, out(13)));
         assert_eq!(offsets(&s.release()), [13]);
-        assert_eq!((s.to_commit(), s.len()), (Some(14), 0));
+        assert_eq!((s.to_commit(committed), s.len()), (Some(14), 0));
     }
 
     proptest! {
@@ -143,7 +142,7 @@ mod tests {
             for o in order {
                 s.finished(o, out(o));
                 sent.extend(offsets(&s.release()));
-                let frontier = s.to_commit().unwrap_or(0);
+                let frontier = s.to_commit(None).unwrap_or(0);
                 prop_assert_eq!(sent.len() as i64, frontier, "every message below the frontier has left, none above");
             }
             prop_assert_eq!(sent, (0..40).collect::<Vec<_>>());
