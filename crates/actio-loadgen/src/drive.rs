@@ -55,16 +55,18 @@ const QUIET_AFTER_HISTORY: Duration = Duration::from_secs(1);
 /// still be assigned or read up to their end offsets from before the run.
 struct CollectorStart {
     ready: AtomicBool,
-    /// Per partition: its end offset before the run, and whether it is assigned.
-    pending: Mutex<HashMap<TopicPartition, (Offset, bool)>>,
-    /// Since when every pending partition is assigned and nothing was read.
-    quiet_since: Mutex<Option<Instant>>,
+    /// Per partition: its end offset before the run, and whether it is assigned;
+    /// and since when every pending partition is assigned and nothing was read.
+    pending: Mutex<(Pending, Option<Instant>)>,
 }
+
+/// Per partition still to read: its end offset before the run, whether assigned.
+type Pending = HashMap<TopicPartition, (Offset, bool)>;
 
 impl CollectorStart {
     fn new(ends: Vec<(TopicPartition, Offset)>) -> Self {
         let pending = ends.into_iter().map(|(tp, end)| (tp, (end, false))).collect();
-        CollectorStart { ready: AtomicBool::new(false), pending: Mutex::new(pending), quiet_since: Mutex::new(None) }
+        CollectorStart { ready: AtomicBool::new(false), pending: Mutex::new((pending, None)) }
     }
 
     fn is_ready(&self) -> bool {
@@ -74,7 +76,8 @@ impl CollectorStart {
     /// Notes what the collector read; sets `ready` once nothing is pending, or once
     /// it held every pending partition and read nothing for [`QUIET_AFTER_HISTORY`].
     fn read(&self, batch: &[Record]) {
-        let mut p = self.pending.lock();
+        let mut guard = self.pending.lock();
+        let (p, quiet) = &mut *guard;
         for r in batch {
             if let Some((end, _)) = p.get(&r.tp)
                 && r.offset + 1 >= *end
@@ -82,16 +85,15 @@ impl CollectorStart {
                 p.remove(&r.tp);
             }
         }
-        let mut quiet = self.quiet_since.lock();
         if !batch.is_empty() || p.values().any(|(_, assigned)| !assigned) {
             *quiet = None;
         } else if quiet.get_or_insert_with(Instant::now).elapsed() >= QUIET_AFTER_HISTORY {
             p.clear();
         }
-        self.check(&mut p);
+        self.check(p);
     }
 
-    fn check(&self, p: &mut HashMap<TopicPartition, (Offset, bool)>) {
+    fn check(&self, p: &mut Pending) {
         // An assigned partition that held nothing has nothing to read.
         p.retain(|_, (end, assigned)| !(*assigned && *end == 0));
         if p.is_empty() {
@@ -102,13 +104,14 @@ impl CollectorStart {
 
 impl RebalanceListener for CollectorStart {
     fn assigned(&self, partitions: &[TopicPartition]) {
-        let mut p = self.pending.lock();
+        let mut guard = self.pending.lock();
+        let p = &mut guard.0;
         for tp in partitions {
             if let Some(e) = p.get_mut(tp) {
                 e.1 = true;
             }
         }
-        self.check(&mut p);
+        self.check(p);
     }
 
     fn revoking(&self, _: &[TopicPartition], _: Option<actio_core::GroupToken>) -> Vec<(TopicPartition, Offset)> {

@@ -141,13 +141,16 @@ pub fn drive<B: Bus>(
 
     // The scenario first: a bad one stops the run before anything is written.
     let scenario = scenario(load, pipeline)?;
+    // What goes beside the report before it is written: a trail.db, traffic.jsonl.
+    if matches!(extras.trail, Some((None, _))) && in_process.is_some() || extras.record_traffic {
+        std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    }
     // The decision trail, beside the report: a fresh database per run.
     let trail = match (extras.trail, in_process.is_some()) {
         (Some((location, buffer)), true) => {
             let location = match location {
                 Some(l) => l,
                 None => {
-                    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
                     for f in ["trail.db", "trail.db-wal", "trail.db-shm"] {
                         let _ = std::fs::remove_file(out.join(f));
                     }
@@ -184,7 +187,6 @@ pub fn drive<B: Bus>(
     let traffic_path = out.join("traffic.jsonl");
     let mut traffic = match extras.record_traffic {
         true => {
-            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
             Some(std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&traffic_path).with_context(|| format!("creating {}", traffic_path.display()))?))
         }
         false => None,
