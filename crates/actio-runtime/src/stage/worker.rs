@@ -248,26 +248,27 @@ impl<P: Producer> Shared<P> {
                 }
             }
         }
-        let mut sends: super::txn::Sends = Vec::new();
-        for (r, releases) in records {
-            let acks2 = acks.clone();
-            let kept = releases.clone();
-            let settle = Box::new(move |res: Result<actio_core::bus::Delivered, actio_core::BusError>| {
+        // Each output settles its releases and its share of the message once delivered.
+        let settle = |releases: Vec<crate::Hold>| -> actio_core::bus::AckFn {
+            let acks = acks.clone();
+            Box::new(move |res: Result<actio_core::bus::Delivered, actio_core::BusError>| {
                 settle_releases(&releases, res.as_ref().err());
-                acks2.ack(res)
-            });
-            if self.eos {
-                sends.push((r, settle));
-                continue;
-            }
-            if let Err(e) = self.producer.send(r, settle) {
+                acks.ack(res)
+            })
+        };
+        if self.eos {
+            // Sent in offset order by the partition's sequencer, not now.
+            let sends = records.into_iter().map(|(r, releases)| (r, settle(releases))).collect();
+            self.sequence(tp, epoch, rec.offset, sends);
+            return;
+        }
+        for (r, releases) in records {
+            let kept = releases.clone();
+            if let Err(e) = self.producer.send(r, settle(releases)) {
                 // The callback was not called: nothing was sent.
                 settle_releases(&kept, Some(&e));
                 acks.ack(Err(e));
             }
-        }
-        if self.eos {
-            self.sequence(tp, epoch, rec.offset, sends);
         }
     }
 
