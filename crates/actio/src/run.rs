@@ -88,6 +88,19 @@ pub fn loadgen(args: LoadgenArgs) -> anyhow::Result<ExitCode> {
     drive(&bus, "kafka", &pipeline, &args.load, None, None, &[], args.broker_gc_log.as_deref(), Extras { watch: false, trail: None, record_traffic: false })
 }
 
+/// Reloads `reloader`'s files on every SIGHUP, on a thread of its own (`actio run`
+/// and `actio stage` alike).
+pub fn reload_on_sighup(reloader: &Arc<Reloader>) -> std::io::Result<()> {
+    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGHUP])?;
+    let reloader = reloader.clone();
+    std::thread::Builder::new().name("sighup".into()).spawn(move || {
+        for _ in signals.forever() {
+            reloader.reload_all("SIGHUP");
+        }
+    })?;
+    Ok(())
+}
+
 /// What a run does beside driving load, for stages it runs in-process.
 #[derive(Debug, Clone)]
 pub struct Extras {
@@ -217,8 +230,10 @@ pub fn drive<B: Bus>(
     let term = Arc::new(AtomicBool::new(false));
     let _ = signal_hook::flag::register(signal_hook::consts::SIGINT, term.clone());
     let _ = signal_hook::flag::register(signal_hook::consts::SIGTERM, term.clone());
-    let (reloader, hup) = (Reloader::new(if stages.is_empty() { Vec::new() } else { pipeline.reloadables() }), Arc::new(AtomicBool::new(false)));
-    let _ = signal_hook::flag::register(signal_hook::consts::SIGHUP, hup.clone());
+    let reloader = Reloader::new(if stages.is_empty() { Vec::new() } else { pipeline.reloadables() });
+    if let Err(e) = reload_on_sighup(&reloader) {
+        eprintln!("actio: SIGHUP will not reload the rule and model files: {e}");
+    }
     let _watch = match watch && !stages.is_empty() {
         true => reloader.watch().map_err(|e| eprintln!("actio: not watching the rule and model files ({e}); SIGHUP reloads them")).ok(),
         false => None,
@@ -266,9 +281,6 @@ pub fn drive<B: Bus>(
         }
         if term.load(Ordering::Relaxed) && !stop_sending.swap(true, Ordering::Relaxed) {
             eprintln!("\nactio: interrupted; draining");
-        }
-        if hup.swap(false, Ordering::Relaxed) {
-            reloader.reload_all("SIGHUP");
         }
         if let Some(dead) = stages.iter().find(|s| s.is_finished()) {
             eprintln!("\nactio: stage {} stopped unexpectedly; ending the run", dead.name());

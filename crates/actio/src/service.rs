@@ -306,10 +306,9 @@ pub fn main(args: StageArgs) -> anyhow::Result<ExitCode> {
         .context("installing the SIGTERM handler")?;
     signal_hook::flag::register(signal_hook::consts::SIGINT, term.clone())
         .context("installing the SIGINT handler")?;
-    let hup = Arc::new(AtomicBool::new(false));
-    signal_hook::flag::register(signal_hook::consts::SIGHUP, hup.clone()).context("installing the SIGHUP handler")?;
     // Only this service's stages' files: another service's are not in force here.
     let reloader = Reloader::new(stages.iter().flat_map(|s| s.logic.reloadables()).collect());
+    crate::run::reload_on_sighup(&reloader).context("installing the SIGHUP handler")?;
     let _watch = if args.no_watch {
         None
     } else {
@@ -334,9 +333,6 @@ pub fn main(args: StageArgs) -> anyhow::Result<ExitCode> {
 
     while !term.load(Ordering::Relaxed) && !handle.is_finished() {
         std::thread::sleep(Duration::from_millis(50));
-        if hup.swap(false, Ordering::Relaxed) {
-            reloader.reload_all("SIGHUP");
-        }
     }
     health.stopping.store(true, Ordering::Relaxed);
     let failed_on_its_own = handle.is_finished();
