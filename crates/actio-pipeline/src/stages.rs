@@ -74,7 +74,6 @@ pub struct StageHandler {
 #[derive(Debug)]
 struct Encoder {
     output: Arc<str>,
-    output_codec: Codec,
     /// The output topic's codec and role: looked up once, not per message.
     output_target: Option<(Codec, TopicRole)>,
     /// Every declared topic's codec and role: a route stage's targets are chosen per
@@ -84,6 +83,11 @@ struct Encoder {
 }
 
 impl Encoder {
+    /// The output topic's codec (JSON for one not declared).
+    fn output_codec(&self) -> Codec {
+        self.output_target.map_or(Codec::Json, |(codec, _)| codec)
+    }
+
     /// `st` as topic `topic` carries transactions: in its codec between stages; at an
     /// egress topic, as the JSON the schema describes (what consumers outside read).
     fn tx(&self, topic: &str, st: &TxState) -> Result<Bytes, actio_core::CodecError> {
@@ -91,7 +95,7 @@ impl Encoder {
         match target {
             Some((_, TopicRole::Egress)) => Ok(Bytes::from(self.schema.encode_json(&st.tx))),
             Some((codec, _)) => codec.encode(st).map(Bytes::from),
-            None => self.output_codec.encode(st).map(Bytes::from),
+            None => self.output_codec().encode(st).map(Bytes::from),
         }
     }
 
@@ -100,7 +104,7 @@ impl Encoder {
         let cannot = |e: actio_core::CodecError| HandlerError::permanent(format!("cannot encode output: {e}"));
         match produced {
             Produced::Tx(st) => Ok(vec![Output::new(self.output.clone(), self.tx(&self.output, &st).map_err(cannot)?).with_steps(times)]),
-            Produced::Decision(ds) => Ok(vec![Output::new(self.output.clone(), Bytes::from(self.output_codec.encode(&ds.0).map_err(cannot)?)).with_steps(times)]),
+            Produced::Decision(ds) => Ok(vec![Output::new(self.output.clone(), Bytes::from(self.output_codec().encode(&ds.0).map_err(cannot)?)).with_steps(times)]),
             Produced::Routed(to, st) => to
                 .into_iter()
                 .map(|topic| Ok(Output::new(topic.clone(), self.tx(&topic, &st).map_err(cannot)?).with_steps(times.clone())))
@@ -192,7 +196,6 @@ impl StageHandler {
             input_codec: input.map_or(Codec::Json, |t| t.codec),
             encoder: Arc::new(Encoder {
                 output: Arc::from(last.output.as_str()),
-                output_codec: output.map_or(Codec::Json, |t| t.codec),
                 output_target: output.map(|t| (t.codec, t.role)),
                 topics: pipeline.topics.iter().map(|t| (Arc::from(t.name.as_str()), (t.codec, t.role))).collect(),
                 schema: pipeline.schema.clone(),
