@@ -140,7 +140,7 @@ struct Runner {
 impl Runner {
     fn new(variant: Variant, iters: u32) -> Runner {
         let channel = matches!(variant, Variant::ChannelPerJob | Variant::ChannelPerWorker)
-            .then(|| WorkerPool::new("bench", THREADS).unwrap_or_else(|e| panic!("worker pool: {e}")));
+            .then(|| WorkerPool::new("bench", THREADS, &Default::default()).unwrap_or_else(|e| panic!("worker pool: {e}")));
         let rayon = matches!(variant, Variant::RayonParIter | Variant::RayonScope).then(|| {
             rayon::ThreadPoolBuilder::new()
                 .num_threads(THREADS)

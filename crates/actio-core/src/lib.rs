@@ -8,6 +8,7 @@
 
 pub mod bus;
 pub mod codec;
+pub mod cpu;
 pub mod headers;
 pub mod latency;
 pub mod schema;

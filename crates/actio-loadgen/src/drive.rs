@@ -179,6 +179,8 @@ pub struct RunningCollector {
     stop: Arc<AtomicBool>,
     /// `None` once stopped.
     thread: Option<JoinHandle<Result<(), BusError>>>,
+    /// The collecting thread's CPU.
+    cpu: actio_core::cpu::CpuMeter,
 }
 
 impl std::fmt::Debug for CollectorStart {
@@ -212,15 +214,24 @@ impl RunningCollector {
             .map_err(CollectorError::Join)?;
         let collector = Arc::new(Mutex::new(collector));
         let stop = Arc::new(AtomicBool::new(false));
+        let cpu = actio_core::cpu::CpuMeter::new();
         let thread = {
-            let (collector, start, stop) = (collector.clone(), start.clone(), stop.clone());
+            let (collector, start, stop, cpu) = (collector.clone(), start.clone(), stop.clone(), cpu.clone());
             let (egress, decisions, dlq) = (config.egress.clone(), config.decisions.clone(), config.dlq.clone());
             std::thread::Builder::new()
                 .name("collector".into())
-                .spawn(move || collect(consumer, &collector, &start, &stop, (&egress, &decisions), &dlq))
+                .spawn(move || {
+                    let _counted = cpu.enter();
+                    collect(consumer, &collector, &start, &stop, (&egress, &decisions), &dlq)
+                })
                 .map_err(CollectorError::Thread)?
         };
-        Ok(RunningCollector { collector, start, stop, thread: Some(thread) })
+        Ok(RunningCollector { collector, start, stop, thread: Some(thread), cpu })
+    }
+
+    /// CPU time of the collecting thread so far.
+    pub fn cpu(&self) -> Duration {
+        self.cpu.total()
     }
 
     /// Whether it holds every partition it reads and has read past the records from
@@ -538,6 +549,7 @@ pub fn run_report(facts: &RunFacts<'_>, c: &Collector, sender: &SenderStats, run
         by_version: c.by_version(),
         version_flips_back: c.stats.version_flips_back,
         version_switches: c.stats.version_switches.clone(),
+        cpu: None,
     };
     (report, histograms)
 }

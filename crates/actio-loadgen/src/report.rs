@@ -238,6 +238,45 @@ pub struct RunReport {
     pub version_flips_back: u64,
     /// Per egress partition, version changes between consecutive decisions.
     pub version_switches: std::collections::BTreeMap<String, u64>,
+    /// Where the CPU went while the load ran (null where Linux's per-thread times
+    /// cannot be read).
+    pub cpu: Option<CpuReport>,
+}
+
+/// CPU time over a run, from the load's start to its last decision, by the threads
+/// that spent it ([`actio_core::cpu`]). `actio plan` sizes deployments from it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CpuReport {
+    /// Wall-clock seconds counted.
+    pub wall_s: f64,
+    /// The whole process: every thread, the bus's and the clients' too.
+    pub process_s: f64,
+    /// Each service run here (a stage, or stages fused: its name), its driver and
+    /// worker threads, in chain order.
+    pub services: Vec<(String, f64)>,
+    /// The load generator's sending thread.
+    pub loadgen_s: f64,
+    /// The collector's thread.
+    pub collector_s: f64,
+    /// The rest of the process: the bus's own threads (librdkafka's), the trail
+    /// writer, the reloader.
+    pub other_s: f64,
+    /// Transactions the CPU is divided by (decided + dead-lettered).
+    pub transactions: u64,
+}
+
+impl CpuReport {
+    /// What the pipeline itself costs per transaction, µs: the process less the
+    /// load generator and the collector.
+    pub fn pipeline_us_per_tx(&self) -> f64 {
+        (self.process_s - self.loadgen_s - self.collector_s).max(0.0) * 1e6 / self.transactions.max(1) as f64
+    }
+
+    /// Cores busy on average over the run (the whole process).
+    pub fn cores(&self) -> f64 {
+        self.process_s / self.wall_s.max(1e-9)
+    }
 }
 
 /// A pipeline's graph as the report draws it: stages and the topics between them.
@@ -417,6 +456,20 @@ impl RunReport {
         }
         if let Some(rss) = self.peak_rss_mib {
             let _ = writeln!(o, "peak RSS {rss} MiB; sender max behind schedule {:.3} ms", self.sender_max_behind_ms);
+        }
+        if let Some(c) = &self.cpu {
+            let per = |s: f64| s * 1e6 / c.transactions.max(1) as f64;
+            let services: Vec<String> = c.services.iter().map(|(n, s)| format!("{n} {:.1}", per(*s))).collect();
+            let _ = writeln!(
+                o,
+                "cpu: {:.2} cores busy; µs per tx: pipeline {:.1} (services: {}; bus and rest {:.1}), load generator {:.1}, collector {:.1}",
+                c.cores(),
+                c.pipeline_us_per_tx(),
+                if services.is_empty() { "elsewhere".to_string() } else { services.join(", ") },
+                per(c.other_s),
+                per(c.loadgen_s),
+                per(c.collector_s)
+            );
         }
         o
     }
@@ -717,6 +770,7 @@ mod tests {
             by_version: std::collections::BTreeMap::new(),
             version_flips_back: 0,
             version_switches: std::collections::BTreeMap::new(),
+            cpu: None,
         };
         (r, vec![("e2e".into(), e2e), ("rules.queue".into(), st.queue), ("rules.service".into(), st.service), ("rules.stage".into(), st.stage)])
     }

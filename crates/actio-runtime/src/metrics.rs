@@ -101,6 +101,10 @@ pub struct StageMetrics {
     /// Per-stage service times of a handler that runs several stages (a fused
     /// service); empty otherwise.
     pub steps: Vec<HandlerHistogram>,
+    /// CPU time of the stage's driver and worker threads since it started (zero
+    /// where Linux's per-thread times cannot be read; [`actio_core::cpu`]). The
+    /// bus's own threads (librdkafka's) are not in it.
+    pub cpu: std::time::Duration,
 }
 
 impl StageMetrics {
@@ -126,6 +130,7 @@ impl StageMetrics {
             rebalances: 0,
             handler: Vec::new(),
             steps: Vec::new(),
+            cpu: std::time::Duration::ZERO,
         }
     }
 }

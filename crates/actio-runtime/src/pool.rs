@@ -38,14 +38,16 @@ impl std::fmt::Debug for WorkerPool {
 }
 
 impl WorkerPool {
-    /// Starts `n` (≥ 1) threads named `<name>-worker-<i>`.
+    /// Starts `n` (≥ 1) threads named `<name>-worker-<i>`, their CPU counted in `cpu`.
     #[doc(hidden)]
-    pub fn new(name: &str, n: usize) -> std::io::Result<Self> {
+    pub fn new(name: &str, n: usize, cpu: &actio_core::cpu::CpuMeter) -> std::io::Result<Self> {
         let (tx, rx): (Sender<Job>, Receiver<Job>) = crossbeam_channel::unbounded();
         let mut threads = Vec::with_capacity(n.max(1));
         for i in 0..n.max(1) {
             let rx = rx.clone();
+            let cpu = cpu.clone();
             threads.push(std::thread::Builder::new().name(format!("{name}-worker-{i}")).spawn(move || {
+                let _counted = cpu.enter();
                 for job in rx {
                     job();
                 }
@@ -87,7 +89,7 @@ mod tests {
     #[test]
     fn runs_every_job_on_its_threads_and_drains_on_drop() {
         let done = Arc::new(AtomicUsize::new(0));
-        let pool = WorkerPool::new("t", 3).unwrap_or_else(|e| panic!("{e}"));
+        let pool = WorkerPool::new("t", 3, &Default::default()).unwrap_or_else(|e| panic!("{e}"));
         for _ in 0..1000 {
             let done = done.clone();
             pool.spawn(move || {

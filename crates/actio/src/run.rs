@@ -204,13 +204,16 @@ pub fn drive<B: Bus>(
         }
         false => None,
     };
+    let loadgen_cpu = actio_core::cpu::CpuMeter::new();
     let sender_thread = {
+        let loadgen_cpu = loadgen_cpu.clone();
         let sender = sender.clone();
         let stop = stop_sending.clone();
         let topics = ingresses.clone();
         let key = pipeline.key.clone();
         let schema = pipeline.schema.clone();
         std::thread::Builder::new().name("loadgen".into()).spawn(move || {
+            let _counted = loadgen_cpu.enter();
             let mut failed = None;
             let record = |payload: &[u8]| {
                 if let (Some(w), None) = (traffic.as_mut(), &failed)
@@ -254,6 +257,7 @@ pub fn drive<B: Bus>(
     );
     let t0 = Instant::now();
     let load_started_ns = actio_core::time::now_ns();
+    let cpu_at_start = CpuReading::take(&stages, &collector, &loadgen_cpu);
     let mut last = (Instant::now(), 0u64);
     let mut drain = Drain::new(load.drain);
     loop {
@@ -302,6 +306,7 @@ pub fn drive<B: Bus>(
     if tty {
         eprintln!();
     }
+    let cpu_at_end = CpuReading::take(&stages, &collector, &loadgen_cpu);
     let load_secs = load.duration.as_secs_f64().min(t0.elapsed().as_secs_f64());
     let _ = sender_thread.join();
 
@@ -354,7 +359,8 @@ pub fn drive<B: Bus>(
         broker_pauses: broker_pauses.as_ref(),
         graph: Some(&graph),
     };
-    let (report, histograms) = run_report(&facts, &c, &sender.stats, &runtime_hists);
+    let (mut report, histograms) = run_report(&facts, &c, &sender.stats, &runtime_hists);
+    report.cpu = cpu_at_end.since(&cpu_at_start, c.stats.decided + c.stats.dlq);
     report.write(&out, &histograms).with_context(|| format!("writing the report under {}", out.display()))?;
     print!("{}", report.render_text());
     println!("report: {}/report.html (also report.json and *.hgrm)", out.display());
@@ -373,6 +379,40 @@ pub fn drive<B: Bus>(
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// The CPU the run's threads had used at one moment ([`actio_core::cpu`]).
+struct CpuReading {
+    at: Instant,
+    process: Duration,
+    services: Vec<(String, Duration)>,
+    loadgen: Duration,
+    collector: Duration,
+}
+
+impl CpuReading {
+    fn take(stages: &[actio_runtime::StageHandle], collector: &RunningCollector, loadgen: &actio_core::cpu::CpuMeter) -> Self {
+        CpuReading {
+            at: Instant::now(),
+            process: actio_core::cpu::process().unwrap_or_default(),
+            services: stages.iter().map(|s| (s.name().to_string(), s.metrics().cpu)).collect(),
+            loadgen: loadgen.total(),
+            collector: collector.cpu(),
+        }
+    }
+
+    /// What was used since `start`, over `transactions`; `None` where per-thread CPU
+    /// cannot be read.
+    fn since(&self, start: &CpuReading, transactions: u64) -> Option<actio_loadgen::report::CpuReport> {
+        if !actio_core::cpu::available() {
+            return None;
+        }
+        let d = |a: Duration, b: Duration| a.saturating_sub(b).as_secs_f64();
+        let services: Vec<(String, f64)> = self.services.iter().zip(&start.services).map(|((n, a), (_, b))| (n.clone(), d(*a, *b))).collect();
+        let (process_s, loadgen_s, collector_s) = (d(self.process, start.process), d(self.loadgen, start.loadgen), d(self.collector, start.collector));
+        let other_s = (process_s - loadgen_s - collector_s - services.iter().map(|s| s.1).sum::<f64>()).max(0.0);
+        Some(actio_loadgen::report::CpuReport { wall_s: (self.at - start.at).as_secs_f64(), process_s, services, loadgen_s, collector_s, other_s, transactions })
+    }
 }
 
 /// The pipeline's graph as the report draws it.

@@ -238,7 +238,8 @@ impl Stage {
     pub fn spawn<B: Bus>(bus: &B, spec: StageSpec, handler: Arc<dyn Handler>) -> Result<StageHandle, StageError> {
         let name = spec.name.clone();
         let bus_err = |source| StageError::Bus { stage: name.clone(), source };
-        let pool = WorkerPool::new(&name, spec.threads)
+        let cpu = actio_core::cpu::CpuMeter::new();
+        let pool = WorkerPool::new(&name, spec.threads, &cpu)
             .map_err(|e| StageError::Pool { stage: name.clone(), message: e.to_string() })?;
         let transactional_id = spec.exactly_once.then(|| format!("{}.{}", spec.group, spec.instance));
         let producer = bus
@@ -258,6 +259,7 @@ impl Stage {
             handler,
             producer,
             pool,
+            cpu,
             done_tx,
             done_rx,
             ready: Mutex::new(Vec::new()),
@@ -289,7 +291,10 @@ impl Stage {
             .name(format!("{name}-driver"))
             .spawn({
                 let stop = stop.clone();
-                move || Driver::<B> { shared, consumer, retry, stop }.run()
+                move || {
+                    let _counted = shared.cpu.enter();
+                    Driver::<B> { shared, consumer, retry, stop }.run()
+                }
             })
             .map_err(|e| StageError::Pool { stage: name.clone(), message: e.to_string() })?;
         Ok(StageHandle { stop, metrics, join: Some(join), name })

@@ -146,6 +146,8 @@ pub(super) struct Shared<P: Producer> {
     pub(super) handler: Arc<dyn Handler>,
     pub(super) producer: P,
     pub(super) pool: WorkerPool,
+    /// CPU of the driver and the workers.
+    pub(super) cpu: actio_core::cpu::CpuMeter,
     pub(super) state: Mutex<State>,
     pub(super) done_tx: Sender<Done>,
     pub(super) done_rx: Receiver<Done>,
@@ -164,6 +166,7 @@ impl<P: Producer> Shared<P> {
         m.partitions = st.parts.len() as u64 - m.retry_partitions;
         drop(st);
         m.handler = self.handler.counters();
+        m.cpu = self.cpu.total();
         m.steps = self.handler.histograms();
         m
     }
