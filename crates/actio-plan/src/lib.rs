@@ -5,7 +5,7 @@
 //! pipe → 107 pipes for 3,000 tx/s). Here a pipeline is measured — two short runs per
 //! shape (each stage its own service, and all fused), or runs you already have — and
 //! a queueing model ([`model`]) calibrated on them predicts, for any rate, the CPU
-//! each service needs and the end-to-end p50/p99 a deployment would see
+//! each service needs and the end-to-end p99 a deployment would see
 //! ([`sizing`]). `actio plan --verify` then runs the plan and prints predicted
 //! against measured (BENCHMARKS.md, "Capacity plan").
 //!

@@ -49,7 +49,7 @@ pub struct ServiceModel {
 pub struct Measured {
     /// Rate, tx/s.
     pub rate: f64,
-    /// e2e p50 and p99, µs.
+    /// e2e p50, µs.
     pub p50_us: f64,
     /// e2e p99, µs.
     pub p99_us: f64,

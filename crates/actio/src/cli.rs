@@ -183,6 +183,78 @@ pub enum Command {
     ///   actio replay /tmp/fraud-edited --input results/live/traffic.jsonl --baseline pipelines/fraud
     #[command(verbatim_doc_comment)]
     Replay(ReplayArgs),
+    /// Size a deployment for a target rate and p99, from measurements.
+    ///
+    /// Calibrates first: two short runs of each shape (every stage its own service,
+    /// and all stages fused) at two rates, in one process on --bus — or reads runs you
+    /// made (--from: their directories, as `actio run --out` writes them; two rates of
+    /// a shape fit its model, one only assumes the wait unit). A queueing model fitted
+    /// to them (CPU per thread group as a line in the rate; an M/M/c wait for a core
+    /// per thread a transaction visits) predicts, at --rate: each service's CPU, its
+    /// replicas and threads on replicas of --cores cores, the topics' partitions,
+    /// whether to fuse, and the end-to-end p99. Writes plan.json under --out.
+    ///
+    /// --verify then runs the chosen shape at --rate in one process and prints the
+    /// prediction for that run against what it measured (p99, cores busy).
+    /// The model knows what the runs crossed: this machine's cores and scheduler, the
+    /// bus's hops, the scenario's keys; not a broker's own limits. How it works and
+    /// how well it predicted: BENCHMARKS.md, "Capacity plan".
+    ///
+    /// Examples:
+    ///   actio plan pipelines/fraud --rate 3000 --p99 35ms
+    ///   actio plan pipelines/fraud --rate 20000 --p99 10ms --verify
+    ///   actio plan pipelines/fraud --rate 3000 --p99 35ms --bus kafka --cores 4
+    ///   actio plan pipelines/fraud --rate 10000 --p99 20ms --from results/plan-1/calibration/*
+    #[command(verbatim_doc_comment)]
+    Plan(PlanArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PlanArgs {
+    /// The pipeline to plan (its directory).
+    pub pipeline: PathBuf,
+    /// Target rate, transactions per second.
+    #[arg(long)]
+    pub rate: u64,
+    /// Target end-to-end p99 (e.g. 35ms).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub p99: Duration,
+    /// Cores of each replica (a pod's CPU) [default: this machine's].
+    #[arg(long)]
+    pub cores: Option<u32>,
+    /// Highest CPU utilization a replica is planned at.
+    #[arg(long, default_value_t = 0.7)]
+    pub max_utilization: f64,
+    /// Runs to calibrate on instead of running them (directories with report.json).
+    #[arg(long, num_args = 1.., value_name = "DIR")]
+    pub from: Vec<PathBuf>,
+    /// The two rates of each shape's calibration runs, tx/s [default: --rate/10 and
+    /// --rate/2, at least 200 and 1,000].
+    #[arg(long, value_delimiter = ',', value_name = "LOW,HIGH")]
+    pub calibrate_rates: Vec<u64>,
+    /// How long each calibration run offers load.
+    #[arg(long, default_value = "8s", value_parser = humantime::parse_duration)]
+    pub calibrate_duration: Duration,
+    /// Then run the chosen shape at --rate and print predicted against measured.
+    #[arg(long)]
+    pub verify: bool,
+    /// How long the verifying run offers load.
+    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+    pub verify_duration: Duration,
+    /// Scenario of the runs [default: the pipeline's scenarios/baseline.toml].
+    #[arg(long)]
+    pub scenario: Option<PathBuf>,
+    /// Where the runs and plan.json go [default: results/plan-<time>].
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Print the plan as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Where the runs run: in-process log, or Kafka (all stages in this process).
+    #[arg(long, value_enum, default_value_t = BusKind::Embedded)]
+    pub bus: BusKind,
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
 }
 
 #[derive(Debug, Args)]

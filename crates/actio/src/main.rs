@@ -15,6 +15,7 @@ mod cli;
 mod graph;
 mod kafka;
 mod otel;
+mod plan;
 mod replay;
 mod run;
 mod schema;
@@ -31,7 +32,13 @@ pub const EXIT_CONFIG: u8 = 2;
 
 fn main() -> ExitCode {
     let args = cli::Cli::parse();
-    init_logging(args.log_json);
+    // `actio plan` makes runs of its own and prints their figures; their stages' info
+    // lines (assignments, restores) would bury them.
+    let default_filter = match args.command {
+        cli::Command::Plan(_) => "warn",
+        _ => "warn,actio=info,actio_pipeline::reload=info,actio_trail=info",
+    };
+    init_logging(args.log_json, default_filter);
     let result = match args.command {
         cli::Command::Validate(a) => validate::main(a),
         cli::Command::Graph(a) => graph::main(a),
@@ -42,6 +49,7 @@ fn main() -> ExitCode {
         cli::Command::Loadgen(a) => run::loadgen(a),
         cli::Command::Trail(a) => trail::main(a),
         cli::Command::Replay(a) => replay::main(a),
+        cli::Command::Plan(a) => plan::main(a),
     };
     match result {
         Ok(code) => code,
@@ -52,12 +60,12 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(json: bool) {
+fn init_logging(json: bool, default_filter: &str) {
     use tracing_subscriber::layer::SubscriberExt as _;
     use tracing_subscriber::util::SubscriberInitExt as _;
     use tracing_subscriber::{EnvFilter, Layer as _};
     let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn,actio=info,actio_pipeline::reload=info,actio_trail=info"));
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let json =
         json || std::env::var("ACTIO_LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("json"));
     // rdkafka's `BaseConsumer` closes its queue again when dropped and logs the

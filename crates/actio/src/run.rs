@@ -85,7 +85,7 @@ pub fn loadgen(args: LoadgenArgs) -> anyhow::Result<ExitCode> {
         Ok(b) => Arc::new(b),
         Err(code) => return Ok(code),
     };
-    drive(&bus, "kafka", &pipeline, &args.load, None, None, &[], args.broker_gc_log.as_deref(), Extras { watch: false, trail: None, record_traffic: false })
+    drive(&bus, "kafka", &pipeline, &args.load, None, None, &[], args.broker_gc_log.as_deref(), Extras { watch: false, trail: None, record_traffic: false, quiet: false })
 }
 
 /// Reloads `reloader`'s files on every SIGHUP, on a thread of its own (`actio run`
@@ -111,13 +111,16 @@ pub struct Extras {
     pub trail: Option<(Option<Location>, usize)>,
     /// Write each transaction sent to `traffic.jsonl` beside the report.
     pub record_traffic: bool,
+    /// Print a line of figures instead of the whole report (the report is written
+    /// all the same): for runs made by another command (`actio plan`).
+    pub quiet: bool,
 }
 
 impl Extras {
     /// What `actio run`'s flags ask for.
     pub fn of_run(args: &RunArgs) -> Self {
         let trail = args.trail.as_deref().map(|t| ((!t.is_empty()).then(|| Location::parse(t)), args.trail_buffer));
-        Extras { watch: !args.no_watch, trail, record_traffic: args.record_traffic }
+        Extras { watch: !args.no_watch, trail, record_traffic: args.record_traffic, quiet: false }
     }
 }
 
@@ -362,8 +365,13 @@ pub fn drive<B: Bus>(
     let (mut report, histograms) = run_report(&facts, &c, &sender.stats, &runtime_hists);
     report.cpu = cpu_at_end.since(&cpu_at_start, c.stats.decided + c.stats.dlq);
     report.write(&out, &histograms).with_context(|| format!("writing the report under {}", out.display()))?;
-    print!("{}", report.render_text());
-    println!("report: {}/report.html (also report.json and *.hgrm)", out.display());
+    if extras.quiet {
+        let cores = report.cpu.as_ref().map(|c| format!(", {:.2} cores busy", c.cores())).unwrap_or_default();
+        eprintln!("actio: {} decided, e2e p50 {:.2} ms, p99 {:.2} ms{cores}; report in {}", report.decided, report.e2e.p50_us as f64 / 1000.0, report.e2e.p99_us as f64 / 1000.0, out.display());
+    } else {
+        print!("{}", report.render_text());
+        println!("report: {}/report.html (also report.json and *.hgrm)", out.display());
+    }
     if extras.record_traffic {
         println!("traffic: {} transactions in {} (actio replay {} --input {})", sender.stats.sent.load(Ordering::Relaxed), traffic_path.display(), pipeline.dir.display(), traffic_path.display());
     }
