@@ -161,6 +161,7 @@ struct Scrape {
     m: StageMetrics,
     lag: Option<i64>,
     retry_lag: Option<i64>,
+    stalled: Option<i64>,
 }
 
 type Labels = Vec<(&'static str, String)>;
@@ -207,6 +208,9 @@ impl Collector for Scrape {
         for (name, help, v) in counters {
             enc.encode_descriptor(name, help, None, MetricType::Counter)?.encode_family(&stage())?.encode_counter::<NoLabelSet, _, u64>(&v, None)?;
         }
+        enc.encode_descriptor("actio_stage_cpu_seconds", "CPU time of the stage's driver and worker threads (the bus's own threads not included).", None, MetricType::Counter)?
+            .encode_family(&stage())?
+            .encode_counter::<NoLabelSet, _, f64>(&m.cpu.as_secs_f64(), None)?;
         let mut gauges = vec![
             ("actio_stage_in_flight", "Messages consumed and not yet done.", m.in_flight as i64),
             ("actio_stage_in_flight_peak", "Highest in-flight seen.", m.in_flight_peak as i64),
@@ -216,6 +220,13 @@ impl Collector for Scrape {
         ];
         if let Some(lag) = self.lag {
             gauges.push(("actio_stage_lag", "Messages behind the end of the input topic (end - committed).", lag));
+        }
+        if let Some(n) = self.stalled {
+            gauges.push((
+                "actio_stage_stalled_partitions",
+                "Input partitions of the stage's group with lag and no committed progress for --stall-after (a hung replica holds them): seen by every replica.",
+                n,
+            ));
         }
         if let Some(lag) = self.retry_lag {
             gauges.push((
@@ -262,9 +273,9 @@ impl StageMetrics {
     /// stage's retry group on its retry topic) come from the caller that can measure
     /// them. Runs at scrape time only, on a snapshot it takes over: the hot path
     /// records into the histograms and counters it always did.
-    pub fn prometheus_text(self, lag: Option<i64>, retry_lag: Option<i64>) -> String {
+    pub fn prometheus_text(self, lag: Option<i64>, retry_lag: Option<i64>, stalled: Option<i64>) -> String {
         let mut registry = Registry::default();
-        registry.register_collector(Box::new(Scrape { m: self, lag, retry_lag }));
+        registry.register_collector(Box::new(Scrape { m: self, lag, retry_lag, stalled }));
         let mut out = String::with_capacity(8192);
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::prometheus_text::encode(&mut out, &registry);
@@ -305,14 +316,16 @@ mod tests {
         m.handler.push(HandlerCounter::new("actio_rule_hits_total", "Times a rule fired.", 4).label("rule", "r1").label("mode", "active"));
         m.handler.push(HandlerCounter::new("actio_rule_hits_total", "Times a rule fired.", 2).label("rule", "r2").label("mode", "shadow"));
         m.handler.push(HandlerCounter::gauge("actio_reload_failing", "Whether the file's last reload failed.", 1).label("file", "rules.toml"));
-        let text = m.clone().prometheus_text(Some(3), Some(5));
+        let text = m.clone().prometheus_text(Some(3), Some(5), Some(1));
         let p = parse(&text);
         assert_eq!(value(&p, "actio_rule_hits_total", &[("stage", "rules"), ("rule", "r2"), ("mode", "shadow")]), 2.0, "{text}");
         assert_eq!(value(&p, "actio_reload_failing", &[("file", "rules.toml")]), 1.0, "{text}");
         assert_eq!(value(&p, "actio_stage_processed_total", &[("stage", "rules")]), 7.0);
         assert_eq!(value(&p, "actio_stage_lag", &[("stage", "rules")]), 3.0);
         assert_eq!(value(&p, "actio_stage_retry_lag", &[("stage", "rules")]), 5.0);
-        assert!(!m.clone().prometheus_text(None, None).contains("_lag{"), "no lag series before it is measured");
+        assert_eq!(value(&p, "actio_stage_stalled_partitions", &[("stage", "rules")]), 1.0);
+        assert_eq!(value(&p, "actio_stage_cpu_seconds_total", &[("stage", "rules")]), 0.0);
+        assert!(!m.clone().prometheus_text(None, None, None).contains("_lag{"), "no lag series before it is measured");
         let h = p
             .samples
             .iter()
@@ -333,7 +346,7 @@ mod tests {
         let mut step = latency_histogram();
         record_ns(&mut step, 3_000_000);
         m.steps.push(HandlerHistogram { stage: "velocity".into(), service: step });
-        let text = m.prometheus_text(None, None);
+        let text = m.prometheus_text(None, None, None);
         assert!(text.contains("actio_stage_latency_seconds_count{stage=\"velocity\",kind=\"service\"} 1"), "{text}");
     }
 

@@ -181,6 +181,8 @@ pub enum Command {
     ///   actio run pipelines/fraud --trail --record-traffic --out results/live
     ///   actio replay pipelines/fraud --input results/live/traffic.jsonl --against results/live/trail.db
     ///   actio replay /tmp/fraud-edited --input results/live/traffic.jsonl --baseline pipelines/fraud
+    ///   actio replay /tmp/fraud-edited --topic tx.in --since 2026-12-01T10:00:00Z --until 2026-12-01T11:00:00Z \
+    ///       --brokers kafka:9092 --baseline pipelines/fraud
     #[command(verbatim_doc_comment)]
     Replay(ReplayArgs),
     /// Size a deployment for a target rate and p99, from measurements.
@@ -228,12 +230,12 @@ pub struct PlanArgs {
     /// Runs to calibrate on instead of running them (directories with report.json).
     #[arg(long, num_args = 1.., value_name = "DIR")]
     pub from: Vec<PathBuf>,
-    /// The two rates of each shape's calibration runs, tx/s [default: --rate/10 and
-    /// --rate/2, at least 200 and 1,000].
+    /// The two rates of each shape's calibration runs, tx/s [default: a quarter and
+    /// three quarters of --rate, at least 200 and 600].
     #[arg(long, value_delimiter = ',', value_name = "LOW,HIGH")]
     pub calibrate_rates: Vec<u64>,
     /// How long each calibration run offers load.
-    #[arg(long, default_value = "8s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
     pub calibrate_duration: Duration,
     /// Then run the chosen shape at --rate and print predicted against measured.
     #[arg(long)]
@@ -263,8 +265,24 @@ pub struct ReplayArgs {
     /// The pipeline to replay (its directory).
     pub pipeline: PathBuf,
     /// The recorded traffic: ingress JSON, one transaction per line.
-    #[arg(long, value_name = "FILE.jsonl")]
-    pub input: PathBuf,
+    #[arg(long, value_name = "FILE.jsonl", required_unless_present = "topic", conflicts_with = "topic")]
+    pub input: Option<PathBuf>,
+    /// Instead of --input: the records of this Kafka topic (the ingress topic, as the
+    /// producers wrote it) from --since to --until, read at --brokers without a
+    /// consumer group (nothing is committed). They are kept in --out as
+    /// traffic.jsonl, merged across partitions by their timestamps.
+    #[arg(long)]
+    pub topic: Option<String>,
+    /// With --topic: from the first record at or after this time (RFC 3339, e.g.
+    /// 2026-12-01T10:00:00Z) [default: the topic's oldest].
+    #[arg(long, requires = "topic")]
+    pub since: Option<String>,
+    /// With --topic: up to the records before this time [default: the topic's end
+    /// when the replay starts].
+    #[arg(long, requires = "topic")]
+    pub until: Option<String>,
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
     /// The recorded decisions: a trail (SQLite file or postgres:// URL).
     #[arg(long, value_name = "FILE|URL")]
     pub against: Option<String>,
@@ -371,6 +389,11 @@ pub struct StageArgs {
     /// Worker threads [default: the pipeline's, else all cores].
     #[arg(long)]
     pub threads: Option<usize>,
+    /// An input partition with lag whose group's committed offset has not moved for
+    /// this long counts as stalled (actio_stage_stalled_partitions, and a warning in
+    /// the log): a replica holding it hangs. Every replica watches the whole group.
+    #[arg(long, env = "ACTIO_STALL_AFTER", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub stall_after: Duration,
     /// Longest a graceful stop (drain, commit, flush) may take before exit code 1.
     #[arg(long, env = "ACTIO_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
     pub grace: Duration,

@@ -20,6 +20,7 @@ mod replay;
 mod run;
 mod schema;
 mod service;
+mod stalls;
 mod topics;
 mod trail;
 mod validate;

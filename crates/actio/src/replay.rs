@@ -10,6 +10,9 @@
 //! rebuilt in the order the live pipeline saw it. The log is fed as fast as the
 //! stages take it, with at most [`IN_FLIGHT`] transactions undecided, so memory
 //! stays bounded whatever the file's size.
+//!
+//! The traffic is a JSONL file (`actio run --record-traffic`), or a Kafka topic's
+//! time range (`--topic`), read without a group into such a file first.
 
 use std::collections::{HashMap, HashSet};
 use std::io::BufRead;
@@ -52,10 +55,17 @@ pub fn main(args: ReplayArgs) -> anyhow::Result<ExitCode> {
         },
         None => None,
     };
-    if !args.input.is_file() {
-        eprintln!("error: --input {}: no such file (`actio run --record-traffic` writes traffic.jsonl beside its report)", args.input.display());
+    if let Some(input) = args.input.as_ref().filter(|i| !i.is_file()) {
+        eprintln!("error: --input {}: no such file (`actio run --record-traffic` writes traffic.jsonl beside its report)", input.display());
         return Ok(ExitCode::from(crate::EXIT_CONFIG));
     }
+    let range = match crate::trail::time_range(args.since.as_deref(), args.until.as_deref(), |f| format!("--{f} ")) {
+        Ok((since, until)) => (since.map_or(0, |ns| ns / 1_000_000), until.map_or(i64::MAX, |ns| ns / 1_000_000)),
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Ok(ExitCode::from(crate::EXIT_CONFIG));
+        }
+    };
     // A trail that cannot be opened is an error before minutes of replay.
     let mut against = match &args.against {
         Some(l) => match TrailReader::open(&Location::parse(l)) {
@@ -68,11 +78,34 @@ pub fn main(args: ReplayArgs) -> anyhow::Result<ExitCode> {
         None => None,
     };
 
-    let new = replay(&pipeline, &args.input, args.threads, args.fuse)?;
+    let out = args.out.clone().unwrap_or_else(|| {
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        Path::new("results").join(format!("replay-{t}"))
+    });
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let input = match (&args.input, &args.topic) {
+        (Some(i), _) => i.clone(),
+        (None, Some(topic)) => {
+            let path = out.join("traffic.jsonl");
+            let bus = match crate::kafka::bus_or_exit(&pipeline, &args.kafka) {
+                Ok(b) => b,
+                Err(code) => return Ok(code),
+            };
+            let n = read_topic(&bus, topic, range, &path)?;
+            if n == 0 {
+                eprintln!("error: --topic {topic}: no record between {} and {}", args.since.as_deref().unwrap_or("its oldest"), args.until.as_deref().unwrap_or("its end"));
+                return Ok(ExitCode::from(1));
+            }
+            eprintln!("read {n} records of {topic} into {}", path.display());
+            path
+        }
+        (None, None) => bail!("--input or --topic is required"),
+    };
+    let new = replay(&pipeline, &input, args.threads, args.fuse)?;
     eprintln!("replayed {} of {} transactions through {} in {:.1} s ({:.0} tx/s)", new.records.len(), new.sent, pipeline.name, new.secs, new.sent as f64 / new.secs.max(1e-3));
     let (old, old_name) = match (&baseline, &mut against) {
         (Some(b), _) => {
-            let old = replay(b, &args.input, args.threads, args.fuse)?;
+            let old = replay(b, &input, args.threads, args.fuse)?;
             eprintln!("replayed the baseline {}: {} in {:.1} s", b.dir.display(), old.records.len(), old.secs);
             (old.records, b.dir.display().to_string())
         }
@@ -81,15 +114,10 @@ pub fn main(args: ReplayArgs) -> anyhow::Result<ExitCode> {
     };
     let diff = actio_trail::diff::diff(&old, &new.records, args.top);
 
-    let out = args.out.clone().unwrap_or_else(|| {
-        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-        Path::new("results").join(format!("replay-{t}"))
-    });
-    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let title = format!("replay of {} ({}) against {old_name}", pipeline.name, args.pipeline.display());
     let json = serde_json::json!({
         "pipeline": args.pipeline.display().to_string(),
-        "input": args.input.display().to_string(),
+        "input": input.display().to_string(),
         "against": old_name,
         "sent": new.sent,
         "replayed": new.records.len(),
@@ -109,6 +137,78 @@ pub fn main(args: ReplayArgs) -> anyhow::Result<ExitCode> {
         eprintln!("actio: {} recorded transactions were not decided by the replay (dead-lettered before deciding, or still undecided after {IDLE:?})", diff.only_recorded);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Writes the records of `topic` with a timestamp in `[from_ms, until_ms)` (up to the
+/// end offsets it has now) to `path`, one ingress JSON per line, and returns how many.
+/// Each partition is read in offset order into a file of its own; the files are then
+/// merged by timestamp, so each key keeps its order (one key, one partition) and the
+/// keys interleave as they were produced. A record that is not JSON (live, it was
+/// dead-lettered) is skipped and counted.
+fn read_topic(bus: &actio_bus_kafka::KafkaBus, topic: &str, (from_ms, until_ms): (i64, i64), path: &Path) -> anyhow::Result<u64> {
+    use std::io::Write as _;
+    let ends = bus.end_offsets(topic).with_context(|| format!("--topic {topic}: reading its end offsets"))?;
+    let parts_dir = path.with_extension("partitions");
+    std::fs::create_dir_all(&parts_dir).with_context(|| format!("creating {}", parts_dir.display()))?;
+    let (mut skipped, mut first_skipped) = (0u64, None);
+    let mut files = Vec::new();
+    for (p, &end) in ends.iter().enumerate() {
+        let part = parts_dir.join(p.to_string());
+        let mut w = std::io::BufWriter::new(std::fs::File::create(&part).with_context(|| format!("creating {}", part.display()))?);
+        let mut failed: Option<std::io::Error> = None;
+        let tp = actio_core::TopicPartition::new(topic, p as i32);
+        let t0 = Instant::now();
+        let read = bus
+            .replay(&tp, actio_core::bus::ReplayRange { from_ms, until: end, max_records: u64::MAX }, &mut |r| {
+                let ts = r.timestamp_ms.unwrap_or(0);
+                if failed.is_some() || ts >= until_ms {
+                    return;
+                }
+                match serde_json::from_slice::<serde_json::Value>(&r.payload) {
+                    // Compact: a producer's pretty-printed JSON stays one line.
+                    Ok(v) => failed = writeln!(w, "{ts}\t{v}").err(),
+                    Err(e) => {
+                        skipped += 1;
+                        first_skipped.get_or_insert_with(|| format!("{tp}@{}: {e}", r.offset));
+                    }
+                }
+            })
+            .with_context(|| format!("--topic {topic}: reading partition {p}"))?;
+        if let Some(e) = failed.or_else(|| w.flush().err()) {
+            return Err(e).with_context(|| format!("writing {}", part.display()));
+        }
+        eprintln!("  {tp}: {read} records read in {:.1} s", t0.elapsed().as_secs_f64());
+        files.push(part);
+    }
+    if let Some(first) = first_skipped {
+        eprintln!("actio: {skipped} records of {topic} are not JSON and were skipped (live, they went to the dead-letter topic); the first: {first}");
+    }
+    // The k-way merge: the smallest timestamp at the heads, ties by partition.
+    let mut heads: Vec<std::io::Lines<std::io::BufReader<std::fs::File>>> =
+        files.iter().map(|f| std::fs::File::open(f).map(|f| std::io::BufReader::new(f).lines())).collect::<Result<_, _>>().context("reading the partitions back")?;
+    let next = |l: &mut std::io::Lines<std::io::BufReader<std::fs::File>>| -> anyhow::Result<Option<(i64, String)>> {
+        let Some(line) = l.next().transpose()? else { return Ok(None) };
+        let (ts, json) = line.split_once('\t').ok_or_else(|| anyhow::anyhow!("a partition file lost its format"))?;
+        Ok(Some((ts.parse()?, json.to_string())))
+    };
+    let mut heap = std::collections::BinaryHeap::new();
+    for (i, h) in heads.iter_mut().enumerate() {
+        if let Some((ts, json)) = next(h)? {
+            heap.push(std::cmp::Reverse((ts, i, json)));
+        }
+    }
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?);
+    let mut n = 0u64;
+    while let Some(std::cmp::Reverse((_, i, json))) = heap.pop() {
+        writeln!(out, "{json}").with_context(|| format!("writing {}", path.display()))?;
+        n += 1;
+        if let Some((ts, json)) = next(&mut heads[i])? {
+            heap.push(std::cmp::Reverse((ts, i, json)));
+        }
+    }
+    out.flush().with_context(|| format!("writing {}", path.display()))?;
+    let _ = std::fs::remove_dir_all(&parts_dir);
+    Ok(n)
 }
 
 /// The recorded trail's records of the transactions the replay sent.

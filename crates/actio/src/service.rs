@@ -43,6 +43,9 @@ struct Health {
     lag: AtomicI64,
     /// The same for its retry group on its retry topic (if it has one).
     retry_lag: AtomicI64,
+    /// Input partitions with lag and no committed progress ([`crate::stalls`]), or
+    /// [`LAG_UNKNOWN`].
+    stalled: AtomicI64,
     ready: AtomicBool,
     stopping: AtomicBool,
     reloader: Arc<Reloader>,
@@ -58,7 +61,7 @@ impl Health {
 
 async fn metrics(State(h): State<Arc<Health>>) -> impl IntoResponse {
     let known = |l: &AtomicI64| Some(l.load(Ordering::Relaxed)).filter(|l| *l != LAG_UNKNOWN);
-    let text = (h.metrics)().prometheus_text(known(&h.lag), known(&h.retry_lag));
+    let text = (h.metrics)().prometheus_text(known(&h.lag), known(&h.retry_lag), known(&h.stalled));
     ([(header::CONTENT_TYPE, actio_runtime::PROMETHEUS_CONTENT_TYPE)], text)
 }
 
@@ -197,13 +200,24 @@ fn serve_http(addr: SocketAddr, health: Arc<Health>) -> anyhow::Result<()> {
 
 /// Measures the lag of the stage's `group` on `input` every 500 ms (and of its retry
 /// group on its retry topic, if it has one) and sets readiness from it: caught up
-/// within `cap`, the stage's in-flight cap. Its own thread, as admin calls may block.
-/// Group lag is a Kafka capability; the other buses have none.
-fn watch_lag(bus: Arc<KafkaBus>, health: Arc<Health>, group: String, input: String, cap: usize, retry: Option<(String, String)>) -> std::io::Result<()> {
+/// within `cap`, the stage's in-flight cap; partitions with lag and no commit for
+/// `stall_after` are counted and logged as stalled. Its own thread, as admin calls
+/// may block. Group lag is a Kafka capability; the other buses have none.
+fn watch_lag(bus: Arc<KafkaBus>, health: Arc<Health>, group: String, input: String, cap: usize, retry: Option<(String, String)>, stall_after: Duration) -> std::io::Result<()> {
+    let mut stalls = crate::stalls::StallWatch::new(stall_after);
     std::thread::Builder::new().name("lag".into()).spawn(move || {
         while !health.stopping.load(Ordering::Relaxed) {
-            match bus.group_lag_total(&group, &input) {
-                Ok(lag) => {
+            match bus.group_lag(&group, &input) {
+                Ok(parts) => {
+                    let lag = actio_bus_kafka::total_lag(&parts);
+                    let changes = stalls.observe(&parts, Instant::now());
+                    for p in &changes.stalled {
+                        tracing::warn!(group = %group, partition = %format!("{input}/{p}"), lag = parts.iter().find(|x| x.partition == *p).map(|x| x.lag).unwrap_or(0), after = ?stall_after, "partition stalled: lag and no committed progress (a replica holding it may hang)");
+                    }
+                    for p in &changes.recovered {
+                        tracing::info!(group = %group, partition = %format!("{input}/{p}"), "partition progresses again");
+                    }
+                    health.stalled.store(stalls.stalled().len() as i64, Ordering::Relaxed);
                     health.lag.store(lag, Ordering::Relaxed);
                     let assigned = (health.metrics)().partitions > 0;
                     if assigned && lag <= cap as i64 {
@@ -321,6 +335,7 @@ pub fn main(args: StageArgs) -> anyhow::Result<ExitCode> {
         metrics: handle.metrics_source(),
         lag: AtomicI64::new(LAG_UNKNOWN),
         retry_lag: AtomicI64::new(LAG_UNKNOWN),
+        stalled: AtomicI64::new(LAG_UNKNOWN),
         ready: AtomicBool::new(false),
         stopping: AtomicBool::new(false),
         reloader: reloader.clone(),
@@ -329,7 +344,7 @@ pub fn main(args: StageArgs) -> anyhow::Result<ExitCode> {
     serve_http(args.http, health.clone())?;
     tracing::info!("{summary}");
 
-    watch_lag(bus, health.clone(), group, input, cap, retry_group)?;
+    watch_lag(bus, health.clone(), group, input, cap, retry_group, args.stall_after)?;
 
     while !term.load(Ordering::Relaxed) && !handle.is_finished() {
         std::thread::sleep(Duration::from_millis(50));

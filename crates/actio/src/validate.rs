@@ -174,7 +174,7 @@ fn served_metrics(service: &str, handler: &actio_pipeline::stages::StageHandler)
     use actio_runtime::Handler as _;
     let mut m = actio_runtime::StageMetrics::new(service);
     m.handler = handler.counters();
-    let text = m.prometheus_text(Some(0), Some(0));
+    let text = m.prometheus_text(Some(0), Some(0), Some(0));
     let mut names: Vec<String> = Vec::new();
     for line in text.lines().filter_map(|l| l.strip_prefix("# TYPE ")) {
         let mut parts = line.split_whitespace();

@@ -1,7 +1,8 @@
 //! Operating stage services on a real Kafka broker: rule hot reload through
 //! `POST /admin/reload` and SIGHUP, a broken edit that changes nothing, and
 //! `/metrics` read with a Prometheus text-format parser, its histograms adding up
-//! across two replicas of one stage.
+//! across two replicas of one stage; a hung replica's partitions reported as stalled
+//! by the live one.
 //!
 //! Like `kafka.rs`: needs `ACTIO_KAFKA_BROKERS` (set by `scripts/test`), passes with a
 //! note without it unless `ACTIO_REQUIRE_KAFKA=1`.
@@ -184,4 +185,56 @@ fn a_three_stage_run_sends_one_trace_per_sampled_transaction_to_a_real_collector
         assert_eq!((velocity.parent.as_str(), score.parent.as_str()), (rules.span.as_str(), velocity.span.as_str()), "each hop a child of the one before");
         assert_eq!(score.service, format!("{}.score", p.name));
     }
+}
+
+/// A hung replica: its partitions keep their lag and no commit moves them. The other
+/// replica of the stage sees the whole group and reports them as stalled (gauge and
+/// log); once the hung one runs again, or the group hands its partitions over, they
+/// progress and the gauge returns to 0. The replica's own /metrics shows the CPU its
+/// threads used.
+#[test]
+fn a_live_replica_reports_the_partitions_a_hung_one_holds_as_stalled() {
+    let Some(b) = brokers("stalled_partitions") else { return };
+    let _serial = serial();
+    let p = TestPipeline::new(&b);
+    p.create_topics();
+    let flags = ["--no-watch", "--stall-after", "3s"];
+    let mut live = p.stage_with("rules", &flags);
+    let mut hung = p.stage_with("rules", &flags);
+    live.wait_ready(Duration::from_secs(60));
+    hung.wait_ready(Duration::from_secs(60));
+    let gauge = |s: &StageProcess| s.counter("actio_stage_stalled_partitions");
+    let held = |s: &StageProcess| s.counter("actio_stage_partitions");
+    let t0 = Instant::now();
+    while held(&live) + held(&hung) != 4 || held(&hung) == 0 {
+        assert!(t0.elapsed() < Duration::from_secs(30), "the two replicas never shared the 4 partitions: {} and {}", held(&live), held(&hung));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let hung_holds = held(&hung);
+    assert_eq!(gauge(&live), 0);
+
+    hung.signal("-STOP");
+    // Input for every partition (nothing downstream runs: the load generator's own
+    // figures do not matter here).
+    let out = p.path().join("load");
+    let mut load = p.loadgen(300, "20s", &out).spawn().unwrap();
+    let t0 = Instant::now();
+    while gauge(&live) < hung_holds {
+        assert!(t0.elapsed() < Duration::from_secs(20), "no stalled partition reported within 20 s (gauge {}):\n{}", gauge(&live), live.log());
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert_eq!(gauge(&live), hung_holds, "exactly the hung replica's partitions stall; the live one's progress");
+    assert!(live.log().contains("partition stalled"), "{}", live.log());
+    let cpu = live.scrape().samples.into_iter().find(|s| s.metric == "actio_stage_cpu_seconds_total").map(|s| s.value);
+    assert!(matches!(cpu, Some(prometheus_parse::Value::Counter(v)) if v > 0.0), "the replica's threads used CPU: {cpu:?}");
+
+    hung.signal("-CONT");
+    let t0 = Instant::now();
+    while gauge(&live) > 0 {
+        assert!(t0.elapsed() < Duration::from_secs(60), "the stalled partitions never progressed again:\n{}", live.log());
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert!(live.log().contains("progresses again"), "{}", live.log());
+    let _ = load.kill();
+    let _ = load.wait();
 }
