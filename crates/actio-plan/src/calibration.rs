@@ -128,6 +128,16 @@ impl Quantiles {
         Quantiles::new(vec![(0.0, 0.0), (0.5, s.p50_us), (0.9, s.p90_us), (0.99, s.p99_us), (0.999, s.p999_us), (1.0, s.max_us)])
     }
 
+    /// At each quantile the lower of `self` and `other`: the light-load latency of
+    /// several runs, so that one run's stall (a broker pause, a VM hiccup) does not
+    /// become the base every prediction starts from.
+    pub fn lower_with(&self, other: &Quantiles) -> Quantiles {
+        let mut qs: Vec<f64> = self.0.iter().chain(&other.0).map(|p| p.0).collect();
+        qs.sort_by(f64::total_cmp);
+        qs.dedup();
+        Quantiles::new(qs.into_iter().map(|q| (q, self.at(q).min(other.at(q)))).collect())
+    }
+
     /// The value at quantile `q` (0..=1), µs.
     pub fn at(&self, q: f64) -> f64 {
         let i = self.0.partition_point(|p| p.0 < q);
@@ -153,6 +163,11 @@ mod tests {
         let h = Quantiles::from_hgrm(text).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!((h.at(0.0), h.at(0.5), h.at(0.99), h.at(1.0)), (100.0, 200.0, 2000.0, 5000.0));
         assert!(Quantiles::from_hgrm("nothing here").is_err());
+        // The lower of two: a stall in one run's tail does not survive.
+        let stalled = Quantiles::new(vec![(0.0, 100.0), (0.5, 150.0), (0.99, 300_000.0), (1.0, 400_000.0)]);
+        let calm = Quantiles::new(vec![(0.0, 120.0), (0.5, 200.0), (0.99, 2_000.0), (1.0, 5_000.0)]);
+        let low = stalled.lower_with(&calm);
+        assert_eq!((low.at(0.0), low.at(0.5), low.at(0.99), low.at(1.0)), (100.0, 150.0, 2_000.0, 5_000.0));
     }
 
     #[test]
