@@ -201,8 +201,10 @@ pub struct TrailStats {
 /// A database the writer's thread writes batches into.
 pub(crate) trait Store: Send {
     /// Writes `batch` in one database transaction, replacing earlier records of
-    /// the same transactions.
-    fn write(&mut self, batch: &[TrailRecord]) -> Result<(), WriteError>;
+    /// the same transactions. On success the store may have taken the records out
+    /// (the memory store keeps them without a copy); on an error `batch` is as it
+    /// was, to be written again.
+    fn write(&mut self, batch: &mut Vec<TrailRecord>) -> Result<(), WriteError>;
 }
 
 /// Why a batch was not written.
@@ -344,10 +346,11 @@ pub type Collected = Arc<std::sync::Mutex<std::collections::HashMap<String, Trai
 struct MemoryStore(Collected);
 
 impl Store for MemoryStore {
-    fn write(&mut self, batch: &[TrailRecord]) -> Result<(), WriteError> {
+    fn write(&mut self, batch: &mut Vec<TrailRecord>) -> Result<(), WriteError> {
         let mut kept = self.0.lock().map_err(|_| "the collected records' lock was poisoned")?;
-        for r in batch {
-            kept.insert(r.tx_id.clone(), r.clone());
+        kept.reserve(batch.len());
+        for r in batch.drain(..) {
+            kept.insert(r.tx_id.clone(), r);
         }
         Ok(())
     }
@@ -384,9 +387,10 @@ fn write_loop(mut store: Box<dyn Store>, rx: &Receiver<TrailRecord>, stats: &Tra
         if batch.is_empty() {
             continue;
         }
-        match store.write(&batch) {
+        let n = batch.len();
+        match store.write(&mut batch) {
             Ok(()) => {
-                done(batch.len(), true);
+                done(n, true);
                 batch.clear();
                 if let Some(t) = failing_since.take() {
                     tracing::info!(trail = location, after = ?t.elapsed(), "trail: the database answers again; catching up");
@@ -396,12 +400,13 @@ fn write_loop(mut store: Box<dyn Store>, rx: &Receiver<TrailRecord>, stats: &Tra
                 // Something in the batch cannot be stored: write each record alone,
                 // so one bad record costs only itself.
                 tracing::warn!(trail = location, error = %e, records = batch.len(), "trail: the database refused a batch; writing its records one by one");
-                for r in batch.drain(..) {
-                    match store.write(std::slice::from_ref(&r)) {
+                for r in std::mem::take(&mut batch) {
+                    let mut one = vec![r];
+                    match store.write(&mut one) {
                         Ok(()) => done(1, true),
                         Err(e) => {
                             stats.rejected.fetch_add(1, Ordering::Relaxed);
-                            tracing::warn!(trail = location, tx_id = %r.tx_id, error = %e, "trail: record dropped, the database refused it");
+                            tracing::warn!(trail = location, tx_id = %one[0].tx_id, error = %e, "trail: record dropped, the database refused it");
                             done(1, false);
                         }
                     }

@@ -122,7 +122,7 @@ impl PostgresStore {
 }
 
 impl Store for PostgresStore {
-    fn write(&mut self, batch: &[TrailRecord]) -> Result<(), WriteError> {
+    fn write(&mut self, batch: &mut Vec<TrailRecord>) -> Result<(), WriteError> {
         if self.client.is_none() {
             self.client = Some(connect(&self.config, true)?);
         }

@@ -43,7 +43,7 @@ pub(crate) fn open(path: &Path) -> rusqlite::Result<Connection> {
 pub(crate) struct SqliteStore(pub(crate) Connection);
 
 impl Store for SqliteStore {
-    fn write(&mut self, batch: &[TrailRecord]) -> Result<(), WriteError> {
+    fn write(&mut self, batch: &mut Vec<TrailRecord>) -> Result<(), WriteError> {
         let t = self.0.transaction()?;
         {
             // One statement per transaction (hits, features and hops as JSON columns):

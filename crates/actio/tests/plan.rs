@@ -57,7 +57,8 @@ fn plan_calibrates_both_shapes_sizes_the_target_and_verifies_it() {
 
     // The runs it made plan again without running anything.
     let from: Vec<String> = std::fs::read_dir(out.path().join("calibration")).unwrap().map(|e| e.unwrap().path().to_str().unwrap().to_string()).collect();
-    let mut args = vec!["--rate", "4000", "--p99", "50ms", "--json", "--from"];
+    let again_out = out.path().join("again");
+    let mut args = vec!["--rate", "4000", "--p99", "50ms", "--json", "--out", again_out.to_str().unwrap(), "--from"];
     args.extend(from.iter().map(String::as_str));
     let again = plan(&args);
     assert!(again.status.success(), "{}", String::from_utf8_lossy(&again.stderr));

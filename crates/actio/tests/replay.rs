@@ -108,7 +108,11 @@ fn replay_of_a_kafka_topic_time_range_matches_the_live_trail() {
     assert_eq!((n(d, "compared"), n(d, "differing"), n(d, "only_recorded"), n(d, "only_replayed")), (4_000, 0, 0, 0), "{d:#}");
     assert_eq!(std::fs::read_to_string(out.join("traffic.jsonl")).unwrap().lines().count(), 4_000, "the range is kept as traffic.jsonl");
 
-    let o = actio().args(["replay", p.path().to_str().unwrap(), "--topic", &topic, "--brokers", &b, "--since", "2099-01-01T00:00:00Z", "--against", trail.to_str().unwrap()]).output().unwrap();
+    let empty = p.path().join("empty");
+    let o = actio()
+        .args(["replay", p.path().to_str().unwrap(), "--topic", &topic, "--brokers", &b, "--since", "2099-01-01T00:00:00Z", "--against", trail.to_str().unwrap(), "--out", empty.to_str().unwrap()])
+        .output()
+        .unwrap();
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("no record between 2099-01-01T00:00:00Z"), "{}", String::from_utf8_lossy(&o.stderr));
 }
 
