@@ -7,10 +7,10 @@ use clap::{Args, Parser, Subcommand};
 
 /// actio — low-latency transaction pipelines on Apache Kafka.
 ///
-/// A pipeline (pipelines/<name>/pipeline.toml) is a chain of stages — rules,
-/// velocity features, scoring — between Kafka topics. Each stage parallelizes
-/// work across cores within each partition while keeping per-key order, and
-/// commits only offsets whose outputs are acknowledged.
+/// A pipeline (pipelines/<name>/pipeline.toml) is a graph of stages — rules,
+/// velocity features, scoring, lookups, joins — between Kafka topics. Each stage
+/// parallelizes work across cores within each partition while keeping per-key
+/// order, and commits only offsets whose outputs are acknowledged.
 ///
 /// Start here:
 ///   actio validate pipelines/fraud              check a pipeline
@@ -21,6 +21,11 @@ use clap::{Args, Parser, Subcommand};
 ///   actio topics create pipelines/fraud --brokers 127.0.0.1:9092
 ///   actio stage --pipeline pipelines/fraud --stage rules --brokers 127.0.0.1:9092
 ///   actio loadgen --pipeline pipelines/fraud --brokers 127.0.0.1:9092 --rate 3000
+///
+/// Before and after going live:
+///   actio plan pipelines/fraud --rate 3000 --p99 35ms --verify   size a deployment
+///   actio run pipelines/fraud --trail --record-traffic           keep decisions and traffic
+///   actio replay /tmp/edited --input results/<run>/traffic.jsonl --against results/<run>/trail.db
 #[derive(Debug, Parser)]
 #[command(
     name = "actio",

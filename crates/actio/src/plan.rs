@@ -234,7 +234,8 @@ fn render(plan: &PlanFile, pipeline: &Pipeline, chosen: usize, machine_cores: u3
         let per_tx: f64 = c.model.services.iter().map(|s| s.cpu.per_tx_us).sum::<f64>() + c.model.rest.per_tx_us;
         let _ = writeln!(o, "  {:<9} {}; {per_tx:.1} µs CPU per tx; {unit}", c.label, points.join(" | "));
     }
-    let _ = writeln!(o, "\n{:<10} {:<26} {:>9} {:>11} {:>8}  holds", "shape", "services", "replicas", "cores busy", "p99 ms");
+    let width = plan.considered.iter().map(|c| c.deployment.services.iter().map(|s| s.name.len() + 2).sum::<usize>()).max().unwrap_or(0).max(26);
+    let _ = writeln!(o, "\n{:<10} {:<width$} {:>9} {:>11} {:>8}  holds", "shape", "services", "replicas", "cores busy", "p99 ms");
     for (i, c) in plan.considered.iter().enumerate() {
         let d = &c.deployment;
         let names: Vec<&str> = d.services.iter().map(|s| s.name.as_str()).collect();
@@ -242,7 +243,7 @@ fn render(plan: &PlanFile, pipeline: &Pipeline, chosen: usize, machine_cores: u3
         let p99 = d.latency.map(|l| ms(l.p99_us)).unwrap_or_else(|| "∞".into());
         let _ = writeln!(
             o,
-            "{:<10} {:<26} {:>9} {:>11.2} {:>8}  {}{}",
+            "{:<10} {:<width$} {:>9} {:>11.2} {:>8}  {}{}",
             c.label,
             names.join(", "),
             reps.join(","),
