@@ -8,6 +8,8 @@
 #   PIN=1 loadtest/kafka-chain.sh ...    the broker on CPU 1, stages and loadgen on CPU 0
 #   FUSE=1 loadtest/kafka-chain.sh ...   every stage as one fused service (a chain
 #                                        only: actio stage --stage rules,velocity,score)
+#   ACTIO_BIN=/tmp/actio-old loadtest/kafka-chain.sh ...   that binary, not a fresh
+#                                        release build (A/B against an older commit)
 #   WARMUP=0 loadtest/kafka-chain.sh ... no warm-up (default WARMUP=10s: the stages,
 #                                        fresh processes, first take that much load
 #                                        at the same rate, reported apart in $OUT/warmup)
@@ -30,8 +32,13 @@ BROKERS="${ACTIO_KAFKA_BROKERS:-127.0.0.1:9092}"
 PIPELINE="${PIPELINE:-pipelines/fraud}"
 OUT="${OUT:-results/kafka-$(date +%s)}"
 mkdir -p "$OUT"
-cargo build --release -q
-B=target/release/actio
+# ACTIO_BIN=path: run that binary (e.g. an older build, for an A/B), not a fresh build.
+if [[ -n "${ACTIO_BIN:-}" ]]; then
+    B="$ACTIO_BIN"
+else
+    cargo build --release -q
+    B=target/release/actio
+fi
 $B topics create "$PIPELINE" --brokers "$BROKERS" >/dev/null
 
 # The broker of scripts/kafka, when BROKERS is one on this machine.

@@ -263,6 +263,7 @@ impl Stage {
             done_tx,
             done_rx,
             ready: Mutex::new(Vec::new()),
+            handler_ns: Default::default(),
         });
         // One consumer per group: the input's, and the retry topic's (its own group,
         // with its properties over the stage's).

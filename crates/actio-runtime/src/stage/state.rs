@@ -154,6 +154,9 @@ pub(super) struct Shared<P: Producer> {
     /// Lane heads admitted in the driver's current poll round, not yet running
     /// (see [`Shared::dispatch_ready`]).
     pub(super) ready: Mutex<Vec<(TopicPartition, u64, Work)>>,
+    /// A running mean of the handler's time per message (ns; each new sample weighs
+    /// 1/16), which decides whether a round is worth a worker's wake-up.
+    pub(super) handler_ns: std::sync::atomic::AtomicU64,
 }
 
 impl<P: Producer> Shared<P> {
