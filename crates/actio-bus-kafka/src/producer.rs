@@ -97,9 +97,12 @@ impl KafkaProducer {
             p.init_transactions(TRANSACTION_TIMEOUT).map_err(|e| bus_error_ctx("initializing transactions", &e))?;
             p.begin_transaction().map_err(|e| bus_error_ctx("beginning a transaction", &e))?;
         }
-        // Connect now rather than on the first send: the first messages of a load run
-        // otherwise waited ~0.5 s for connections, metadata and the idempotent
-        // producer id. Best effort: a broker that is down is retried by librdkafka.
+        // Connect now rather than on the first send. Best effort: a broker that is
+        // down is retried by librdkafka. This does not wait for the idempotent
+        // producer id, which in about one start of five comes ~0.5 s late
+        // (librdkafka retries its request every 500 ms): sends queue until then. The
+        // load generator therefore starts its clock only once its first send is
+        // acknowledged (`actio_loadgen::schedule::FIRST_ACK_WAIT`).
         if let Err(e) = p.client().fetch_metadata(None, Duration::from_secs(5)) {
             tracing::debug!(error = %e, "producer warm-up: metadata not fetched yet");
         }
