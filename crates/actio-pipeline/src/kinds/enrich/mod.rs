@@ -10,6 +10,9 @@
 //! timeout_ms = 250          # per call; a timeout is transient
 //! concurrency = 64          # calls in flight per stage instance
 //! cache_ttl_ms = 60000      # answers cached per URL (and body); 0: no cache
+//! on_failure = "continue"   # or "dead_letter" (the default), see below
+//! breaker_failures = 20     # this many transient failures in a row open the breaker
+//! breaker_open_ms = 5000    # ...which lets no call through for this long
 //! [stage.fields]            # declared field = JSON pointer into the answer
 //! debtor_risk = "/risk"
 //! ```
@@ -29,10 +32,23 @@
 //! topic if it has one, else the DLQ; any other 4xx, an answer that is not JSON, or
 //! a value of the wrong type for its field is permanent (DLQ at once). A pointer the
 //! answer lacks leaves an optional field absent and fails a required one.
+//!
+//! A lookup is often an aid to the decision, not a condition of it: with
+//! `on_failure = "continue"` a transaction whose lookup failed (after its in-place
+//! attempts, or at once when permanent) goes on with the stage's fields absent —
+//! they must be optional, checked at load — and is counted
+//! (`actio_enrich_continued_total`); the rules after it decide without them. A
+//! circuit breaker (`breaker_failures`, off by default) keeps a dead API from costing
+//! every transaction its timeouts and retries: after that many transient failures in a
+//! row no call is made for `breaker_open_ms`, and each transaction fails at once as
+//! transient (so, per `on_failure`, it continues or takes the retry topic / DLQ path);
+//! then calls go through again, and the first failure opens it again. Why both: with
+//! `actio run` on a laptop, or an API outage in production, decisions go on at full
+//! rate instead of queueing behind 3 × `timeout_ms` per transaction.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use actio_core::schema::{FieldType, Value};
@@ -59,6 +75,8 @@ pub const DEFAULT_CONCURRENCY: usize = 64;
 pub const DEFAULT_CACHE_TTL_MS: u64 = 0;
 /// Default: most cached answers.
 pub const DEFAULT_CACHE_MAX_ENTRIES: usize = 100_000;
+/// Default: how long an open breaker lets no call through, ms.
+pub const DEFAULT_BREAKER_OPEN_MS: u64 = 5000;
 
 /// Calls made (each attempt).
 pub const CALLS: &str = "actio_enrich_calls_total";
@@ -68,6 +86,12 @@ pub const CACHE_HITS: &str = "actio_enrich_cache_hits_total";
 pub const RETRIES: &str = "actio_enrich_retries_total";
 /// Transactions that failed after their attempts (to the retry topic or the DLQ).
 pub const FAILED: &str = "actio_enrich_failed_total";
+/// Transactions passed on without their answer (`on_failure = "continue"`).
+pub const CONTINUED: &str = "actio_enrich_continued_total";
+/// Times the breaker opened.
+pub const BREAKER_OPENED: &str = "actio_enrich_breaker_opened_total";
+/// Transactions failed at once, with no call, because the breaker was open.
+pub const SHORT_CIRCUITED: &str = "actio_enrich_short_circuited_total";
 
 /// The HTTP method.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -78,6 +102,17 @@ pub enum Method {
     Get,
     /// POST, with `body`.
     Post,
+}
+
+/// What a transaction whose lookup failed does.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnFailure {
+    /// Fail it: transient failures take the retry topic (if any), then the DLQ.
+    #[default]
+    DeadLetter,
+    /// Pass it on without the answer (the stage's fields absent).
+    Continue,
 }
 
 /// An `enrich` stage's own fields.
@@ -99,6 +134,14 @@ pub struct EnrichConfig {
     pub cache_ttl_ms: Option<u64>,
     /// Most cached answers (default [`DEFAULT_CACHE_MAX_ENTRIES`]).
     pub cache_max_entries: Option<usize>,
+    /// What a failed lookup does (default: dead-letter it).
+    #[serde(default)]
+    pub on_failure: OnFailure,
+    /// Transient failures in a row that open the breaker (default: no breaker).
+    pub breaker_failures: Option<u32>,
+    /// How long an open breaker lets no call through, ms (default
+    /// [`DEFAULT_BREAKER_OPEN_MS`]).
+    pub breaker_open_ms: Option<u64>,
     /// Declared field ← JSON pointer into the answer (`[stage.fields]`).
     pub fields: BTreeMap<String, String>,
 }
@@ -164,7 +207,21 @@ fn resolve(cx: &mut ResolveCx<'_>) -> Option<Arc<dyn Logic>> {
             cx.error(&format!("fields.{field}"), format!("expected a JSON pointer (\"/risk\", \"/account/segment\"), not {pointer:?}"));
             ok = false;
         }
+        if c.on_failure == OnFailure::Continue && !f.optional {
+            cx.error(&format!("fields.{field}"), format!("on_failure = \"continue\" passes a transaction on without the answer, so {field:?} must be optional (optional = true in schema.toml)"));
+            ok = false;
+        }
         targets.push(Target { field: field.clone(), slot, ty: f.ty, optional: f.optional, pointer: pointer.clone(), values: f.values.clone() });
+    }
+    let breaker_failures = c.breaker_failures.unwrap_or(0);
+    let breaker_open_ms = c.breaker_open_ms.unwrap_or(DEFAULT_BREAKER_OPEN_MS);
+    if c.breaker_open_ms.is_some() && breaker_failures == 0 {
+        cx.error("breaker_open_ms", "only with breaker_failures (the transient failures in a row that open the breaker)");
+        ok = false;
+    }
+    if !(1..=600_000).contains(&breaker_open_ms) {
+        cx.error("breaker_open_ms", "expected 1..=600000 ms");
+        ok = false;
     }
     let (Some(url), true) = (url, ok) else { return None };
     let client = match reqwest::Client::builder().timeout(Duration::from_millis(timeout_ms)).pool_max_idle_per_host(concurrency).build() {
@@ -185,6 +242,8 @@ fn resolve(cx: &mut ResolveCx<'_>) -> Option<Arc<dyn Logic>> {
         targets: Arc::new(targets),
         client,
         counts: Arc::new(Counts::default()),
+        on_failure: c.on_failure,
+        breaker: Arc::new(Breaker { threshold: breaker_failures, open_for: Duration::from_millis(breaker_open_ms), ..Default::default() }),
     }))
 }
 
@@ -201,6 +260,8 @@ pub struct Enrich {
     targets: Arc<Vec<Target>>,
     client: reqwest::Client,
     counts: Arc<Counts>,
+    on_failure: OnFailure,
+    breaker: Arc<Breaker>,
 }
 
 #[derive(Debug, Default)]
@@ -209,6 +270,51 @@ struct Counts {
     hits: AtomicU64,
     retries: AtomicU64,
     failed: AtomicU64,
+    continued: AtomicU64,
+    short_circuited: AtomicU64,
+}
+
+/// Opens after `threshold` transient failures in a row (0: never) and then lets no
+/// call through for `open_for`; after that calls go through again, and since the
+/// count is not reset until a call succeeds, the first failure opens it again.
+#[derive(Debug, Default)]
+struct Breaker {
+    threshold: u32,
+    open_for: Duration,
+    failures: AtomicU32,
+    /// Until when it is open, ns since the epoch (0: closed).
+    open_until_ns: AtomicI64,
+    opened: AtomicU64,
+}
+
+impl Breaker {
+    /// How long it stays open, if it is.
+    fn open(&self) -> Option<Duration> {
+        let left = self.open_until_ns.load(Ordering::Relaxed) - actio_core::time::now_ns();
+        (self.threshold > 0 && left > 0).then(|| Duration::from_nanos(left as u64))
+    }
+
+    fn succeeded(&self) {
+        if self.threshold > 0 {
+            self.failures.store(0, Ordering::Relaxed);
+        }
+    }
+
+    fn failed(&self, url: &str) {
+        if self.threshold == 0 || self.failures.fetch_add(1, Ordering::Relaxed) + 1 < self.threshold {
+            return;
+        }
+        let now = actio_core::time::now_ns();
+        let was = self.open_until_ns.swap(now + self.open_for.as_nanos() as i64, Ordering::Relaxed);
+        if was <= now {
+            self.opened.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(url, failures = self.failures.load(Ordering::Relaxed), open_ms = self.open_for.as_millis() as u64, "enrich: breaker open, no calls until it closes");
+        }
+    }
+
+    fn refusal(&self, url: &str, left: Duration) -> HandlerError {
+        HandlerError::transient(format!("enrich: {url}: not called, the breaker is open for {} ms more (after {} transient failures in a row)", left.as_millis(), self.failures.load(Ordering::Relaxed)))
+    }
 }
 
 /// Answers by request, for a while: `(when, the values for the targets)`.
@@ -275,6 +381,22 @@ impl Enrich {
             .collect()
     }
 
+    /// A lookup that failed with `e`: the transaction goes on without the answer
+    /// (`on_failure = "continue"`), or fails.
+    fn failed(on_failure: OnFailure, counts: &Counts, targets: &[Target], mut st: TxState, e: HandlerError) -> Result<TxState, HandlerError> {
+        match on_failure {
+            OnFailure::Continue => {
+                counts.continued.fetch_add(1, Ordering::Relaxed);
+                Self::apply(targets, &mut st, vec![Value::Null; targets.len()]);
+                Ok(st)
+            }
+            OnFailure::DeadLetter => {
+                counts.failed.fetch_add(1, Ordering::Relaxed);
+                Err(e)
+            }
+        }
+    }
+
     fn apply(targets: &[Target], st: &mut TxState, values: Vec<Value>) {
         for (t, v) in targets.iter().zip(values) {
             if let Some(slot) = st.tx.values.get_mut(t.slot) {
@@ -318,7 +440,19 @@ impl StageLogic for Enrich {
         let cache = if self.cache.ttl.is_zero() { "no cache".to_string() } else { format!("answers cached {} ms", self.cache.ttl.as_millis()) };
         vec![
             format!("{} {}: {}", if self.method == Method::Get { "GET" } else { "POST" }, self.url.source(), fields.join(", ")),
-            format!("timeout {} ms, {} calls in flight, {cache}; timeouts and 5xx retried, 4xx dead-lettered", self.timeout.as_millis(), self.concurrency),
+            format!(
+                "timeout {} ms, {} calls in flight, {cache}; timeouts and 5xx retried, 4xx {}{}",
+                self.timeout.as_millis(),
+                self.concurrency,
+                match self.on_failure {
+                    OnFailure::DeadLetter => "dead-lettered",
+                    OnFailure::Continue => "and exhausted retries pass the transaction on without the answer",
+                },
+                match self.breaker.threshold {
+                    0 => String::new(),
+                    n => format!("; breaker opens after {n} transient failures in a row, for {} ms", self.breaker.open_for.as_millis()),
+                }
+            ),
         ]
     }
 
@@ -344,34 +478,52 @@ impl StageLogic for Enrich {
             Self::apply(&self.targets, &mut st, values);
             return Ok(Produced::Tx(st));
         }
-        let (client, permits, cache, targets, counts) = (self.client.clone(), self.permits.clone(), self.cache.clone(), self.targets.clone(), self.counts.clone());
-        let (method, timeout, policy): (Method, Duration, RetryPolicy) = (self.method, self.timeout, cx.retry.clone());
+        if let Some(left) = self.breaker.open() {
+            // No call and no deferral: the transaction is settled here and now.
+            self.counts.short_circuited.fetch_add(1, Ordering::Relaxed);
+            return Self::failed(self.on_failure, &self.counts, &self.targets, st, self.breaker.refusal(&url, left)).map(Produced::Tx);
+        }
+        let (client, permits, cache, targets, counts, breaker) = (self.client.clone(), self.permits.clone(), self.cache.clone(), self.targets.clone(), self.counts.clone(), self.breaker.clone());
+        let (method, timeout, policy, on_failure): (Method, Duration, RetryPolicy, OnFailure) = (self.method, self.timeout, cx.retry.clone(), self.on_failure);
         Ok(Produced::Later(Later(Box::pin(async move {
             let _permit = permits.acquire_owned().await.map_err(|_| HandlerError::permanent("enrich: the stage is shutting down"))?;
             let mut backoff = policy.backoff;
             let mut attempt = 1;
             let answer = loop {
+                if let Some(left) = breaker.open() {
+                    counts.short_circuited.fetch_add(1, Ordering::Relaxed);
+                    return Self::failed(on_failure, &counts, &targets, st, breaker.refusal(&url, left));
+                }
                 counts.calls.fetch_add(1, Ordering::Relaxed);
                 match call(&client, method, &url, body.as_deref(), timeout).await {
-                    Ok(a) => break a,
-                    Err(e) if e.kind == actio_runtime::FailureKind::Transient && attempt < policy.attempts => {
+                    Ok(a) => {
+                        breaker.succeeded();
+                        break a;
+                    }
+                    Err(e) if e.kind == actio_runtime::FailureKind::Transient => {
+                        breaker.failed(&url);
+                        if attempt >= policy.attempts {
+                            return Self::failed(on_failure, &counts, &targets, st, e);
+                        }
                         counts.retries.fetch_add(1, Ordering::Relaxed);
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(policy.max_backoff);
                         attempt += 1;
                     }
                     Err(e) => {
-                        counts.failed.fetch_add(1, Ordering::Relaxed);
-                        return Err(e);
+                        breaker.succeeded(); // the API answered: it is up
+                        return Self::failed(on_failure, &counts, &targets, st, e);
                     }
                 }
             };
-            let values = Self::values(&targets, &answer).inspect_err(|_| {
-                counts.failed.fetch_add(1, Ordering::Relaxed);
-            })?;
-            cache.put(key, values.clone());
-            Self::apply(&targets, &mut st, values);
-            Ok(st)
+            match Self::values(&targets, &answer) {
+                Ok(values) => {
+                    cache.put(key, values.clone());
+                    Self::apply(&targets, &mut st, values);
+                    Ok(st)
+                }
+                Err(e) => Self::failed(on_failure, &counts, &targets, st, e),
+            }
         }))))
     }
 
@@ -382,6 +534,9 @@ impl StageLogic for Enrich {
             HandlerCounter::new(CACHE_HITS, "Transactions an enrich stage answered from its cache.", c.hits.load(Ordering::Relaxed)),
             HandlerCounter::new(RETRIES, "Calls an enrich stage retried in place after a transient failure.", c.retries.load(Ordering::Relaxed)),
             HandlerCounter::new(FAILED, "Transactions an enrich stage failed after their attempts (to the retry topic or the DLQ).", c.failed.load(Ordering::Relaxed)),
+            HandlerCounter::new(CONTINUED, "Transactions an enrich stage passed on without their answer (on_failure = continue).", c.continued.load(Ordering::Relaxed)),
+            HandlerCounter::new(BREAKER_OPENED, "Times an enrich stage's breaker opened after transient failures in a row.", self.breaker.opened.load(Ordering::Relaxed)),
+            HandlerCounter::new(SHORT_CIRCUITED, "Transactions an enrich stage failed at once, with no call, while its breaker was open.", c.short_circuited.load(Ordering::Relaxed)),
         ]
     }
 }

@@ -198,6 +198,41 @@ fn calls_in_flight_stay_within_concurrency_and_the_cache_answers_repeats() {
 }
 
 #[test]
+fn with_on_failure_continue_and_a_breaker_an_api_that_is_down_costs_no_decision() {
+    let api = TestApi::start(0);
+    let (_d, p) = enriched(&api.url, "on_failure = \"continue\"\nbreaker_failures = 5\nbreaker_open_ms = 1500\n[stage.limits]\nretry_attempts = 2");
+    let p = p.unwrap();
+    api.control(r#"{"down_for_ms": 60000}"#);
+    let r = run(&p);
+    let t0 = Instant::now();
+    let n = send(&r.bus, (0..300).map(|i| format!("ACC{i}")));
+    let out = read(&r.bus, "enriched", n, Duration::from_secs(20));
+    let took = t0.elapsed();
+    let dlq = read(&r.bus, "dlq", 1, Duration::from_millis(300));
+    let counts: HashMap<&str, u64> = [super::CONTINUED, super::BREAKER_OPENED, super::SHORT_CIRCUITED, super::CALLS, super::FAILED].into_iter().map(|c| (c, counter(&r.handler, c))).collect();
+    // The API comes back; once the breaker lets calls through again, answers land.
+    api.control(r#"{"down_for_ms": 0}"#);
+    std::thread::sleep(Duration::from_millis(1600));
+    send(&r.bus, ["DE01ACC2".to_string()]);
+    let after = read(&r.bus, "enriched", n + 1, Duration::from_secs(10));
+    stop(r);
+    assert_eq!(out.len(), n, "every transaction passed on while the API was down, in {took:?}");
+    assert!(dlq.is_empty(), "nothing dead-lettered");
+    for rec in &out {
+        let st: TxState = Codec::Postcard.decode(&rec.payload).unwrap();
+        assert_eq!(st.tx.values[p.schema.slot("account_risk").unwrap()], Value::Null, "no answer, no value");
+    }
+    assert_eq!(counts[super::CONTINUED], n as u64, "{counts:?}");
+    assert_eq!(counts[super::FAILED], 0, "{counts:?}");
+    assert!(counts[super::BREAKER_OPENED] >= 1 && counts[super::SHORT_CIRCUITED] > 0, "{counts:?}");
+    // Without the breaker each of the 300 would have made 2 calls.
+    assert!(counts[super::CALLS] < 100, "the breaker kept calls down: {counts:?}");
+    assert_eq!(after.len(), n + 1, "enriched again once the API is back");
+    let last: TxState = Codec::Postcard.decode(&after[n].payload).unwrap();
+    assert!(matches!(last.tx.values[p.schema.slot("account_risk").unwrap()], Value::Float(_)), "{:?}", last.tx.values);
+}
+
+#[test]
 fn enrich_config_errors_name_the_field() {
     let api = "http://127.0.0.1:9";
     for (extra, field, message) in [
@@ -205,6 +240,9 @@ fn enrich_config_errors_name_the_field() {
         ("body = '{}'", "stage[0].body", "only with method = \"post\""),
         ("concurrency = 0", "stage[0].concurrency", "expected 1..=10000"),
         ("timeout = 5", "stage[0].timeout", "unknown field `timeout`"),
+        ("breaker_open_ms = 100", "stage[0].breaker_open_ms", "only with breaker_failures"),
+        ("breaker_failures = 3\nbreaker_open_ms = 0", "stage[0].breaker_open_ms", "expected 1..=600000"),
+        ("on_failure = \"skip\"", "stage[0].on_failure", "unknown variant `skip`"),
     ] {
         let (_d, p) = enriched(api, extra);
         let e = p.err().unwrap_or_else(|| panic!("{extra:?} loads"));
@@ -216,6 +254,9 @@ fn enrich_config_errors_name_the_field() {
     std::fs::write(&file, text.replace("segment = \"/segment\"", "tx_id = \"/x\"\nsegmant = \"/segment\"")).unwrap();
     let e = Pipeline::load(d.path()).unwrap_err().to_string();
     assert!(e.contains("stage[0].fields.segmant") && e.contains("unknown field \"segmant\""), "{e}");
+    std::fs::write(&file, text.replace("segment = \"/segment\"", "segment = \"/segment\"\naccount = \"/account\"").replace("timeout_ms = 500", "timeout_ms = 500\non_failure = \"continue\"")).unwrap();
+    let e = Pipeline::load(d.path()).unwrap_err().to_string();
+    assert!(e.contains("stage[0].fields.account") && e.contains("must be optional"), "{e}");
     std::fs::write(&file, text.replace(&format!("url = \"{api}/risk/{{account}}\""), "url = \"ftp://x/{account}\"")).unwrap();
     assert!(Pipeline::load(d.path()).unwrap_err().to_string().contains("expected an http:// or https:// URL"));
 }
