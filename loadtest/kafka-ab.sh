@@ -34,8 +34,11 @@ ROUNDS="${ROUNDS:-3}"
 BAR_MS="${BAR_MS:-35}"
 OUT="${OUT:-results/kafka-ab-$(date +%s)}"
 mkdir -p "$OUT"
+declare -A seen_labels=()
 for v in "${variants[@]}"; do
     label="${v%%:*}"
+    [[ -z "${seen_labels[$label]:-}" ]] || { echo "kafka-ab: two variants are labelled '$label'" >&2; exit 2; }
+    seen_labels[$label]=1
     [[ "$label" =~ ^[A-Za-z0-9_.-]+$ ]] || { echo "kafka-ab: a variant's label is letters, digits, . _ - (got '$label')" >&2; exit 2; }
     if [[ "$v" == *:* ]]; then
         IFS=, read -r -a envs <<<"${v#*:}"
@@ -74,6 +77,8 @@ def run(d):
         return None
     txt = (d / "report.txt").read_text()
     e2e = re.search(r"^e2e\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)", txt, re.M)
+    if e2e is None:
+        return None  # nothing decided: no e2e row
     per_s = re.search(r"median of the \d+ per-second p99s ([\d.]+)", txt)
     cpu = re.findall(r"^stage (\S+)\s+cpu\s+[\d.]+%\s+([\d.]+) µs/message", txt, re.M)
     lost = json.loads((d / "report.json").read_text()).get("lost")
@@ -96,8 +101,10 @@ for label in labels:
         print(f"{d.name:<24} {r['p50']:8.2f} {r['p99']:9.2f} {per_s}  {cpu:<15} {r['lost']}")
     if got:
         held = sum(r["p99"] <= bar for r in got)
-        med = lambda k: statistics.median(r[k] for r in got if r[k] is not None)
-        summary.append(f"{label}: median p50 {med('p50'):.2f} ms, p99 {med('p99'):.2f} ms, per-second p99 {med('per_s'):.2f} ms; p99 <= {bar:g} ms in {held} of {len(got)} runs")
+        def med(k):
+            xs = [r[k] for r in got if r[k] is not None]
+            return f"{statistics.median(xs):.2f} ms" if xs else "-"
+        summary.append(f"{label}: median p50 {med('p50')}, p99 {med('p99')}, per-second p99 {med('per_s')}; p99 <= {bar:g} ms in {held} of {len(got)} runs")
 print()
 print("\n".join(summary))
 EOF

@@ -72,6 +72,9 @@ pub struct SenderStats {
     pub max_behind_us: AtomicU64,
     /// Set when the schedule is done.
     pub done: AtomicBool,
+    /// When the schedule's clock started (after the first send was acknowledged),
+    /// ns since the epoch; 0 until then.
+    pub started_ns: std::sync::atomic::AtomicI64,
 }
 
 /// Sends generated transactions on schedule.
@@ -97,9 +100,9 @@ impl Sender {
     /// Runs the schedule to the end (or until `stop`), sending transactions as
     /// `schema`'s ingress JSON, keyed by `key_of(tx)`, to one of `topics` (a pipeline
     /// with several flows has an ingress topic each): the topic is chosen by the key,
-    /// so one key's transactions stay in one flow, in order. `start_ns` is the
-    /// wall-clock time of the schedule's start (the intended times are `start_ns +
-    /// due(i)`). `record` sees each transaction's payload as it goes out (`actio run
+    /// so one key's transactions stay in one flow, in order. The intended time of
+    /// transaction `i` is the schedule's start + `due(i)` ([`SenderStats::started_ns`]
+    /// has the start). `record` sees each transaction's payload as it goes out (`actio run
     /// --record-traffic` writes them to a file, for `actio replay`). The first
     /// transaction goes out alone: the clock starts once the bus acknowledged it
     /// ([`FIRST_ACK_WAIT`] at most), so a producer's start-up is not charged to the load.
@@ -171,6 +174,7 @@ impl Sender {
                 // The schedule's clock starts once the bus has the first transaction.
                 self.await_first_ack(stop);
                 (start, start_ns) = (Instant::now(), actio_core::time::now_ns());
+                self.stats.started_ns.store(start_ns, Ordering::Relaxed);
             }
             i += 1;
             if i.is_multiple_of(4096) {

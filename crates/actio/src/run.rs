@@ -311,6 +311,11 @@ pub fn drive<B: Bus>(
     }
     let cpu_at_end = CpuReading::take(&stages, &collector, &loadgen_cpu);
     let load_secs = load.duration.as_secs_f64().min(t0.elapsed().as_secs_f64());
+    // The schedule starts once the first send is acknowledged: its seconds count from there.
+    let load_started_ns = match sender.stats.started_ns.load(Ordering::Relaxed) {
+        0 => load_started_ns,
+        started => started,
+    };
     let _ = sender_thread.join();
 
     let mut runtime_hists = Vec::new();

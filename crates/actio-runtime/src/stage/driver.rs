@@ -86,7 +86,7 @@ impl<B: Bus> Driver<B> {
                 }
             }
             self.poll_retry()?;
-            s.dispatch_ready(true);
+            s.dispatch_ready(true, admitted);
         };
         match outcome {
             Ok(StopMode::Abort) => {

@@ -57,7 +57,7 @@ impl<P: Producer> RebalanceListener for Listener<P> {
 
     fn revoking(&self, partitions: &[TopicPartition], group: Option<GroupToken>) -> Vec<(TopicPartition, Offset)> {
         let s = &self.shared;
-        s.dispatch_ready(false);
+        s.dispatch_ready(false, 0);
         let mut holds = Vec::new();
         {
             let mut st = s.state.lock();

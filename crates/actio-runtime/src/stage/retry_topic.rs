@@ -121,7 +121,7 @@ impl<B: Bus> Driver<B> {
         }
         if !runs.is_empty() {
             s.ready.lock().extend(runs);
-            s.dispatch_ready(false);
+            s.dispatch_ready(false, 0);
         }
     }
 }

@@ -31,22 +31,25 @@ impl<P: Producer> Shared<P> {
     /// message: at 3,000 batches/s a wakeup per job cost 10.5 % of a core against 6.6 %
     /// for a chunk per worker (BENCHMARKS.md, "Worker pool").
     ///
-    /// A round whose expected handler time (heads × the running mean) is under
+    /// A round whose expected handler time — the records it `admitted` (or its heads,
+    /// if more) × the running mean of the handler's own time — is under
     /// [`INLINE_ROUND`] runs whole on the driver: splitting it would save less time
-    /// than waking a worker takes, and each wake-up costs CPU (on the project's VM,
-    /// 15 µs of it against a few µs of rules per message). That is the common case at
-    /// moderate rates, where a round holds what one fetch brought.
+    /// than waking a worker takes, and each wake-up costs CPU (on the project's VM, 15
+    /// µs of it against a few µs of rules per message). That is the common case at
+    /// moderate rates, where a round holds what one fetch brought. Until a first
+    /// message has been timed the mean is unknown, and rounds are dealt out.
     ///
     /// A rebalance callback calls this too (without `inline_last`) before it waits for
     /// in-flight work, since heads admitted in the round it interrupted would otherwise
     /// never start.
-    pub(super) fn dispatch_ready(self: &Arc<Self>, inline_last: bool) {
+    pub(super) fn dispatch_ready(self: &Arc<Self>, inline_last: bool, admitted: usize) {
         let ready = std::mem::take(&mut *self.ready.lock());
         if ready.is_empty() {
             return;
         }
-        let expected_ns = (ready.len() as u64).saturating_mul(self.handler_ns.load(Ordering::Relaxed));
-        let chunks = match inline_last && expected_ns <= INLINE_ROUND.as_nanos() as u64 {
+        let mean = self.handler_ns.load(Ordering::Relaxed);
+        let expected_ns = (ready.len().max(admitted) as u64).saturating_mul(mean);
+        let chunks = match inline_last && mean > 0 && expected_ns <= INLINE_ROUND.as_nanos() as u64 {
             true => 1,
             false => ready.len().min(self.spec.threads.max(1)),
         };
@@ -132,6 +135,7 @@ impl<P: Producer> Shared<P> {
                 r => break r,
             }
         };
+        self.time_handler(started.elapsed());
         let deferred = match &result {
             Ok(outputs) => outputs.iter().find_map(|o| o.defer.clone()),
             Err(_) => None,
@@ -158,6 +162,17 @@ impl<P: Producer> Shared<P> {
         }
     }
 
+    /// Adds one message's handler time (its synchronous part: a deferred handler's
+    /// wait is not the driver's) to the running mean, each sample weighing 1/16; the
+    /// first sample is the mean. A racy read-modify-write on purpose: a lost sample
+    /// of a running mean is harmless.
+    fn time_handler(&self, took: std::time::Duration) {
+        let sample = took.as_nanos().min(u128::from(u32::MAX)) as i64;
+        let mean = self.handler_ns.load(Ordering::Relaxed) as i64;
+        let next = if mean == 0 { sample.max(1) } else { mean + (sample - mean) / 16 };
+        self.handler_ns.store(next.max(1) as u64, Ordering::Relaxed);
+    }
+
     /// Runs the next message of a deferred message's lane, if any, on the pool.
     fn advance(self: &Arc<Self>, tp: &TopicPartition, epoch: u64, lane: Option<u64>) {
         let next = {
@@ -178,9 +193,6 @@ impl<P: Producer> Shared<P> {
     fn finish(&self, tp: &TopicPartition, epoch: u64, run: Attempted, result: Result<Vec<Output>, HandlerError>) {
         let Attempted { rec, consumed_ns, queue_ns, from_retry, marks, ctx, retried, started } = run;
         let service_ns = started.elapsed().as_nanos() as i64;
-        // Racy read-modify-write on purpose: a lost sample of a running mean is harmless.
-        let mean = self.handler_ns.load(Ordering::Relaxed) as i64;
-        self.handler_ns.store((mean + (service_ns - mean) / 16).max(0) as u64, Ordering::Relaxed);
         let mut holds = Vec::new();
         // Its span at this stage, which its outputs name as their parent.
         let span = self.spec.tracer.as_ref().map(|t| t.ids(rec.headers.get(crate::trace::TRACEPARENT)));

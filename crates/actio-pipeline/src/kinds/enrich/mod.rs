@@ -219,6 +219,10 @@ fn resolve(cx: &mut ResolveCx<'_>) -> Option<Arc<dyn Logic>> {
         cx.error("breaker_open_ms", "only with breaker_failures (the transient failures in a row that open the breaker)");
         ok = false;
     }
+    if c.breaker_failures == Some(0) {
+        cx.error("breaker_failures", "expected 1 or more transient failures in a row (leave it out for no breaker)");
+        ok = false;
+    }
     if !(1..=600_000).contains(&breaker_open_ms) {
         cx.error("breaker_open_ms", "expected 1..=600000 ms");
         ok = false;
@@ -243,7 +247,7 @@ fn resolve(cx: &mut ResolveCx<'_>) -> Option<Arc<dyn Logic>> {
         client,
         counts: Arc::new(Counts::default()),
         on_failure: c.on_failure,
-        breaker: Arc::new(Breaker { threshold: breaker_failures, open_for: Duration::from_millis(breaker_open_ms), ..Default::default() }),
+        breaker: Arc::new(Breaker::new(breaker_failures, Duration::from_millis(breaker_open_ms))),
     }))
 }
 
@@ -274,46 +278,88 @@ struct Counts {
     short_circuited: AtomicU64,
 }
 
-/// Opens after `threshold` transient failures in a row (0: never) and then lets no
-/// call through for `open_for`; after that calls go through again, and since the
-/// count is not reset until a call succeeds, the first failure opens it again.
-#[derive(Debug, Default)]
+/// Trips after `threshold` transient failures in a row (0: never), then lets no call
+/// through for `open_for`. After that one call goes through as a probe while the
+/// others still fail at once: its success closes the breaker, its failure opens it
+/// for another `open_for`. Any success closes it (the API answered). Times are from a
+/// monotonic clock.
+#[derive(Debug)]
 struct Breaker {
     threshold: u32,
     open_for: Duration,
+    base: Instant,
     failures: AtomicU32,
-    /// Until when it is open, ns since the epoch (0: closed).
+    /// Until when it is open, ns since `base`.
     open_until_ns: AtomicI64,
+    /// When the probe call started, ns since `base` (0: none). A probe older than
+    /// `open_for` is taken as abandoned (its transaction went away with a revoked
+    /// partition, say), so a lost probe cannot hold the breaker half open.
+    probe_ns: AtomicI64,
     opened: AtomicU64,
 }
 
+/// What the breaker says to a call about to be made.
+enum Gate {
+    /// Make it (the breaker is closed, or this is the probe).
+    Call,
+    /// Do not: fail at once, with this reason.
+    Refused(String),
+}
+
 impl Breaker {
-    /// How long it stays open, if it is.
-    fn open(&self) -> Option<Duration> {
-        let left = self.open_until_ns.load(Ordering::Relaxed) - actio_core::time::now_ns();
-        (self.threshold > 0 && left > 0).then(|| Duration::from_nanos(left as u64))
+    fn new(threshold: u32, open_for: Duration) -> Self {
+        Breaker { threshold, open_for, base: Instant::now(), failures: AtomicU32::new(0), open_until_ns: AtomicI64::new(0), probe_ns: AtomicI64::new(0), opened: AtomicU64::new(0) }
+    }
+
+    fn now_ns(&self) -> i64 {
+        self.base.elapsed().as_nanos() as i64
+    }
+
+    /// Whether it is open (not half open): a transaction can be refused before it
+    /// waits for a permit. Claims nothing.
+    fn open(&self) -> bool {
+        self.threshold > 0 && self.failures.load(Ordering::Relaxed) >= self.threshold && self.open_until_ns.load(Ordering::Relaxed) > self.now_ns()
+    }
+
+    /// Before each call, with its permit held: whether to make it. Half open, the
+    /// first caller becomes the probe.
+    fn gate(&self, url: &str) -> Gate {
+        if self.threshold == 0 || self.failures.load(Ordering::Relaxed) < self.threshold {
+            return Gate::Call;
+        }
+        let now = self.now_ns().max(1);
+        let left = self.open_until_ns.load(Ordering::Relaxed) - now;
+        if left > 0 {
+            return Gate::Refused(format!("enrich: {url}: not called, the breaker is open for {} ms more (after {} transient failures in a row)", left / 1_000_000, self.threshold));
+        }
+        let probe = self.probe_ns.load(Ordering::Relaxed);
+        let abandoned = probe != 0 && now - probe > self.open_for.as_nanos() as i64;
+        if (probe == 0 || abandoned) && self.probe_ns.compare_exchange(probe, now, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
+            return Gate::Call;
+        }
+        Gate::Refused(format!("enrich: {url}: not called, the breaker is half open and one probe call is under way"))
     }
 
     fn succeeded(&self) {
         if self.threshold > 0 {
             self.failures.store(0, Ordering::Relaxed);
+            self.probe_ns.store(0, Ordering::Release);
         }
     }
 
     fn failed(&self, url: &str) {
-        if self.threshold == 0 || self.failures.fetch_add(1, Ordering::Relaxed) + 1 < self.threshold {
+        if self.threshold == 0 {
             return;
         }
-        let now = actio_core::time::now_ns();
-        let was = self.open_until_ns.swap(now + self.open_for.as_nanos() as i64, Ordering::Relaxed);
-        if was <= now {
+        let n = self.failures.fetch_add(1, Ordering::Relaxed).saturating_add(1);
+        let probe_failed = self.probe_ns.swap(0, Ordering::AcqRel) != 0;
+        // Open on the trip itself or on a failed probe; calls that were already in
+        // flight when it opened do not stretch the window.
+        if n == self.threshold || probe_failed {
+            self.open_until_ns.store(self.now_ns() + self.open_for.as_nanos() as i64, Ordering::Relaxed);
             self.opened.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(url, failures = self.failures.load(Ordering::Relaxed), open_ms = self.open_for.as_millis() as u64, "enrich: breaker open, no calls until it closes");
+            tracing::warn!(url, failures = n, open_ms = self.open_for.as_millis() as u64, "enrich: breaker open, no calls until it closes");
         }
-    }
-
-    fn refusal(&self, url: &str, left: Duration) -> HandlerError {
-        HandlerError::transient(format!("enrich: {url}: not called, the breaker is open for {} ms more (after {} transient failures in a row)", left.as_millis(), self.failures.load(Ordering::Relaxed)))
     }
 }
 
@@ -478,10 +524,19 @@ impl StageLogic for Enrich {
             Self::apply(&self.targets, &mut st, values);
             return Ok(Produced::Tx(st));
         }
-        if let Some(left) = self.breaker.open() {
-            // No call and no deferral: the transaction is settled here and now.
+        if self.breaker.open()
+            && let Gate::Refused(why) = self.breaker.gate(&url)
+        {
             self.counts.short_circuited.fetch_add(1, Ordering::Relaxed);
-            return Self::failed(self.on_failure, &self.counts, &self.targets, st, self.breaker.refusal(&url, left)).map(Produced::Tx);
+            let failed = Self::failed(self.on_failure, &self.counts, &self.targets, st, HandlerError::transient(why));
+            return Ok(match failed {
+                // Passed on: no call, no deferral.
+                Ok(st) => Produced::Tx(st),
+                // Failed: as a completed deferral, so the runtime does not retry it in
+                // place (with a thread's sleep) but sends it on to the retry topic or
+                // the DLQ, once.
+                Err(e) => Produced::Later(Later(Box::pin(std::future::ready(Err(e))))),
+            });
         }
         let (client, permits, cache, targets, counts, breaker) = (self.client.clone(), self.permits.clone(), self.cache.clone(), self.targets.clone(), self.counts.clone(), self.breaker.clone());
         let (method, timeout, policy, on_failure): (Method, Duration, RetryPolicy, OnFailure) = (self.method, self.timeout, cx.retry.clone(), self.on_failure);
@@ -490,9 +545,11 @@ impl StageLogic for Enrich {
             let mut backoff = policy.backoff;
             let mut attempt = 1;
             let answer = loop {
-                if let Some(left) = breaker.open() {
+                // Checked with the permit held: a burst waits for permits while the
+                // first calls fail, and what waited is refused once the breaker opens.
+                if let Gate::Refused(why) = breaker.gate(&url) {
                     counts.short_circuited.fetch_add(1, Ordering::Relaxed);
-                    return Self::failed(on_failure, &counts, &targets, st, breaker.refusal(&url, left));
+                    return Self::failed(on_failure, &counts, &targets, st, HandlerError::transient(why));
                 }
                 counts.calls.fetch_add(1, Ordering::Relaxed);
                 match call(&client, method, &url, body.as_deref(), timeout).await {

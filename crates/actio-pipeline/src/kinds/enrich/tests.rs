@@ -200,7 +200,7 @@ fn calls_in_flight_stay_within_concurrency_and_the_cache_answers_repeats() {
 #[test]
 fn with_on_failure_continue_and_a_breaker_an_api_that_is_down_costs_no_decision() {
     let api = TestApi::start(0);
-    let (_d, p) = enriched(&api.url, "on_failure = \"continue\"\nbreaker_failures = 5\nbreaker_open_ms = 1500\n[stage.limits]\nretry_attempts = 2");
+    let (_d, p) = enriched(&api.url, "on_failure = \"continue\"\nconcurrency = 8\nbreaker_failures = 5\nbreaker_open_ms = 1500\n[stage.limits]\nretry_attempts = 2");
     let p = p.unwrap();
     api.control(r#"{"down_for_ms": 60000}"#);
     let r = run(&p);
@@ -225,11 +225,36 @@ fn with_on_failure_continue_and_a_breaker_an_api_that_is_down_costs_no_decision(
     assert_eq!(counts[super::CONTINUED], n as u64, "{counts:?}");
     assert_eq!(counts[super::FAILED], 0, "{counts:?}");
     assert!(counts[super::BREAKER_OPENED] >= 1 && counts[super::SHORT_CIRCUITED] > 0, "{counts:?}");
-    // Without the breaker each of the 300 would have made 2 calls.
-    assert!(counts[super::CALLS] < 100, "the breaker kept calls down: {counts:?}");
+    // Without the breaker each of the 300 would have made 2 calls; with it, about
+    // the 8 in flight when it opened, and a probe now and then.
+    assert!(counts[super::CALLS] < 40, "the breaker kept calls down: {counts:?}");
     assert_eq!(after.len(), n + 1, "enriched again once the API is back");
     let last: TxState = Codec::Postcard.decode(&after[n].payload).unwrap();
     assert!(matches!(last.tx.values[p.schema.slot("account_risk").unwrap()], Value::Float(_)), "{:?}", last.tx.values);
+}
+
+#[test]
+fn an_open_breaker_dead_letters_each_transaction_once_without_a_call() {
+    let api = TestApi::start(0);
+    let (_d, p) = enriched(&api.url, "concurrency = 8\nbreaker_failures = 3\nbreaker_open_ms = 60000\n[stage.limits]\nretry_attempts = 3\nretry_backoff_ms = 50");
+    let p = p.unwrap();
+    api.control(r#"{"down_for_ms": 60000}"#);
+    let r = run(&p);
+    let t0 = Instant::now();
+    let n = send(&r.bus, (0..200).map(|i| format!("ACC{i}")));
+    let dlq = read(&r.bus, "dlq", n, Duration::from_secs(20));
+    let took = t0.elapsed();
+    let counts: HashMap<&str, u64> = [super::FAILED, super::SHORT_CIRCUITED, super::CALLS, super::BREAKER_OPENED].into_iter().map(|c| (c, counter(&r.handler, c))).collect();
+    stop(r);
+    assert_eq!(dlq.len(), n, "each dead-lettered, in {took:?}: {counts:?}");
+    let ids: std::collections::HashSet<Vec<u8>> = dlq.iter().map(|r| r.key.clone().unwrap().to_vec()).collect();
+    assert_eq!(ids.len(), n, "each once");
+    assert_eq!(counts[super::FAILED], n as u64, "each counted once: {counts:?}");
+    assert_eq!(counts[super::BREAKER_OPENED], 1, "{counts:?}");
+    // Refused transactions are not retried in place: 200 × 3 × 50 ms of sleeps would take 30 s.
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    assert!(counts[super::CALLS] < 30 && counts[super::SHORT_CIRCUITED] > 150, "{counts:?}");
+    assert!(String::from_utf8_lossy(dlq.last().unwrap().headers.get(actio_core::headers::ERROR).unwrap()).contains("breaker is open"));
 }
 
 #[test]
@@ -241,6 +266,7 @@ fn enrich_config_errors_name_the_field() {
         ("concurrency = 0", "stage[0].concurrency", "expected 1..=10000"),
         ("timeout = 5", "stage[0].timeout", "unknown field `timeout`"),
         ("breaker_open_ms = 100", "stage[0].breaker_open_ms", "only with breaker_failures"),
+        ("breaker_failures = 0", "stage[0].breaker_failures", "leave it out for no breaker"),
         ("breaker_failures = 3\nbreaker_open_ms = 0", "stage[0].breaker_open_ms", "expected 1..=600000"),
         ("on_failure = \"skip\"", "stage[0].on_failure", "unknown variant `skip`"),
     ] {
