@@ -110,6 +110,25 @@ fn counter(h: &StageHandler, name: &str) -> u64 {
     h.counters().into_iter().find(|c| c.name == name).map_or(0, |c| c.value)
 }
 
+/// Every counter of the stage, by name.
+fn counts(h: &StageHandler) -> HashMap<&'static str, u64> {
+    h.counters().into_iter().map(|c| (c.name, c.value)).collect()
+}
+
+/// The stage with `extra` against an API that is down for the next minute: `n`
+/// transactions of distinct accounts sent, what came out on `topic` within 20 s, and
+/// how long that took.
+fn against_a_dead_api(api: &TestApi, extra: &str, n: usize, topic: &str) -> (tempfile::TempDir, Pipeline, Running, Vec<Record>, Duration) {
+    let (dir, p) = enriched(&api.url, extra);
+    let p = p.unwrap();
+    api.control(r#"{"down_for_ms": 60000}"#);
+    let r = run(&p);
+    let t0 = Instant::now();
+    assert_eq!(send(&r.bus, (0..n).map(|i| format!("ACC{i}"))), n);
+    let out = read(&r.bus, topic, n, Duration::from_secs(20));
+    (dir, p, r, out, t0.elapsed())
+}
+
 fn stop(r: Running) {
     r.stage.stop(StopMode::Graceful);
     r.stage.join().unwrap();
@@ -200,16 +219,10 @@ fn calls_in_flight_stay_within_concurrency_and_the_cache_answers_repeats() {
 #[test]
 fn with_on_failure_continue_and_a_breaker_an_api_that_is_down_costs_no_decision() {
     let api = TestApi::start(0);
-    let (_d, p) = enriched(&api.url, "on_failure = \"continue\"\nconcurrency = 8\nbreaker_failures = 5\nbreaker_open_ms = 1500\n[stage.limits]\nretry_attempts = 2");
-    let p = p.unwrap();
-    api.control(r#"{"down_for_ms": 60000}"#);
-    let r = run(&p);
-    let t0 = Instant::now();
-    let n = send(&r.bus, (0..300).map(|i| format!("ACC{i}")));
-    let out = read(&r.bus, "enriched", n, Duration::from_secs(20));
-    let took = t0.elapsed();
+    let n = 300;
+    let (_d, p, r, out, took) = against_a_dead_api(&api, "on_failure = \"continue\"\nconcurrency = 8\nbreaker_failures = 5\nbreaker_open_ms = 1500\n[stage.limits]\nretry_attempts = 2", n, "enriched");
     let dlq = read(&r.bus, "dlq", 1, Duration::from_millis(300));
-    let counts: HashMap<&str, u64> = [super::CONTINUED, super::BREAKER_OPENED, super::SHORT_CIRCUITED, super::CALLS, super::FAILED].into_iter().map(|c| (c, counter(&r.handler, c))).collect();
+    let counts = counts(&r.handler);
     // The API comes back; once the breaker lets calls through again, answers land.
     api.control(r#"{"down_for_ms": 0}"#);
     std::thread::sleep(Duration::from_millis(1600));
@@ -236,15 +249,9 @@ fn with_on_failure_continue_and_a_breaker_an_api_that_is_down_costs_no_decision(
 #[test]
 fn an_open_breaker_dead_letters_each_transaction_once_without_a_call() {
     let api = TestApi::start(0);
-    let (_d, p) = enriched(&api.url, "concurrency = 8\nbreaker_failures = 3\nbreaker_open_ms = 60000\n[stage.limits]\nretry_attempts = 3\nretry_backoff_ms = 50");
-    let p = p.unwrap();
-    api.control(r#"{"down_for_ms": 60000}"#);
-    let r = run(&p);
-    let t0 = Instant::now();
-    let n = send(&r.bus, (0..200).map(|i| format!("ACC{i}")));
-    let dlq = read(&r.bus, "dlq", n, Duration::from_secs(20));
-    let took = t0.elapsed();
-    let counts: HashMap<&str, u64> = [super::FAILED, super::SHORT_CIRCUITED, super::CALLS, super::BREAKER_OPENED].into_iter().map(|c| (c, counter(&r.handler, c))).collect();
+    let n = 200;
+    let (_d, _p, r, dlq, took) = against_a_dead_api(&api, "concurrency = 8\nbreaker_failures = 3\nbreaker_open_ms = 60000\n[stage.limits]\nretry_attempts = 3\nretry_backoff_ms = 50", n, "dlq");
+    let counts = counts(&r.handler);
     stop(r);
     assert_eq!(dlq.len(), n, "each dead-lettered, in {took:?}: {counts:?}");
     let ids: std::collections::HashSet<Vec<u8>> = dlq.iter().map(|r| r.key.clone().unwrap().to_vec()).collect();
