@@ -42,7 +42,8 @@
 //! every transaction its timeouts and retries: after that many transient failures in a
 //! row no call is made for `breaker_open_ms`, and each transaction fails at once as
 //! transient (so, per `on_failure`, it continues or takes the retry topic / DLQ path);
-//! then calls go through again, and the first failure opens it again. Why both: with
+//! then one probe call goes through, and its failure opens it again (its success, or
+//! any success, closes it). Why both: with
 //! `actio run` on a laptop, or an API outage in production, decisions go on at full
 //! rate instead of queueing behind 3 × `timeout_ms` per transaction.
 
@@ -427,6 +428,12 @@ impl Enrich {
             .collect()
     }
 
+    /// A call the breaker refused (`why`): counted, then failed as transient.
+    fn refused(on_failure: OnFailure, counts: &Counts, targets: &[Target], st: TxState, why: String) -> Result<TxState, HandlerError> {
+        counts.short_circuited.fetch_add(1, Ordering::Relaxed);
+        Self::failed(on_failure, counts, targets, st, HandlerError::transient(why))
+    }
+
     /// A lookup that failed with `e`: the transaction goes on without the answer
     /// (`on_failure = "continue"`), or fails.
     fn failed(on_failure: OnFailure, counts: &Counts, targets: &[Target], mut st: TxState, e: HandlerError) -> Result<TxState, HandlerError> {
@@ -527,9 +534,7 @@ impl StageLogic for Enrich {
         if self.breaker.open()
             && let Gate::Refused(why) = self.breaker.gate(&url)
         {
-            self.counts.short_circuited.fetch_add(1, Ordering::Relaxed);
-            let failed = Self::failed(self.on_failure, &self.counts, &self.targets, st, HandlerError::transient(why));
-            return Ok(match failed {
+            return Ok(match Self::refused(self.on_failure, &self.counts, &self.targets, st, why) {
                 // Passed on: no call, no deferral.
                 Ok(st) => Produced::Tx(st),
                 // Failed: as a completed deferral, so the runtime does not retry it in
@@ -548,8 +553,7 @@ impl StageLogic for Enrich {
                 // Checked with the permit held: a burst waits for permits while the
                 // first calls fail, and what waited is refused once the breaker opens.
                 if let Gate::Refused(why) = breaker.gate(&url) {
-                    counts.short_circuited.fetch_add(1, Ordering::Relaxed);
-                    return Self::failed(on_failure, &counts, &targets, st, HandlerError::transient(why));
+                    return Self::refused(on_failure, &counts, &targets, st, why);
                 }
                 counts.calls.fetch_add(1, Ordering::Relaxed);
                 match call(&client, method, &url, body.as_deref(), timeout).await {
