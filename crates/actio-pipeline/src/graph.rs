@@ -175,7 +175,8 @@ mod tests {
         assert_eq!(
             edges,
             [
-                ("transfers.in", "screening"),
+                ("transfers.in", "risk"),
+                ("risk", "screening"),
                 ("screening", "typology"),
                 ("transfers.in", "history"),
                 ("history", "typology"),

@@ -21,6 +21,7 @@ pub mod stages;
 
 pub use config::{FaultKind, TopicRole};
 pub use kinds::{Kind, Logic, StageLogic, Writes};
+pub use kinds::template::Env;
 pub use error::{ConfigError, ConfigErrors};
 pub use resolve::{Limits, Pipeline, Stage, Topic};
 pub use services::Service;

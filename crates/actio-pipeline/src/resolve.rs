@@ -13,6 +13,7 @@ use toml::Spanned;
 use crate::config::*;
 use crate::error::{ConfigError, ConfigErrors};
 use crate::faults::Faults;
+use crate::kinds::template::Env;
 use crate::kinds::{self, Kind, Logic, ResolveCx, Writes};
 use crate::services::Service;
 
@@ -104,11 +105,20 @@ pub struct Pipeline {
     /// Things that work but are probably not meant (e.g. partition counts that differ
     /// along the chain, so keys change partition index).
     pub warnings: Vec<String>,
+    /// The environment variables its templates read (`{env.NAME}`), sorted: what a
+    /// deployment sets (`scripts/k8s-gen` takes them from the ConfigMap `actio-env`).
+    pub env: Vec<String>,
 }
 
 impl Pipeline {
     /// Loads `<dir>/pipeline.toml` (or the file itself if `path` is a file).
     pub fn load(path: &Path) -> Result<Pipeline, ConfigErrors> {
+        Self::load_with_env(path, &Env::process())
+    }
+
+    /// [`Pipeline::load`], with templates' `{env.NAME}` read from `env` instead of the
+    /// process's environment (a test pointing a stage at its own server).
+    pub fn load_with_env(path: &Path, env: &Env) -> Result<Pipeline, ConfigErrors> {
         let (dir, file) = if path.is_dir() {
             (path.to_path_buf(), path.join("pipeline.toml"))
         } else {
@@ -121,7 +131,7 @@ impl Pipeline {
             let (line, message) = actio_core::schema::toml_error(&text, &e);
             ConfigErrors(vec![ConfigError { file: file.clone(), field: "-".into(), line, message }])
         })?;
-        Resolver { dir: &dir, file: &file, text: &text, errors: Vec::new() }.resolve(raw)
+        Resolver { dir: &dir, file: &file, text: &text, env, errors: Vec::new() }.resolve(raw)
     }
 
     /// A topic by name.
@@ -175,6 +185,7 @@ struct Resolver<'a> {
     dir: &'a Path,
     file: &'a Path,
     text: &'a str,
+    env: &'a Env<'a>,
     errors: Vec<ConfigError>,
 }
 
@@ -329,6 +340,7 @@ impl Resolver<'_> {
                     features: &mut features,
                     rule_ids: &rule_ids,
                     topics: &topics,
+                    env: self.env,
                     kind: k.name,
                     at: &at,
                     fields: &s.fields,
@@ -432,6 +444,7 @@ impl Resolver<'_> {
             fused: Vec::new(),
             kafka,
             warnings,
+            env: self.env.read(),
         };
         pipeline.fused = self.services(&raw.services, &pipeline);
         if !self.errors.is_empty() {

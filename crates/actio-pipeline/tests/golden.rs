@@ -29,6 +29,10 @@
 //!
 //! `hits` are the rules that fired, shadow ones included (they fire but never reach
 //! the decision's `rule_hits`), read from the state the score stage is handed.
+//!
+//! A pipeline's `{env.<NAME>_API}` (an `enrich` stage's URL) points at a real
+//! `scripts/test-api` the harness starts on 127.0.0.1: its answers are stable per
+//! account, so a case can count on an account's risk.
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
 use std::collections::BTreeSet;
@@ -42,9 +46,14 @@ use actio_runtime::{Context, Handler, HandlerError, Output};
 use serde::{Deserialize, Deserializer};
 use serde_json::Value;
 
-/// `h` on `r` as the runtime runs a message on its first attempt, from its input.
+/// `h` on `r` as the runtime runs a message on its first attempt, from its input; a
+/// deferred result (an `enrich` stage's call) is waited for, as the runtime would.
 fn first_attempt(h: &dyn Handler, r: &Record) -> Result<Vec<Output>, HandlerError> {
-    h.handle(r, &Context::first(r))
+    let mut outputs = h.handle(r, &Context::first(r))?;
+    if let Some(d) = outputs.first_mut().and_then(|o| o.defer.take()) {
+        return d.wait(std::time::Duration::from_secs(30)).unwrap_or_else(|| Err(HandlerError::permanent("deferred result not completed in 30 s")));
+    }
+    Ok(outputs)
 }
 
 #[derive(Debug, Deserialize)]
@@ -304,16 +313,18 @@ fn pipelines_with_cases() -> Vec<String> {
 fn golden_cases_decide_as_expected_and_cover_every_rule() {
     let all = pipelines_with_cases();
     assert!(all.contains(&"pipelines/fraud".to_string()), "{all:?}");
-    let failures: Vec<String> = all.iter().filter_map(|p| golden(p).err()).collect();
+    let api = actio_testkit::TestApi::start(0);
+    let failures: Vec<String> = all.iter().filter_map(|p| golden(p, &api).err()).collect();
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
 }
 
 /// Runs the golden cases of one pipeline (`pipelines/<name>`).
-fn golden(pipeline: &str) -> Result<(), String> {
+fn golden(pipeline: &str, api: &actio_testkit::TestApi) -> Result<(), String> {
     let golden_dir = format!("{pipeline}/golden");
     #[allow(non_snake_case)]
     let GOLDEN = &golden_dir;
-    let p = Pipeline::load(&actio_testkit::repo().join(pipeline)).map_err(|e| format!("{pipeline}: {e}"))?;
+    let env = |name: &str| name.ends_with("_API").then(|| api.url.clone());
+    let p = Pipeline::load_with_env(&actio_testkit::repo().join(pipeline), &actio_pipeline::Env::new(&env)).map_err(|e| format!("{pipeline}: {e}"))?;
     let all = rule_ids(&p);
     let known: BTreeSet<String> = all.iter().cloned().collect();
     let dir = actio_testkit::repo().join(GOLDEN);

@@ -163,6 +163,7 @@ fn resolved(pipeline: &Pipeline) -> Value {
         "stages": stages,
         "services": services,
         "outcomes": pipeline.schema.decision().outcomes,
+        "env": pipeline.env,
         "warnings": pipeline.warnings.iter().cloned().chain(pipeline.fault_warnings()).collect::<Vec<_>>(),
     })
 }

@@ -213,7 +213,7 @@ fn graph_prints_the_stages_and_topics_as_text_and_mermaid() {
     let out = actio().arg("graph").arg(&transfers).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains("4 stages; in: transfers.in; out: transfers.decisions"), "{stdout}");
+    assert!(stdout.contains("5 stages; in: transfers.in; out: transfers.decisions"), "{stdout}");
     assert!(stdout.contains("screening (transfers.results), history (transfers.results) ──► typology (join)"), "{stdout}");
     let out = actio().args(["graph", "--mermaid"]).arg(&transfers).output().unwrap();
     let mermaid = String::from_utf8_lossy(&out.stdout);

@@ -1,5 +1,6 @@
 //! Pipelines as graphs against a real Apache Kafka broker: the transfers pipeline's
-//! two branches in parallel services and its typology join, SIGKILLed mid-run.
+//! two branches in parallel services (one of them an HTTP lookup against a real
+//! `scripts/test-api`) and its typology join, SIGKILLed mid-run.
 //!
 //! Like kafka.rs: they need `ACTIO_KAFKA_BROKERS` (set by `scripts/test`), and pass
 //! saying so without it unless `ACTIO_REQUIRE_KAFKA=1`.
@@ -10,13 +11,17 @@ use support::*;
 
 use std::time::Duration;
 
-const STAGES: [&str; 4] = ["screening", "history", "typology", "score"];
+const STAGES: [&str; 5] = ["risk", "screening", "history", "typology", "score"];
 
 #[test]
 fn a_join_sigkilled_mid_run_loses_nothing_and_leaves_nothing_stuck() {
     let Some(b) = brokers("join_sigkilled") else { return };
     let _serial = serial();
-    let p = TestPipeline::of("transfers", "transfers", &b);
+    let api = actio_testkit::TestApi::start(0);
+    let p = TestPipeline::of("transfers", "transfers", &b).edit("pipeline.toml", |t| {
+        assert!(t.contains("http://127.0.0.1:18099"), "the risk stage's default URL");
+        t.replace("http://127.0.0.1:18099", &api.url)
+    });
     p.create_topics();
     let mut stages: Vec<StageProcess> = STAGES.iter().map(|s| p.stage(s)).collect();
     for s in &mut stages {
@@ -27,8 +32,9 @@ fn a_join_sigkilled_mid_run_loses_nothing_and_leaves_nothing_stuck() {
     std::thread::sleep(Duration::from_secs(4));
     // The join dies holding branch results it was waiting with (uncommitted), and a
     // new one takes over: it gets them again and joins them.
-    stages[2].signal("-KILL");
-    let _ = stages[2].wait_exit(Duration::from_secs(5));
+    let typology = STAGES.iter().position(|s| *s == "typology").unwrap();
+    stages[typology].signal("-KILL");
+    let _ = stages[typology].wait_exit(Duration::from_secs(5));
     std::thread::sleep(Duration::from_secs(1));
     let mut join = p.stage("typology");
     join.wait_ready(Duration::from_secs(60));
@@ -57,4 +63,10 @@ fn a_join_sigkilled_mid_run_loses_nothing_and_leaves_nothing_stuck() {
     // other drop would be one that came twice.
     let dropped = join.counter("actio_join_dropped_total");
     assert!(dropped <= partial, "{dropped} branch results dropped, more than the {partial} partial joins: one came twice: {r}");
+    // Every transfer's debtor was looked up (or answered from the cache), none went on
+    // without its risk.
+    let risk = &stages[0];
+    let (calls, hits) = (risk.counter("actio_enrich_calls_total"), risk.counter("actio_enrich_cache_hits_total"));
+    assert!(calls > 0 && calls + hits >= sent, "calls {calls} + cache hits {hits} < {sent} sent");
+    assert_eq!(risk.counter("actio_enrich_continued_total"), 0, "{}", risk.log());
 }

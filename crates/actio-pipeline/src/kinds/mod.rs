@@ -327,6 +327,9 @@ pub struct ResolveCx<'a> {
     pub rule_ids: &'a [String],
     /// The declared topics.
     pub topics: &'a [crate::Topic],
+    /// Where templates read `{env.NAME}` (the process's environment unless the
+    /// pipeline was loaded with another).
+    pub env: &'a template::Env<'a>,
     pub(crate) kind: &'static str,
     pub(crate) at: &'a str,
     pub(crate) fields: &'a BTreeMap<String, Spanned<toml::Value>>,

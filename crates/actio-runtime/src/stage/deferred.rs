@@ -51,6 +51,17 @@ impl Deferred {
         self.0.0.settle(result);
     }
 
+    /// Blocks until the result comes (at most `timeout`): for a caller outside the
+    /// runtime that runs a handler itself (a golden test, a tool). The runtime never
+    /// waits: it binds.
+    pub fn wait(self, timeout: std::time::Duration) -> Option<Result<Vec<Output>, HandlerError>> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.bind(move |r| {
+            let _ = tx.send(r);
+        });
+        rx.recv_timeout(timeout).ok()
+    }
+
     /// Calls `f` with the result: at once if it came already.
     pub(crate) fn bind(&self, f: impl FnOnce(Completion) + Send + 'static) {
         self.0.0.bind(f);
@@ -86,5 +97,21 @@ mod tests {
         dropped.bind(move |r| s.lock().push(r.unwrap_err().message.contains("without completing")));
         drop(dropped);
         assert_eq!(*seen.lock(), [true, false, true]);
+    }
+
+    #[test]
+    fn wait_blocks_until_the_result_or_the_timeout() {
+        let d = Deferred::new();
+        let done = d.clone();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(30));
+            done.complete(Err(HandlerError::transient("late")));
+        });
+        let r = d.wait(std::time::Duration::from_secs(10)).expect("completed before the timeout");
+        assert_eq!(r.unwrap_err().message, "late");
+        t.join().unwrap();
+        let never = Deferred::new();
+        let _keep = never.clone();
+        assert!(never.wait(std::time::Duration::from_millis(20)).is_none());
     }
 }

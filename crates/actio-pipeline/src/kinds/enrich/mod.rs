@@ -161,11 +161,12 @@ struct Target {
 fn resolve(cx: &mut ResolveCx<'_>) -> Option<Arc<dyn Logic>> {
     let c: EnrichConfig = cx.config()?;
     let mut ok = true;
-    let url = Template::parse(&c.url, cx.schema).map_err(|e| cx.error("url", e)).ok();
+    let url = Template::parse(&c.url, cx.schema, cx.env).map_err(|e| cx.error("url", e)).ok();
     if let Some(u) = &url {
-        let head = u.source().split('{').next().unwrap_or("");
+        let head = u.head();
         if !(head.starts_with("http://") || head.starts_with("https://")) || head.len() <= "https://".len() {
-            cx.error("url", format!("expected an http:// or https:// URL with a host before any {{…}}, not {:?}", u.source()));
+            let read = if head == u.source().split('{').next().unwrap_or("") { String::new() } else { format!(" (it begins {head:?} once its {{env.…}} are read)") };
+            cx.error("url", format!("expected an http:// or https:// URL with a host before any {{field}} or {{header.…}}, not {:?}{read}", u.source()));
             ok = false;
         }
     }
@@ -175,7 +176,7 @@ fn resolve(cx: &mut ResolveCx<'_>) -> Option<Arc<dyn Logic>> {
             ok = false;
             None
         }
-        (Some(b), Method::Post) => Template::parse(b, cx.schema).map_err(|e| cx.error("body", e)).ok(),
+        (Some(b), Method::Post) => Template::parse(b, cx.schema, cx.env).map_err(|e| cx.error("body", e)).ok(),
         (None, _) => None,
     };
     let timeout_ms = c.timeout_ms.unwrap_or(DEFAULT_TIMEOUT_MS);

@@ -133,7 +133,7 @@ fn resolve(cx: &mut ResolveCx<'_>) -> Option<Arc<dyn Logic>> {
                 }
             },
         };
-        let to = match Template::parse(&r.to, cx.schema) {
+        let to = match Template::parse(&r.to, cx.schema, cx.env) {
             Ok(p) => p,
             Err(e) => {
                 cx.error(&format!("route[{i}].to"), e);
