@@ -81,11 +81,11 @@ def run(d):
         return None  # nothing decided: no e2e row
     per_s = re.search(r"median of the \d+ per-second p99s ([\d.]+)", txt)
     cpu = re.findall(r"^stage (\S+)\s+cpu\s+[\d.]+%\s+([\d.]+) µs/message", txt, re.M)
-    lost = json.loads((d / "report.json").read_text()).get("lost")
+    rep = json.loads((d / "report.json").read_text())
     return {"p50": float(e2e.group(1)), "p99": float(e2e.group(3)), "per_s": float(per_s.group(1)) if per_s else None,
-            "cpu": [(n, float(u)) for n, u in cpu], "lost": lost}
+            "cpu": [(n, float(u)) for n, u in cpu], "lost": rep.get("lost"), "steal": rep.get("machine_steal_pct")}
 
-print(f"{'run':<24} {'p50 ms':>8} {'p99 ms':>9} {'p99/s ms':>9}  {'µs per message':<15} lost")
+print(f"{'run':<24} {'p50 ms':>8} {'p99 ms':>9} {'p99/s ms':>9}  {'µs per message':<15} {'steal %':>7} lost")
 summary = []
 for label in labels:
     runs = sorted((p for p in out.glob(f"{label}-[0-9]*") if re.fullmatch(rf"{re.escape(label)}-\d+", p.name)), key=lambda p: int(p.name.rsplit("-", 1)[1]))
@@ -98,7 +98,8 @@ for label in labels:
         got.append(r)
         cpu = " / ".join(f"{u:.0f}" for _, u in r["cpu"])
         per_s = f"{r['per_s']:9.2f}" if r["per_s"] is not None else f"{'-':>9}"
-        print(f"{d.name:<24} {r['p50']:8.2f} {r['p99']:9.2f} {per_s}  {cpu:<15} {r['lost']}")
+        steal = f"{r['steal']:7.1f}" if r["steal"] is not None else f"{'-':>7}"
+        print(f"{d.name:<24} {r['p50']:8.2f} {r['p99']:9.2f} {per_s}  {cpu:<15} {steal} {r['lost']}")
     if got:
         held = sum(r["p99"] <= bar for r in got)
         def med(k):

@@ -168,3 +168,81 @@ mod tests {
         assert!(after >= before + Duration::from_millis(100), "{before:?} → {after:?} over 120 ms of spinning");
     }
 }
+
+/// The machine's processor and how many it has, e.g. "2 × AMD EPYC 7B13" (from
+/// `/proc/cpuinfo`; `None` elsewhere): a run's figures compare only with runs on the
+/// same hardware, and a VM's can change under the same name.
+pub fn machine_model() -> Option<String> {
+    let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    let models: Vec<&str> = info.lines().filter_map(|l| l.strip_prefix("model name")).filter_map(|l| l.split_once(':')).map(|(_, m)| m.trim()).collect();
+    let first = models.first()?;
+    Some(format!("{} × {first}", models.len()))
+}
+
+/// The whole machine's CPU time so far, from the first line of `/proc/stat`, in clock
+/// ticks: how much of it went to this VM's work and how much the hypervisor gave to
+/// other guests while this one had work (steal). A run reports the steal per second:
+/// on a shared VM a tail that moves from day to day with the same build is often the
+/// hypervisor's, and the report should say so rather than leave it to guesswork.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MachineTicks {
+    /// Every state's ticks (user, nice, system, idle, iowait, irq, softirq, steal).
+    pub total: u64,
+    /// Ticks stolen by the hypervisor.
+    pub steal: u64,
+    /// Idle and iowait ticks.
+    pub idle: u64,
+}
+
+impl MachineTicks {
+    /// Reads `/proc/stat` (`None` elsewhere).
+    pub fn read() -> Option<MachineTicks> {
+        Self::parse(&std::fs::read_to_string("/proc/stat").ok()?)
+    }
+
+    /// The first (`cpu `) line of a `/proc/stat` text.
+    pub fn parse(stat: &str) -> Option<MachineTicks> {
+        let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+        let f: Vec<u64> = line.split_whitespace().skip(1).take(8).map(|v| v.parse().ok()).collect::<Option<_>>()?;
+        if f.len() < 8 {
+            return None;
+        }
+        // user nice system idle iowait irq softirq steal (guest time is inside user).
+        Some(MachineTicks { total: f.iter().sum(), steal: f[7], idle: f[3] + f[4] })
+    }
+
+    /// What passed from `earlier` to `self`.
+    pub fn since(&self, earlier: &MachineTicks) -> MachineTicks {
+        MachineTicks { total: self.total.saturating_sub(earlier.total), steal: self.steal.saturating_sub(earlier.steal), idle: self.idle.saturating_sub(earlier.idle) }
+    }
+
+    /// Steal as a share of all ticks, percent (`None` for no ticks).
+    pub fn steal_pct(&self) -> Option<f64> {
+        (self.total > 0).then(|| 100.0 * self.steal as f64 / self.total as f64)
+    }
+}
+
+#[cfg(test)]
+mod machine_tests {
+    use super::*;
+
+    #[test]
+    fn proc_stat_is_read_as_total_steal_and_idle() {
+        let a = MachineTicks::parse("cpu  100 0 50 800 10 0 5 35 0 0\ncpu0 1 2 3 4 5 6 7 8 0 0\n").unwrap();
+        assert_eq!(a, MachineTicks { total: 1000, steal: 35, idle: 810 });
+        let b = MachineTicks::parse("cpu  150 0 60 880 10 0 5 95 0 0\n").unwrap();
+        let d = b.since(&a);
+        assert_eq!(d, MachineTicks { total: 200, steal: 60, idle: 80 });
+        assert_eq!(d.steal_pct(), Some(30.0));
+        assert_eq!(MachineTicks::default().steal_pct(), None);
+        assert_eq!(MachineTicks::parse("cpu  1 2 3\n"), None, "a short line is no reading");
+        if std::path::Path::new("/proc/stat").exists() {
+            assert!(MachineTicks::read().is_some_and(|t| t.total > 0));
+        }
+        if std::path::Path::new("/proc/cpuinfo").exists() && cfg!(target_arch = "x86_64") {
+            let m = machine_model().unwrap();
+            let (n, model) = m.split_once(" × ").unwrap();
+            assert!(n.parse::<usize>().unwrap() >= 1 && !model.is_empty(), "{m}");
+        }
+    }
+}

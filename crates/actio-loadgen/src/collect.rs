@@ -62,6 +62,46 @@ pub struct TrailStage {
     pub process: Histogram<u64>,
 }
 
+/// The machine's CPU ticks per wall-clock second (`/proc/stat`): how much the
+/// hypervisor stole in each second of a run, beside that second's e2e.
+#[derive(Debug, Clone, Default)]
+pub struct MachineSeconds {
+    last: Option<(i64, actio_core::cpu::MachineTicks)>,
+    by_second: BTreeMap<i64, actio_core::cpu::MachineTicks>,
+}
+
+impl MachineSeconds {
+    /// Takes a reading in second `unix_s`. The first reading of a second closes the
+    /// seconds since the last one: their ticks are spread evenly over them.
+    pub fn sample(&mut self, unix_s: i64, now: actio_core::cpu::MachineTicks) {
+        if let Some((s, then)) = self.last {
+            if unix_s <= s {
+                return;
+            }
+            let d = now.since(&then);
+            let n = (unix_s - s) as u64;
+            for (i, second) in (s..unix_s).enumerate().take(MAX_SECONDS) {
+                let share = |v: u64| v / n + u64::from((i as u64) < v % n);
+                self.by_second.insert(second, actio_core::cpu::MachineTicks { total: share(d.total), steal: share(d.steal), idle: share(d.idle) });
+            }
+            while self.by_second.len() > MAX_SECONDS {
+                self.by_second.pop_first();
+            }
+        }
+        self.last = Some((unix_s, now));
+    }
+
+    /// The ticks of one second, if it was sampled on both sides.
+    pub fn second(&self, unix_s: i64) -> Option<&actio_core::cpu::MachineTicks> {
+        self.by_second.get(&unix_s)
+    }
+
+    /// The ticks of the seconds `from..=to` that were sampled, added up.
+    pub fn over(&self, from: i64, to: i64) -> actio_core::cpu::MachineTicks {
+        self.by_second.range(from..=to).fold(Default::default(), |a, (_, t)| actio_core::cpu::MachineTicks { total: a.total + t.total, steal: a.steal + t.steal, idle: a.idle + t.idle })
+    }
+}
+
 /// Most seconds [`E2eBySecond`] keeps: a day (a run is at most a few hours). Later
 /// samples still count in the run's e2e, not per second.
 pub const MAX_SECONDS: usize = 86_400;
@@ -196,6 +236,8 @@ pub struct Collector {
     interval: Histogram<u64>,
     /// e2e per second in which the message was seen.
     pub e2e_by_second: E2eBySecond,
+    /// The machine's CPU ticks per second (its steal), sampled by the collector's thread.
+    pub machine: MachineSeconds,
     /// Per stage, from the trail header, by stage name.
     pub stages: BTreeMap<String, TrailStage>,
     /// Versions (rules, model) in the order first seen, with their decisions.
@@ -222,6 +264,7 @@ impl Collector {
             e2e: latency_histogram(),
             interval: latency_histogram(),
             e2e_by_second: E2eBySecond::default(),
+            machine: MachineSeconds::default(),
             stages: BTreeMap::new(),
             versions: Vec::new(),
             version_of_key: AHashMap::new(),
@@ -628,6 +671,22 @@ mod tests {
         }
         assert_eq!(merged, c.e2e, "the seconds add up to the run's e2e");
         assert_eq!((seconds[0].e2e.min(), seconds[0].e2e.max()), (3_000, seconds[0].e2e.highest_equivalent(7_000)), "decoded as recorded");
+    }
+
+    #[test]
+    fn machine_ticks_go_to_the_seconds_they_passed_in() {
+        use actio_core::cpu::MachineTicks;
+        let t = |total, steal| MachineTicks { total, steal, idle: 0 };
+        let mut m = MachineSeconds::default();
+        m.sample(100, t(0, 0));
+        m.sample(100, t(50, 5));
+        m.sample(101, t(200, 20));
+        m.sample(104, t(500, 50));
+        assert_eq!(m.second(100), Some(&t(200, 20)), "a second closes at the next second's first reading");
+        assert_eq!([m.second(101), m.second(102), m.second(103)], [Some(&t(100, 10)); 3], "a gap is spread over its seconds");
+        assert_eq!(m.second(104), None, "not closed yet");
+        assert_eq!(m.over(101, 104), t(300, 30));
+        assert_eq!(m.over(100, 104).steal_pct(), Some(10.0));
     }
 
     #[test]

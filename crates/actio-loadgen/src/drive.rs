@@ -29,7 +29,7 @@ use parking_lot::{Mutex, MutexGuard};
 use hdrhistogram::Histogram;
 
 use crate::broker_pauses::{BrokerPauses, DEFAULT_MARK_THRESHOLD, is_marked};
-use crate::collect::{E2eBySecond, MAX_SECONDS};
+use crate::collect::{E2eBySecond, MAX_SECONDS, MachineSeconds};
 use crate::report::{BrokerPauseReport, DecisionCounts, E2E_OUTSIDE_BROKER_PAUSES, RuleHitCount, SecondReport, StageReport, latency_histogram, peak_rss_mib};
 use crate::{Collector, LatencySummary, RunReport, Schedule, SenderStats, StageHistograms};
 
@@ -281,7 +281,15 @@ fn collect<C: Consumer>(
     let mut batch = Vec::with_capacity(BATCH);
     let mut positions: HashMap<TopicPartition, Offset> = HashMap::new();
     let mut last_commit = Instant::now();
+    let mut sampled_s = i64::MIN;
     while !stop.load(Ordering::Relaxed) {
+        let unix_s = actio_core::time::now_ns().div_euclid(NS_PER_S);
+        if unix_s != sampled_s {
+            sampled_s = unix_s;
+            if let Some(t) = actio_core::cpu::MachineTicks::read() {
+                collector.lock().machine.sample(unix_s, t);
+            }
+        }
         if last_commit.elapsed() >= COMMIT_INTERVAL && !positions.is_empty() {
             let offsets: Vec<_> = positions.drain().collect();
             if let Err(e) = consumer.commit(&offsets) {
@@ -430,6 +438,8 @@ pub struct PerSecond {
     pub broker: Option<BrokerPauseReport>,
     /// Median of the p99s of the seconds with a sample, µs.
     pub median_p99_us: Option<u64>,
+    /// The machine's steal over the load's seconds, percent (`None`: not sampled).
+    pub steal_pct: Option<f64>,
 }
 
 fn ms_of_ns(ns: i64) -> f64 {
@@ -439,8 +449,9 @@ fn ms_of_ns(ns: i64) -> f64 {
 /// The per-second series: from the second the load started in (or the first seen, if
 /// earlier) to the last second seen (or the load's last, if later), seconds without a
 /// sample included. With `broker`, each second gets the time the broker was stopped in
-/// it, is marked from `threshold` up, and the unmarked seconds' e2e is merged.
-pub fn per_second(by: &E2eBySecond, load_started_ns: i64, load_secs: f64, broker: Option<&BrokerPauses>, threshold: Duration) -> PerSecond {
+/// it, is marked from `threshold` up, and the unmarked seconds' e2e is merged. Each
+/// second gets the machine's steal in it, where it was sampled.
+pub fn per_second(by: &E2eBySecond, machine: &MachineSeconds, load_started_ns: i64, load_secs: f64, broker: Option<&BrokerPauses>, threshold: Duration) -> PerSecond {
     let load_s = load_started_ns.div_euclid(NS_PER_S);
     let load_end_s = load_started_ns.saturating_add((load_secs.max(0.0) * 1e9) as i64).div_euclid(NS_PER_S);
     let (first, last) = by.span().unwrap_or((load_s, load_end_s));
@@ -454,7 +465,7 @@ pub fn per_second(by: &E2eBySecond, load_started_ns: i64, load_secs: f64, broker
     for (i, unix_s) in (from..=to).enumerate() {
         let stopped_ns = stopped.as_ref().map(|v| v[i]);
         let marked = stopped_ns.is_some_and(|ns| is_marked(ns, threshold));
-        let mut sec = SecondReport { unix_s, t_s: unix_s - load_s, decided: 0, p50_us: 0, p99_us: 0, max_us: 0, broker_paused_ms: stopped_ns.map(|ns| ms_of_ns(ns as i64)), broker_paused: marked };
+        let mut sec = SecondReport { unix_s, t_s: unix_s - load_s, decided: 0, p50_us: 0, p99_us: 0, max_us: 0, broker_paused_ms: stopped_ns.map(|ns| ms_of_ns(ns as i64)), broker_paused: marked, steal_pct: machine.second(unix_s).and_then(|t| t.steal_pct()).map(|p| (p * 10.0).round() / 10.0) };
         if let Some(s) = seen.next_if(|s| s.unix_s == unix_s) {
             sec.decided = s.decided;
             if !s.e2e.is_empty() {
@@ -484,7 +495,8 @@ pub fn per_second(by: &E2eBySecond, load_started_ns: i64, load_secs: f64, broker
     let mut p99s: Vec<u64> = seconds.iter().map(|s| s.p99_us).filter(|p| *p > 0).collect();
     p99s.sort_unstable();
     let median_p99_us = p99s.get(p99s.len() / 2).copied();
-    PerSecond { seconds, outside, broker, median_p99_us }
+    let steal_pct = machine.over(load_s, load_end_s).steal_pct().map(|p| (p * 10.0).round() / 10.0);
+    PerSecond { seconds, outside, broker, median_p99_us, steal_pct }
 }
 
 /// The run's report, and the histograms written beside it (`e2e`, then the e2e
@@ -495,7 +507,7 @@ pub fn per_second(by: &E2eBySecond, load_started_ns: i64, load_secs: f64, broker
 pub fn run_report(facts: &RunFacts<'_>, c: &Collector, sender: &SenderStats, runtime: &[StageHistograms]) -> (RunReport, Vec<(String, Histogram<u64>)>) {
     let sent = sender.sent.load(Ordering::Relaxed);
     let mut histograms = vec![("e2e".to_string(), c.e2e.clone())];
-    let seconds = per_second(&c.e2e_by_second, facts.load_started_ns, facts.load_secs, facts.broker_pauses, DEFAULT_MARK_THRESHOLD);
+    let seconds = per_second(&c.e2e_by_second, &c.machine, facts.load_started_ns, facts.load_secs, facts.broker_pauses, DEFAULT_MARK_THRESHOLD);
     if let Some(h) = &seconds.outside {
         histograms.push((E2E_OUTSIDE_BROKER_PAUSES.to_string(), h.clone()));
     }
@@ -542,6 +554,8 @@ pub fn run_report(facts: &RunFacts<'_>, c: &Collector, sender: &SenderStats, run
         send_failures: sender.failed.load(Ordering::Relaxed),
         e2e_outside_broker_pauses: seconds.outside.as_ref().map(LatencySummary::of),
         second_p99_median_us: seconds.median_p99_us,
+        machine_steal_pct: seconds.steal_pct,
+        machine_cpu: actio_core::cpu::machine_model(),
         broker_pauses: seconds.broker,
         seconds: seconds.seconds,
         graph: facts.graph.cloned(),
@@ -596,7 +610,7 @@ mod tests {
         let by = three_seconds();
         // 60 ms stopped in T0+1, 5 ms in T0+2 (under the threshold).
         let broker = pauses(&[((T0 + 1) * NS + 500_000_000, (T0 + 1) * NS + 560_000_000), ((T0 + 2) * NS, (T0 + 2) * NS + 5_000_000)]);
-        let p = per_second(&by, T0 * NS + NS / 2, 3.0, Some(&broker), DEFAULT_MARK_THRESHOLD);
+        let p = per_second(&by, &MachineSeconds::default(), T0 * NS + NS / 2, 3.0, Some(&broker), DEFAULT_MARK_THRESHOLD);
         let rows: Vec<(i64, u64, bool, Option<f64>)> = p.seconds.iter().map(|s| (s.t_s, s.decided, s.broker_paused, s.broker_paused_ms)).collect();
         assert_eq!(rows, [(0, 100, false, Some(0.0)), (1, 100, true, Some(60.0)), (2, 100, false, Some(5.0)), (3, 0, false, Some(0.0))], "T0+3: in the load, nothing seen");
         let outside = p.outside.as_ref().unwrap();
@@ -607,18 +621,18 @@ mod tests {
         let b = p.broker.unwrap();
         assert_eq!((b.pauses, b.paused_ms, b.longest_ms, b.marked_seconds, b.log_covers_load_start), (2, 65.0, 60.0, 1, true));
         // A higher threshold marks nothing: the unpaused e2e is then all of it.
-        let p = per_second(&by, T0 * NS + NS / 2, 3.0, Some(&broker), Duration::from_millis(61));
+        let p = per_second(&by, &MachineSeconds::default(), T0 * NS + NS / 2, 3.0, Some(&broker), Duration::from_millis(61));
         assert_eq!((p.outside.unwrap().len(), p.broker.unwrap().marked_seconds), (300, 0));
     }
 
     #[test]
     fn without_a_gc_log_the_series_is_there_and_nothing_is_marked() {
-        let p = per_second(&three_seconds(), T0 * NS, 1.0, None, DEFAULT_MARK_THRESHOLD);
+        let p = per_second(&three_seconds(), &MachineSeconds::default(), T0 * NS, 1.0, None, DEFAULT_MARK_THRESHOLD);
         assert_eq!(p.seconds.len(), 3, "to the last second seen, past the load's end");
         assert!(p.seconds.iter().all(|s| !s.broker_paused && s.broker_paused_ms.is_none()));
         assert!(p.outside.is_none() && p.broker.is_none());
         // Nothing seen at all: the load's seconds, empty.
-        let p = per_second(&E2eBySecond::default(), T0 * NS, 2.0, None, DEFAULT_MARK_THRESHOLD);
+        let p = per_second(&E2eBySecond::default(), &MachineSeconds::default(), T0 * NS, 2.0, None, DEFAULT_MARK_THRESHOLD);
         assert_eq!((p.seconds.len(), p.median_p99_us), (3, None));
     }
 
@@ -626,7 +640,7 @@ mod tests {
     fn a_log_of_another_broker_run_is_flagged() {
         let mut broker = pauses(&[]);
         broker.span_ns = Some(((T0 - 100) * NS, (T0 - 50) * NS));
-        let p = per_second(&three_seconds(), T0 * NS, 3.0, Some(&broker), DEFAULT_MARK_THRESHOLD);
+        let p = per_second(&three_seconds(), &MachineSeconds::default(), T0 * NS, 3.0, Some(&broker), DEFAULT_MARK_THRESHOLD);
         assert!(!p.broker.unwrap().log_covers_load_start);
     }
 

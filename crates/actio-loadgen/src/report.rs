@@ -140,6 +140,9 @@ pub struct SecondReport {
     /// Marked: the broker was stopped in it for at least
     /// [`BrokerPauseReport::mark_threshold_ms`].
     pub broker_paused: bool,
+    /// The share of the machine's CPU time the hypervisor stole in it, percent
+    /// (`/proc/stat`; null: not sampled).
+    pub steal_pct: Option<f64>,
 }
 
 /// The broker's stop-the-world pauses during the run's seconds, from its GC log.
@@ -223,6 +226,15 @@ pub struct RunReport {
     pub e2e_outside_broker_pauses: Option<LatencySummary>,
     /// Median of the per-second e2e p99s, over the seconds with a sample, µs.
     pub second_p99_median_us: Option<u64>,
+    /// The share of the machine's CPU time the hypervisor stole during the load,
+    /// percent (`/proc/stat`; null where it cannot be read). On a shared VM, the same
+    /// build's tail moves with it.
+    #[serde(default)]
+    pub machine_steal_pct: Option<f64>,
+    /// The processors the run ran on ("2 × <model>", `/proc/cpuinfo`): figures compare
+    /// only between runs on the same.
+    #[serde(default)]
+    pub machine_cpu: Option<String>,
     /// The broker's pauses (null without its GC log).
     pub broker_pauses: Option<BrokerPauseReport>,
     /// Every second of the run, from the one the load started in to the last decision.
@@ -457,6 +469,18 @@ impl RunReport {
         if let Some(rss) = self.peak_rss_mib {
             let _ = writeln!(o, "peak RSS {rss} MiB; sender max behind schedule {:.3} ms", self.sender_max_behind_ms);
         }
+        match (&self.machine_cpu, self.machine_steal_pct) {
+            (Some(cpu), Some(steal)) => {
+                let _ = writeln!(o, "machine: {cpu}; {steal:.1}% of its CPU time stolen by the hypervisor during the load (per second: report.json \"seconds\")");
+            }
+            (None, Some(steal)) => {
+                let _ = writeln!(o, "machine: {steal:.1}% of its CPU time stolen by the hypervisor during the load (per second: report.json \"seconds\")");
+            }
+            (Some(cpu), None) => {
+                let _ = writeln!(o, "machine: {cpu}");
+            }
+            (None, None) => {}
+        }
         if let Some(c) = &self.cpu {
             let per = |s: f64| s * 1e6 / c.transactions.max(1) as f64;
             let services: Vec<String> = c.services.iter().map(|(n, s)| format!("{n} {:.1}", per(*s))).collect();
@@ -510,9 +534,13 @@ impl RunReport {
         }
         let _ = writeln!(o, "seconds marked, with p99 over {} ms, or with nothing seen ({notable} of {}):", ms(SLOW_SECOND_P99_US), self.seconds.len());
         let broker_column = if self.broker_pauses.is_some() { format!(" {:>10}", "broker ms") } else { String::new() };
-        let _ = writeln!(o, "{:>6}  {:<8}  {:>8} {:>9} {:>9} {:>9}{broker_column}", "t s", "UTC", "decided", "p50 ms", "p99 ms", "max ms");
+        let steal_column = if self.machine_steal_pct.is_some() { format!(" {:>7}", "steal %") } else { String::new() };
+        let _ = writeln!(o, "{:>6}  {:<8}  {:>8} {:>9} {:>9} {:>9}{broker_column}{steal_column}", "t s", "UTC", "decided", "p50 ms", "p99 ms", "max ms");
         for s in self.notable_seconds().take(LISTED_SECONDS) {
-            let paused = s.broker_paused_ms.map_or(String::new(), |p| format!(" {p:>10.1}"));
+            let mut paused = s.broker_paused_ms.map_or(String::new(), |p| format!(" {p:>10.1}"));
+            if self.machine_steal_pct.is_some() {
+                paused += &s.steal_pct.map_or(format!(" {:>7}", "-"), |p| format!(" {p:>7.1}"));
+            }
             let mark = match (s.broker_paused, s.p99_us == 0) {
                 (true, _) => "  ← broker paused",
                 (false, true) => "  ← nothing seen",
@@ -574,6 +602,9 @@ th{{background:#f3f5f9}} td:first-child,th:first-child,td:nth-child(2){{text-ali
         if let Some(b) = &self.broker_pauses {
             card(&mut h, "seconds marked as broker pauses", b.marked_seconds.to_string(), "");
         }
+        if let Some(steal) = self.machine_steal_pct {
+            card(&mut h, "CPU stolen by the hypervisor", format!("{steal:.1} %"), "");
+        }
         card(&mut h, "sent", self.sent.to_string(), "");
         card(&mut h, "decided", self.decided.to_string(), "");
         card(&mut h, "dlq", self.dlq.to_string(), "");
@@ -626,7 +657,8 @@ th{{background:#f3f5f9}} td:first-child,th:first-child,td:nth-child(2){{text-ali
             }
             h.push_str("</table>");
         }
-        let _ = write!(h, "<p class=sub>peak RSS {} MiB · sender max behind schedule {:.3} ms · files: report.json, *.hgrm</p></body></html>", self.peak_rss_mib.map(|r| r.to_string()).unwrap_or("?".into()), self.sender_max_behind_ms);
+        let machine = self.machine_cpu.as_deref().map_or(String::new(), |m| format!(" · machine: {}", esc(m)));
+        let _ = write!(h, "<p class=sub>peak RSS {} MiB · sender max behind schedule {:.3} ms{machine} · files: report.json, *.hgrm</p></body></html>", self.peak_rss_mib.map(|r| r.to_string()).unwrap_or("?".into()), self.sender_max_behind_ms);
         h
     }
 }
@@ -660,15 +692,16 @@ impl RunReport {
         if self.notable_seconds().next().is_none() {
             return;
         }
-        let _ = write!(h, "<h2>Seconds marked, with p99 over {} ms, or with nothing seen</h2><table><tr><th>t s</th><th>UTC</th><th>decided</th><th>p50</th><th>p99</th><th>max</th><th>broker stopped ms</th></tr>", ms(SLOW_SECOND_P99_US));
+        let _ = write!(h, "<h2>Seconds marked, with p99 over {} ms, or with nothing seen</h2><table><tr><th>t s</th><th>UTC</th><th>decided</th><th>p50</th><th>p99</th><th>max</th><th>broker stopped ms</th><th>steal %</th></tr>", ms(SLOW_SECOND_P99_US));
         for s in self.notable_seconds().take(LISTED_SECONDS) {
             let cls = if s.broker_paused { " class=breach" } else { "" };
             let paused = s.broker_paused_ms.map_or("-".into(), |p| format!("{p:.1}"));
-            let _ = write!(h, "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td{cls}>{paused}</td></tr>", s.t_s, clock(s.unix_s), s.decided, ms(s.p50_us), ms(s.p99_us), ms(s.max_us));
+            let steal = s.steal_pct.map_or("-".into(), |p| format!("{p:.1}"));
+            let _ = write!(h, "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td{cls}>{paused}</td><td>{steal}</td></tr>", s.t_s, clock(s.unix_s), s.decided, ms(s.p50_us), ms(s.p99_us), ms(s.max_us));
         }
         let more = self.notable_seconds().count().saturating_sub(LISTED_SECONDS);
         if more > 0 {
-            let _ = write!(h, "<tr><td colspan=7>… and {more} more in report.json</td></tr>");
+            let _ = write!(h, "<tr><td colspan=8>… and {more} more in report.json</td></tr>");
         }
         h.push_str("</table>");
     }
@@ -763,6 +796,8 @@ mod tests {
             send_failures: 0,
             e2e_outside_broker_pauses: None,
             second_p99_median_us: None,
+            machine_steal_pct: None,
+            machine_cpu: None,
             broker_pauses: None,
             seconds: Vec::new(),
             graph: None,
@@ -780,7 +815,7 @@ mod tests {
         let (mut r, _) = report();
         r.bus = "kafka".into();
         r.seconds = (0..30)
-            .map(|t| SecondReport { unix_s: 1_796_000_000 + t, t_s: t, decided: 100, p50_us: 2_000, p99_us: if t >= 5 { 40_000 } else { 9_000 }, max_us: 50_000, broker_paused_ms: Some(if (3..5).contains(&t) { 25.0 } else { 0.1 }), broker_paused: (3..5).contains(&t) })
+            .map(|t| SecondReport { unix_s: 1_796_000_000 + t, t_s: t, decided: 100, p50_us: 2_000, p99_us: if t >= 5 { 40_000 } else { 9_000 }, max_us: 50_000, broker_paused_ms: Some(if (3..5).contains(&t) { 25.0 } else { 0.1 }), broker_paused: (3..5).contains(&t), steal_pct: None })
             .collect();
         // Nothing came out in t 1.
         (r.seconds[1].decided, r.seconds[1].p50_us, r.seconds[1].p99_us, r.seconds[1].max_us) = (0, 0, 0, 0);
@@ -788,6 +823,25 @@ mod tests {
         r.second_p99_median_us = Some(40_000);
         r.broker_pauses = Some(BrokerPauseReport { gc_log: "/x/gc.log".into(), log_covers_load_start: true, mark_threshold_ms: 10.0, pauses: 7, paused_ms: 53.0, longest_ms: 25.0, marked_seconds: 2 });
         r
+    }
+
+    #[test]
+    fn the_machines_steal_is_reported_overall_and_per_listed_second() {
+        let mut r = report_with_seconds();
+        r.machine_steal_pct = Some(7.8);
+        r.seconds[3].steal_pct = Some(21.5);
+        let text = r.render_text();
+        assert!(text.contains("machine: 7.8% of its CPU time stolen by the hypervisor during the load"), "{text}");
+        assert!(text.contains("max ms  broker ms steal %"), "{text}");
+        assert!(text.contains("    50.000       25.0    21.5  ← broker paused"), "{text}");
+        assert!(text.contains("    50.000       25.0       -  ← broker paused"), "a second not sampled: {text}");
+        let html = r.render_html(&[]);
+        assert!(html.contains("CPU stolen by the hypervisor") && html.contains("<td>21.5</td>"), "{html}");
+        assert_eq!(serde_json::to_value(&r).unwrap()["seconds"][3]["steal_pct"], 21.5);
+        let (plain, _) = report();
+        assert!(!plain.render_text().contains("machine:"), "not sampled: not claimed");
+        r.machine_cpu = Some("2 × AMD EPYC 7B13".into());
+        assert!(r.render_text().contains("machine: 2 × AMD EPYC 7B13; 7.8% of its CPU time stolen"), "{}", r.render_text());
     }
 
     #[test]
