@@ -4,7 +4,9 @@
 # and each service's CPU and peak RSS.
 #
 #   loadtest/kafka-chain.sh [--rate 3000 --duration 60s ...]   (flags go to loadgen)
-#   PIPELINE=pipelines/transfers loadtest/kafka-chain.sh ...   (default pipelines/fraud)
+#   PIPELINE=pipelines/transfers loadtest/kafka-chain.sh ...   (default pipelines/fraud; its risk
+#                                        lookup wants scripts/test-api --port 18099, else it
+#                                        decides without the risk)
 #   PIN=1 loadtest/kafka-chain.sh ...    the broker on CPU 1, stages and loadgen on CPU 0
 #   FUSE=1 loadtest/kafka-chain.sh ...   every stage as one fused service (a chain
 #                                        only: actio stage --stage rules,velocity,score)

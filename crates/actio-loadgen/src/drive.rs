@@ -564,6 +564,7 @@ pub fn run_report(facts: &RunFacts<'_>, c: &Collector, sender: &SenderStats, run
         version_flips_back: c.stats.version_flips_back,
         version_switches: c.stats.version_switches.clone(),
         cpu: None,
+        counters: Default::default(),
     };
     (report, histograms)
 }

@@ -174,6 +174,12 @@ const LISTED_SECONDS: usize = 20;
 /// The `.hgrm` stem of the e2e outside marked seconds.
 pub const E2E_OUTSIDE_BROKER_PAUSES: &str = "e2e.outside-broker-pauses";
 
+/// The rules' hit counter, which the summary shows as "top rule hits".
+const RULE_HITS_COUNTER: &str = "actio_rule_hits_total";
+
+/// Most of one service's counters the terminal summary lists.
+const COUNTERS_LISTED: usize = 6;
+
 /// Everything a run measured.
 #[derive(Debug, Clone, Serialize)]
 pub struct RunReport {
@@ -253,6 +259,33 @@ pub struct RunReport {
     /// Where the CPU went while the load ran (null where Linux's per-thread times
     /// cannot be read).
     pub cpu: Option<CpuReport>,
+    /// Per service that ran in-process, its stage kinds' own counters that are not
+    /// zero at the end (partial joins, stale updates, lookups that went on without
+    /// their answer, rule errors …): what `/metrics` would show, kept with the run.
+    pub counters: std::collections::BTreeMap<String, Vec<KindCounter>>,
+}
+
+/// One of a stage kind's own counters at the end of a run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct KindCounter {
+    /// Its Prometheus name (`actio_join_partial_total`).
+    pub name: String,
+    /// Its labels beyond the service's (a rule's id).
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// Its value.
+    pub value: u64,
+}
+
+impl std::fmt::Display for KindCounter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.name)?;
+        if !self.labels.is_empty() {
+            let l: Vec<String> = self.labels.iter().map(|(k, v)| format!("{k}={v:?}")).collect();
+            write!(f, "{{{}}}", l.join(","))?;
+        }
+        write!(f, " {}", self.value)
+    }
 }
 
 /// CPU time over a run, from the load's start to its last decision, by the threads
@@ -465,6 +498,21 @@ impl RunReport {
         if !self.top_rule_hits.is_empty() {
             let top: Vec<String> = self.top_rule_hits.iter().take(8).map(|r| format!("{} {}", r.rule, r.count)).collect();
             let _ = writeln!(o, "top rule hits: {}", top.join(", "));
+        }
+        // Rule hits have their own line above; the rest is what a kind counted.
+        let counted: Vec<String> = self
+            .counters
+            .iter()
+            .map(|(service, cs)| (service, cs.iter().filter(|c| c.name != RULE_HITS_COUNTER).collect::<Vec<_>>()))
+            .filter(|(_, cs)| !cs.is_empty())
+            .map(|(service, cs)| {
+                let shown: Vec<String> = cs.iter().take(COUNTERS_LISTED).map(ToString::to_string).collect();
+                let more = if cs.len() > COUNTERS_LISTED { format!(", … {} more in report.json", cs.len() - COUNTERS_LISTED) } else { String::new() };
+                format!("{service}: {}{more}", shown.join(", "))
+            })
+            .collect();
+        if !counted.is_empty() {
+            let _ = writeln!(o, "stage counters: {}", counted.join("; "));
         }
         if let Some(rss) = self.peak_rss_mib {
             let _ = writeln!(o, "peak RSS {rss} MiB; sender max behind schedule {:.3} ms", self.sender_max_behind_ms);
@@ -806,6 +854,7 @@ mod tests {
             version_flips_back: 0,
             version_switches: std::collections::BTreeMap::new(),
             cpu: None,
+            counters: std::collections::BTreeMap::new(),
         };
         (r, vec![("e2e".into(), e2e), ("rules.queue".into(), st.queue), ("rules.service".into(), st.service), ("rules.stage".into(), st.stage)])
     }
@@ -823,6 +872,24 @@ mod tests {
         r.second_p99_median_us = Some(40_000);
         r.broker_pauses = Some(BrokerPauseReport { gc_log: "/x/gc.log".into(), log_covers_load_start: true, mark_threshold_ms: 10.0, pauses: 7, paused_ms: 53.0, longest_ms: 25.0, marked_seconds: 2 });
         r
+    }
+
+    #[test]
+    fn stage_counters_are_listed_per_service_and_kept_in_json() {
+        let (mut r, _) = report();
+        assert!(!r.render_text().contains("stage counters"), "none: no line");
+        let c = |name: &str, labels: &[(&str, &str)], value| KindCounter { name: name.into(), labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(), value };
+        r.counters.insert("risk".into(), vec![c("actio_enrich_continued_total", &[], 59_980), c("actio_enrich_breaker_opened_total", &[], 12)]);
+        let mut rules: Vec<KindCounter> = (0..8).map(|i| c("actio_rule_errors_total", &[("rule", &format!("r{i}"))], 1)).collect();
+        rules.insert(0, c("actio_rule_hits_total", &[("rule", "r0")], 5));
+        r.counters.insert("rules".into(), rules);
+        let text = r.render_text();
+        assert!(text.contains("stage counters: risk: actio_enrich_continued_total 59980, actio_enrich_breaker_opened_total 12; rules: actio_rule_errors_total{rule=\"r0\"} 1"), "{text}");
+        assert!(text.contains("… 2 more in report.json"), "{text}");
+        let v = serde_json::to_value(&r).unwrap();
+        assert_eq!(v["counters"]["risk"][0], serde_json::json!({"name": "actio_enrich_continued_total", "value": 59980}));
+        assert_eq!(v["counters"]["rules"][8]["labels"]["rule"], "r7");
+        assert!(!text.contains("actio_rule_hits_total"), "rule hits have their own line: {text}");
     }
 
     #[test]

@@ -177,8 +177,8 @@ mod tests {
             [
                 ("transfers.in", "risk"),
                 ("risk", "screening"),
+                ("risk", "history"),
                 ("screening", "typology"),
-                ("transfers.in", "history"),
                 ("history", "typology"),
                 ("typology", "score"),
                 ("score", "transfers.decisions"),

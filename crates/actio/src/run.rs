@@ -310,6 +310,7 @@ pub fn drive<B: Bus>(
         eprintln!();
     }
     let cpu_at_end = CpuReading::take(&stages, &collector, &loadgen_cpu);
+    let counters = kind_counters(&stages);
     let load_secs = load.duration.as_secs_f64().min(t0.elapsed().as_secs_f64());
     // The schedule starts once the first send is acknowledged: its seconds count from there.
     let load_started_ns = match sender.stats.started_ns.load(Ordering::Relaxed) {
@@ -369,6 +370,7 @@ pub fn drive<B: Bus>(
     };
     let (mut report, histograms) = run_report(&facts, &c, &sender.stats, &runtime_hists);
     report.cpu = cpu_at_end.since(&cpu_at_start, c.stats.decided + c.stats.dlq);
+    report.counters = counters;
     report.write(&out, &histograms).with_context(|| format!("writing the report under {}", out.display()))?;
     if extras.quiet {
         let cores = report.cpu.as_ref().map(|c| format!(", {:.2} cores busy", c.cores())).unwrap_or_default();
@@ -392,6 +394,24 @@ pub fn drive<B: Bus>(
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// Each service's stage-kind counters that are not zero (gauges left out: a level at
+/// the end says less than `/metrics` over time).
+fn kind_counters(stages: &[actio_runtime::StageHandle]) -> std::collections::BTreeMap<String, Vec<actio_loadgen::report::KindCounter>> {
+    stages
+        .iter()
+        .map(|s| {
+            let counted = s
+                .metrics()
+                .handler
+                .into_iter()
+                .filter(|c| !c.gauge && c.value > 0)
+                .map(|c| actio_loadgen::report::KindCounter { name: c.name.to_string(), labels: c.labels.into_iter().map(|(k, v)| (k.to_string(), v)).collect(), value: c.value })
+                .collect();
+            (s.name().to_string(), counted)
+        })
+        .collect()
 }
 
 /// The CPU the run's threads had used at one moment ([`actio_core::cpu`]).

@@ -28,6 +28,27 @@ fn validate_rejects_a_broken_copy_with_exit_code_2() {
 }
 
 #[test]
+fn validate_json_lists_the_environment_variables_the_templates_read() {
+    let out = actio().args(["validate", "--json"]).arg(actio_testkit::pipeline("transfers")).env_remove("TRANSFERS_RISK_API").output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let p: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(p["env"], serde_json::json!(["TRANSFERS_RISK_API"]), "read, though unset (its default holds)");
+    let p: serde_json::Value = serde_json::from_slice(&actio().args(["validate", "--json"]).arg(fraud()).output().unwrap().stdout).unwrap();
+    assert_eq!(p["env"], serde_json::json!([]));
+    // Without a default, an unset variable is a load error that names it and the field.
+    let dir = actio_testkit::copy_of("transfers");
+    let toml = dir.path().join("pipeline.toml");
+    let text = std::fs::read_to_string(&toml).unwrap().replace("{env.TRANSFERS_RISK_API:-http://127.0.0.1:18099}", "{env.ACTIO_TEST_UNSET_API}");
+    std::fs::write(&toml, text).unwrap();
+    let out = actio().arg("validate").arg(dir.path()).env_remove("ACTIO_TEST_UNSET_API").output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("url") && stderr.contains("ACTIO_TEST_UNSET_API is not set"), "{stderr}");
+    let out = actio().arg("validate").arg(dir.path()).env("ACTIO_TEST_UNSET_API", "http://risk.internal").output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
 fn validate_json_prints_the_pipeline_with_defaults_applied() {
     let out = actio().args(["validate", "--json"]).arg(fraud()).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);

@@ -59,6 +59,9 @@ impl Deferred {
         self.bind(move |r| {
             let _ = tx.send(r);
         });
+        // This clone must not keep the result pending: if the work drops its own, the
+        // drop completes it with an error, and that error is what comes back.
+        drop(self);
         rx.recv_timeout(timeout).ok()
     }
 
@@ -113,5 +116,14 @@ mod tests {
         let never = Deferred::new();
         let _keep = never.clone();
         assert!(never.wait(std::time::Duration::from_millis(20)).is_none());
+        let lost = Deferred::new();
+        let work = lost.clone();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            drop(work);
+        });
+        let r = lost.wait(std::time::Duration::from_secs(10)).expect("a dropped Deferred completes at once");
+        assert!(r.unwrap_err().message.contains("without completing"));
+        t.join().unwrap();
     }
 }

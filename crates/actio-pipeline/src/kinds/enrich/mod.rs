@@ -5,7 +5,7 @@
 //! ```toml
 //! [[stage]]
 //! kind = "enrich"
-//! url = "http://risk.internal/accounts/{debtor_account}"  # {field}, {header.<name>}
+//! url = "http://risk.internal/accounts/{debtor_account}"  # {field}, {header.<name>}, {env.NAME:-default}
 //! method = "get"            # or "post", with `body` (a JSON template)
 //! timeout_ms = 250          # per call; a timeout is transient
 //! concurrency = 64          # calls in flight per stage instance
