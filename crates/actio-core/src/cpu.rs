@@ -190,8 +190,6 @@ pub struct MachineTicks {
     pub total: u64,
     /// Ticks stolen by the hypervisor.
     pub steal: u64,
-    /// Idle and iowait ticks.
-    pub idle: u64,
 }
 
 impl MachineTicks {
@@ -208,12 +206,12 @@ impl MachineTicks {
             return None;
         }
         // user nice system idle iowait irq softirq steal (guest time is inside user).
-        Some(MachineTicks { total: f.iter().sum(), steal: f[7], idle: f[3] + f[4] })
+        Some(MachineTicks { total: f.iter().sum(), steal: f[7] })
     }
 
     /// What passed from `earlier` to `self`.
     pub fn since(&self, earlier: &MachineTicks) -> MachineTicks {
-        MachineTicks { total: self.total.saturating_sub(earlier.total), steal: self.steal.saturating_sub(earlier.steal), idle: self.idle.saturating_sub(earlier.idle) }
+        MachineTicks { total: self.total.saturating_sub(earlier.total), steal: self.steal.saturating_sub(earlier.steal) }
     }
 
     /// Steal as a share of all ticks, percent (`None` for no ticks).
@@ -227,12 +225,12 @@ mod machine_tests {
     use super::*;
 
     #[test]
-    fn proc_stat_is_read_as_total_steal_and_idle() {
+    fn proc_stat_is_read_as_total_and_steal() {
         let a = MachineTicks::parse("cpu  100 0 50 800 10 0 5 35 0 0\ncpu0 1 2 3 4 5 6 7 8 0 0\n").unwrap();
-        assert_eq!(a, MachineTicks { total: 1000, steal: 35, idle: 810 });
+        assert_eq!(a, MachineTicks { total: 1000, steal: 35 });
         let b = MachineTicks::parse("cpu  150 0 60 880 10 0 5 95 0 0\n").unwrap();
         let d = b.since(&a);
-        assert_eq!(d, MachineTicks { total: 200, steal: 60, idle: 80 });
+        assert_eq!(d, MachineTicks { total: 200, steal: 60 });
         assert_eq!(d.steal_pct(), Some(30.0));
         assert_eq!(MachineTicks::default().steal_pct(), None);
         assert_eq!(MachineTicks::parse("cpu  1 2 3\n"), None, "a short line is no reading");

@@ -82,7 +82,7 @@ impl MachineSeconds {
             let n = (unix_s - s) as u64;
             for (i, second) in (s..unix_s).enumerate().take(MAX_SECONDS) {
                 let share = |v: u64| v / n + u64::from((i as u64) < v % n);
-                self.by_second.insert(second, actio_core::cpu::MachineTicks { total: share(d.total), steal: share(d.steal), idle: share(d.idle) });
+                self.by_second.insert(second, actio_core::cpu::MachineTicks { total: share(d.total), steal: share(d.steal) });
             }
             while self.by_second.len() > MAX_SECONDS {
                 self.by_second.pop_first();
@@ -98,7 +98,7 @@ impl MachineSeconds {
 
     /// The ticks of the seconds `from..=to` that were sampled, added up.
     pub fn over(&self, from: i64, to: i64) -> actio_core::cpu::MachineTicks {
-        self.by_second.range(from..=to).fold(Default::default(), |a, (_, t)| actio_core::cpu::MachineTicks { total: a.total + t.total, steal: a.steal + t.steal, idle: a.idle + t.idle })
+        self.by_second.range(from..=to).fold(Default::default(), |a, (_, t)| actio_core::cpu::MachineTicks { total: a.total + t.total, steal: a.steal + t.steal })
     }
 }
 
@@ -676,7 +676,7 @@ mod tests {
     #[test]
     fn machine_ticks_go_to_the_seconds_they_passed_in() {
         use actio_core::cpu::MachineTicks;
-        let t = |total, steal| MachineTicks { total, steal, idle: 0 };
+        let t = |total, steal| MachineTicks { total, steal };
         let mut m = MachineSeconds::default();
         m.sample(100, t(0, 0));
         m.sample(100, t(50, 5));
