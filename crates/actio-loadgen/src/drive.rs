@@ -442,6 +442,11 @@ pub struct PerSecond {
     pub steal_pct: Option<f64>,
 }
 
+/// A percentage to one decimal, as the report shows it.
+fn tenths(pct: f64) -> f64 {
+    (pct * 10.0).round() / 10.0
+}
+
 fn ms_of_ns(ns: i64) -> f64 {
     (ns as f64 / 1000.0).round() / 1000.0
 }
@@ -465,7 +470,7 @@ pub fn per_second(by: &E2eBySecond, machine: &MachineSeconds, load_started_ns: i
     for (i, unix_s) in (from..=to).enumerate() {
         let stopped_ns = stopped.as_ref().map(|v| v[i]);
         let marked = stopped_ns.is_some_and(|ns| is_marked(ns, threshold));
-        let mut sec = SecondReport { unix_s, t_s: unix_s - load_s, decided: 0, p50_us: 0, p99_us: 0, max_us: 0, broker_paused_ms: stopped_ns.map(|ns| ms_of_ns(ns as i64)), broker_paused: marked, steal_pct: machine.second(unix_s).and_then(|t| t.steal_pct()).map(|p| (p * 10.0).round() / 10.0) };
+        let mut sec = SecondReport { unix_s, t_s: unix_s - load_s, decided: 0, p50_us: 0, p99_us: 0, max_us: 0, broker_paused_ms: stopped_ns.map(|ns| ms_of_ns(ns as i64)), broker_paused: marked, steal_pct: machine.second(unix_s).and_then(|t| t.steal_pct()).map(tenths) };
         if let Some(s) = seen.next_if(|s| s.unix_s == unix_s) {
             sec.decided = s.decided;
             if !s.e2e.is_empty() {
@@ -495,7 +500,7 @@ pub fn per_second(by: &E2eBySecond, machine: &MachineSeconds, load_started_ns: i
     let mut p99s: Vec<u64> = seconds.iter().map(|s| s.p99_us).filter(|p| *p > 0).collect();
     p99s.sort_unstable();
     let median_p99_us = p99s.get(p99s.len() / 2).copied();
-    let steal_pct = machine.over(load_s, load_end_s).steal_pct().map(|p| (p * 10.0).round() / 10.0);
+    let steal_pct = machine.over(load_s, load_end_s).steal_pct().map(tenths);
     PerSecond { seconds, outside, broker, median_p99_us, steal_pct }
 }
 

@@ -235,11 +235,9 @@ pub struct RunReport {
     /// The share of the machine's CPU time the hypervisor stole during the load,
     /// percent (`/proc/stat`; null where it cannot be read). On a shared VM, the same
     /// build's tail moves with it.
-    #[serde(default)]
     pub machine_steal_pct: Option<f64>,
     /// The processors the run ran on ("2 × <model>", `/proc/cpuinfo`): figures compare
     /// only between runs on the same.
-    #[serde(default)]
     pub machine_cpu: Option<String>,
     /// The broker's pauses (null without its GC log).
     pub broker_pauses: Option<BrokerPauseReport>,
@@ -517,17 +515,14 @@ impl RunReport {
         if let Some(rss) = self.peak_rss_mib {
             let _ = writeln!(o, "peak RSS {rss} MiB; sender max behind schedule {:.3} ms", self.sender_max_behind_ms);
         }
-        match (&self.machine_cpu, self.machine_steal_pct) {
-            (Some(cpu), Some(steal)) => {
-                let _ = writeln!(o, "machine: {cpu}; {steal:.1}% of its CPU time stolen by the hypervisor during the load (per second: report.json \"seconds\")");
-            }
-            (None, Some(steal)) => {
-                let _ = writeln!(o, "machine: {steal:.1}% of its CPU time stolen by the hypervisor during the load (per second: report.json \"seconds\")");
-            }
-            (Some(cpu), None) => {
-                let _ = writeln!(o, "machine: {cpu}");
-            }
-            (None, None) => {}
+        let machine: Vec<String> = self
+            .machine_cpu
+            .iter()
+            .cloned()
+            .chain(self.machine_steal_pct.map(|steal| format!("{steal:.1}% of its CPU time stolen by the hypervisor during the load (per second: report.json \"seconds\")")))
+            .collect();
+        if !machine.is_empty() {
+            let _ = writeln!(o, "machine: {}", machine.join("; "));
         }
         if let Some(c) = &self.cpu {
             let per = |s: f64| s * 1e6 / c.transactions.max(1) as f64;

@@ -260,7 +260,7 @@ pub fn drive<B: Bus>(
     );
     let t0 = Instant::now();
     let load_started_ns = actio_core::time::now_ns();
-    let cpu_at_start = CpuReading::take(&stages, &collector, &loadgen_cpu);
+    let cpu_at_start = CpuReading::take(&snapshots(&stages), &collector, &loadgen_cpu);
     let mut last = (Instant::now(), 0u64);
     let mut drain = Drain::new(load.drain);
     loop {
@@ -309,8 +309,10 @@ pub fn drive<B: Bus>(
     if tty {
         eprintln!();
     }
-    let cpu_at_end = CpuReading::take(&stages, &collector, &loadgen_cpu);
-    let counters = kind_counters(&stages);
+    // One snapshot per stage for both (each clones the stage's histograms).
+    let at_end = snapshots(&stages);
+    let cpu_at_end = CpuReading::take(&at_end, &collector, &loadgen_cpu);
+    let counters = kind_counters(at_end);
     let load_secs = load.duration.as_secs_f64().min(t0.elapsed().as_secs_f64());
     // The schedule starts once the first send is acknowledged: its seconds count from there.
     let load_started_ns = match sender.stats.started_ns.load(Ordering::Relaxed) {
@@ -396,20 +398,24 @@ pub fn drive<B: Bus>(
     })
 }
 
+/// Each stage's metrics now, by name.
+fn snapshots(stages: &[actio_runtime::StageHandle]) -> Vec<(String, actio_runtime::StageMetrics)> {
+    stages.iter().map(|s| (s.name().to_string(), s.metrics())).collect()
+}
+
 /// Each service's stage-kind counters that are not zero (gauges left out: a level at
 /// the end says less than `/metrics` over time).
-fn kind_counters(stages: &[actio_runtime::StageHandle]) -> std::collections::BTreeMap<String, Vec<actio_loadgen::report::KindCounter>> {
-    stages
-        .iter()
-        .map(|s| {
-            let counted = s
-                .metrics()
+fn kind_counters(snapshots: Vec<(String, actio_runtime::StageMetrics)>) -> std::collections::BTreeMap<String, Vec<actio_loadgen::report::KindCounter>> {
+    snapshots
+        .into_iter()
+        .map(|(name, m)| {
+            let counted = m
                 .handler
                 .into_iter()
                 .filter(|c| !c.gauge && c.value > 0)
                 .map(|c| actio_loadgen::report::KindCounter { name: c.name.to_string(), labels: c.labels.into_iter().map(|(k, v)| (k.to_string(), v)).collect(), value: c.value })
                 .collect();
-            (s.name().to_string(), counted)
+            (name, counted)
         })
         .collect()
 }
@@ -424,11 +430,11 @@ struct CpuReading {
 }
 
 impl CpuReading {
-    fn take(stages: &[actio_runtime::StageHandle], collector: &RunningCollector, loadgen: &actio_core::cpu::CpuMeter) -> Self {
+    fn take(stages: &[(String, actio_runtime::StageMetrics)], collector: &RunningCollector, loadgen: &actio_core::cpu::CpuMeter) -> Self {
         CpuReading {
             at: Instant::now(),
             process: actio_core::cpu::process().unwrap_or_default(),
-            services: stages.iter().map(|s| (s.name().to_string(), s.metrics().cpu)).collect(),
+            services: stages.iter().map(|(name, m)| (name.clone(), m.cpu)).collect(),
             loadgen: loadgen.total(),
             collector: collector.cpu(),
         }
